@@ -1,0 +1,382 @@
+//! The reconnecting client: a background task that keeps one session alive,
+//! following [`ReconnectPolicy`] after every disconnect, re-subscribing its
+//! channels, and reporting [`Event`]s.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgegate_proto::{Envelope, Payload, Type};
+use tokio::sync::mpsc;
+
+use crate::conn::{ClientConfig, Connection, Error, Welcome};
+use crate::policy::{Action, CloseInfo, ReconnectPolicy, StopReason};
+
+/// Token refresh hook: called with the close code (4001 or 4008) before the
+/// next attempt; `Some(token)` replaces the token, `None` keeps the old one.
+pub type TokenRefresh =
+    Arc<dyn Fn(u16) -> Pin<Box<dyn Future<Output = Option<String>> + Send>> + Send + Sync>;
+
+/// What happened, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A session reached `welcome`.
+    Connected(Welcome),
+    /// A session ended or a connect attempt failed.
+    Disconnected {
+        /// The close code, when the server sent `bye` or a close frame.
+        code: Option<u16>,
+        /// Human-readable cause.
+        reason: String,
+        /// `bye.meta.retry_ms`, when the server sent one.
+        retry_ms: Option<u64>,
+        /// When the client will try again; `None`: it will not (see [`Event::Stopped`]).
+        retry_in: Option<Duration>,
+    },
+    /// A `sub` sent by the client (first time or re-subscription after a
+    /// reconnect) was answered `ok`: messages published from now on arrive.
+    Subscribed(String),
+    /// A `sub` was refused with `err` (code name or number); the channel is dropped from the set.
+    SubscribeFailed {
+        /// The channel.
+        ch: String,
+        /// The `err` code.
+        code: String,
+    },
+    /// Any other envelope from the server (`msg`, `ok`, `err`, `reply`, `pong`).
+    Message(Envelope),
+    /// The client stopped for good; no more events follow.
+    Stopped(StopReason),
+}
+
+enum Command {
+    Subscribe(String),
+    Unsubscribe(String),
+    Send(Envelope),
+    Close,
+}
+
+/// Handle to a reconnecting client. Cloneable parts live in [`ClientHandle`].
+pub struct Client {
+    handle: ClientHandle,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// Sends commands to the client task; cheap to clone.
+#[derive(Clone)]
+pub struct ClientHandle {
+    cmd: mpsc::UnboundedSender<Command>,
+    ids: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Outbox bound: envelopes sent while disconnected are queued up to this many
+/// and sent after the next `welcome` (the oldest are dropped beyond it).
+pub const OUTBOX_LIMIT: usize = 1024;
+
+/// Request ids the handle assigns start here, far from the connection's own
+/// (`hello`, `sub` use small per-connection ids).
+const HANDLE_ID_BASE: u64 = 1 << 40;
+
+impl Client {
+    /// Starts the client task on the current tokio runtime.
+    pub fn start(config: ClientConfig) -> Client {
+        Self::start_with(config, None)
+    }
+
+    /// Starts the client task with a token-refresh hook.
+    pub fn start_with(config: ClientConfig, token_refresh: Option<TokenRefresh>) -> Client {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let policy = match config.seed {
+            Some(s) => ReconnectPolicy::with_seed(config.backoff.clone(), s),
+            None => ReconnectPolicy::new(config.backoff.clone()),
+        };
+        let task = Task {
+            config,
+            policy,
+            token_refresh,
+            rooms: BTreeSet::new(),
+            outbox: VecDeque::new(),
+            cmd: cmd_rx,
+            events: ev_tx,
+        };
+        tokio::spawn(task.run());
+        Client {
+            handle: ClientHandle {
+                cmd: cmd_tx,
+                ids: Arc::new(std::sync::atomic::AtomicU64::new(HANDLE_ID_BASE)),
+            },
+            events: ev_rx,
+        }
+    }
+
+    /// The next event; `None` after [`Event::Stopped`].
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// A handle for sending commands from elsewhere.
+    pub fn handle(&self) -> ClientHandle {
+        self.handle.clone()
+    }
+
+    /// See [`ClientHandle::subscribe`].
+    pub fn subscribe(&self, ch: &str) {
+        self.handle.subscribe(ch)
+    }
+
+    /// See [`ClientHandle::unsubscribe`].
+    pub fn unsubscribe(&self, ch: &str) {
+        self.handle.unsubscribe(ch)
+    }
+
+    /// See [`ClientHandle::publish`].
+    pub fn publish(&self, ch: &str, payload: Payload) -> u64 {
+        self.handle.publish(ch, payload)
+    }
+
+    /// See [`ClientHandle::close`].
+    pub fn close(&self) {
+        self.handle.close()
+    }
+}
+
+impl ClientHandle {
+    /// Adds `ch` to the client's channel set and subscribes now if connected;
+    /// the set is re-subscribed after every reconnect. [`Event::Subscribed`] follows.
+    pub fn subscribe(&self, ch: &str) {
+        let _ = self.cmd.send(Command::Subscribe(ch.to_string()));
+    }
+
+    /// Removes `ch` from the set and unsubscribes if connected.
+    pub fn unsubscribe(&self, ch: &str) {
+        let _ = self.cmd.send(Command::Unsubscribe(ch.to_string()));
+    }
+
+    /// Publishes to `ch`; returns the `pub` id (echoed by `ok` and by the `msg` subscribers get).
+    /// While disconnected the envelope waits in a bounded outbox.
+    pub fn publish(&self, ch: &str, payload: Payload) -> u64 {
+        let mut e = Envelope::new(Type::Pub);
+        e.ch = Some(ch.to_string());
+        e.payload = payload;
+        self.send(e)
+    }
+
+    /// Sends an arbitrary envelope, assigning an id when it has none; returns the id.
+    pub fn send(&self, mut env: Envelope) -> u64 {
+        let id = match env.id {
+            Some(id) => id,
+            None => {
+                let id = self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                env.id = Some(id);
+                id
+            }
+        };
+        let _ = self.cmd.send(Command::Send(env));
+        id
+    }
+
+    /// Closes the session and stops reconnecting; [`Event::Stopped`]`(Closed)` follows.
+    pub fn close(&self) {
+        let _ = self.cmd.send(Command::Close);
+    }
+}
+
+struct Task {
+    config: ClientConfig,
+    policy: ReconnectPolicy,
+    token_refresh: Option<TokenRefresh>,
+    rooms: BTreeSet<String>,
+    outbox: VecDeque<Envelope>,
+    cmd: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+enum SessionEnd {
+    Lost(Error),
+    Closed,
+}
+
+impl Task {
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    /// Applies a command while disconnected. Returns false on Close.
+    fn apply_offline(&mut self, c: Command) -> bool {
+        match c {
+            Command::Subscribe(ch) => {
+                self.rooms.insert(ch);
+            }
+            Command::Unsubscribe(ch) => {
+                self.rooms.remove(&ch);
+            }
+            Command::Send(e) => {
+                if self.outbox.len() >= OUTBOX_LIMIT {
+                    self.outbox.pop_front();
+                }
+                self.outbox.push_back(e);
+            }
+            Command::Close => return false,
+        }
+        true
+    }
+
+    async fn run(mut self) {
+        loop {
+            let info: CloseInfo;
+            let reason: String;
+            let attempt = tokio::select! {
+                r = Connection::connect(&self.config) => Some(r),
+                c = self.cmd.recv() => {
+                    match c {
+                        None | Some(Command::Close) => None,
+                        Some(c) => { self.apply_offline(c); continue; }
+                    }
+                }
+            };
+            let Some(attempt) = attempt else {
+                self.emit(Event::Stopped(StopReason::Closed));
+                return;
+            };
+            match attempt {
+                Ok(conn) => {
+                    self.policy.on_connected();
+                    self.emit(Event::Connected(conn.welcome().clone()));
+                    match self.session(conn).await {
+                        SessionEnd::Closed => {
+                            self.emit(Event::Stopped(StopReason::Closed));
+                            return;
+                        }
+                        SessionEnd::Lost(e) => {
+                            info = e.close_info();
+                            reason = e.to_string();
+                        }
+                    }
+                }
+                Err(e) => {
+                    info = e.close_info();
+                    reason = e.to_string();
+                }
+            }
+            match self.policy.on_closed(info) {
+                Action::Stop(r) => {
+                    self.emit(Event::Disconnected {
+                        code: info.code,
+                        reason,
+                        retry_ms: info.retry_ms,
+                        retry_in: None,
+                    });
+                    self.emit(Event::Stopped(r));
+                    return;
+                }
+                Action::Reconnect {
+                    delay,
+                    refresh_token,
+                    ..
+                } => {
+                    self.emit(Event::Disconnected {
+                        code: info.code,
+                        reason,
+                        retry_ms: info.retry_ms,
+                        retry_in: Some(delay),
+                    });
+                    if refresh_token && let Some(hook) = self.token_refresh.clone() {
+                        if let Some(t) = hook(info.code.unwrap_or_default()).await {
+                            self.config.token = Some(t);
+                        }
+                    }
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            c = self.cmd.recv() => match c {
+                                None | Some(Command::Close) => {
+                                    self.emit(Event::Stopped(StopReason::Closed));
+                                    return;
+                                }
+                                Some(c) => { self.apply_offline(c); }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self, mut conn: Connection) -> SessionEnd {
+        // Channel for each pending `sub` id.
+        let mut pending: HashMap<u64, String> = HashMap::new();
+        let rooms: Vec<String> = self.rooms.iter().cloned().collect();
+        for ch in rooms {
+            match conn.subscribe(&ch).await {
+                Ok(id) => {
+                    pending.insert(id, ch);
+                }
+                Err(e) => return SessionEnd::Lost(e),
+            }
+        }
+        while let Some(e) = self.outbox.pop_front() {
+            if let Err(err) = conn.send(&e).await {
+                self.outbox.push_front(e);
+                return SessionEnd::Lost(err);
+            }
+        }
+        loop {
+            tokio::select! {
+                r = conn.recv() => match r {
+                    Err(e) => return SessionEnd::Lost(e),
+                    Ok(env) => {
+                        let answer = matches!(env.t, Type::Ok | Type::Err);
+                        if let Some(ch) = env.id.filter(|_| answer).and_then(|id| pending.remove(&id)) {
+                            if env.t == Type::Ok {
+                                self.emit(Event::Subscribed(ch));
+                            } else {
+                                self.rooms.remove(&ch);
+                                let code = env
+                                    .err_code()
+                                    .map(|c| c.name().to_string())
+                                    .or(env.code.map(|c| c.to_string()))
+                                    .unwrap_or_default();
+                                self.emit(Event::SubscribeFailed { ch, code });
+                            }
+                        } else if env.t != Type::Ping {
+                            self.emit(Event::Message(env));
+                        }
+                    }
+                },
+                c = self.cmd.recv() => {
+                    let res = match c {
+                        None | Some(Command::Close) => {
+                            let _ = conn.close().await;
+                            return SessionEnd::Closed;
+                        }
+                        Some(Command::Subscribe(ch)) => {
+                            let fresh = self.rooms.insert(ch.clone());
+                            if fresh {
+                                conn.subscribe(&ch).await.map(|id| { pending.insert(id, ch); })
+                            } else {
+                                self.emit(Event::Subscribed(ch));
+                                Ok(())
+                            }
+                        }
+                        Some(Command::Unsubscribe(ch)) => {
+                            if self.rooms.remove(&ch) {
+                                conn.unsubscribe(&ch).await.map(|_| ())
+                            } else {
+                                Ok(())
+                            }
+                        }
+                        Some(Command::Send(e)) => conn.send(&e).await,
+                    };
+                    if let Err(e) = res {
+                        return SessionEnd::Lost(e);
+                    }
+                }
+            }
+        }
+    }
+}

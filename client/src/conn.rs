@@ -1,0 +1,770 @@
+//! One session over one transport: connect, `hello`/`welcome`, send and
+//! receive envelopes.
+//!
+//! [`Connection`] hides the transport behind a private `Link` enum
+//! (WebSocket or raw TCP today; QUIC becomes one more variant with the same
+//! framing as TCP). Everything above the link — batching, `ping` answers,
+//! `bye` handling — is transport-agnostic.
+//!
+//! [`Connection::recv`] is cancel-safe, so a caller may race it against a timer
+//! or a command channel in `tokio::select!` and send from the branch body.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgegate_proto::{Envelope, Payload, Type, binary, frame, json};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{
+    self, Message,
+    client::IntoClientRequest,
+    http::HeaderValue,
+    protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode as WsCloseCode},
+};
+
+use crate::policy::{Backoff, CloseInfo};
+
+/// The transport a client connects over (PROTOCOL.md §1). QUIC is not
+/// implemented yet; it will be another variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// WebSocket on `GET /ws` (plain; TLS not yet supported by this client).
+    Ws,
+    /// Raw TCP: `EG1\n` preface, then u32 big-endian length-prefixed binary envelopes.
+    Tcp,
+}
+
+impl Transport {
+    /// `"ws"` / `"tcp"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ws" => Ok(Transport::Ws),
+            "tcp" => Ok(Transport::Tcp),
+            other => Err(format!("unknown transport {other:?} (ws, tcp)")),
+        }
+    }
+}
+
+/// The envelope encoding. TCP always carries binary envelopes; on WebSocket
+/// this picks the subprotocol (`edgegate.v1.json` or `edgegate.v1.bin`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// JSON envelopes in WS text messages.
+    Json,
+    /// Binary envelopes (WS binary messages, LEB128-length batched; always on TCP).
+    Binary,
+}
+
+impl Encoding {
+    /// `"json"` / `"bin"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Binary => "bin",
+        }
+    }
+
+    /// The WebSocket subprotocol for this encoding.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::Json => "edgegate.v1.json",
+            Encoding::Binary => "edgegate.v1.bin",
+        }
+    }
+}
+
+impl std::str::FromStr for Encoding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "json" => Ok(Encoding::Json),
+            "bin" | "binary" => Ok(Encoding::Binary),
+            other => Err(format!("unknown encoding {other:?} (json, bin)")),
+        }
+    }
+}
+
+/// How to reach and authenticate to a gateway.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `host:port`, or for WebSocket also `ws://host:port/path` (path defaults to `/ws`).
+    pub addr: String,
+    /// WebSocket or TCP.
+    pub transport: Transport,
+    /// JSON or binary envelopes (TCP is always binary).
+    pub encoding: Encoding,
+    /// `hello.meta.user` (required by auth mode `none`).
+    pub user: String,
+    /// `hello.meta.token`.
+    pub token: Option<String>,
+    /// Local address to bind before connecting (port 0). Spreading
+    /// connections over `127.0.0.0/8` lifts the ~28 k ephemeral-port limit per
+    /// source address in load tests.
+    pub source_addr: Option<IpAddr>,
+    /// Reconnect schedule used by [`Client`](crate::Client).
+    pub backoff: Backoff,
+    /// Seed for the reconnect jitter; `None` seeds randomly.
+    pub seed: Option<u64>,
+    /// Limit on connect + handshake + `hello`/`welcome`.
+    pub connect_timeout: Duration,
+    /// `hello.meta.client`.
+    pub client_name: Option<String>,
+}
+
+impl ClientConfig {
+    /// A config with defaults: JSON, no token, no source address, default backoff, 10 s connect timeout.
+    pub fn new(addr: impl Into<String>, transport: Transport, user: impl Into<String>) -> Self {
+        ClientConfig {
+            addr: addr.into(),
+            transport,
+            encoding: if transport == Transport::Tcp {
+                Encoding::Binary
+            } else {
+                Encoding::Json
+            },
+            user: user.into(),
+            token: None,
+            source_addr: None,
+            backoff: Backoff::default(),
+            seed: None,
+            connect_timeout: Duration::from_secs(10),
+            client_name: Some(concat!("edgegate-client/", env!("CARGO_PKG_VERSION")).into()),
+        }
+    }
+}
+
+/// What the gateway said in `welcome.meta`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Welcome {
+    /// Connection id (`<node>-<shard>-<n>`).
+    pub conn: String,
+    /// The authenticated user id.
+    pub user: String,
+    /// Node name.
+    pub node: String,
+    /// Shard owning the connection.
+    pub shard: u32,
+    /// Server heartbeat interval.
+    pub hb_ms: u64,
+    /// Largest envelope the server accepts from this connection, in bytes.
+    pub max_frame: u32,
+}
+
+impl Welcome {
+    fn parse(meta: Option<&str>) -> Welcome {
+        let v: serde_json::Value = meta
+            .and_then(|m| serde_json::from_str(m).ok())
+            .unwrap_or_default();
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        Welcome {
+            conn: s("conn"),
+            user: s("user"),
+            node: s("node"),
+            shard: n("shard") as u32,
+            hb_ms: n("hb_ms"),
+            max_frame: u32::try_from(n("max_frame")).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Why an operation on a [`Connection`] failed.
+#[derive(Debug)]
+pub enum Error {
+    /// The server ended the session with `bye` or a close frame.
+    Closed {
+        /// Close code (PROTOCOL.md §5).
+        code: u16,
+        /// `bye.reason` / close frame reason.
+        reason: String,
+        /// `bye.meta.retry_ms`.
+        retry_ms: Option<u64>,
+    },
+    /// The stream ended without `bye`.
+    Eof,
+    /// Socket error.
+    Io(io::Error),
+    /// WebSocket protocol or handshake error.
+    Ws(tungstenite::Error),
+    /// The peer sent bytes that do not decode.
+    Decode(String),
+    /// Connect, handshake or `welcome` took longer than `connect_timeout`.
+    Timeout,
+    /// Bad configuration (address, user).
+    Config(String),
+}
+
+impl Error {
+    /// The policy's view of this error: close code and `retry_ms` when the
+    /// server sent them, nothing for transport failures.
+    pub fn close_info(&self) -> CloseInfo {
+        match self {
+            Error::Closed { code, retry_ms, .. } => CloseInfo {
+                code: Some(*code),
+                retry_ms: *retry_ms,
+            },
+            _ => CloseInfo::default(),
+        }
+    }
+
+    /// The close code, if the server sent one.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            Error::Closed { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Closed {
+                code,
+                reason,
+                retry_ms,
+            } => {
+                write!(f, "closed by server: {code}")?;
+                if !reason.is_empty() {
+                    write!(f, " ({reason})")?;
+                }
+                if let Some(r) = retry_ms {
+                    write!(f, ", retry in {r} ms")?;
+                }
+                Ok(())
+            }
+            Error::Eof => f.write_str("connection closed without bye"),
+            Error::Io(e) => write!(f, "i/o: {e}"),
+            Error::Ws(e) => write!(f, "websocket: {e}"),
+            Error::Decode(e) => write!(f, "undecodable input: {e}"),
+            Error::Timeout => f.write_str("timed out"),
+            Error::Config(e) => write!(f, "config: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<tungstenite::Error> for Error {
+    fn from(e: tungstenite::Error) -> Self {
+        match e {
+            tungstenite::Error::Io(e) => Error::Io(e),
+            tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => Error::Eof,
+            other => Error::Ws(other),
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Read-buffer and WebSocket buffer size: small, so that thousands of idle
+/// client connections in one load-test process stay cheap.
+const READ_CHUNK: usize = 4096;
+
+enum Link {
+    Ws(Box<WebSocketStream<TcpStream>>),
+    Tcp(TcpLink),
+}
+
+struct TcpLink {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    /// Bytes not yet written; writes drain it, so a cancelled write loses nothing.
+    wbuf: Vec<u8>,
+}
+
+/// One session with a gateway. Not reconnecting; see [`Client`](crate::Client).
+pub struct Connection {
+    link: Link,
+    encoding: Encoding,
+    welcome: Welcome,
+    next_id: u64,
+    inbox: VecDeque<Envelope>,
+    /// Envelopes to send at the next opportunity (`pong` answers on WS).
+    outbox: Vec<Envelope>,
+    closed: Option<(u16, String, Option<u64>)>,
+    scratch: Vec<u8>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("welcome", &self.welcome)
+            .field("encoding", &self.encoding)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits `ws://host:port/path` or `host:port` into (`host:port`, path).
+fn split_addr(addr: &str) -> (String, String) {
+    let rest = addr
+        .strip_prefix("ws://")
+        .or_else(|| addr.strip_prefix("WS://"))
+        .unwrap_or(addr);
+    match rest.find('/') {
+        Some(i) => (rest[..i].to_string(), rest[i..].to_string()),
+        None => (rest.to_string(), "/ws".to_string()),
+    }
+}
+
+async fn resolve(hostport: &str) -> Result<SocketAddr> {
+    if let Ok(sa) = hostport.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    tokio::net::lookup_host(hostport)
+        .await?
+        .next()
+        .ok_or_else(|| Error::Config(format!("{hostport}: no address")))
+}
+
+async fn tcp_connect(target: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream> {
+    let sock = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = sock.connect(target).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+impl Connection {
+    /// Connects, sends `hello` and waits for `welcome`, all within
+    /// `config.connect_timeout`. A `bye` before `welcome` (4001, 4007, …) is
+    /// returned as [`Error::Closed`].
+    pub async fn connect(config: &ClientConfig) -> Result<Connection> {
+        match tokio::time::timeout(config.connect_timeout, Self::connect_inner(config)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    async fn connect_inner(config: &ClientConfig) -> Result<Connection> {
+        let (hostport, path) = split_addr(&config.addr);
+        let target = resolve(&hostport).await?;
+        let stream = tcp_connect(target, config.source_addr).await?;
+        let (link, encoding) = match config.transport {
+            Transport::Ws => {
+                let url = format!("ws://{hostport}{path}");
+                let mut req = url.as_str()
+                    .into_client_request()
+                    .map_err(|e| Error::Config(format!("{url}: {e}")))?;
+                req.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static(config.encoding.subprotocol()),
+                );
+                let ws_config = WebSocketConfig::default()
+                    .read_buffer_size(READ_CHUNK)
+                    .write_buffer_size(0);
+                let (ws, _resp) =
+                    tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config))
+                        .await?;
+                (Link::Ws(Box::new(ws)), config.encoding)
+            }
+            Transport::Tcp => {
+                let mut link = TcpLink {
+                    stream,
+                    rbuf: Vec::new(),
+                    wbuf: Vec::new(),
+                };
+                link.wbuf.extend_from_slice(&frame::PREFACE);
+                (Link::Tcp(link), Encoding::Binary)
+            }
+        };
+        let mut conn = Connection {
+            link,
+            encoding,
+            welcome: Welcome::default(),
+            next_id: 1,
+            inbox: VecDeque::new(),
+            outbox: Vec::new(),
+            closed: None,
+            scratch: Vec::new(),
+        };
+        let mut meta = serde_json::Map::new();
+        meta.insert("user".into(), config.user.clone().into());
+        if let Some(t) = &config.token {
+            meta.insert("token".into(), t.clone().into());
+        }
+        if let Some(c) = &config.client_name {
+            meta.insert("client".into(), c.clone().into());
+        }
+        let hello_id = conn.next_id();
+        let mut hello = Envelope::new(Type::Hello);
+        hello.id = Some(hello_id);
+        hello.meta = Some(serde_json::Value::Object(meta).to_string());
+        conn.send(&hello).await?;
+        loop {
+            let env = conn.recv().await?;
+            match env.t {
+                Type::Welcome => {
+                    conn.welcome = Welcome::parse(env.meta.as_deref());
+                    return Ok(conn);
+                }
+                Type::Ping | Type::Pong => continue,
+                other => {
+                    return Err(Error::Decode(format!(
+                        "expected welcome, got {}",
+                        other.name()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// What the gateway said in `welcome`.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The encoding in use.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// A fresh request id (monotonic per connection, starting at 1).
+    pub fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Sends `sub` for `ch`; the answer (`ok`/`err` with the returned id) comes through [`recv`](Self::recv).
+    pub async fn subscribe(&mut self, ch: &str) -> Result<u64> {
+        let id = self.next_id();
+        let mut e = Envelope::new(Type::Sub);
+        e.id = Some(id);
+        e.ch = Some(ch.to_string());
+        self.send(&e).await?;
+        Ok(id)
+    }
+
+    /// Sends `unsub` for `ch`.
+    pub async fn unsubscribe(&mut self, ch: &str) -> Result<u64> {
+        let id = self.next_id();
+        let mut e = Envelope::new(Type::Unsub);
+        e.id = Some(id);
+        e.ch = Some(ch.to_string());
+        self.send(&e).await?;
+        Ok(id)
+    }
+
+    /// Sends `pub` to `ch`; returns its id.
+    pub async fn publish(&mut self, ch: &str, payload: Payload) -> Result<u64> {
+        let id = self.next_id();
+        let mut e = Envelope::new(Type::Pub);
+        e.id = Some(id);
+        e.ch = Some(ch.to_string());
+        e.payload = payload;
+        self.send(&e).await?;
+        Ok(id)
+    }
+
+    /// Sends `req` to `svc:<name>`; the `reply` carries the returned id.
+    pub async fn request(&mut self, ch: &str, payload: Payload) -> Result<u64> {
+        let id = self.next_id();
+        let mut e = Envelope::new(Type::Req);
+        e.id = Some(id);
+        e.ch = Some(ch.to_string());
+        e.payload = payload;
+        self.send(&e).await?;
+        Ok(id)
+    }
+
+    /// Sends one envelope.
+    pub async fn send(&mut self, env: &Envelope) -> Result<()> {
+        self.send_batch(std::slice::from_ref(env)).await
+    }
+
+    /// Sends several envelopes as one WebSocket message / one write.
+    pub async fn send_batch(&mut self, envs: &[Envelope]) -> Result<()> {
+        if let Some((code, reason, retry_ms)) = &self.closed {
+            return Err(Error::Closed {
+                code: *code,
+                reason: reason.clone(),
+                retry_ms: *retry_ms,
+            });
+        }
+        if envs.is_empty() {
+            return Ok(());
+        }
+        match &mut self.link {
+            Link::Ws(ws) => {
+                let msg = ws_message(self.encoding, envs, &mut self.scratch);
+                ws.send(msg).await?;
+            }
+            Link::Tcp(t) => {
+                for e in envs {
+                    frame::encode_frame(e, &mut t.wbuf);
+                }
+                t.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives the next envelope. Answers `ping` envelopes itself (and still
+    /// returns them); WebSocket pings are answered by tungstenite. A `bye` is
+    /// returned as [`Error::Closed`], as is every later call.
+    ///
+    /// Cancel-safe: dropping the future loses no data.
+    pub async fn recv(&mut self) -> Result<Envelope> {
+        loop {
+            if let Some(env) = self.inbox.pop_front() {
+                match env.t {
+                    Type::Ping => {
+                        self.outbox.push(Envelope::pong(env.id));
+                    }
+                    Type::Bye => {
+                        let retry_ms = env.meta.as_deref().and_then(|m| {
+                            serde_json::from_str::<serde_json::Value>(m)
+                                .ok()?
+                                .get("retry_ms")?
+                                .as_u64()
+                        });
+                        let code = env.code.and_then(|c| u16::try_from(c).ok()).unwrap_or(0);
+                        self.closed = Some((code, env.reason.clone().unwrap_or_default(), retry_ms));
+                        self.inbox.clear();
+                    }
+                    _ => {}
+                }
+                if env.t != Type::Bye {
+                    return Ok(env);
+                }
+            }
+            if let Some((code, reason, retry_ms)) = &self.closed {
+                return Err(Error::Closed {
+                    code: *code,
+                    reason: reason.clone(),
+                    retry_ms: *retry_ms,
+                });
+            }
+            if !self.outbox.is_empty() {
+                let out = std::mem::take(&mut self.outbox);
+                match &mut self.link {
+                    Link::Ws(ws) => {
+                        let msg = ws_message(self.encoding, &out, &mut self.scratch);
+                        ws.send(msg).await?;
+                    }
+                    Link::Tcp(t) => {
+                        for e in &out {
+                            frame::encode_frame(e, &mut t.wbuf);
+                        }
+                    }
+                }
+            }
+            match &mut self.link {
+                Link::Ws(ws) => match ws.next().await {
+                    None => return Err(Error::Eof),
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(Message::Text(t))) => {
+                        for r in json::decode_batch(t.as_bytes()) {
+                            self.inbox
+                                .push_back(r.map_err(|e| Error::Decode(e.to_string()))?);
+                        }
+                    }
+                    Some(Ok(Message::Binary(b))) => {
+                        if self.encoding == Encoding::Json {
+                            for r in json::decode_batch(&b) {
+                                self.inbox
+                                    .push_back(r.map_err(|e| Error::Decode(e.to_string()))?);
+                            }
+                        } else {
+                            for part in frame::split_ws_binary(&b) {
+                                let part = part.map_err(|e| Error::Decode(e.to_string()))?;
+                                self.inbox.push_back(
+                                    binary::decode(part).map_err(|e| Error::Decode(e.to_string()))?,
+                                );
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let (code, reason) = frame
+                            .map(|f: CloseFrame| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((1005, String::new()));
+                        self.closed = Some((code, reason, None));
+                    }
+                    Some(Ok(_)) => {} // ping/pong/frame: handled by tungstenite
+                },
+                Link::Tcp(t) => {
+                    if !t.wbuf.is_empty() {
+                        t.flush().await?;
+                    }
+                    // Parse whole frames already buffered.
+                    let mut used = 0;
+                    loop {
+                        match frame::peek_frame(&t.rbuf[used..], u32::MAX) {
+                            Ok(Some(n)) => {
+                                let body = &t.rbuf[used + frame::LEN_BYTES..used + frame::LEN_BYTES + n];
+                                self.inbox.push_back(
+                                    binary::decode(body).map_err(|e| Error::Decode(e.to_string()))?,
+                                );
+                                used += frame::LEN_BYTES + n;
+                            }
+                            Ok(None) => break,
+                            Err(e) => return Err(Error::Decode(format!("{e:?}"))),
+                        }
+                    }
+                    if used > 0 {
+                        t.rbuf.drain(..used);
+                        continue;
+                    }
+                    // Cancel-safe: read_buf either appends bytes or nothing.
+                    if t.rbuf.capacity() - t.rbuf.len() < READ_CHUNK {
+                        t.rbuf.reserve(READ_CHUNK);
+                    }
+                    let n = t.stream.read_buf(&mut t.rbuf).await?;
+                    if n == 0 {
+                        return Err(Error::Eof);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes the session from the client side (WS close 1000 / TCP FIN).
+    pub async fn close(mut self) -> Result<()> {
+        match &mut self.link {
+            Link::Ws(ws) => {
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: WsCloseCode::Normal,
+                        reason: "".into(),
+                    }))
+                    .await;
+            }
+            Link::Tcp(t) => {
+                let _ = t.flush().await;
+                let _ = t.stream.shutdown().await;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TcpLink {
+    /// Writes all of `wbuf`; each step is cancel-safe (written bytes are drained).
+    async fn flush(&mut self) -> io::Result<()> {
+        while !self.wbuf.is_empty() {
+            let n = self.stream.write(&self.wbuf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.wbuf.drain(..n);
+        }
+        Ok(())
+    }
+}
+
+fn ws_message(encoding: Encoding, envs: &[Envelope], scratch: &mut Vec<u8>) -> Message {
+    scratch.clear();
+    match encoding {
+        Encoding::Json => {
+            for (i, e) in envs.iter().enumerate() {
+                if i > 0 {
+                    scratch.push(b'\n');
+                }
+                json::encode(e, scratch);
+            }
+            // The JSON writer only produces UTF-8; fall back to lossy rather than panic.
+            let text = match std::str::from_utf8(scratch) {
+                Ok(s) => s.to_owned(),
+                Err(_) => String::from_utf8_lossy(scratch).into_owned(),
+            };
+            Message::text(text)
+        }
+        Encoding::Binary => {
+            for e in envs {
+                frame::encode_ws_binary(e, scratch);
+            }
+            Message::Binary(Bytes::copy_from_slice(scratch))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_splitting() {
+        assert_eq!(
+            split_addr("127.0.0.1:80"),
+            ("127.0.0.1:80".into(), "/ws".into())
+        );
+        assert_eq!(
+            split_addr("ws://h:1/x/y"),
+            ("h:1".into(), "/x/y".into())
+        );
+        assert_eq!(split_addr("ws://h:1"), ("h:1".into(), "/ws".into()));
+    }
+
+    #[test]
+    fn welcome_meta_parsing() {
+        let w = Welcome::parse(Some(
+            r#"{"conn":"n-0-1","user":"u","node":"n","shard":1,"hb_ms":25000,"max_frame":65536}"#,
+        ));
+        assert_eq!(w.conn, "n-0-1");
+        assert_eq!(w.shard, 1);
+        assert_eq!(w.hb_ms, 25000);
+        assert_eq!(w.max_frame, 65536);
+        assert_eq!(Welcome::parse(None), Welcome::default());
+        assert_eq!(Welcome::parse(Some("not json")), Welcome::default());
+    }
+
+    #[test]
+    fn parse_transport_and_encoding() {
+        assert_eq!("ws".parse::<Transport>().unwrap(), Transport::Ws);
+        assert_eq!("tcp".parse::<Transport>().unwrap(), Transport::Tcp);
+        assert!("quic".parse::<Transport>().is_err());
+        assert_eq!("bin".parse::<Encoding>().unwrap(), Encoding::Binary);
+        assert_eq!("json".parse::<Encoding>().unwrap(), Encoding::Json);
+    }
+
+    #[test]
+    fn ws_batches_join_with_newline() {
+        let mut s = Vec::new();
+        let m = ws_message(
+            Encoding::Json,
+            &[Envelope::ping(Some(1)), Envelope::ping(Some(2))],
+            &mut s,
+        );
+        match m {
+            Message::Text(t) => {
+                let envs: Vec<_> = json::decode_batch(t.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                assert_eq!(envs.len(), 2);
+                assert_eq!(envs[1].id, Some(2));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! # edgegate-client
+//!
+//! An async (tokio) client for the edgegate protocol, version 1
+//! (`shared/PROTOCOL.md`), over WebSocket (subprotocols `edgegate.v1.json` /
+//! `edgegate.v1.bin`) and raw TCP (`EG1\n` preface, u32 big-endian framing).
+//! Envelope codecs and framing come from the sans-IO `edgegate-proto` crate.
+//!
+//! Three layers:
+//!
+//! - [`policy`] — sans-IO: the reconnect schedule (exponential backoff with
+//!   full jitter, seedable) and the decision per close code. Pure, unit-tested.
+//! - [`Connection`] — one session: connect (optionally from a chosen source
+//!   address), `hello` → `welcome`, send and receive envelopes. `recv` is
+//!   cancel-safe and answers `ping` envelopes.
+//! - [`Client`] — a reconnecting wrapper: a background task that follows the
+//!   policy, honours `bye.meta.retry_ms`, never reconnects after 4000, 4005 or
+//!   4006, calls a token-refresh hook after 4001/4008, re-subscribes its
+//!   channels after each reconnect, and reports [`Event`]s.
+//!
+//! Transports sit behind a private enum inside [`Connection`]; adding QUIC
+//! (ALPN `edgegate/1`, same framing as TCP without the preface) means one
+//! more [`Transport`] variant and one more link arm.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use edgegate_client::{Client, ClientConfig, Event, Transport};
+//! use edgegate_proto::Payload;
+//!
+//! let cfg = ClientConfig::new("127.0.0.1:8080", Transport::Ws, "alice");
+//! let mut client = Client::start(cfg);
+//! client.subscribe("room:lobby");
+//! while let Some(ev) = client.next_event().await {
+//!     match ev {
+//!         Event::Subscribed(_) => {
+//!             client.publish("room:lobby", Payload::Json(r#"{"text":"hi"}"#.into()));
+//!         }
+//!         Event::Message(env) => println!("{env:?}"),
+//!         Event::Stopped(_) => break,
+//!         _ => {}
+//!     }
+//! }
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+mod conn;
+pub mod policy;
+
+pub use client::{Client, ClientHandle, Event, OUTBOX_LIMIT, TokenRefresh};
+pub use conn::{ClientConfig, Connection, Encoding, Error, Result, Transport, Welcome};
+pub use edgegate_proto::{Envelope, Payload, Type};
+pub use policy::{Action, Backoff, CloseClass, CloseInfo, ReconnectPolicy, StopReason};

@@ -1,0 +1,339 @@
+//! The state a connection shares with the rest of its shard.
+//!
+//! A connection's task owns its socket. Everything else on the shard (the
+//! router delivering messages, the timer wheel, drain) reaches the
+//! connection through this small [`Conn`] record: it queues outbound
+//! envelopes, asks for a ping or a close, and wakes the task. Nothing here
+//! is shared with another thread.
+
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+
+use bytes::Bytes;
+use edgegate_proto::{Envelope, Payload, binary, frame, json, leb128};
+
+use crate::metrics::Transport;
+
+/// How envelopes are written to this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// WebSocket text messages: JSON envelopes separated by `\n`.
+    WsJson,
+    /// WebSocket binary messages: LEB128 length + binary envelope, repeated.
+    WsBinary,
+    /// TCP and QUIC streams: u32 big-endian length + binary envelope.
+    Stream,
+}
+
+/// A message for many connections, encoded at most once per encoding on
+/// this shard however many subscribers it reaches.
+pub struct Delivery {
+    env: Arc<Envelope>,
+    json: OnceCell<Bytes>,
+    bin: OnceCell<Bytes>,
+}
+
+impl Delivery {
+    /// Wraps an envelope (shared with other shards through the `Arc`).
+    pub fn new(env: Arc<Envelope>) -> Rc<Self> {
+        Rc::new(Delivery {
+            env,
+            json: OnceCell::new(),
+            bin: OnceCell::new(),
+        })
+    }
+
+    fn json(&self) -> &[u8] {
+        self.json.get_or_init(|| {
+            let mut v = Vec::with_capacity(self.approx_len() + 32);
+            json::encode(&self.env, &mut v);
+            Bytes::from(v)
+        })
+    }
+
+    fn bin(&self) -> &[u8] {
+        self.bin.get_or_init(|| {
+            let mut v = Vec::with_capacity(self.approx_len());
+            binary::encode(&self.env, &mut v);
+            Bytes::from(v)
+        })
+    }
+
+    fn approx_len(&self) -> usize {
+        approx_len(&self.env)
+    }
+}
+
+/// A cheap upper-bound-ish size estimate, for queue accounting before any
+/// encoding has happened.
+fn approx_len(env: &Envelope) -> usize {
+    let payload = match &env.payload {
+        Payload::None => 0,
+        Payload::Json(b) => b.len(),
+        // base64 in JSON mode
+        Payload::Binary(b) => b.len() * 4 / 3 + 4,
+    };
+    32 + payload
+        + env.ch.as_ref().map_or(0, String::len)
+        + env.from.as_ref().map_or(0, String::len)
+        + env.reason.as_ref().map_or(0, String::len)
+        + env.meta.as_ref().map_or(0, String::len)
+}
+
+/// One queued outbound item.
+pub enum Out {
+    /// A routed message, shared by all its local recipients.
+    Shared(Rc<Delivery>),
+    /// A reply for this connection only (`ok`, `err`, `pong`, ...).
+    Own(Box<Envelope>),
+}
+
+impl Out {
+    fn approx_len(&self) -> usize {
+        match self {
+            Out::Shared(d) => d.approx_len(),
+            Out::Own(e) => approx_len(e),
+        }
+    }
+
+    /// Appends this item to `buf` in `framing`.
+    pub fn write(&self, framing: Framing, buf: &mut Vec<u8>) {
+        match framing {
+            Framing::WsJson => {
+                if !buf.is_empty() {
+                    buf.push(b'\n');
+                }
+                match self {
+                    Out::Shared(d) => buf.extend_from_slice(d.json()),
+                    Out::Own(e) => json::encode(e, buf),
+                }
+            }
+            Framing::WsBinary => match self {
+                Out::Shared(d) => {
+                    let b = d.bin();
+                    leb128::write_u64(b.len() as u64, buf);
+                    buf.extend_from_slice(b);
+                }
+                Out::Own(e) => frame::encode_ws_binary(e, buf),
+            },
+            Framing::Stream => match self {
+                Out::Shared(d) => frame::write_frame(d.bin(), buf),
+                Out::Own(e) => frame::encode_frame(e, buf),
+            },
+        }
+    }
+}
+
+/// Why and how the server closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReq {
+    /// The close code (PROTOCOL.md §5).
+    pub code: u16,
+    /// A short reason for the client and the logs.
+    pub reason: &'static str,
+}
+
+impl CloseReq {
+    /// A close request.
+    pub const fn new(code: u16, reason: &'static str) -> Self {
+        CloseReq { code, reason }
+    }
+
+    /// Codes whose `bye` must carry `meta.retry_ms` (PROTOCOL.md §6).
+    pub fn carries_retry(&self) -> bool {
+        matches!(self.code, 1001 | 4004 | 4007)
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for `hello`.
+    Hello,
+    /// Past `welcome`.
+    Active,
+    /// Closing: nothing more is queued.
+    Closing,
+}
+
+/// The part of a connection the shard can reach.
+pub struct Conn {
+    /// Node-unique serial number (per shard counter, shard id in the name).
+    pub serial: u64,
+    /// Slot in the shard's slab.
+    pub key: u32,
+    /// The transport it came in on.
+    pub transport: Transport,
+    /// Peer address, for logs and the admin listing.
+    pub peer: SocketAddr,
+    /// Connection start, shard clock ms.
+    pub started_ms: u64,
+    /// Outbound encoding, fixed by the transport and subprotocol.
+    pub framing: Cell<Framing>,
+    /// Life phase.
+    pub phase: Cell<Phase>,
+    /// The authenticated user, once welcomed.
+    pub user: RefCell<Option<Rc<str>>>,
+    /// Channels this connection is subscribed to (for cleanup on close).
+    pub subs: RefCell<Vec<Rc<str>>>,
+    /// Last time anything was received, shard clock ms.
+    pub last_rx_ms: Cell<u64>,
+    /// When the server last pinged, shard clock ms (0: not since last rx).
+    pub pinged_ms: Cell<u64>,
+    /// The heartbeat wants a ping written.
+    pub want_ping: Cell<bool>,
+    close: Cell<Option<CloseReq>>,
+    out: RefCell<VecDeque<Out>>,
+    out_bytes: Cell<usize>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Conn {
+    /// A new connection record.
+    pub fn new(serial: u64, key: u32, transport: Transport, peer: SocketAddr, now_ms: u64) -> Self {
+        Conn {
+            serial,
+            key,
+            transport,
+            peer,
+            started_ms: now_ms,
+            framing: Cell::new(match transport {
+                Transport::Ws => Framing::WsJson,
+                _ => Framing::Stream,
+            }),
+            phase: Cell::new(Phase::Hello),
+            user: RefCell::new(None),
+            subs: RefCell::new(Vec::new()),
+            last_rx_ms: Cell::new(now_ms),
+            pinged_ms: Cell::new(0),
+            want_ping: Cell::new(false),
+            close: Cell::new(None),
+            out: RefCell::new(VecDeque::new()),
+            out_bytes: Cell::new(0),
+            waker: Cell::new(None),
+        }
+    }
+
+    /// Remembers the task's waker, so others can wake it.
+    pub fn set_waker(&self, w: &Waker) {
+        match self.waker.take() {
+            Some(old) if old.will_wake(w) => self.waker.set(Some(old)),
+            _ => self.waker.set(Some(w.clone())),
+        }
+    }
+
+    /// Wakes the connection's task.
+    pub fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake_by_ref();
+            self.waker.set(Some(w));
+        }
+    }
+
+    /// Queues `item` unless the queue would exceed `limit` bytes. Returns
+    /// false when it did not fit: the caller closes the connection as a
+    /// slow consumer (the item is dropped).
+    pub fn push(&self, item: Out, limit: usize) -> bool {
+        if self.phase.get() == Phase::Closing {
+            return true; // closing: silently nothing more, the close is already decided
+        }
+        let n = item.approx_len();
+        let used = self.out_bytes.get();
+        if used + n > limit && used > 0 {
+            return false;
+        }
+        self.out_bytes.set(used + n);
+        let mut q = self.out.borrow_mut();
+        let was_empty = q.is_empty();
+        q.push_back(item);
+        drop(q);
+        if was_empty {
+            self.wake();
+        }
+        true
+    }
+
+    /// Queues a reply envelope; replies are small and never refused (a
+    /// client that floods requests is stopped by rate limits, not here).
+    pub fn reply(&self, env: Envelope) {
+        let item = Out::Own(Box::new(env));
+        self.out_bytes.set(self.out_bytes.get() + item.approx_len());
+        let mut q = self.out.borrow_mut();
+        let was_empty = q.is_empty();
+        q.push_back(item);
+        drop(q);
+        if was_empty {
+            self.wake();
+        }
+    }
+
+    /// True when output is waiting.
+    pub fn has_output(&self) -> bool {
+        !self.out.borrow().is_empty()
+    }
+
+    /// Bytes waiting in the queue (estimated).
+    pub fn queued_bytes(&self) -> usize {
+        self.out_bytes.get()
+    }
+
+    /// Moves queued items into `buf` in this connection's framing, up to about
+    /// `max` bytes (at least one item). Returns the number of envelopes.
+    pub fn drain_into(&self, buf: &mut Vec<u8>, max: usize) -> usize {
+        let framing = self.framing.get();
+        let mut q = self.out.borrow_mut();
+        let mut n = 0;
+        while let Some(item) = q.front() {
+            if n > 0 && buf.len() + item.approx_len() > max {
+                break;
+            }
+            let item = q.pop_front().expect("front() was Some"); // invariant: just peeked
+            self.out_bytes
+                .set(self.out_bytes.get().saturating_sub(item.approx_len()));
+            item.write(framing, buf);
+            n += 1;
+        }
+        if q.is_empty() {
+            self.out_bytes.set(0);
+            // Give back memory a burst left behind: idle connections hold none.
+            if q.capacity() > 8 {
+                *q = VecDeque::new();
+            }
+        }
+        n
+    }
+
+    /// Drops everything queued (slow consumer: the `bye` must not wait behind it).
+    pub fn clear_output(&self) -> usize {
+        let mut q = self.out.borrow_mut();
+        let n = q.len();
+        *q = VecDeque::new();
+        self.out_bytes.set(0);
+        n
+    }
+
+    /// Asks the task to close with `req`. The first request wins.
+    pub fn request_close(&self, req: CloseReq) {
+        if self.phase.get() == Phase::Closing {
+            return;
+        }
+        if self.close.get().is_none() {
+            self.close.set(Some(req));
+            self.wake();
+        }
+    }
+
+    /// A pending close request, if any.
+    pub fn close_requested(&self) -> Option<CloseReq> {
+        self.close.get()
+    }
+
+    /// The user id, if welcomed.
+    pub fn user(&self) -> Option<Rc<str>> {
+        self.user.borrow().clone()
+    }
+}

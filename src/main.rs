@@ -1,0 +1,66 @@
+//! The `edgegate` command: `edgegate run` and `edgegate check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgegate::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// edgegate: an edge connection gateway for chat and IM systems.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway (the embedded default config when --config is absent).
+    Run {
+        /// TOML config file; EDGEGATE_SECTION__KEY variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Load and validate the config, print the effective settings, exit.
+    CheckConfig {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (path, run) = match &cli.cmd {
+        Cmd::Run { config } => (config.as_deref(), true),
+        Cmd::CheckConfig { config } => (config.as_deref(), false),
+    };
+    let cfg = match Config::from_env_and_file(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgegate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !run {
+        print!("{}", cfg.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log.level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match edgegate::server::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgegate: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

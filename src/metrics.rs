@@ -1,0 +1,225 @@
+//! Counters, one set per shard.
+//!
+//! Each shard writes only its own [`ShardMetrics`] (relaxed atomics on memory
+//! no other shard writes, so the hot path takes no lock and shares no cache
+//! line); the admin thread reads them all to render Prometheus text.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Transports, as labels.
+pub const TRANSPORTS: [&str; 3] = ["ws", "tcp", "quic"];
+
+/// Close codes counted (PROTOCOL.md §5), in label order.
+pub const CLOSE_CODES: [u16; 11] = [
+    1000, 1001, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007, 4008,
+];
+
+/// Transport index into the per-transport arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket (also WSS).
+    Ws = 0,
+    /// Raw TCP (also TLS).
+    Tcp = 1,
+    /// QUIC.
+    Quic = 2,
+}
+
+impl Transport {
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        TRANSPORTS[self as usize]
+    }
+}
+
+/// One shard's counters. Gauges are counters that also go down.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    /// Open sockets per transport, from accept until released.
+    pub connections: [AtomicU64; 3],
+    /// Accepted sockets per transport.
+    pub accepted: [AtomicU64; 3],
+    /// Sockets refused because the node is at `limits.max_connections`.
+    pub refused_max_conn: [AtomicU64; 3],
+    /// Connections past `welcome`.
+    pub sessions: AtomicU64,
+    /// Envelopes received from clients.
+    pub messages_in: AtomicU64,
+    /// Envelopes sent to clients.
+    pub messages_out: AtomicU64,
+    /// Bytes received from clients (envelope bytes, after transport framing).
+    pub bytes_in: AtomicU64,
+    /// Bytes sent to clients.
+    pub bytes_out: AtomicU64,
+    /// `bye`/close codes sent, indexed like [`CLOSE_CODES`]; the last slot
+    /// counts anything else.
+    pub closes: [AtomicU64; CLOSE_CODES.len() + 1],
+    /// Messages dropped because a connection's outbound queue was full.
+    pub drops_slow_consumer: AtomicU64,
+    /// Messages for other shards dropped because the shard mesh was full.
+    pub drops_mesh_full: AtomicU64,
+    /// WebSocket or TCP handshakes that failed or timed out.
+    pub handshake_failures: AtomicU64,
+}
+
+impl ShardMetrics {
+    /// Counts one close with `code`.
+    pub fn close(&self, code: u16) {
+        let i = CLOSE_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(CLOSE_CODES.len());
+        self.closes[i].fetch_add(1, Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}
+
+/// Node-wide state the admin endpoint reports beside the shard counters.
+pub struct NodeInfo<'a> {
+    /// Shard counters, index = shard id.
+    pub shards: &'a [std::sync::Arc<ShardMetrics>],
+    /// The node's connection limit.
+    pub max_connections: usize,
+    /// True while draining.
+    pub draining: bool,
+    /// Backbone connected (always true for the embedded backbone).
+    pub backbone_up: bool,
+}
+
+/// Renders Prometheus text exposition format.
+pub fn render(node: &NodeInfo<'_>) -> String {
+    let mut s = String::with_capacity(4096);
+    let get = |a: &AtomicU64| a.load(Relaxed);
+
+    let mut family =
+        |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = (String, u64)>| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(s, "{name}{{{labels}}} {v}");
+            }
+        };
+    let per_transport = |f: fn(&ShardMetrics) -> &[AtomicU64; 3]| {
+        node.shards.iter().enumerate().flat_map(move |(i, m)| {
+            TRANSPORTS.iter().enumerate().map(move |(t, name)| {
+                (format!("shard=\"{i}\",transport=\"{name}\""), get(&f(m)[t]))
+            })
+        })
+    };
+    let per_shard = |f: fn(&ShardMetrics) -> &AtomicU64| {
+        node.shards
+            .iter()
+            .enumerate()
+            .map(move |(i, m)| (format!("shard=\"{i}\""), get(f(m))))
+    };
+
+    family(
+        "edgegate_connections",
+        "gauge",
+        "Open client sockets.",
+        &mut per_transport(|m| &m.connections),
+    );
+    family(
+        "edgegate_connections_accepted_total",
+        "counter",
+        "Accepted client sockets.",
+        &mut per_transport(|m| &m.accepted),
+    );
+    family(
+        "edgegate_connections_refused_total",
+        "counter",
+        "Sockets refused with 4007 at the connection limit.",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            TRANSPORTS.iter().enumerate().map(move |(t, name)| {
+                (
+                    format!("shard=\"{i}\",transport=\"{name}\",reason=\"max_connections\""),
+                    get(&m.refused_max_conn[t]),
+                )
+            })
+        }),
+    );
+    family(
+        "edgegate_sessions",
+        "gauge",
+        "Connections past welcome.",
+        &mut per_shard(|m| &m.sessions),
+    );
+    family(
+        "edgegate_messages_in_total",
+        "counter",
+        "Envelopes received from clients.",
+        &mut per_shard(|m| &m.messages_in),
+    );
+    family(
+        "edgegate_messages_out_total",
+        "counter",
+        "Envelopes sent to clients.",
+        &mut per_shard(|m| &m.messages_out),
+    );
+    family(
+        "edgegate_bytes_in_total",
+        "counter",
+        "Envelope bytes received.",
+        &mut per_shard(|m| &m.bytes_in),
+    );
+    family(
+        "edgegate_bytes_out_total",
+        "counter",
+        "Envelope bytes sent.",
+        &mut per_shard(|m| &m.bytes_out),
+    );
+    family(
+        "edgegate_closes_total",
+        "counter",
+        "Connections closed by the server, by close code.",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            CLOSE_CODES
+                .iter()
+                .map(|c| c.to_string())
+                .chain(std::iter::once("other".to_string()))
+                .enumerate()
+                .map(move |(k, code)| (format!("shard=\"{i}\",code=\"{code}\""), get(&m.closes[k])))
+        }),
+    );
+    family(
+        "edgegate_drops_total",
+        "counter",
+        "Messages dropped, by reason.",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            [
+                ("slow_consumer", get(&m.drops_slow_consumer)),
+                ("mesh_full", get(&m.drops_mesh_full)),
+            ]
+            .into_iter()
+            .map(move |(r, v)| (format!("shard=\"{i}\",reason=\"{r}\""), v))
+        }),
+    );
+    family(
+        "edgegate_handshake_failures_total",
+        "counter",
+        "Failed or timed-out handshakes.",
+        &mut per_shard(|m| &m.handshake_failures),
+    );
+    let _ = writeln!(
+        s,
+        "# HELP edgegate_max_connections Node connection limit.\n# TYPE edgegate_max_connections gauge\nedgegate_max_connections {}",
+        node.max_connections
+    );
+    let _ = writeln!(
+        s,
+        "# HELP edgegate_draining 1 while draining.\n# TYPE edgegate_draining gauge\nedgegate_draining {}",
+        u8::from(node.draining)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP edgegate_backbone_up 1 while the backbone is connected.\n# TYPE edgegate_backbone_up gauge\nedgegate_backbone_up {}",
+        u8::from(node.backbone_up)
+    );
+    s
+}

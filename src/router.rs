@@ -1,0 +1,110 @@
+//! The shard-local router: which of this shard's connections are interested
+//! in which channel, and fan-out to them.
+//!
+//! Every connection is subscribed to its own `user:<id>` channel, so direct
+//! messages and room messages take the same path. The table is per shard:
+//! no other thread reads it, so it needs no lock. A message is encoded at
+//! most once per encoding per shard ([`Delivery`]), whatever the number of
+//! subscribers.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::conn::{CloseReq, Delivery, Out};
+use crate::shard::Shard;
+
+/// Channel name → slab keys of subscribed connections.
+#[derive(Default)]
+pub struct Router {
+    subs: HashMap<Rc<str>, Vec<u32>>,
+}
+
+impl Router {
+    /// Subscribes connection `key` to `ch`. Returns `true` when this is the
+    /// shard's first interest in `ch` (the backbone may need to know).
+    pub fn subscribe(&mut self, ch: &Rc<str>, key: u32) -> bool {
+        match self.subs.get_mut(&**ch) {
+            Some(keys) => {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+                false
+            }
+            None => {
+                self.subs.insert(ch.clone(), vec![key]);
+                true
+            }
+        }
+    }
+
+    /// Removes connection `key` from `ch`. Returns `true` when that was the
+    /// shard's last interest in `ch`.
+    pub fn unsubscribe(&mut self, ch: &str, key: u32) -> bool {
+        let Some(keys) = self.subs.get_mut(ch) else {
+            return false;
+        };
+        keys.retain(|&k| k != key);
+        if keys.is_empty() {
+            self.subs.remove(ch);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Number of local subscribers of `ch`.
+    pub fn subscribers(&self, ch: &str) -> usize {
+        self.subs.get(ch).map_or(0, Vec::len)
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn channels(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Queues `d` on every local subscriber of `ch`. A subscriber whose
+    /// queue is full is closed as a slow consumer; the others are not held
+    /// back by it. Returns the number of connections reached.
+    pub fn deliver(&self, shard: &Shard, ch: &str, d: &Rc<Delivery>) -> usize {
+        let Some(keys) = self.subs.get(ch) else {
+            return 0;
+        };
+        let limit = shard.cfg.outbound_queue_bytes;
+        let conns = shard.conns.borrow();
+        let mut n = 0;
+        for &key in keys {
+            let Some(conn) = conns.get(key as usize) else {
+                continue;
+            };
+            if conn.push(Out::Shared(d.clone()), limit) {
+                n += 1;
+            } else {
+                shard
+                    .metrics
+                    .drops_slow_consumer
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                conn.request_close(CloseReq::new(4003, "slow consumer"));
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_and_last_interest_are_reported() {
+        let mut r = Router::default();
+        let ch: Rc<str> = Rc::from("room:a");
+        assert!(r.subscribe(&ch, 1));
+        assert!(!r.subscribe(&ch, 2));
+        assert!(!r.subscribe(&ch, 2), "idempotent");
+        assert_eq!(r.subscribers("room:a"), 2);
+        assert!(!r.unsubscribe("room:a", 1));
+        assert!(r.unsubscribe("room:a", 2));
+        assert_eq!(r.channels(), 0);
+        assert!(!r.unsubscribe("room:a", 2));
+    }
+}

@@ -1,0 +1,330 @@
+//! Starting and stopping a node: resolve limits, check that no other
+//! process serves our ports, start one pinned shard per CPU, the admin
+//! thread and the signal thread; on SIGTERM/SIGINT drain and exit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing::{error, info, warn};
+
+use crate::backbone::{Backbone, Embedded, MeshMsg};
+use crate::config::Config;
+use crate::listener::accept_loop;
+use crate::metrics::{ShardMetrics, Transport};
+use crate::shard::{Node, Shard, ShardConfig};
+
+/// Capacity of each shard-to-shard channel.
+const MESH_CHANNEL: usize = 4096;
+/// File descriptors kept for everything that is not a client connection
+/// (listeners, io_uring, logs, admin, backbone, /proc reads).
+const FD_RESERVE: usize = 256;
+
+/// A start-up failure, with what to fix.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Raises the soft open-files limit to the hard one (allowed without
+/// privileges) and returns it.
+fn open_files_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    usize::try_from(lim.rlim_cur)
+        .unwrap_or(usize::MAX)
+        .min(1 << 30)
+}
+
+/// The connection limit: the configured one, or 90 % of what the open-files
+/// limit leaves after the reserve; never more than the descriptors allow.
+pub fn connection_limits(configured: usize, nofile: usize) -> Result<(usize, usize), StartError> {
+    let usable = nofile.saturating_sub(FD_RESERVE);
+    if usable < 16 {
+        return Err(StartError(format!(
+            "the open-files limit (RLIMIT_NOFILE = {nofile}) leaves no room for connections; raise it (LimitNOFILE= in the systemd unit)"
+        )));
+    }
+    let auto = usable * 9 / 10;
+    let max = if configured == 0 { auto } else { configured };
+    if max > usable {
+        return Err(StartError(format!(
+            "limits.max_connections = {configured} is more than the open-files limit allows (RLIMIT_NOFILE = {nofile}, {FD_RESERVE} kept in reserve): at most {usable}"
+        )));
+    }
+    // Sockets told 4007 hold a descriptor for a moment: bound them by what is left.
+    let refusing = (usable - max).clamp(1, 1024);
+    Ok((max, refusing))
+}
+
+/// Fails when another process already serves `addr` (glommio binds with
+/// SO_REUSEPORT, so a stale process would silently take part of the load).
+fn probe(key: &str, addr: SocketAddr) -> Result<(), StartError> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(StartError(format!(
+            "{key} = {addr}: cannot listen ({e}); is another edgegate (or another program) already serving it?"
+        ))),
+    }
+}
+
+fn node_id(cfg: &Config) -> String {
+    if !cfg.backbone.node_id.is_empty() {
+        return cfg.backbone.node_id.clone();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "edgegate".into()
+    } else {
+        name
+    }
+}
+
+/// Which CPUs the shards run on.
+fn shard_cpus(cfg: &Config) -> Result<Vec<usize>, StartError> {
+    let online: Vec<usize> = match glommio::CpuSet::online() {
+        Ok(set) => {
+            let mut v: Vec<usize> = set.iter().map(|l| l.cpu).collect();
+            v.sort_unstable();
+            v
+        }
+        Err(_) => (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect(),
+    };
+    if !cfg.shards.cpus.is_empty() {
+        for c in &cfg.shards.cpus {
+            if !online.contains(c) {
+                return Err(StartError(format!(
+                    "shards.cpus names CPU {c}, which is not online (online: {online:?})"
+                )));
+            }
+        }
+        let n = if cfg.shards.count == 0 {
+            cfg.shards.cpus.len()
+        } else {
+            cfg.shards.count
+        };
+        return Ok((0..n)
+            .map(|i| cfg.shards.cpus[i % cfg.shards.cpus.len()])
+            .collect());
+    }
+    let n = if cfg.shards.count == 0 {
+        online.len().max(1)
+    } else {
+        cfg.shards.count
+    };
+    Ok((0..n).map(|i| online[i % online.len()]).collect())
+}
+
+/// Runs the node until SIGTERM/SIGINT, then drains. Returns once every
+/// shard has finished.
+pub fn run(cfg: Config) -> Result<(), StartError> {
+    let nofile = open_files_limit();
+    let (max_connections, max_refusing) = connection_limits(cfg.limits.max_connections, nofile)?;
+    let cpus = shard_cpus(&cfg)?;
+    let n = cpus.len();
+
+    let mut listens: Vec<(&str, SocketAddr, Transport)> = Vec::new();
+    if let Some(a) = cfg.ws.listen {
+        listens.push(("ws.listen", a, Transport::Ws));
+    }
+    if let Some(a) = cfg.tcp.listen {
+        listens.push(("tcp.listen", a, Transport::Tcp));
+    }
+    for (key, addr, _) in &listens {
+        probe(key, *addr)?;
+    }
+    let admin = match cfg.admin.listen {
+        Some(a) => Some(std::net::TcpListener::bind(a).map_err(|e| {
+            StartError(format!(
+                "admin.listen = {a}: cannot listen ({e}); is another process serving it?"
+            ))
+        })?),
+        None => None,
+    };
+
+    let node = Arc::new(Node {
+        open: AtomicUsize::new(0),
+        max_connections,
+        refusing: AtomicUsize::new(0),
+        max_refusing,
+        shutdown: AtomicBool::new(false),
+        shards_ready: AtomicUsize::new(0),
+        shards_done: AtomicUsize::new(0),
+        metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
+    });
+    let node_name = node_id(&cfg);
+    let scfg = ShardConfig::from_config(&cfg, n, node_name.clone());
+    info!(
+        node = %node_name, shards = n, ?cpus, max_connections, open_files = nofile,
+        ws = ?cfg.ws.listen, tcp = ?cfg.tcp.listen, admin = ?cfg.admin.listen,
+        "edgegate starting"
+    );
+    if matches!(cfg.auth.mode, crate::config::AuthMode::None) {
+        warn!(
+            "auth mode \"none\": clients name themselves in hello.meta.user. This is for development only; set [auth] mode = \"jwt\" in production"
+        );
+    }
+
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+    {
+        let node = node.clone();
+        let mut signals = signals;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    info!(signal = sig, "shutting down: draining connections");
+                    node.shutdown.store(true, SeqCst);
+                }
+            })
+            .map_err(|e| StartError(format!("cannot start the signal thread: {e}")))?;
+    }
+    if let Some(l) = admin {
+        crate::admin::spawn(l, node.clone())
+            .map_err(|e| StartError(format!("cannot start the admin thread: {e}")))?;
+    }
+
+    let mesh = MeshBuilder::<MeshMsg, _>::full(n, MESH_CHANNEL);
+    let mut handles = Vec::with_capacity(n);
+    for (id, cpu) in cpus.into_iter().enumerate() {
+        let node = node.clone();
+        let scfg = scfg.clone();
+        let mesh = mesh.clone();
+        let listens: Vec<(String, SocketAddr, Transport)> = listens
+            .iter()
+            .map(|(k, a, t)| (k.to_string(), *a, *t))
+            .collect();
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            // We do no file I/O: keep the registered DMA memory small (it
+            // counts against RLIMIT_MEMLOCK without CAP_IPC_LOCK).
+            .io_memory(256 << 10)
+            .spawn(move || async move {
+                let r = shard_main(id, scfg, node.clone(), mesh, listens).await;
+                node.shards_done.fetch_add(1, SeqCst);
+                if r.is_err() {
+                    node.shutdown.store(true, SeqCst);
+                }
+                r
+            })
+            .map_err(|e| StartError(format!("cannot start shard {id} on CPU {cpu}: {e}")))?;
+        handles.push(h);
+    }
+    let mut first_err = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(error = %e, "shard failed");
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(StartError(format!("shard thread failed: {e}")));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => {
+            info!("all connections closed; bye");
+            Ok(())
+        }
+    }
+}
+
+async fn shard_main(
+    id: usize,
+    cfg: ShardConfig,
+    node: Arc<Node>,
+    mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>,
+    listens: Vec<(String, SocketAddr, Transport)>,
+) -> Result<(), StartError> {
+    let n = cfg.shards;
+    let (senders, mut receivers) = mesh
+        .join()
+        .await
+        .map_err(|_| StartError(format!("shard {id}: joining the shard mesh failed")))?;
+    let senders = std::rc::Rc::new(senders);
+    let embedded = Embedded::new(n, id, |peer, rx| {
+        let tx = senders.clone();
+        glommio::spawn_local(async move {
+            while let Some(m) = rx.recv().await {
+                if tx.send_to(peer, m).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+    });
+    let shard = std::rc::Rc::new(Shard::new(
+        id,
+        cfg,
+        node.clone(),
+        Backbone::Embedded(embedded),
+    ));
+    for (_, rx) in receivers.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(m) = rx.recv().await {
+                shard.on_mesh(m);
+            }
+        })
+        .detach();
+    }
+    let mut accepts = Vec::new();
+    for (key, addr, transport) in listens {
+        let l = TcpListener::bind(addr)
+            .map_err(|e| StartError(format!("shard {id}: {key} = {addr}: bind failed: {e}")))?;
+        accepts.push(glommio::spawn_local(accept_loop(
+            shard.clone(),
+            l,
+            transport,
+        )));
+    }
+    node.shards_ready.fetch_add(1, SeqCst);
+    shard.run_clock(move || drop(accepts)).await;
+    // Let the other shards' forwarders see us go.
+    let _ = glommio::timer::sleep(Duration::from_millis(1)).await;
+    if node.shards_ready.load(Relaxed) == 0 {
+        return Err(StartError("no shard started".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Transports: thin adapters that turn a socket into envelopes in and
+//! framed bytes out.
+//!
+//! Each transport implements [`Wire`]; [`drive`] runs one connection over
+//! any of them: it reads envelopes and hands them to the session, writes
+//! whatever the shard queued for the connection (batched: several envelopes
+//! per write), sends heartbeats, and carries out the close the session or
+//! the shard asked for. Everything above this module is transport-agnostic.
+
+pub mod tcp;
+pub mod ws;
+
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use edgegate_proto::{DecodeError, Envelope};
+use tracing::debug;
+
+use crate::conn::{CloseReq, Conn, Out, Phase};
+use crate::session;
+use crate::shard::Shard;
+
+/// One write carries at most about this many bytes of envelopes.
+pub const BATCH_BYTES: usize = 64 * 1024;
+/// Envelopes handled per turn before the task yields to its neighbours.
+const TURN_BUDGET: usize = 64;
+/// How long a closing connection may take to get its `bye` out.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+/// How long the server reads and discards after its FIN (PROTOCOL.md §6).
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// Why a transport stopped.
+#[derive(Debug)]
+pub enum WireError {
+    /// The peer closed or reset; nothing more can be said to it.
+    Closed,
+    /// A socket error.
+    Io(std::io::Error),
+    /// Bytes that do not decode (close 4000 with this reason).
+    Protocol(String),
+    /// An envelope over `max_frame` (close 4006).
+    TooLarge,
+}
+
+impl From<DecodeError> for WireError {
+    fn from(e: DecodeError) -> Self {
+        WireError::Protocol(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof => WireError::Closed,
+            _ => WireError::Io(e),
+        }
+    }
+}
+
+/// A transport, as the driver sees it. All methods are poll-style and hold
+/// no buffer between calls unless data is in flight.
+pub trait Wire {
+    /// Reads what the socket has; appends the envelopes decoded to `inbox`.
+    /// Ready(Ok) means bytes arrived (maybe no whole envelope yet).
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        shard: &Shard,
+        inbox: &mut Vec<Envelope>,
+    ) -> Poll<Result<(), WireError>>;
+
+    /// Ready once everything handed to [`Wire::send`] is written.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>>;
+
+    /// Hands one batch of framed envelopes to the transport (call only after
+    /// `poll_flush` was ready).
+    fn send(&mut self, batch: Vec<u8>) -> Result<(), WireError>;
+
+    /// Sends a transport-level ping. Returns false when the transport has
+    /// none (TCP, QUIC): the caller queues a `ping` envelope instead.
+    fn send_ping(&mut self) -> Result<bool, WireError>;
+
+    /// Sends the final batch (ending with `bye`), then the transport's own
+    /// close (WebSocket close frame, FIN), then lingers briefly.
+    fn close(
+        &mut self,
+        last: Vec<u8>,
+        code: u16,
+        reason: &str,
+    ) -> impl std::future::Future<Output = ()>;
+
+    /// The peer went away: finish whatever the transport owes it (a
+    /// WebSocket close reply), briefly.
+    fn finish(&mut self) -> impl std::future::Future<Output = ()>;
+}
+
+/// How a session ended.
+enum End {
+    /// We close with this code and reason.
+    Close(u16, String),
+    /// The peer is gone.
+    Gone,
+}
+
+/// Runs one connection until it ends, then releases it from the shard.
+pub async fn drive<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W) {
+    let mut inbox: Vec<Envelope> = Vec::new();
+    let end = poll_fn(|cx| turn(shard, conn, wire, &mut inbox, cx)).await;
+    conn.phase.set(Phase::Closing);
+    match end {
+        End::Close(code, reason) => {
+            if code == 4003 {
+                let dropped = conn.clear_output();
+                shard
+                    .metrics
+                    .drops_slow_consumer
+                    .fetch_add(dropped as u64, Relaxed);
+            }
+            let retry = CloseReq::new(code, "").carries_retry();
+            let bye = Envelope::bye(code, &reason, retry.then(|| shard.cfg.jittered_retry_ms()));
+            let mut last = Vec::new();
+            conn.drain_into(&mut last, usize::MAX);
+            Out::Own(Box::new(bye)).write(conn.framing.get(), &mut last);
+            shard.metrics.close(code);
+            debug!(peer = %conn.peer, code, reason = %reason, "closing");
+            let _ = glommio::timer::timeout(CLOSE_FLUSH, async {
+                wire.close(last, code, &reason).await;
+                Ok(())
+            })
+            .await;
+        }
+        End::Gone => {
+            let _ = glommio::timer::timeout(LINGER, async {
+                wire.finish().await;
+                Ok(())
+            })
+            .await;
+        }
+    }
+}
+
+/// One turn of a connection: write what is queued, read what arrived, hand
+/// it to the session; repeat while there is progress and budget.
+fn turn<W: Wire>(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    wire: &mut W,
+    inbox: &mut Vec<Envelope>,
+    cx: &mut Context<'_>,
+) -> Poll<End> {
+    conn.set_waker(cx.waker());
+    let mut budget = TURN_BUDGET;
+    loop {
+        if let Some(req) = conn.close_requested() {
+            return Poll::Ready(End::Close(req.code, req.reason.to_string()));
+        }
+        let mut progress = false;
+
+        match wire.poll_flush(cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(end_of(e)),
+            Poll::Ready(Ok(())) => {
+                if conn.want_ping.replace(false) {
+                    match wire.send_ping() {
+                        Ok(true) => progress = true,
+                        Ok(false) => conn.reply(Envelope::ping(None)),
+                        Err(e) => return Poll::Ready(end_of(e)),
+                    }
+                }
+                if conn.has_output() {
+                    let mut batch = Vec::new();
+                    let n = conn.drain_into(&mut batch, BATCH_BYTES);
+                    shard.metrics.messages_out.fetch_add(n as u64, Relaxed);
+                    shard
+                        .metrics
+                        .bytes_out
+                        .fetch_add(batch.len() as u64, Relaxed);
+                    if let Err(e) = wire.send(batch) {
+                        return Poll::Ready(end_of(e));
+                    }
+                    progress = true;
+                }
+            }
+            Poll::Pending => {}
+        }
+
+        match wire.poll_recv(cx, shard, inbox) {
+            Poll::Ready(Err(e)) => {
+                // Envelopes decoded before the bad bytes still count.
+                for env in inbox.drain(..) {
+                    if let Err(req) = session::handle(shard, conn, env) {
+                        return Poll::Ready(End::Close(req.code, req.reason.to_string()));
+                    }
+                }
+                return Poll::Ready(end_of(e));
+            }
+            Poll::Ready(Ok(())) => {
+                conn.last_rx_ms.set(shard.now_ms());
+                shard
+                    .metrics
+                    .messages_in
+                    .fetch_add(inbox.len() as u64, Relaxed);
+                for env in inbox.drain(..) {
+                    if let Err(req) = session::handle(shard, conn, env) {
+                        return Poll::Ready(End::Close(req.code, req.reason.to_string()));
+                    }
+                    budget = budget.saturating_sub(1);
+                }
+                budget = budget.saturating_sub(1);
+                progress = true;
+            }
+            Poll::Pending => {}
+        }
+
+        if !progress {
+            return Poll::Pending;
+        }
+        if budget == 0 {
+            // Let the shard's other connections run; come back at once.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+    }
+}
+
+fn end_of(e: WireError) -> End {
+    match e {
+        WireError::Closed => End::Gone,
+        WireError::Io(e) => {
+            debug!(error = %e, "socket error");
+            End::Gone
+        }
+        WireError::Protocol(reason) => End::Close(4000, reason),
+        WireError::TooLarge => End::Close(4006, "frame too large".into()),
+    }
+}

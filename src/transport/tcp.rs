@@ -1,0 +1,220 @@
+//! Raw TCP: the `EG1\n` preface, then u32 big-endian length + binary
+//! envelope, both ways.
+//!
+//! Reads go into the shard's scratch buffer; only a frame split across
+//! reads is copied into a per-connection buffer, which is freed as soon as
+//! the frame completes. An idle connection holds no buffer at all.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use edgegate_proto::{Envelope, binary, frame};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite};
+use glommio::net::TcpStream;
+
+use super::{LINGER, Wire, WireError};
+use crate::shard::Shard;
+
+/// A TCP connection after accept.
+pub struct TcpWire {
+    stream: TcpStream,
+    /// Preface bytes matched so far (4 = done).
+    preface: u8,
+    /// A partial frame carried over between reads (empty when idle).
+    rx: Vec<u8>,
+    /// Bytes not yet written, from `tx_pos`.
+    tx: Vec<u8>,
+    tx_pos: usize,
+    max_frame: u32,
+}
+
+impl TcpWire {
+    /// Wraps an accepted stream.
+    pub fn new(stream: TcpStream, max_frame: usize) -> Self {
+        TcpWire {
+            stream,
+            preface: 0,
+            rx: Vec::new(),
+            tx: Vec::new(),
+            tx_pos: 0,
+            max_frame: u32::try_from(max_frame).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Consumes the preface and whole frames from `data`; returns how many
+    /// bytes were used.
+    fn parse(
+        preface: &mut u8,
+        max_frame: u32,
+        data: &[u8],
+        inbox: &mut Vec<Envelope>,
+    ) -> Result<usize, WireError> {
+        let mut pos = 0;
+        while *preface < 4 {
+            let Some(&b) = data.get(pos) else {
+                return Ok(pos);
+            };
+            if b != frame::PREFACE[*preface as usize] {
+                return Err(WireError::Protocol(
+                    if data.starts_with(b"GET ") || data.starts_with(b"POST") {
+                        "this is the edgegate TCP port, not HTTP: send the EG1 preface".into()
+                    } else {
+                        "bad preface: expected EG1\\n".into()
+                    },
+                ));
+            }
+            *preface += 1;
+            pos += 1;
+        }
+        loop {
+            match frame::peek_frame(&data[pos..], max_frame) {
+                Ok(Some(len)) => {
+                    let body = &data[pos + frame::LEN_BYTES..pos + frame::LEN_BYTES + len];
+                    inbox.push(binary::decode(body)?);
+                    pos += frame::LEN_BYTES + len;
+                }
+                Ok(None) => return Ok(pos),
+                Err(_) => return Err(WireError::TooLarge),
+            }
+        }
+    }
+
+    async fn flush_all(&mut self) -> Result<(), WireError> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+}
+
+impl Wire for TcpWire {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        shard: &Shard,
+        inbox: &mut Vec<Envelope>,
+    ) -> Poll<Result<(), WireError>> {
+        let mut scratch = shard.scratch.borrow_mut();
+        let n = ready!(Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(WireError::Closed));
+        }
+        shard
+            .metrics
+            .bytes_in
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.rx.is_empty() {
+            let used = Self::parse(&mut self.preface, self.max_frame, &scratch[..n], inbox)?;
+            if used < n {
+                self.rx = scratch[used..n].to_vec();
+            }
+        } else {
+            self.rx.extend_from_slice(&scratch[..n]);
+            let used = Self::parse(&mut self.preface, self.max_frame, &self.rx, inbox)?;
+            if used == self.rx.len() {
+                self.rx = Vec::new();
+            } else {
+                self.rx.drain(..used);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
+        while self.tx_pos < self.tx.len() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.tx[self.tx_pos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(WireError::Closed));
+            }
+            self.tx_pos += n;
+        }
+        if !self.tx.is_empty() {
+            // Written: give the buffer back rather than keep it while idle.
+            self.tx = Vec::new();
+            self.tx_pos = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn send(&mut self, batch: Vec<u8>) -> Result<(), WireError> {
+        if self.tx.is_empty() {
+            self.tx = batch;
+            self.tx_pos = 0;
+        } else {
+            self.tx.extend_from_slice(&batch);
+        }
+        Ok(())
+    }
+
+    fn send_ping(&mut self) -> Result<bool, WireError> {
+        Ok(false)
+    }
+
+    async fn close(&mut self, last: Vec<u8>, _code: u16, _reason: &str) {
+        let _ = self.send(last);
+        if self.flush_all().await.is_err() {
+            return;
+        }
+        // FIN, then read and discard for a short linger so that a reset
+        // caused by unread input cannot destroy the `bye` (PROTOCOL.md §6).
+        let _ = self.stream.shutdown(std::net::Shutdown::Write).await;
+        let _ = glommio::timer::timeout(LINGER, async {
+            let mut sink = [0u8; 512];
+            loop {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn finish(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(envs: &[Envelope]) -> Vec<u8> {
+        let mut v = frame::PREFACE.to_vec();
+        for e in envs {
+            frame::encode_frame(e, &mut v);
+        }
+        v
+    }
+
+    #[test]
+    fn parses_preface_and_frames_across_any_split() {
+        let envs = vec![Envelope::ping(Some(1)), Envelope::pong(Some(2))];
+        let bytes = frames(&envs);
+        for split in 0..bytes.len() {
+            let mut preface = 0;
+            let mut inbox = Vec::new();
+            let used = TcpWire::parse(&mut preface, 1024, &bytes[..split], &mut inbox).unwrap();
+            let mut rest = bytes[used..split].to_vec();
+            rest.extend_from_slice(&bytes[split..]);
+            let used2 = TcpWire::parse(&mut preface, 1024, &rest, &mut inbox).unwrap();
+            assert_eq!(used2, rest.len());
+            assert_eq!(inbox, envs, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn refuses_http_and_bad_preface_and_big_frames() {
+        let mut inbox = Vec::new();
+        let mut p = 0;
+        let e = TcpWire::parse(&mut p, 1024, b"GET / HTTP/1.1\r\n", &mut inbox).unwrap_err();
+        assert!(matches!(e, WireError::Protocol(r) if r.contains("HTTP")));
+        let mut p = 0;
+        assert!(matches!(
+            TcpWire::parse(&mut p, 1024, b"EG2\n", &mut inbox),
+            Err(WireError::Protocol(_))
+        ));
+        let mut p = 0;
+        let mut big = frame::PREFACE.to_vec();
+        big.extend_from_slice(&5000u32.to_be_bytes());
+        assert!(matches!(
+            TcpWire::parse(&mut p, 1024, &big, &mut inbox),
+            Err(WireError::TooLarge)
+        ));
+    }
+}
