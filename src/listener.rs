@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use edgegate_proto::Envelope;
 use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::StaticPermit;
 use tracing::{debug, warn};
 
-use crate::conn::{Framing, Out};
+use crate::conn::{Conn, Framing, Out};
 use crate::metrics::Transport;
 use crate::shard::Shard;
 use crate::transport::tcp::TcpWire;
@@ -25,6 +26,12 @@ use crate::transport::{self, Wire};
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Transport) {
     let mut errors = 0u32;
     loop {
+        // WebSocket: take a handshake permit before accepting, so that at
+        // most MAX_HANDSHAKES upgrades are in flight on this shard.
+        let permit = match transport {
+            Transport::Ws => shard.handshakes.acquire_static_permit(1).await.ok(),
+            _ => None,
+        };
         let stream = match listener.accept().await {
             Ok(s) => {
                 errors = 0;
@@ -40,33 +47,53 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
                 continue;
             }
         };
-        let shard = shard.clone();
-        glommio::spawn_local(async move { serve(shard, stream, transport).await }).detach();
+        let slot = Slot::take(&shard, transport);
+        let _ = stream.set_nodelay(true);
+        // One task per connection, its future specific to the transport, so
+        // an idle TCP connection does not carry WebSocket state.
+        let task = if slot.admitted {
+            match transport {
+                Transport::Ws => glommio::spawn_local(serve_ws(slot, stream, permit)),
+                _ => glommio::spawn_local(serve_tcp(slot, stream)),
+            }
+        } else {
+            glommio::spawn_local(refuse(slot, stream, permit))
+        };
+        task.detach();
     }
 }
 
-/// One accepted socket, from accept to release.
-async fn serve(shard: Rc<Shard>, stream: TcpStream, transport: Transport) {
-    let t = transport as usize;
-    let m = &shard.metrics;
-    m.accepted[t].fetch_add(1, Relaxed);
-    m.connections[t].fetch_add(1, Relaxed);
-    let _ = stream.set_nodelay(true);
-    let node = &shard.node;
-    let open = node.open.fetch_add(1, AcqRel) + 1;
-    if open > node.max_connections {
-        refuse(&shard, stream, transport).await;
-    } else {
-        match transport {
-            Transport::Ws => serve_ws(&shard, stream).await,
-            _ => serve_tcp(&shard, stream).await,
+/// A connection's place in the node's count, from accept until its socket
+/// is released (dropping the slot releases it).
+struct Slot {
+    shard: Rc<Shard>,
+    transport: Transport,
+    admitted: bool,
+}
+
+impl Slot {
+    fn take(shard: &Rc<Shard>, transport: Transport) -> Self {
+        let t = transport as usize;
+        shard.metrics.accepted[t].fetch_add(1, Relaxed);
+        shard.metrics.connections[t].fetch_add(1, Relaxed);
+        let open = shard.node.open.fetch_add(1, AcqRel) + 1;
+        Slot {
+            shard: shard.clone(),
+            transport,
+            admitted: open <= shard.node.max_connections,
         }
     }
-    node.open.fetch_sub(1, AcqRel);
-    m.connections[t].fetch_sub(1, Relaxed);
 }
 
-async fn serve_tcp(shard: &Rc<Shard>, stream: TcpStream) {
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.shard.node.open.fetch_sub(1, AcqRel);
+        self.shard.metrics.connections[self.transport as usize].fetch_sub(1, Relaxed);
+    }
+}
+
+async fn serve_tcp(slot: Slot, stream: TcpStream) {
+    let shard = &slot.shard;
     let peer = match stream.peer_addr() {
         Ok(p) => p,
         Err(_) => return,
@@ -77,13 +104,25 @@ async fn serve_tcp(shard: &Rc<Shard>, stream: TcpStream) {
     shard.release(&conn);
 }
 
-async fn serve_ws(shard: &Rc<Shard>, stream: TcpStream) {
-    let peer = match stream.peer_addr() {
-        Ok(p) => p,
-        Err(_) => return,
+async fn serve_ws(slot: Slot, stream: TcpStream, permit: Option<StaticPermit>) {
+    let shard = &slot.shard;
+    // The upgrade runs in its own boxed future: its state is large and
+    // short-lived, and inline it would stay in the connection's task for the
+    // connection's whole life.
+    let upgraded = Box::pin(upgrade(shard, stream)).await;
+    drop(permit);
+    let Some((conn, mut wire)) = upgraded else {
+        return;
     };
-    // The hello timeout also bounds the upgrade: a socket that never sends
-    // its HTTP request is closed, not kept.
+    transport::drive(shard, &conn, &mut wire).await;
+    shard.release(&conn);
+}
+
+/// The WebSocket upgrade, bounded by the hello timeout (a socket that never
+/// sends its HTTP request is closed, not kept). Serves the echo endpoint
+/// itself; for a session returns the registered connection and its wire.
+async fn upgrade(shard: &Rc<Shard>, stream: TcpStream) -> Option<(Rc<Conn>, WsWire)> {
+    let peer = stream.peer_addr().ok()?;
     let hello = Duration::from_millis(shard.cfg.hello_ms);
     let accepted =
         glommio::timer::timeout(hello, async { Ok(ws::accept(stream, &shard.cfg).await) }).await;
@@ -92,29 +131,34 @@ async fn serve_ws(shard: &Rc<Shard>, stream: TcpStream) {
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "websocket handshake failed");
             shard.metrics.handshake_failures.fetch_add(1, Relaxed);
-            return;
+            return None;
         }
         Err(_) => {
             debug!(%peer, "websocket handshake timed out");
             shard.metrics.handshake_failures.fetch_add(1, Relaxed);
-            return;
+            return None;
         }
     };
     match route {
-        Route::Echo => ws::echo(ws_stream).await,
+        Route::Echo => {
+            ws::echo(ws_stream).await;
+            None
+        }
         Route::Session(framing) => {
             let conn = shard.register(Transport::Ws, peer);
             conn.framing.set(framing);
-            let mut wire = WsWire::new(ws_stream, framing, shard.cfg.max_frame);
-            transport::drive(shard, &conn, &mut wire).await;
-            shard.release(&conn);
+            Some((
+                conn.clone(),
+                WsWire::new(ws_stream, framing, shard.cfg.max_frame),
+            ))
         }
     }
 }
 
 /// Tells a socket over the connection limit to come back later (4007), or
 /// just closes it when too many are being refused already.
-async fn refuse(shard: &Rc<Shard>, stream: TcpStream, transport: Transport) {
+async fn refuse(slot: Slot, stream: TcpStream, _permit: Option<StaticPermit>) {
+    let (shard, transport) = (&slot.shard, slot.transport);
     let node = &shard.node;
     shard.metrics.refused_max_conn[transport as usize].fetch_add(1, Relaxed);
     if node.refusing.fetch_add(1, AcqRel) >= node.max_refusing {

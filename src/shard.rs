@@ -25,6 +25,8 @@ use crate::timer::{Check, Entry, Wheel};
 
 /// Wheel resolution: timeouts fire at most this late.
 pub const TICK_MS: u64 = 50;
+/// WebSocket upgrades in flight per shard.
+pub const MAX_HANDSHAKES: u64 = 128;
 /// Per-shard read scratch: one socket read at most this large.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -141,6 +143,10 @@ pub struct Shard {
     /// read buffer (glommio reads readiness-first, so the buffer is only
     /// borrowed during a poll).
     pub scratch: RefCell<Box<[u8]>>,
+    /// Upgrades (WebSocket handshakes) in progress at once: a connect storm
+    /// waits in the kernel's accept queue instead of piling up handshake
+    /// buffers here.
+    pub handshakes: Rc<glommio::sync::Semaphore>,
     start: Instant,
     clock: Cell<u64>,
     serial: Cell<u64>,
@@ -161,6 +167,7 @@ impl Shard {
             router: RefCell::new(Router::default()),
             backbone,
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            handshakes: Rc::new(glommio::sync::Semaphore::new(MAX_HANDSHAKES)),
             start: Instant::now(),
             clock: Cell::new(0),
             serial: Cell::new(0),

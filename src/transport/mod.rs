@@ -128,17 +128,24 @@ pub async fn drive<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W) {
             Out::Own(Box::new(bye)).write(conn.framing.get(), &mut last);
             shard.metrics.close(code);
             debug!(peer = %conn.peer, code, reason = %reason, "closing");
-            let _ = glommio::timer::timeout(CLOSE_FLUSH, async {
-                wire.close(last, code, &reason).await;
-                Ok(())
-            })
+            // Boxed, like the handshake: only closing connections pay for it.
+            let _ = glommio::timer::timeout(
+                CLOSE_FLUSH,
+                Box::pin(async {
+                    wire.close(last, code, &reason).await;
+                    Ok(())
+                }),
+            )
             .await;
         }
         End::Gone => {
-            let _ = glommio::timer::timeout(LINGER, async {
-                wire.finish().await;
-                Ok(())
-            })
+            let _ = glommio::timer::timeout(
+                LINGER,
+                Box::pin(async {
+                    wire.finish().await;
+                    Ok(())
+                }),
+            )
             .await;
         }
     }
@@ -204,7 +211,8 @@ fn turn<W: Wire>(
                     .metrics
                     .messages_in
                     .fetch_add(inbox.len() as u64, Relaxed);
-                for env in inbox.drain(..) {
+                // Taken, not drained: an idle connection keeps no envelope buffer.
+                for env in std::mem::take(inbox) {
                     if let Err(req) = session::handle(shard, conn, env) {
                         return Poll::Ready(End::Close(req.code, req.reason.to_string()));
                     }
