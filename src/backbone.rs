@@ -2,11 +2,16 @@
 //!
 //! The session code publishes through [`Backbone`] and cannot tell which
 //! one it talks to. `embedded` (the default) joins the shards of this one
-//! process with glommio's channel mesh: a publish is handed to every other
-//! shard, each of which delivers it to its own subscribers. Shards share no
-//! table: a remote shard with no subscriber for the channel drops it after
-//! one hash lookup. The `nats` backbone (a dedicated thread running
-//! async-nats) extends the same interface across nodes.
+//! process with glommio's channel mesh.
+//!
+//! Every channel has an *owner* shard (a hash of its name). A publish goes
+//! to the owner, which hands it to every shard, itself included, in the
+//! order it received it; each shard delivers to its own subscribers. So all
+//! members of a room, on whatever shard, see one order (PROTOCOL.md §6),
+//! the publisher's own copy included, as they would through NATS. Shards
+//! share no table: a shard with no subscriber drops the message after one
+//! hash lookup. The `nats` backbone (a dedicated thread running async-nats)
+//! extends the same interface across nodes.
 
 use std::sync::Arc;
 
@@ -15,8 +20,19 @@ use glommio::channels::local_channel::{self, LocalSender};
 
 /// What shards say to each other.
 pub enum MeshMsg {
-    /// A message published on another shard, for local subscribers of its channel.
-    Publish(Arc<Envelope>),
+    /// To the channel's owner: sequence this message and fan it out.
+    Route(Arc<Envelope>),
+    /// From the channel's owner: deliver to local subscribers.
+    Deliver(Arc<Envelope>),
+}
+
+/// The shard that sequences `ch` (stable across shards and restarts).
+pub fn owner(ch: &str, shards: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() has fixed keys: every shard computes the same owner.
+    let mut h = std::hash::DefaultHasher::new();
+    ch.hash(&mut h);
+    (h.finish() % shards.max(1) as u64) as usize
 }
 
 /// Messages a shard may have waiting for one peer before publishers are
@@ -28,6 +44,7 @@ pub const MESH_OUTBOX: usize = 16 * 1024;
 /// (so a publisher never waits for another shard).
 pub struct Embedded {
     outboxes: Vec<Option<LocalSender<MeshMsg>>>,
+    me: usize,
 }
 
 impl Embedded {
@@ -47,15 +64,29 @@ impl Embedded {
                 })
             })
             .collect();
-        Embedded { outboxes }
+        Embedded { outboxes, me }
     }
 
-    /// Hands `env` to every other shard. Returns the number of shards whose
-    /// outbox was full (the message did not reach them).
-    pub fn publish(&self, env: &Arc<Envelope>) -> usize {
+    /// The owner of `ch`, or `None` when it is this shard.
+    pub fn remote_owner(&self, ch: &str) -> Option<usize> {
+        let o = owner(ch, self.outboxes.len());
+        (o != self.me).then_some(o)
+    }
+
+    /// Sends `env` to `peer` to be sequenced there. False if its outbox is full.
+    pub fn route(&self, peer: usize, env: Arc<Envelope>) -> bool {
+        match self.outboxes.get(peer).and_then(Option::as_ref) {
+            Some(tx) => tx.try_send(MeshMsg::Route(env)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Hands `env` to every other shard for delivery. Returns the number of
+    /// shards whose outbox was full (the message did not reach them).
+    pub fn fan_out(&self, env: &Arc<Envelope>) -> usize {
         let mut full = 0;
         for tx in self.outboxes.iter().flatten() {
-            if tx.try_send(MeshMsg::Publish(env.clone())).is_err() {
+            if tx.try_send(MeshMsg::Deliver(env.clone())).is_err() {
                 full += 1;
             }
         }
@@ -70,14 +101,6 @@ pub enum Backbone {
 }
 
 impl Backbone {
-    /// Publishes `env` beyond this shard. Returns false when some of it
-    /// could not be handed on (overload): the publisher is told.
-    pub fn publish(&self, env: &Arc<Envelope>) -> bool {
-        match self {
-            Backbone::Embedded(e) => e.publish(env) == 0,
-        }
-    }
-
     /// True while the backbone can carry messages.
     pub fn is_up(&self) -> bool {
         match self {

@@ -29,10 +29,22 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
         // WebSocket: take a handshake permit before accepting, so that at
         // most MAX_HANDSHAKES upgrades are in flight on this shard.
         let permit = match transport {
-            Transport::Ws => shard.handshakes.acquire_static_permit(1).await.ok(),
+            Transport::Ws => match shard.handshakes.acquire_static_permit(1).await {
+                Ok(p) => Some(p),
+                Err(_) => return, // closed: draining
+            },
             _ => None,
         };
-        let stream = match listener.accept().await {
+        let stop = shard.stop.clone();
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let _ = stop.acquire(1).await; // fails (returns) once the drain begins
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            return; // draining: the listener closes as this task ends
+        };
+        let stream = match accepted {
             Ok(s) => {
                 errors = 0;
                 s

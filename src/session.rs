@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::backbone::{ServiceAnswer, embedded_service};
 use crate::config::RoomPolicy;
-use crate::conn::{CloseReq, Conn, Delivery, Phase};
+use crate::conn::{CloseReq, Conn, Phase};
 use crate::shard::Shard;
 use crate::timer::Check;
 
@@ -212,12 +212,9 @@ fn publish(
     msg.from = Some(user.to_string());
     msg.payload = env.payload;
     let msg = Arc::new(msg);
-    let d = Delivery::new(msg.clone());
-    shard.router.borrow().deliver(shard, ch, &d);
-    if shard.backbone.publish(&msg) {
+    if shard.publish(msg) {
         conn.reply(Envelope::ok(id));
     } else {
-        shard.metrics.drops_mesh_full.fetch_add(1, Relaxed);
         conn.reply(Envelope::err(
             id,
             ErrCode::RateLimited,

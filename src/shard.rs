@@ -22,6 +22,7 @@ use crate::conn::{CloseReq, Conn, Delivery, Phase};
 use crate::metrics::{ShardMetrics, Transport};
 use crate::router::Router;
 use crate::timer::{Check, Entry, Wheel};
+use edgegate_proto::Envelope;
 
 /// Wheel resolution: timeouts fire at most this late.
 pub const TICK_MS: u64 = 50;
@@ -147,6 +148,9 @@ pub struct Shard {
     /// waits in the kernel's accept queue instead of piling up handshake
     /// buffers here.
     pub handshakes: Rc<glommio::sync::Semaphore>,
+    /// Closed when the drain begins: accept loops wait on it beside accept,
+    /// so listeners close at once.
+    pub stop: Rc<glommio::sync::Semaphore>,
     start: Instant,
     clock: Cell<u64>,
     serial: Cell<u64>,
@@ -168,6 +172,7 @@ impl Shard {
             backbone,
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
             handshakes: Rc::new(glommio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            stop: Rc::new(glommio::sync::Semaphore::new(0)),
             start: Instant::now(),
             clock: Cell::new(0),
             serial: Cell::new(0),
@@ -263,11 +268,44 @@ impl Shard {
     /// A message from another shard.
     pub fn on_mesh(&self, msg: MeshMsg) {
         match msg {
-            MeshMsg::Publish(env) => {
-                let Some(ch) = env.ch.as_deref() else { return };
-                let ch = ch.to_owned();
-                let d = Delivery::new(env);
-                self.router.borrow().deliver(self, &ch, &d);
+            MeshMsg::Route(env) => {
+                self.fan_out(env);
+            }
+            MeshMsg::Deliver(env) => self.deliver_local(env),
+        }
+    }
+
+    /// Delivers `env` to this shard's subscribers of its channel.
+    pub fn deliver_local(&self, env: Arc<Envelope>) {
+        let Some(ch) = env.ch.clone() else { return };
+        let d = Delivery::new(env);
+        self.router.borrow().deliver(self, &ch, &d);
+    }
+
+    /// As the channel's owner: delivers `env` here and hands it to every
+    /// other shard, in the order this shard sees it. False when some shard
+    /// could not take it (overload).
+    pub fn fan_out(&self, env: Arc<Envelope>) -> bool {
+        let full = match &self.backbone {
+            Backbone::Embedded(e) => e.fan_out(&env),
+        };
+        if full > 0 {
+            self.metrics.drops_mesh_full.fetch_add(full as u64, Relaxed);
+        }
+        self.deliver_local(env);
+        full == 0
+    }
+
+    /// Publishes `env` on its channel, node-wide: through the channel's owner
+    /// shard, so that every subscriber sees one order. False on overload.
+    pub fn publish(&self, env: Arc<Envelope>) -> bool {
+        match &self.backbone {
+            Backbone::Embedded(e) => {
+                let owner = env.ch.as_deref().and_then(|ch| e.remote_owner(ch));
+                match owner {
+                    Some(peer) => e.route(peer, env),
+                    None => self.fan_out(env),
+                }
             }
         }
     }
@@ -331,6 +369,8 @@ impl Shard {
             }
             if self.node.shutdown.load(SeqCst) && !self.draining.get() {
                 self.draining.set(true);
+                self.stop.close();
+                self.handshakes.close();
                 if let Some(f) = stop_accepting.take() {
                     f();
                 }
