@@ -60,7 +60,7 @@ fn serve(mut s: TcpStream, node: &Node) -> std::io::Result<()> {
         ("GET", "/readyz") => {
             if node.ready() {
                 ("200 OK", "text/plain", "ready\n".to_string())
-            } else if node.shutdown.load(Relaxed) {
+            } else if node.shutdown.load(Relaxed) || node.shards_stopped.load(Relaxed) > 0 {
                 (
                     "503 Service Unavailable",
                     "text/plain",

@@ -133,36 +133,36 @@ async fn serve_ws(slot: Slot, stream: TcpStream, permit: Option<StaticPermit>) {
 /// The WebSocket upgrade, bounded by the hello timeout (a socket that never
 /// sends its HTTP request is closed, not kept). Serves the echo endpoint
 /// itself; for a session returns the registered connection and its wire.
-async fn upgrade(shard: &Rc<Shard>, stream: TcpStream) -> Option<(Rc<Conn>, WsWire)> {
+async fn upgrade(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<(Rc<Conn>, WsWire)> {
     let peer = stream.peer_addr().ok()?;
     let hello = Duration::from_millis(shard.cfg.hello_ms);
-    let accepted =
-        glommio::timer::timeout(hello, async { Ok(ws::accept(stream, &shard.cfg).await) }).await;
-    let (ws_stream, route) = match accepted {
-        Ok(Ok(x)) => x,
+    let accepted = glommio::timer::timeout(hello, async {
+        Ok(ws::accept(&mut stream, &shard.cfg).await)
+    })
+    .await;
+    let up = match accepted {
+        Ok(Ok(up)) => up,
         Ok(Err(e)) => {
-            debug!(%peer, error = %e, "websocket handshake failed");
+            debug!(%peer, error = %e, "websocket upgrade failed");
             shard.metrics.handshake_failures.fetch_add(1, Relaxed);
             return None;
         }
         Err(_) => {
-            debug!(%peer, "websocket handshake timed out");
+            debug!(%peer, "websocket upgrade timed out");
             shard.metrics.handshake_failures.fetch_add(1, Relaxed);
             return None;
         }
     };
-    match route {
+    let wire = WsWire::new(stream, up.route, up.rest, shard.cfg.max_frame);
+    match up.route {
         Route::Echo => {
-            ws::echo(ws_stream).await;
+            ws::echo(shard, wire).await;
             None
         }
         Route::Session(framing) => {
             let conn = shard.register(Transport::Ws, peer);
             conn.framing.set(framing);
-            Some((
-                conn.clone(),
-                WsWire::new(ws_stream, framing, shard.cfg.max_frame),
-            ))
+            Some((conn, wire))
         }
     }
 }
@@ -187,12 +187,15 @@ async fn refuse(slot: Slot, stream: TcpStream, _permit: Option<StaticPermit>) {
     let _ = glommio::timer::timeout(hello, async {
         match transport {
             Transport::Ws => {
-                if let Ok((ws_stream, Route::Session(framing))) =
-                    ws::accept(stream, &shard.cfg).await
-                {
+                let mut stream = stream;
+                if let Ok(up) = ws::accept(&mut stream, &shard.cfg).await {
+                    let framing = match up.route {
+                        Route::Session(f) => f,
+                        Route::Echo => Framing::WsJson,
+                    };
                     let mut last = Vec::new();
                     Out::Own(Box::new(bye)).write(framing, &mut last);
-                    let mut wire = WsWire::new(ws_stream, framing, shard.cfg.max_frame);
+                    let mut wire = WsWire::new(stream, up.route, up.rest, shard.cfg.max_frame);
                     wire.close(last, 4007, "overloaded").await;
                 }
             }

@@ -86,14 +86,28 @@ pub fn connection_limits(configured: usize, nofile: usize) -> Result<(usize, usi
     Ok((max, refusing))
 }
 
-/// Fails when another process already serves `addr` (glommio binds with
-/// SO_REUSEPORT, so a stale process would silently take part of the load).
+/// Fails when another process already serves `addr`: glommio binds with
+/// SO_REUSEPORT, so a stale process would silently take part of the load.
+/// A connect, not a bind: sockets of a previous run left in TIME_WAIT make a
+/// plain bind fail, though nobody serves the port (a restart right after a
+/// crash must work). A program listening without SO_REUSEPORT makes the
+/// shards' bind fail, with its own error.
 fn probe(key: &str, addr: SocketAddr) -> Result<(), StartError> {
-    match std::net::TcpListener::bind(addr) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(StartError(format!(
-            "{key} = {addr}: cannot listen ({e}); is another edgegate (or another program) already serving it?"
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    if target.port() == 0 {
+        return Ok(());
+    }
+    match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)) {
+        Ok(_) => Err(StartError(format!(
+            "{key} = {addr}: another process already serves this address (a stale edgegate?); stop it first"
         ))),
+        Err(_) => Ok(()),
     }
 }
 
@@ -187,6 +201,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         shutdown: AtomicBool::new(false),
         shards_ready: AtomicUsize::new(0),
         shards_done: AtomicUsize::new(0),
+        shards_stopped: AtomicUsize::new(0),
         metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
     });
     let node_name = node_id(&cfg);

@@ -111,14 +111,22 @@ pub struct Node {
     pub shards_ready: AtomicUsize,
     /// Shards that finished.
     pub shards_done: AtomicUsize,
+    /// Shards that closed their listeners (draining).
+    pub shards_stopped: AtomicUsize,
     /// Every shard's counters, index = shard id.
     pub metrics: Vec<Arc<ShardMetrics>>,
 }
 
 impl Node {
-    /// True when every shard listens and the node is not draining.
+    /// True when every shard listens and none has begun to drain.
     pub fn ready(&self) -> bool {
-        self.shards_ready.load(Relaxed) == self.metrics.len() && !self.shutdown.load(Relaxed)
+        self.shards_ready.load(Relaxed) == self.metrics.len()
+            && self.shards_stopped.load(Relaxed) == 0
+    }
+
+    /// True once every shard has closed its listeners.
+    pub fn draining(&self) -> bool {
+        self.shards_stopped.load(Relaxed) == self.metrics.len()
     }
 }
 
@@ -374,6 +382,10 @@ impl Shard {
                 if let Some(f) = stop_accepting.take() {
                     f();
                 }
+                // Let the accept loops see the stop and drop their listeners
+                // before /readyz reports the drain.
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                self.node.shards_stopped.fetch_add(1, SeqCst);
                 drain_deadline = Some(now + self.cfg.drain_timeout_ms);
                 self.begin_drain(now);
             }
