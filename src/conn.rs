@@ -299,10 +299,8 @@ impl Conn {
         }
         if q.is_empty() {
             self.out_bytes.set(0);
-            // Give back memory a burst left behind: idle connections hold none.
-            if q.capacity() > 8 {
-                *q = VecDeque::new();
-            }
+            // Idle connections hold no queue memory.
+            *q = VecDeque::new();
         }
         n
     }

@@ -52,7 +52,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; log sparsely.
                 errors += 1;
-                if errors == 1 || errors % 1000 == 0 {
+                if errors == 1 || errors.is_multiple_of(1000) {
                     warn!(shard = shard.id, transport = transport.name(), error = %e, "accept failed");
                 }
                 glommio::timer::sleep(Duration::from_millis(10)).await;

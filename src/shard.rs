@@ -255,10 +255,12 @@ impl Shard {
     /// Subscribes `conn` to `ch` (idempotent).
     pub fn subscribe(&self, conn: &Conn, ch: Rc<str>) {
         let mut subs = conn.subs.borrow_mut();
-        if subs.iter().any(|c| *c == ch) {
+        if subs.contains(&ch) {
             return;
         }
         self.router.borrow_mut().subscribe(&ch, conn.key);
+        // Most connections hold one or two channels: grow one at a time.
+        subs.reserve_exact(1);
         subs.push(ch);
     }
 

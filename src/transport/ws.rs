@@ -423,10 +423,10 @@ impl Reader {
                         return Err(ReadError::Ws(violation(1009, "message too big")));
                     }
                     buf.extend_from_slice(payload);
-                    if h.fin {
-                        if let Some((op, buf)) = self.frag.take() {
-                            Self::message(op, &buf, on)?;
-                        }
+                    if h.fin
+                        && let Some((op, buf)) = self.frag.take()
+                    {
+                        Self::message(op, &buf, on)?;
                     }
                 }
             }
