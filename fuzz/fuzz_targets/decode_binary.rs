@@ -3,8 +3,24 @@
 //! through the JSON codec.
 #![no_main]
 
+use bytes::Bytes;
+use edgegate_proto::{Envelope, Payload};
 use edgegate_proto::{binary, json};
 use libfuzzer_sys::fuzz_target;
+
+/// What JSON mode makes of an envelope: raw newlines (whitespace) inside
+/// `meta` and a JSON payload are written as spaces.
+fn json_normal(mut e: Envelope) -> Envelope {
+    e.meta = e.meta.map(|m| m.replace('\n', " "));
+    if let Payload::Json(d) = &e.payload {
+        let d: Vec<u8> = d
+            .iter()
+            .map(|&b| if b == b'\n' { b' ' } else { b })
+            .collect();
+        e.payload = Payload::Json(Bytes::from(d));
+    }
+    e
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(env) = binary::decode(data) else {
@@ -13,15 +29,13 @@ fuzz_target!(|data: &[u8]| {
     let mut bin = Vec::new();
     binary::encode(&env, &mut bin);
     assert_eq!(bin.len(), binary::encoded_len(&env));
-    assert_eq!(binary::decode(&bin).expect("re-encoded envelope decodes"), env);
+    assert_eq!(
+        binary::decode(&bin).expect("re-encoded envelope decodes"),
+        env.clone()
+    );
 
     let mut text = Vec::new();
     json::encode(&env, &mut text);
     let via_json = json::decode(&text).expect("JSON of a binary envelope decodes");
-    // JSON mode writes raw newlines inside `meta`/`d` as spaces; otherwise equal.
-    assert_eq!(via_json.t, env.t);
-    assert_eq!((via_json.id, via_json.seq, via_json.code), (env.id, env.seq, env.code));
-    assert_eq!((&via_json.ch, &via_json.from, &via_json.reason), (&env.ch, &env.from, &env.reason));
-    assert_eq!(via_json.payload.is_json(), env.payload.is_json());
-    assert_eq!(via_json.payload.bytes().len(), env.payload.bytes().len());
+    assert_eq!(via_json, json_normal(env));
 });

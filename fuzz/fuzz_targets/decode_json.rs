@@ -17,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
         let mut bin = Vec::new();
         binary::encode(&env, &mut bin);
         assert_eq!(bin.len(), binary::encoded_len(&env));
-        assert_eq!(binary::decode(&bin).expect("binary of a JSON envelope decodes"), env);
+        assert_eq!(
+            binary::decode(&bin).expect("binary of a JSON envelope decodes"),
+            env
+        );
     }
 });

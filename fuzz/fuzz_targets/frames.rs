@@ -14,7 +14,10 @@ fn check_round_trip(env: &edgegate_proto::Envelope) {
         .expect("whole frame");
     assert_eq!(frame::LEN_BYTES + n, tcp.len());
     assert_eq!(frame::peek_frame(&tcp[..tcp.len() - 1], u32::MAX), Ok(None));
-    assert_eq!(&binary::decode(&tcp[frame::LEN_BYTES..]).expect("decodes"), env);
+    assert_eq!(
+        &binary::decode(&tcp[frame::LEN_BYTES..]).expect("decodes"),
+        env
+    );
 
     let mut ws = Vec::new();
     frame::encode_ws_binary(env, &mut ws);

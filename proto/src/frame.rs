@@ -100,7 +100,7 @@ pub fn encode_ws_binary(env: &Envelope, out: &mut Vec<u8>) {
 
 /// Splits a WebSocket binary message into its envelopes (each preceded by its
 /// LEB128 length), yielding each envelope's bytes for
-/// [`binary::decode`](crate::binary::decode).
+/// [`binary::decode`].
 ///
 /// A length that overflows or runs past the end of the message yields one
 /// `Err` and ends the iteration (nothing after it can be found). A zero
