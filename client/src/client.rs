@@ -194,6 +194,27 @@ struct Task {
     events: mpsc::UnboundedSender<Event>,
 }
 
+/// Queues an envelope for the next session, dropping the oldest beyond [`OUTBOX_LIMIT`].
+fn push_bounded(outbox: &mut VecDeque<Envelope>, e: Envelope) {
+    if outbox.len() >= OUTBOX_LIMIT {
+        outbox.pop_front();
+    }
+    outbox.push_back(e);
+}
+
+/// Applies Subscribe / Unsubscribe to the channel set.
+fn apply_set(rooms: &mut BTreeSet<String>, c: Command) {
+    match c {
+        Command::Subscribe(ch) => {
+            rooms.insert(ch);
+        }
+        Command::Unsubscribe(ch) => {
+            rooms.remove(&ch);
+        }
+        Command::Send(_) | Command::Close => {}
+    }
+}
+
 enum SessionEnd {
     Lost(Error),
     Closed,
@@ -204,36 +225,36 @@ impl Task {
         let _ = self.events.send(e);
     }
 
-    /// Applies a command while disconnected. Returns false on Close.
-    fn apply_offline(&mut self, c: Command) -> bool {
+    /// Applies a command while disconnected (Close is handled by the caller).
+    fn apply_offline(&mut self, c: Command) {
         match c {
-            Command::Subscribe(ch) => {
-                self.rooms.insert(ch);
-            }
-            Command::Unsubscribe(ch) => {
-                self.rooms.remove(&ch);
-            }
-            Command::Send(e) => {
-                if self.outbox.len() >= OUTBOX_LIMIT {
-                    self.outbox.pop_front();
-                }
-                self.outbox.push_back(e);
-            }
-            Command::Close => return false,
+            Command::Send(e) => push_bounded(&mut self.outbox, e),
+            other => apply_set(&mut self.rooms, other),
         }
-        true
     }
 
     async fn run(mut self) {
         loop {
             let info: CloseInfo;
             let reason: String;
-            let attempt = tokio::select! {
-                r = Connection::connect(&self.config) => Some(r),
-                c = self.cmd.recv() => {
-                    match c {
-                        None | Some(Command::Close) => None,
-                        Some(c) => { self.apply_offline(c); continue; }
+            // Commands that arrive while connecting are applied to the
+            // offline state; they do not restart the attempt.
+            let attempt = {
+                let connect = Connection::connect(&self.config);
+                tokio::pin!(connect);
+                loop {
+                    tokio::select! {
+                        r = &mut connect => break Some(r),
+                        c = self.cmd.recv() => match c {
+                            None | Some(Command::Close) => break None,
+                            Some(c) => {
+                                if let Command::Send(e) = c {
+                                    push_bounded(&mut self.outbox, e);
+                                } else {
+                                    apply_set(&mut self.rooms, c);
+                                }
+                            }
+                        }
                     }
                 }
             };
@@ -283,10 +304,11 @@ impl Task {
                         retry_ms: info.retry_ms,
                         retry_in: Some(delay),
                     });
-                    if refresh_token && let Some(hook) = self.token_refresh.clone() {
-                        if let Some(t) = hook(info.code.unwrap_or_default()).await {
-                            self.config.token = Some(t);
-                        }
+                    if refresh_token
+                        && let Some(hook) = self.token_refresh.clone()
+                        && let Some(t) = hook(info.code.unwrap_or_default()).await
+                    {
+                        self.config.token = Some(t);
                     }
                     let sleep = tokio::time::sleep(delay);
                     tokio::pin!(sleep);
@@ -325,8 +347,19 @@ impl Task {
                 return SessionEnd::Lost(err);
             }
         }
+        // The server pings after hb_ms of silence, so hearing nothing for
+        // 2 × hb + 10 s (the server's own default idle timeout) means the
+        // path is dead even if the socket does not say so.
+        let hb = conn.welcome().hb_ms;
+        let idle = Duration::from_millis(hb.saturating_mul(2).saturating_add(10_000));
         loop {
+            let deadline = conn.last_received() + idle;
             tokio::select! {
+                _ = tokio::time::sleep_until(deadline), if hb > 0 => {
+                    if conn.last_received() + idle <= tokio::time::Instant::now() {
+                        return SessionEnd::Lost(Error::Timeout);
+                    }
+                }
                 r = conn.recv() => match r {
                     Err(e) => return SessionEnd::Lost(e),
                     Ok(env) => {

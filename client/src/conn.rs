@@ -308,6 +308,7 @@ pub struct Connection {
     outbox: Vec<Envelope>,
     closed: Option<(u16, String, Option<u64>)>,
     scratch: Vec<u8>,
+    last_rx: tokio::time::Instant,
 }
 
 impl fmt::Debug for Connection {
@@ -373,7 +374,8 @@ impl Connection {
         let (link, encoding) = match config.transport {
             Transport::Ws => {
                 let url = format!("ws://{hostport}{path}");
-                let mut req = url.as_str()
+                let mut req = url
+                    .as_str()
                     .into_client_request()
                     .map_err(|e| Error::Config(format!("{url}: {e}")))?;
                 req.headers_mut().insert(
@@ -407,6 +409,7 @@ impl Connection {
             outbox: Vec::new(),
             closed: None,
             scratch: Vec::new(),
+            last_rx: tokio::time::Instant::now(),
         };
         let mut meta = serde_json::Map::new();
         meta.insert("user".into(), config.user.clone().into());
@@ -442,6 +445,11 @@ impl Connection {
     /// What the gateway said in `welcome`.
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
+    }
+
+    /// When the last bytes (any frame, WebSocket pings included) arrived.
+    pub fn last_received(&self) -> tokio::time::Instant {
+        self.last_rx
     }
 
     /// The encoding in use.
@@ -550,7 +558,8 @@ impl Connection {
                                 .as_u64()
                         });
                         let code = env.code.and_then(|c| u16::try_from(c).ok()).unwrap_or(0);
-                        self.closed = Some((code, env.reason.clone().unwrap_or_default(), retry_ms));
+                        self.closed =
+                            Some((code, env.reason.clone().unwrap_or_default(), retry_ms));
                         self.inbox.clear();
                     }
                     _ => {}
@@ -581,7 +590,11 @@ impl Connection {
                 }
             }
             match &mut self.link {
-                Link::Ws(ws) => match ws.next().await {
+                Link::Ws(ws) => match ws
+                    .next()
+                    .await
+                    .inspect(|_| self.last_rx = tokio::time::Instant::now())
+                {
                     None => return Err(Error::Eof),
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(Message::Text(t))) => {
@@ -600,7 +613,8 @@ impl Connection {
                             for part in frame::split_ws_binary(&b) {
                                 let part = part.map_err(|e| Error::Decode(e.to_string()))?;
                                 self.inbox.push_back(
-                                    binary::decode(part).map_err(|e| Error::Decode(e.to_string()))?,
+                                    binary::decode(part)
+                                        .map_err(|e| Error::Decode(e.to_string()))?,
                                 );
                             }
                         }
@@ -622,9 +636,11 @@ impl Connection {
                     loop {
                         match frame::peek_frame(&t.rbuf[used..], u32::MAX) {
                             Ok(Some(n)) => {
-                                let body = &t.rbuf[used + frame::LEN_BYTES..used + frame::LEN_BYTES + n];
+                                let body =
+                                    &t.rbuf[used + frame::LEN_BYTES..used + frame::LEN_BYTES + n];
                                 self.inbox.push_back(
-                                    binary::decode(body).map_err(|e| Error::Decode(e.to_string()))?,
+                                    binary::decode(body)
+                                        .map_err(|e| Error::Decode(e.to_string()))?,
                                 );
                                 used += frame::LEN_BYTES + n;
                             }
@@ -644,6 +660,7 @@ impl Connection {
                     if n == 0 {
                         return Err(Error::Eof);
                     }
+                    self.last_rx = tokio::time::Instant::now();
                 }
             }
         }
@@ -719,10 +736,7 @@ mod tests {
             split_addr("127.0.0.1:80"),
             ("127.0.0.1:80".into(), "/ws".into())
         );
-        assert_eq!(
-            split_addr("ws://h:1/x/y"),
-            ("h:1".into(), "/x/y".into())
-        );
+        assert_eq!(split_addr("ws://h:1/x/y"), ("h:1".into(), "/x/y".into()));
         assert_eq!(split_addr("ws://h:1"), ("h:1".into(), "/ws".into()));
     }
 

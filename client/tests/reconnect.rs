@@ -36,10 +36,46 @@ struct Ports {
 
 struct Gateway {
     child: Option<Child>,
+    log: PathBuf,
 }
 
 impl Gateway {
+    /// Starts the gateway and waits for /readyz. A restart can find the
+    /// listen port blocked for up to 60 s by the previous process's
+    /// server-side TIME_WAIT sockets (its start-up probe binds without
+    /// SO_REUSEPORT); retry while the log says "Address already in use".
     fn start(bin: &PathBuf, p: &Ports) -> Gateway {
+        let t0 = Instant::now();
+        loop {
+            let g = Self::spawn(bin, p);
+            match g.wait_ready(p.admin) {
+                Ok(()) => {
+                    if t0.elapsed() > Duration::from_secs(2) {
+                        eprintln!(
+                            "NOTE: gateway restart on the same ports took {:?} (listen port blocked: TIME_WAIT)",
+                            t0.elapsed()
+                        );
+                    }
+                    return g;
+                }
+                Err(log)
+                    if log.contains("Address already in use")
+                        && t0.elapsed() < Duration::from_secs(150) =>
+                {
+                    drop(g);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(log) => panic!(
+                    "gateway not ready on admin port {}; its log:\n{log}",
+                    p.admin
+                ),
+            }
+        }
+    }
+
+    fn spawn(bin: &PathBuf, p: &Ports) -> Gateway {
+        let log = std::env::temp_dir().join(format!("edgegate-client-test-{}.log", p.admin));
+        let logf = std::fs::File::create(&log).expect("log file");
         let child = Command::new(bin)
             .arg("run")
             .env("EDGEGATE_WS__LISTEN", format!("127.0.0.1:{}", p.ws))
@@ -49,23 +85,28 @@ impl Gateway {
             .env("EDGEGATE_LIMITS__RETRY_MS", "300")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(logf)
             .spawn()
             .expect("spawn gateway");
-        let g = Gateway { child: Some(child) };
-        g.wait_ready(p.admin);
-        g
+        Gateway {
+            child: Some(child),
+            log,
+        }
     }
 
-    fn wait_ready(&self, admin: u16) {
+    /// Ok once /readyz answers 200; Err(log) when the process exited or 15 s passed.
+    fn wait_ready(&self, admin: u16) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if http_status(admin, "/readyz") == Some(200) {
-                return;
+                return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(200));
+            if std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains("cannot listen")) {
+                break;
+            }
         }
-        panic!("gateway not ready on admin port {admin}");
+        Err(std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
     fn pid(&self) -> u32 {
@@ -143,7 +184,7 @@ fn config(p: &Ports, transport: Transport, encoding: Encoding, user: &str) -> Cl
     c.backoff = Backoff {
         base: Duration::from_millis(50),
         cap: Duration::from_millis(400),
-        max_attempts: Some(100),
+        max_attempts: None,
     };
     c.seed = Some(7);
     c.connect_timeout = Duration::from_secs(3);
@@ -181,11 +222,19 @@ async fn publish_and_expect(
     other.close().await.unwrap();
 }
 
-async fn reconnect_cycle(transport: Transport, encoding: Encoding) {
+const KINDS: [(Transport, Encoding, &str); 3] = [
+    (Transport::Ws, Encoding::Json, "alice"),
+    (Transport::Ws, Encoding::Binary, "carol"),
+    (Transport::Tcp, Encoding::Binary, "dave"),
+];
+
+/// One gateway, three reconnecting clients (ws/json, ws/bin, tcp): kill -9,
+/// restart on the same ports, all reconnect and re-subscribe; then SIGTERM,
+/// all get bye 1001 and wait at least its retry_ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reconnect_and_resubscribe_after_restart() {
     let Some(bin) = binary() else {
-        eprintln!(
-            "SKIPPED: target/debug/edgegate not built (run `cargo build -p edgegate` first)"
-        );
+        eprintln!("SKIPPED: target/debug/edgegate not built (run `cargo build -p edgegate` first)");
         return;
     };
     let ports = Ports {
@@ -193,79 +242,78 @@ async fn reconnect_cycle(transport: Transport, encoding: Encoding) {
         tcp: free_port(),
         admin: free_port(),
     };
-    let mut gw = Gateway::start(&bin, &ports);
+    let mut gw = tokio::task::block_in_place(|| Gateway::start(&bin, &ports));
     let room = "room:reconnect";
-    let mut client = Client::start(config(&ports, transport, encoding, "alice"));
-    client.subscribe(room);
-    let first = next(&mut client, "connected").await;
-    assert!(matches!(&first, Event::Connected(w) if w.user == "alice"), "{first:?}");
-    let sub = wait_for(&mut client, "subscribed", |e| matches!(e, Event::Subscribed(_))).await;
-    assert_eq!(sub, Event::Subscribed(room.to_string()));
-    publish_and_expect(&ports, transport, encoding, &mut client, room, "before").await;
+    let mut clients = Vec::new();
+    for (t, e, user) in KINDS {
+        let mut client = Client::start(config(&ports, t, e, user));
+        client.subscribe(room);
+        let first = next(&mut client, "connected").await;
+        assert!(
+            matches!(&first, Event::Connected(w) if w.user == user),
+            "{first:?}"
+        );
+        let sub = wait_for(&mut client, "subscribed", |e| {
+            matches!(e, Event::Subscribed(_))
+        })
+        .await;
+        assert_eq!(sub, Event::Subscribed(room.to_string()));
+        publish_and_expect(&ports, t, e, &mut client, room, "before").await;
+        clients.push(client);
+    }
 
-    // Kill -9: no bye; the client sees a transport failure and retries with backoff.
+    // Kill -9: no bye; the clients see a transport failure and retry with backoff.
     let old_pid = gw.pid();
     gw.kill();
-    let d = wait_for(&mut client, "disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
-    let Event::Disconnected { code, retry_in, .. } = d else {
-        unreachable!()
-    };
-    assert_eq!(code, None, "SIGKILL sends no bye");
-    assert!(retry_in.unwrap() <= Duration::from_millis(400));
+    for client in &mut clients {
+        let d = wait_for(client, "disconnected", |e| {
+            matches!(e, Event::Disconnected { .. })
+        })
+        .await;
+        let Event::Disconnected { code, retry_in, .. } = d else {
+            unreachable!()
+        };
+        assert_eq!(code, None, "SIGKILL sends no bye");
+        assert!(retry_in.unwrap() <= Duration::from_millis(400));
+    }
 
-    // Restart on the same ports; the client reconnects and re-subscribes.
-    let mut gw = Gateway::start(&bin, &ports);
+    // Restart on the same ports; every client reconnects and re-subscribes.
+    let mut gw = tokio::task::block_in_place(|| Gateway::start(&bin, &ports));
     assert_ne!(gw.pid(), old_pid);
-    let c = wait_for(&mut client, "reconnected", |e| matches!(e, Event::Connected(_))).await;
-    assert!(matches!(c, Event::Connected(_)));
-    let sub = wait_for(&mut client, "re-subscribed", |e| {
-        matches!(e, Event::Subscribed(_))
-    })
-    .await;
-    assert_eq!(sub, Event::Subscribed(room.to_string()));
-    publish_and_expect(&ports, transport, encoding, &mut client, room, "after").await;
+    for ((t, e, _), client) in KINDS.into_iter().zip(&mut clients) {
+        wait_for(client, "reconnected", |e| matches!(e, Event::Connected(_))).await;
+        let sub = wait_for(client, "re-subscribed", |e| {
+            matches!(e, Event::Subscribed(_))
+        })
+        .await;
+        assert_eq!(sub, Event::Subscribed(room.to_string()));
+        publish_and_expect(&ports, t, e, client, room, "after").await;
+    }
 
-    // SIGTERM: bye 1001 with retry_ms; the client waits at least retry_ms.
-    let code = gw.terminate();
+    // SIGTERM: bye 1001 with retry_ms; each client waits at least retry_ms.
+    let code = tokio::task::block_in_place(|| gw.terminate());
     assert_eq!(code, Some(0), "gateway exits 0 on SIGTERM");
-    let d = wait_for(&mut client, "drain bye", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
-    let Event::Disconnected {
-        code,
-        retry_ms,
-        retry_in,
-        ..
-    } = d
-    else {
-        unreachable!()
-    };
-    assert_eq!(code, Some(1001));
-    let retry_ms = retry_ms.expect("bye 1001 carries retry_ms");
-    assert!(retry_in.unwrap() >= Duration::from_millis(retry_ms));
-
-    client.close();
-    let s = wait_for(&mut client, "stopped", |e| matches!(e, Event::Stopped(_))).await;
-    assert_eq!(s, Event::Stopped(StopReason::Closed));
-}
-
-#[tokio::test]
-async fn ws_json_reconnects_and_resubscribes() {
-    reconnect_cycle(Transport::Ws, Encoding::Json).await;
-}
-
-#[tokio::test]
-async fn ws_bin_reconnects_and_resubscribes() {
-    reconnect_cycle(Transport::Ws, Encoding::Binary).await;
-}
-
-#[tokio::test]
-async fn tcp_reconnects_and_resubscribes() {
-    reconnect_cycle(Transport::Tcp, Encoding::Binary).await;
+    for client in &mut clients {
+        let d = wait_for(client, "drain bye", |e| {
+            matches!(e, Event::Disconnected { .. })
+        })
+        .await;
+        let Event::Disconnected {
+            code,
+            retry_ms,
+            retry_in,
+            ..
+        } = d
+        else {
+            unreachable!()
+        };
+        assert_eq!(code, Some(1001));
+        let retry_ms = retry_ms.expect("bye 1001 carries retry_ms");
+        assert!(retry_in.unwrap() >= Duration::from_millis(retry_ms));
+        client.close();
+        let s = wait_for(client, "stopped", |e| matches!(e, Event::Stopped(_))).await;
+        assert_eq!(s, Event::Stopped(StopReason::Closed));
+    }
 }
 
 /// An invalid user id is refused with bye 4001: the refresh hook runs before
@@ -273,9 +321,7 @@ async fn tcp_reconnects_and_resubscribes() {
 #[tokio::test]
 async fn unauthorized_calls_refresh_hook_then_gives_up() {
     let Some(bin) = binary() else {
-        eprintln!(
-            "SKIPPED: target/debug/edgegate not built (run `cargo build -p edgegate` first)"
-        );
+        eprintln!("SKIPPED: target/debug/edgegate not built (run `cargo build -p edgegate` first)");
         return;
     };
     let ports = Ports {

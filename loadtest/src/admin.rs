@@ -11,8 +11,10 @@ pub async fn get(addr: &str, path: &str) -> Result<(u16, String)> {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect admin {addr}"))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         let text = String::from_utf8_lossy(&buf).into_owned();
@@ -48,7 +50,11 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
             Some(i) if rest.starts_with('{') => &rest[i + 1..],
             _ => rest,
         };
-        if let Some(v) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) {
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
             sum += v;
             found = true;
         }
@@ -104,7 +110,10 @@ edgegate_connections{shard=\"1\",transport=\"ws\"} 5\n\
 edgegate_connections_accepted_total{shard=\"0\",transport=\"ws\"} 99\n\
 edgegate_sessions 3\n";
         assert_eq!(metric_sum(t, "edgegate_connections"), Some(15.0));
-        assert_eq!(metric_sum(t, "edgegate_connections_accepted_total"), Some(99.0));
+        assert_eq!(
+            metric_sum(t, "edgegate_connections_accepted_total"),
+            Some(99.0)
+        );
         assert_eq!(metric_sum(t, "edgegate_sessions"), Some(3.0));
         assert_eq!(metric_sum(t, "edgegate_nothing"), None);
     }

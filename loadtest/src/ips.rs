@@ -36,7 +36,10 @@ mod tests {
         let v = parse_range("127.0.0.2-127.0.0.5").unwrap();
         assert_eq!(v.len(), 4);
         assert_eq!(v[3], "127.0.0.5".parse::<IpAddr>().unwrap());
-        assert_eq!(parse_range("127.0.0.9, 127.0.0.1-127.0.0.2").unwrap().len(), 3);
+        assert_eq!(
+            parse_range("127.0.0.9, 127.0.0.1-127.0.0.2").unwrap().len(),
+            3
+        );
         assert!(parse_range("127.0.0.5-127.0.0.2").is_err());
         assert!(parse_range("").is_err());
     }

@@ -1,14 +1,33 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! # edgegate-loadtest
+//!
+//! The load-test harness for the edgegate gateway, built on
+//! [`edgegate_client`]. The `loadtest` binary runs one scenario per call;
+//! every scenario is bounded in connections, messages and time and stops by
+//! itself, prints a summary table (with the harness's own CPU use next to the
+//! results) and can write a JSON report.
+//!
+//! - `idle` — many idle connections over worker processes; gateway RSS per
+//!   connection, connect rate, CPU while idle.
+//! - `pubsub` — direct messages within random pairs; HDR latency histogram,
+//!   loss, duplicates, order violations.
+//! - `fanout` — one room, K subscribers, P publishers; deliveries per second
+//!   and latency.
+//!
+//! `storm` (connect/disconnect churn) and `soak` fit as further subcommands
+//! sharing [`cli::Common`].
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#![forbid(unsafe_code)]
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod admin;
+pub mod cli;
+pub mod ips;
+pub mod pacer;
+pub mod payload;
+pub mod peer;
+pub mod procfs;
+pub mod report;
+pub mod scenario;
+pub mod track;
+pub mod worker;
+
+pub use edgegate_client::{Encoding, Transport};

@@ -46,7 +46,11 @@ impl Pacer {
 
     /// A tick period suited to the rate: 1/rate, clamped to [1 ms, 100 ms].
     pub fn tick(&self) -> Duration {
-        let p = if self.rate > 0.0 { 1.0 / self.rate } else { 0.1 };
+        let p = if self.rate > 0.0 {
+            1.0 / self.rate
+        } else {
+            0.1
+        };
         Duration::from_secs_f64(p.clamp(0.001, 0.1))
     }
 }

@@ -62,7 +62,9 @@ pub fn decode(p: &Payload) -> Option<Stamp> {
             let field = |k: &str| -> Option<u64> {
                 let i = txt.find(k)? + k.len();
                 let rest = &txt[i..];
-                let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+                let end = rest
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(rest.len());
                 rest[..end].parse().ok()
             };
             Some(Stamp {

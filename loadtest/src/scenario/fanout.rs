@@ -1,0 +1,222 @@
+//! `fanout`: one room, K subscribers, P publishers (not subscribed).
+//!
+//! Every subscriber must receive every message once, in each publisher's
+//! order: expected deliveries = K × sent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::cli::FanoutArgs;
+use crate::pacer::Pacer;
+use crate::peer::{self, Counters, PeerRole};
+use crate::procfs::CpuMeter;
+use crate::report::{Report, latency_line, opt};
+use crate::scenario::{gateway_pid, status_line, wait_until};
+use crate::track::{Deliveries, summary};
+
+/// Runs the scenario.
+pub async fn run(a: FanoutArgs) -> Result<Report> {
+    let c = &a.common;
+    let gw = gateway_pid(c.gateway_pid);
+    let room = format!(
+        "room:{}",
+        a.room
+            .clone()
+            .unwrap_or_else(|| format!("lt-fanout-{}", fastrand::u32(..)))
+    );
+    let k = a.subscribers;
+    let p = a.publishers.max(1);
+    let pb = peer::bar(c.quiet, k + p, "connect");
+    let t_setup = Instant::now();
+    let subs_users: Vec<String> = (0..k).map(|i| format!("lt-fs-{i}")).collect();
+    let r2 = room.clone();
+    let subs = peer::connect_all(c, subs_users, a.connect_rate, &pb, move |conn| {
+        peer::subscribe_and_wait(conn, r2.clone())
+    })
+    .await?;
+    let pub_users: Vec<String> = (0..p).map(|i| format!("lt-fp-{i}")).collect();
+    let pubs =
+        peer::connect_all(c, pub_users, a.connect_rate, &pb, |c| async move { Ok(c) }).await?;
+    pb.finish_and_clear();
+    let setup_secs = t_setup.elapsed().as_secs_f64();
+
+    let counters = Arc::new(Counters::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sub_tasks = Vec::new();
+    for (i, conn) in subs.into_iter().enumerate() {
+        let role = PeerRole {
+            index: i as u64,
+            publish_to: None,
+            commands: None,
+            pad: 0,
+        };
+        sub_tasks.push(tokio::spawn(peer::run_peer(
+            conn,
+            role,
+            counters.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let mut senders = Vec::new();
+    let mut pub_tasks = Vec::new();
+    for (i, conn) in pubs.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
+        let role = PeerRole {
+            index: i as u64,
+            publish_to: Some(room.clone()),
+            commands: Some(rx),
+            pad: a.size,
+        };
+        pub_tasks.push(tokio::spawn(peer::run_peer(
+            conn,
+            role,
+            counters.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let before = match &c.admin {
+        Some(ad) => crate::admin::snapshot(ad).await,
+        None => None,
+    };
+    let gw_cpu = CpuMeter::start(gw);
+    let me_cpu = CpuMeter::start(None);
+    let pb = peer::bar(c.quiet, (a.duration * 10.0) as u64, "publish");
+    let mut pacer = Pacer::new(a.rate, Some((a.rate * a.duration).round() as u64));
+    let t0 = Instant::now();
+    let limit = Duration::from_secs_f64(a.duration);
+    let mut next = 0usize;
+    let mut per: HashMap<usize, u32> = HashMap::new();
+    while t0.elapsed() < limit && !pacer.done() {
+        tokio::time::sleep(pacer.tick()).await;
+        let due = pacer.due(t0.elapsed());
+        per.clear();
+        for _ in 0..due {
+            *per.entry(next).or_default() += 1;
+            next = (next + 1) % senders.len();
+        }
+        for (who, n) in &per {
+            let _ = senders[*who].send(*n);
+        }
+        pb.set_position((t0.elapsed().as_secs_f64() * 10.0) as u64);
+        pb.set_message(status_line(&counters));
+    }
+    drop(senders);
+    let publish_secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    // Drain: until every issued message was written and delivered K times, bounded.
+    let issued = pacer.issued();
+    let cnt = counters.clone();
+    let drained = wait_until(Duration::from_secs_f64(a.drain_secs), move || {
+        let s = cnt.sent.load(Relaxed);
+        s >= issued && cnt.received.load(Relaxed) >= s * k
+    })
+    .await;
+    let total_secs = t0.elapsed().as_secs_f64();
+    let gw_pct = gw_cpu.percent();
+    let me_pct = me_cpu.percent();
+    let after = match &c.admin {
+        Some(ad) => crate::admin::snapshot(ad).await,
+        None => None,
+    };
+    let _ = stop_tx.send(true);
+
+    let mut d = Deliveries::default();
+    let mut lost_conns = Vec::new();
+    let mut errs: HashMap<String, u64> = HashMap::new();
+    for t in sub_tasks {
+        let s = t.await?;
+        d.merge(&s.deliveries);
+        if let Some(l) = s.lost {
+            lost_conns.push(l);
+        }
+    }
+    let mut sent = 0;
+    for t in pub_tasks {
+        let s = t.await?;
+        sent += s.sent;
+        if let Some(l) = s.lost {
+            lost_conns.push(l);
+        }
+        for (k, v) in s.errs {
+            *errs.entry(k).or_default() += v;
+        }
+    }
+    let expected = sent * k;
+    let lost = expected.saturating_sub(d.unique);
+    let lat = summary(&d.latency);
+    let mut r = Report::new(
+        "fanout",
+        json!({
+            "subscribers": k, "publishers": p, "rate": a.rate, "duration": a.duration,
+            "size": a.size, "transport": c.transport.name(), "encoding": c.encoding().name(),
+            "target": c.target(), "threads": c.threads, "room": room,
+        }),
+    );
+    let deliv_rate = d.received as f64 / total_secs;
+    r.set("setup_secs", setup_secs);
+    r.set("publish_secs", publish_secs);
+    r.set("drain_secs", drained.as_secs_f64());
+    r.set("sent", sent);
+    r.set("acked", counters.acked.load(Relaxed));
+    r.set("err_replies", json!(errs));
+    r.set("expected_deliveries", expected);
+    r.set("received", d.received);
+    r.set("unique", d.unique);
+    r.set("lost", lost);
+    r.set("duplicates", d.dups);
+    r.set("order_violations", d.reordered);
+    r.set("malformed", d.malformed);
+    r.set("deliveries_per_sec", deliv_rate);
+    r.set("latency", lat.clone());
+    r.set("disconnects", lost_conns.len());
+    r.set("gateway_pid", gw);
+    r.set("gateway_cpu_pct", gw_pct);
+    r.set("harness_cpu_pct", me_pct);
+    r.set("metrics_before", json!(before));
+    r.set("metrics_after", json!(after));
+
+    r.row(
+        "transport / encoding",
+        format!("{} / {}", c.transport.name(), c.encoding().name()),
+    );
+    r.row(
+        "subscribers / publishers",
+        format!("{k} / {p}, setup {setup_secs:.2} s"),
+    );
+    r.row(
+        "offered / achieved",
+        format!(
+            "{:.0} msg/s / {:.0} msg/s over {publish_secs:.1} s",
+            a.rate,
+            sent as f64 / publish_secs
+        ),
+    );
+    r.row(
+        "deliveries",
+        format!(
+            "{} of {expected} expected, {deliv_rate:.0}/s (incl. drain {:.2} s)",
+            d.received,
+            drained.as_secs_f64()
+        ),
+    );
+    r.row(
+        "lost / dup / reordered",
+        format!("{lost} / {} / {}", d.dups, d.reordered),
+    );
+    r.row("latency publish→deliver", latency_line(&lat));
+    r.row(
+        "disconnects",
+        format!("{} {:?}", lost_conns.len(), lost_conns.first()),
+    );
+    r.row("gateway CPU", opt(gw_pct, 1, " % of one core"));
+    r.row("harness CPU", opt(me_pct, 1, " % of one core"));
+    Ok(r)
+}

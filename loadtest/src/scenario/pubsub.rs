@@ -1,0 +1,187 @@
+//! `pubsub`: direct messages (`user:<id>` channels) within random pairs.
+//!
+//! 2 × pairs sessions; users `2k` and `2k+1` form pair k. For each message the
+//! pacer picks a random pair and a random direction, so every session both
+//! publishes and receives. Each publisher's messages all reach one receiver,
+//! so its sequence numbers must arrive dense and in order: the receiver
+//! counts duplicates and order violations, and loss = sent − distinct received.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::cli::PubsubArgs;
+use crate::pacer::Pacer;
+use crate::peer::{self, Counters, PeerRole};
+use crate::procfs::CpuMeter;
+use crate::report::{Report, latency_line, opt};
+use crate::scenario::{gateway_pid, status_line, wait_until};
+use crate::track::{Deliveries, summary};
+
+/// Runs the scenario.
+pub async fn run(a: PubsubArgs) -> Result<Report> {
+    let c = &a.common;
+    let n = a.pairs * 2;
+    let gw = gateway_pid(c.gateway_pid);
+    let users: Vec<String> = (0..n).map(|i| format!("lt-ps-{i}")).collect();
+    let pb = peer::bar(c.quiet, n, "connect");
+    let t_setup = Instant::now();
+    let conns = peer::connect_all(c, users, a.connect_rate, &pb, |c| async move { Ok(c) }).await?;
+    pb.finish_and_clear();
+    let setup_secs = t_setup.elapsed().as_secs_f64();
+
+    let counters = Arc::new(Counters::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut senders = Vec::with_capacity(n as usize);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for (i, conn) in conns.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
+        let role = PeerRole {
+            index: i as u64,
+            publish_to: Some(format!("user:lt-ps-{}", i ^ 1)),
+            commands: Some(rx),
+            pad: a.size,
+        };
+        tasks.push(tokio::spawn(peer::run_peer(
+            conn,
+            role,
+            counters.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let before = match &c.admin {
+        Some(ad) => crate::admin::snapshot(ad).await,
+        None => None,
+    };
+    let gw_cpu = CpuMeter::start(gw);
+    let me_cpu = CpuMeter::start(None);
+    let pb = peer::bar(c.quiet, (a.duration * 10.0) as u64, "publish");
+    let mut rng = fastrand::Rng::with_seed(a.seed);
+    let mut pacer = Pacer::new(a.rate, Some((a.rate * a.duration).round() as u64));
+    let t0 = Instant::now();
+    let limit = Duration::from_secs_f64(a.duration);
+    let mut per: HashMap<usize, u32> = HashMap::new();
+    while t0.elapsed() < limit && !pacer.done() {
+        tokio::time::sleep(pacer.tick()).await;
+        let due = pacer.due(t0.elapsed());
+        per.clear();
+        for _ in 0..due {
+            let pair = rng.u64(0..a.pairs) as usize;
+            let who = pair * 2 + usize::from(rng.bool());
+            *per.entry(who).or_default() += 1;
+        }
+        for (who, k) in &per {
+            let _ = senders[*who].send(*k);
+        }
+        pb.set_position((t0.elapsed().as_secs_f64() * 10.0) as u64);
+        pb.set_message(status_line(&counters));
+    }
+    drop(senders);
+    let publish_secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    // Drain: until every issued message was written, answered and delivered, bounded.
+    let issued = pacer.issued();
+    let cnt = counters.clone();
+    let drained = wait_until(Duration::from_secs_f64(a.drain_secs), move || {
+        let s = cnt.sent.load(Relaxed);
+        s >= issued
+            && cnt.received.load(Relaxed) >= s
+            && cnt.acked.load(Relaxed) + cnt.errors.load(Relaxed) >= s
+    })
+    .await;
+    let total_secs = t0.elapsed().as_secs_f64();
+    let gw_pct = gw_cpu.percent();
+    let me_pct = me_cpu.percent();
+    let after = match &c.admin {
+        Some(ad) => crate::admin::snapshot(ad).await,
+        None => None,
+    };
+    let _ = stop_tx.send(true);
+
+    let mut d = Deliveries::default();
+    let mut sent = 0;
+    let mut lost_conns = Vec::new();
+    let mut errs: HashMap<String, u64> = HashMap::new();
+    for t in tasks {
+        let s = t.await?;
+        d.merge(&s.deliveries);
+        sent += s.sent;
+        if let Some(l) = s.lost {
+            lost_conns.push(l);
+        }
+        for (k, v) in s.errs {
+            *errs.entry(k).or_default() += v;
+        }
+    }
+    let loss = sent.saturating_sub(d.unique);
+    let lat = summary(&d.latency);
+    let mut r = Report::new(
+        "pubsub",
+        json!({
+            "pairs": a.pairs, "connections": n, "rate": a.rate, "duration": a.duration,
+            "size": a.size, "transport": c.transport.name(), "encoding": c.encoding().name(),
+            "target": c.target(), "threads": c.threads,
+        }),
+    );
+    r.set("setup_secs", setup_secs);
+    r.set("publish_secs", publish_secs);
+    r.set("drain_secs", drained.as_secs_f64());
+    r.set("sent", sent);
+    r.set("acked", counters.acked.load(Relaxed));
+    r.set("err_replies", json!(errs));
+    r.set("received", d.received);
+    r.set("unique", d.unique);
+    r.set("lost", loss);
+    r.set("duplicates", d.dups);
+    r.set("order_violations", d.reordered);
+    r.set("malformed", d.malformed);
+    r.set("achieved_rate", sent as f64 / publish_secs);
+    r.set("delivered_per_sec", d.received as f64 / total_secs);
+    r.set("latency", lat.clone());
+    r.set("disconnects", lost_conns.len());
+    r.set("gateway_pid", gw);
+    r.set("gateway_cpu_pct", gw_pct);
+    r.set("harness_cpu_pct", me_pct);
+    r.set("metrics_before", json!(before));
+    r.set("metrics_after", json!(after));
+
+    r.row(
+        "transport / encoding",
+        format!("{} / {}", c.transport.name(), c.encoding().name()),
+    );
+    r.row(
+        "connections",
+        format!("{n} ({} pairs), setup {setup_secs:.2} s", a.pairs),
+    );
+    r.row(
+        "offered / achieved",
+        format!(
+            "{:.0} msg/s / {:.0} msg/s over {publish_secs:.1} s",
+            a.rate,
+            sent as f64 / publish_secs
+        ),
+    );
+    r.row(
+        "sent / received",
+        format!("{sent} / {} (unique {})", d.received, d.unique),
+    );
+    r.row(
+        "lost / dup / reordered",
+        format!("{loss} / {} / {}", d.dups, d.reordered),
+    );
+    r.row("latency publish→deliver", latency_line(&lat));
+    r.row(
+        "disconnects",
+        format!("{} {:?}", lost_conns.len(), lost_conns.first()),
+    );
+    r.row("gateway CPU", opt(gw_pct, 1, " % of one core"));
+    r.row("harness CPU", opt(me_pct, 1, " % of one core"));
+    Ok(r)
+}

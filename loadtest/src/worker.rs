@@ -1,0 +1,168 @@
+//! The `idle` worker process: opens its share of connections at its share of
+//! the rate, holds them, and talks to the parent in JSON lines.
+//!
+//! stdout (worker → parent), one JSON object per line, field `ev`:
+//! `progress` {connected, failed, alive} every 250 ms during the ramp;
+//! `ramped` {connected, failed, alive, secs, errors}; `status` {alive,
+//! dropped, drop_reasons} when asked; `done` {…} before exiting.
+//! stdin (parent → worker), one word per line: `status`, `close`.
+//! EOF on stdin closes too, and the worker exits by itself after `max_life_secs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::watch;
+
+use crate::cli::WorkerArgs;
+use crate::pacer::Pacer;
+use crate::peer;
+
+#[derive(Default)]
+struct State {
+    connected: AtomicU64,
+    failed: AtomicU64,
+    alive: AtomicU64,
+    dropped: AtomicU64,
+    done: AtomicU64,
+    errors: Mutex<HashMap<String, u64>>,
+    drops: Mutex<HashMap<String, u64>>,
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn bump(m: &Mutex<HashMap<String, u64>>, k: String) {
+    if let Ok(mut g) = m.lock() {
+        *g.entry(k).or_default() += 1;
+    }
+}
+
+fn snapshot(m: &Mutex<HashMap<String, u64>>) -> serde_json::Value {
+    m.lock().map(|g| json!(*g)).unwrap_or(json!({}))
+}
+
+/// Runs a worker until told to close (or its life bound).
+pub async fn run(a: WorkerArgs) -> Result<()> {
+    let c = a.common.clone();
+    let ips = match &c.source_ips {
+        Some(s) => crate::ips::parse_range(s)?,
+        None => Vec::new(),
+    };
+    let st = Arc::new(State::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let life = tokio::time::sleep(Duration::from_secs_f64(a.max_life_secs));
+    tokio::pin!(life);
+    let t0 = Instant::now();
+    let mut pacer = Pacer::new(a.rate, Some(a.connections));
+    let ramp_limit = Duration::from_secs_f64(a.max_ramp_secs);
+    let mut last_progress = Instant::now();
+    let mut last_done_at = Duration::ZERO;
+    let mut prev_done = 0u64;
+    // Ramp.
+    loop {
+        if !pacer.done() && t0.elapsed() < ramp_limit {
+            let first = pacer.issued();
+            for n in first..first + pacer.due(t0.elapsed()) {
+                let global = u64::from(a.index) * a.connections + n;
+                let src = (!ips.is_empty()).then(|| ips[(global % ips.len() as u64) as usize]);
+                let cfg = peer::config(&c, format!("lt{}x{n}", a.index), src);
+                let st = st.clone();
+                let mut stop = stop_rx.clone();
+                tokio::spawn(async move {
+                    let conn = tokio::select! {
+                        r = edgegate_client::Connection::connect(&cfg) => r,
+                        _ = stop.changed() => return,
+                    };
+                    st.done.fetch_add(1, Relaxed);
+                    let mut conn = match conn {
+                        Ok(c) => c,
+                        Err(e) => {
+                            st.failed.fetch_add(1, Relaxed);
+                            bump(&st.errors, short(&e));
+                            return;
+                        }
+                    };
+                    st.connected.fetch_add(1, Relaxed);
+                    st.alive.fetch_add(1, Relaxed);
+                    loop {
+                        tokio::select! {
+                            r = conn.recv() => if let Err(e) = r {
+                                st.alive.fetch_sub(1, Relaxed);
+                                st.dropped.fetch_add(1, Relaxed);
+                                bump(&st.drops, short(&e));
+                                return;
+                            },
+                            _ = stop.changed() => {
+                                st.alive.fetch_sub(1, Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        let finished = st.done.load(Relaxed);
+        if finished > prev_done {
+            prev_done = finished;
+            last_done_at = t0.elapsed();
+        }
+        if last_progress.elapsed() >= Duration::from_millis(250) {
+            last_progress = Instant::now();
+            emit(
+                json!({"ev": "progress", "connected": st.connected.load(Relaxed),
+                "failed": st.failed.load(Relaxed), "alive": st.alive.load(Relaxed)}),
+            );
+        }
+        let all_done = finished >= a.connections;
+        if all_done || t0.elapsed() >= ramp_limit + Duration::from_secs_f64(c.connect_timeout_secs)
+        {
+            break;
+        }
+        tokio::time::sleep(pacer.tick().min(Duration::from_millis(20))).await;
+    }
+    emit(
+        json!({"ev": "ramped", "connected": st.connected.load(Relaxed),
+        "failed": st.failed.load(Relaxed), "alive": st.alive.load(Relaxed),
+        "secs": last_done_at.as_secs_f64(), "issued": pacer.issued(),
+        "errors": snapshot(&st.errors)}),
+    );
+    // Hold: obey the parent.
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            l = lines.next_line() => match l {
+                Ok(Some(cmd)) => match cmd.trim() {
+                    "status" => emit(json!({"ev": "status", "alive": st.alive.load(Relaxed),
+                        "dropped": st.dropped.load(Relaxed), "drop_reasons": snapshot(&st.drops),
+                        "cpu_secs": crate::procfs::self_cpu_secs(),
+                        "rss_kib": crate::procfs::rss_kib(std::process::id())})),
+                    "close" => break,
+                    _ => {}
+                },
+                _ => break,
+            },
+            _ = &mut life => break,
+        }
+    }
+    let _ = stop_tx.send(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    emit(
+        json!({"ev": "done", "connected": st.connected.load(Relaxed),
+        "dropped": st.dropped.load(Relaxed), "cpu_secs": crate::procfs::self_cpu_secs()}),
+    );
+    Ok(())
+}
+
+/// A short error class for counting: the close code when there is one.
+fn short(e: &edgegate_client::Error) -> String {
+    match e {
+        edgegate_client::Error::Closed { code, .. } => format!("close {code}"),
+        other => other.to_string().chars().take(60).collect(),
+    }
+}
