@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# THE test command of edgegate: ./scripts/test.sh
+#
+# Idempotent. Works on a fresh Debian machine with Rust + cargo + Python 3.11:
+#   1. system tools the tests need (apt, only when missing)
+#   2. a venv at .venv with the pinned deps of tests/python/requirements.txt
+#   3. cargo build --workspace, cargo test --workspace
+#   4. pytest tests/python (the real binary over real sockets)
+#   5. Autobahn|Testsuite against the WebSocket echo endpoint (scripts/autobahn.sh)
+# Exits non-zero on the first failure.
+#
+# Environment:
+#   EG_SKIP_AUTOBAHN=1   skip step 5
+#   EG_PYTEST_ARGS=...   extra pytest arguments (e.g. "-k routing -x")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+step() { printf '\n==> %s\n' "$*"; }
+t_start=$(date +%s)
+
+# ---------------------------------------------------------------- 1. system tools
+# Later issues add their system packages here, e.g. for the NATS backbone tests:
+#   need_apt nats-server nats-server
+# need_apt BINARY PACKAGE: installs PACKAGE with apt-get only when BINARY is missing.
+need_apt() {
+    local bin=$1 pkg=$2
+    if command -v "$bin" >/dev/null 2>&1; then return 0; fi
+    step "apt-get install -y $pkg (for $bin)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$pkg"
+}
+# >>> system packages (add need_apt lines below) >>>
+# need_apt nats-server nats-server
+# <<< system packages <<<
+
+# ---------------------------------------------------------------- 2. Python venv
+PY=${PYTHON:-python3}
+REQ=tests/python/requirements.txt
+if [ ! -x .venv/bin/python ]; then
+    step "creating .venv"
+    "$PY" -m venv .venv
+fi
+# reinstall only when requirements.txt changed
+stamp=.venv/.requirements.sha256
+want=$(sha256sum "$REQ" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    step "pip install -r $REQ"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r "$REQ"
+    echo "$want" > "$stamp"
+fi
+
+# ---------------------------------------------------------------- 3. cargo
+step "cargo build --workspace"
+cargo build --workspace
+step "cargo test --workspace"
+cargo test --workspace
+
+# ---------------------------------------------------------------- 4. pytest
+step "pytest tests/python"
+export EDGEGATE_BIN=${EDGEGATE_BIN:-$ROOT/target/debug/edgegate}
+failed=()
+# shellcheck disable=SC2086
+.venv/bin/python -m pytest tests/python -q ${EG_PYTEST_ARGS:-} || failed+=("pytest")
+
+# ---------------------------------------------------------------- 5. Autobahn
+# (runs even when pytest failed: independent evidence; about 25 s, plus ~30 s
+# the first time to build its Python 2 virtualenv)
+if [ "${EG_SKIP_AUTOBAHN:-0}" != "1" ]; then
+    step "Autobahn|Testsuite (scripts/autobahn.sh)"
+    ./scripts/autobahn.sh || failed+=("autobahn")
+fi
+
+if [ ${#failed[@]} -ne 0 ]; then
+    step "FAILED: ${failed[*]} ($(( $(date +%s) - t_start )) s)"
+    exit 1
+fi
+step "all tests passed in $(( $(date +%s) - t_start )) s"
