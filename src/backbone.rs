@@ -98,6 +98,8 @@ impl Embedded {
 pub enum Backbone {
     /// In-process: the shards of this node only.
     Embedded(Embedded),
+    /// NATS, through the backbone thread (`crate::nats`).
+    Nats(crate::nats::ShardLink),
 }
 
 impl Backbone {
@@ -105,6 +107,7 @@ impl Backbone {
     pub fn is_up(&self) -> bool {
         match self {
             Backbone::Embedded(_) => true,
+            Backbone::Nats(link) => link.state.up.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

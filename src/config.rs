@@ -137,6 +137,11 @@ pub struct Ws {
     pub echo_path: Option<String>,
     /// Terminate TLS on this listener with the `[tls]` certificate.
     pub tls: bool,
+    /// `Origin` values allowed on upgrades (exact match, such as
+    /// `"https://chat.example.com"`); a listed origin's browsers only. Empty
+    /// (the default) = any. Requests without `Origin` (native clients, not
+    /// browsers) are not affected.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Ws {
@@ -146,6 +151,7 @@ impl Default for Ws {
             path: "/ws".to_owned(),
             echo_path: None,
             tls: false,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -239,6 +245,37 @@ pub struct Limits {
     /// Base of the jittered `retry_ms` sent with `bye` 4007, 1001 and 4004;
     /// 2 000 by default.
     pub retry_ms: u64,
+    /// Envelopes one connection may send per second, on average (token
+    /// bucket); beyond it they are answered `err rate_limited`. 0 = no limit.
+    /// 10 000 by default.
+    pub conn_msgs_per_s: u64,
+    /// Burst of envelopes a connection may send at once; 20 000 by default.
+    pub conn_msgs_burst: u64,
+    /// Inbound bytes one connection may send per second, on average; 0 = no
+    /// limit. 8 MiB by default.
+    pub conn_bytes_per_s: u64,
+    /// Burst of inbound bytes; at least `max_frame_bytes`. 16 MiB by default.
+    pub conn_bytes_burst: u64,
+    /// Envelopes refused in a row (without the connection's bucket filling
+    /// up again in between) after which the connection is closed with 4004;
+    /// 100 by default.
+    pub rate_limited_close_after: u32,
+    /// New connections the node admits per second, all shards together
+    /// (each shard admits its share); beyond it sockets get `bye` 4007 with
+    /// a `retry_ms` spread over the time the backlog needs. 0 = no limit.
+    /// 2 000 by default.
+    pub accept_per_s: u64,
+    /// Burst of new connections admitted at once, node-wide; 2 000 by default.
+    pub accept_burst: u64,
+    /// New connections one source IP address may open per second, node-wide
+    /// (bucket per shard and address); beyond it `bye` 4004. 0 (the default)
+    /// = no limit: carrier-grade NAT puts many users behind one address.
+    pub ip_connects_per_s: u64,
+    /// Burst of new connections from one address; 0 = the per-second rate.
+    pub ip_connects_burst: u64,
+    /// Addresses each shard keeps a bucket for; when full, idle buckets are
+    /// dropped first. 65 536 by default.
+    pub ip_table_size: usize,
 }
 
 impl Default for Limits {
@@ -248,16 +285,88 @@ impl Default for Limits {
             max_frame_bytes: 65_536,
             outbound_queue_bytes: 262_144,
             retry_ms: 2_000,
+            conn_msgs_per_s: 10_000,
+            conn_msgs_burst: 20_000,
+            conn_bytes_per_s: 8 << 20,
+            conn_bytes_burst: 16 << 20,
+            rate_limited_close_after: 100,
+            accept_per_s: 2_000,
+            accept_burst: 2_000,
+            ip_connects_per_s: 0,
+            ip_connects_burst: 0,
+            ip_table_size: 65_536,
         }
     }
 }
 
 /// `[auth]`: how `hello` authenticates a client.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     /// `"none"` (the default) or `"jwt"`.
     pub mode: AuthMode,
+    /// The one signature algorithm accepted (a token's own `alg` header
+    /// never chooses; `none` is always refused): `"HS256"` (the default),
+    /// `"RS256"`, `"ES256"` or `"EdDSA"`.
+    pub algorithm: JwtAlgorithm,
+    /// Shared secret for HS256.
+    pub secret: Option<String>,
+    /// PEM file with the public key for RS256, ES256 and EdDSA; read and
+    /// parsed when the gateway starts.
+    pub public_key: Option<PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`, in milliseconds; 5 000 by
+    /// default.
+    pub leeway_ms: u64,
+    /// Required `aud`; unset = tokens must not be checked for audience.
+    pub audience: Option<String>,
+    /// Required `iss`; unset = any issuer.
+    pub issuer: Option<String>,
+    /// Where a WebSocket client may carry its token: any of `"hello"`
+    /// (`hello.meta.token`), `"header"` (`Authorization: Bearer`) and
+    /// `"query"` (`?token=`; visible in proxy logs). TCP and QUIC always use
+    /// `hello`. All three by default.
+    pub token_sources: Vec<TokenSource>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            mode: AuthMode::None,
+            algorithm: JwtAlgorithm::HS256,
+            secret: None,
+            public_key: None,
+            leeway_ms: 5_000,
+            audience: None,
+            issuer: None,
+            token_sources: vec![TokenSource::Hello, TokenSource::Header, TokenSource::Query],
+        }
+    }
+}
+
+/// Value of `auth.algorithm`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum JwtAlgorithm {
+    /// HMAC with SHA-256 and `auth.secret`.
+    #[default]
+    HS256,
+    /// RSA PKCS#1 v1.5 with SHA-256 and the `auth.public_key` RSA key.
+    RS256,
+    /// ECDSA P-256 with SHA-256 and the `auth.public_key` EC key.
+    ES256,
+    /// Ed25519 with the `auth.public_key` key.
+    EdDSA,
+}
+
+/// Value of the entries of `auth.token_sources`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenSource {
+    /// `hello.meta.token`.
+    Hello,
+    /// The upgrade request's `Authorization: Bearer` header (WebSocket).
+    Header,
+    /// The upgrade request's `token` query parameter (WebSocket).
+    Query,
 }
 
 /// Value of `auth.mode`.
@@ -303,6 +412,8 @@ pub struct Backbone {
     /// This node's name in `Eg-Node` headers and presence events; empty (the
     /// default) means the host name.
     pub node_id: String,
+    /// The NATS connection, used when `kind = "nats"`.
+    pub nats: Nats,
 }
 
 impl Default for Backbone {
@@ -311,6 +422,54 @@ impl Default for Backbone {
             kind: BackboneKind::Embedded,
             subject_prefix: "eg".to_owned(),
             node_id: String::new(),
+            nats: Nats::default(),
+        }
+    }
+}
+
+/// `[backbone.nats]`: how the node reaches NATS.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Nats {
+    /// Server URLs (several for a cluster; the client fails over among them
+    /// and learns the others from the servers). `["nats://127.0.0.1:4222"]`.
+    pub urls: Vec<String>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Authentication token.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT + NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// Require TLS to NATS.
+    pub tls: bool,
+    /// PEM file of the CA that signs the NATS servers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// How long a `req` waits for a core service; 5 000 ms by default.
+    pub request_timeout_ms: u64,
+    /// Reconnect backoff: first delay bound; 100 ms by default.
+    pub reconnect_base_ms: u64,
+    /// Reconnect backoff: largest delay bound; 5 000 ms by default.
+    pub reconnect_cap_ms: u64,
+    /// Connect timeout per attempt; 2 000 ms by default.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for Nats {
+    fn default() -> Self {
+        Nats {
+            urls: vec!["nats://127.0.0.1:4222".to_owned()],
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            tls: false,
+            ca_file: None,
+            request_timeout_ms: 5_000,
+            reconnect_base_ms: 100,
+            reconnect_cap_ms: 5_000,
+            connect_timeout_ms: 2_000,
         }
     }
 }
@@ -659,6 +818,82 @@ impl Config {
             return fail("limits.retry_ms", "must be more than 0".to_owned());
         }
 
+        if limits.conn_bytes_per_s > 0 && limits.conn_bytes_burst < limits.max_frame_bytes as u64 {
+            // A burst below one frame could never let a largest frame in.
+            return fail(
+                "limits.conn_bytes_burst",
+                format!(
+                    "{} is less than limits.max_frame_bytes ({})",
+                    limits.conn_bytes_burst, limits.max_frame_bytes
+                ),
+            );
+        }
+        for (key, rate, burst) in [
+            (
+                "limits.conn_msgs_burst",
+                limits.conn_msgs_per_s,
+                limits.conn_msgs_burst,
+            ),
+            (
+                "limits.accept_burst",
+                limits.accept_per_s,
+                limits.accept_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return fail(key, "must be more than 0 while its rate is set".to_owned());
+            }
+        }
+        if limits.rate_limited_close_after == 0 {
+            return fail(
+                "limits.rate_limited_close_after",
+                "must be more than 0".to_owned(),
+            );
+        }
+        if limits.ip_connects_per_s > 0 && limits.ip_table_size == 0 {
+            return fail(
+                "limits.ip_table_size",
+                "must be more than 0 while limits.ip_connects_per_s is set".to_owned(),
+            );
+        }
+
+        // [auth]
+        if self.auth.mode == AuthMode::Jwt {
+            let auth = &self.auth;
+            if auth.algorithm == JwtAlgorithm::HS256 {
+                match &auth.secret {
+                    None => {
+                        return fail(
+                            "auth.secret",
+                            "unset, but auth.algorithm = \"HS256\" needs it".to_owned(),
+                        );
+                    }
+                    // RFC 7518 §3.2: a key at least as long as the hash.
+                    Some(s) if s.len() < 32 => {
+                        return fail(
+                            "auth.secret",
+                            "is shorter than 32 bytes; HS256 needs at least 32".to_owned(),
+                        );
+                    }
+                    Some(_) => {}
+                }
+            } else if auth.public_key.is_none() {
+                return fail(
+                    "auth.public_key",
+                    format!(
+                        "unset, but auth.algorithm = {:?} needs a PEM public key file",
+                        auth.algorithm
+                    ),
+                );
+            }
+            if auth.token_sources.is_empty() {
+                return fail(
+                    "auth.token_sources",
+                    "is empty: no client could present a token".to_owned(),
+                );
+            }
+        }
+
         // [rooms]
         if self.rooms.policy == RoomPolicy::Claims && self.auth.mode != AuthMode::Jwt {
             return fail(
@@ -695,6 +930,36 @@ impl Config {
                 format!(
                     "{:?} contains whitespace or control characters",
                     self.backbone.node_id
+                ),
+            );
+        }
+
+        // [backbone.nats]
+        let nats = &self.backbone.nats;
+        if self.backbone.kind == BackboneKind::Nats && nats.urls.is_empty() {
+            return fail(
+                "backbone.nats.urls",
+                "kind = \"nats\" needs at least one URL".to_owned(),
+            );
+        }
+        if nats.user.is_some() != nats.password.is_some() {
+            return fail(
+                "backbone.nats.password",
+                "backbone.nats.user and backbone.nats.password go together".to_owned(),
+            );
+        }
+        if nats.request_timeout_ms == 0 {
+            return fail(
+                "backbone.nats.request_timeout_ms",
+                "must be more than 0".to_owned(),
+            );
+        }
+        if nats.reconnect_base_ms == 0 || nats.reconnect_base_ms > nats.reconnect_cap_ms {
+            return fail(
+                "backbone.nats.reconnect_base_ms",
+                format!(
+                    "must be more than 0 and at most backbone.nats.reconnect_cap_ms ({})",
+                    nats.reconnect_cap_ms
                 ),
             );
         }
@@ -1281,7 +1546,15 @@ mod tests {
             let serde_json::Value::Object(keys) = keys else {
                 panic!("{section} is not a section")
             };
-            for key in keys.keys() {
+            for (key, value) in keys {
+                if value.is_object() {
+                    // A nested table, such as [backbone.nats].
+                    assert!(
+                        DEFAULT_TOML.contains(&format!("[{section}.{key}]")),
+                        "section [{section}.{key}] missing"
+                    );
+                    continue;
+                }
                 let set = DEFAULT_TOML.contains(&format!("\n{key} = "));
                 let commented = DEFAULT_TOML.contains(&format!("\n# {key} = "));
                 assert!(set || commented, "key {section}.{key} missing");
@@ -1312,6 +1585,7 @@ mod tests {
             ("EDGEGATE_QUIC__LISTEN", "[::1]:4433"),
             ("EDGEGATE_SHARDS__CPUS", "3,1"),
             ("EDGEGATE_AUTH__MODE", "jwt"),
+            ("EDGEGATE_AUTH__SECRET", "0123456789abcdef0123456789abcdef"),
             ("EDGEGATE_WS__ECHO_PATH", "/echo"),
         ]);
         let config = accepts(&vars);
@@ -1770,11 +2044,64 @@ mod tests {
     }
 
     #[test]
+    fn jwt_needs_its_key_and_a_token_source() {
+        let jwt = ("EDGEGATE_AUTH__MODE", "jwt");
+        rejects(&[jwt], "auth.secret");
+        rejects(&[jwt, ("EDGEGATE_AUTH__SECRET", "short")], "auth.secret");
+        rejects(
+            &[jwt, ("EDGEGATE_AUTH__ALGORITHM", "ES256")],
+            "auth.public_key",
+        );
+        rejects(
+            &[
+                jwt,
+                ("EDGEGATE_AUTH__ALGORITHM", "EdDSA"),
+                ("EDGEGATE_AUTH__PUBLIC_KEY", "/k.pem"),
+                ("EDGEGATE_AUTH__TOKEN_SOURCES", "[]"),
+            ],
+            "auth.token_sources",
+        );
+        let c = accepts(&[
+            jwt,
+            ("EDGEGATE_AUTH__ALGORITHM", "RS256"),
+            ("EDGEGATE_AUTH__PUBLIC_KEY", "/k.pem"),
+            ("EDGEGATE_AUTH__TOKEN_SOURCES", "hello,header"),
+        ]);
+        assert_eq!(c.auth.algorithm, JwtAlgorithm::RS256);
+        assert_eq!(
+            c.auth.token_sources,
+            vec![TokenSource::Hello, TokenSource::Header]
+        );
+        rejects(&[("EDGEGATE_AUTH__ALGORITHM", "none")], "auth.algorithm");
+    }
+
+    #[test]
+    fn rate_limits_are_consistent() {
+        rejects(
+            &[("EDGEGATE_LIMITS__CONN_BYTES_BURST", "100")],
+            "limits.conn_bytes_burst",
+        );
+        rejects(
+            &[("EDGEGATE_LIMITS__ACCEPT_BURST", "0")],
+            "limits.accept_burst",
+        );
+        rejects(
+            &[("EDGEGATE_LIMITS__RATE_LIMITED_CLOSE_AFTER", "0")],
+            "limits.rate_limited_close_after",
+        );
+        accepts(&[
+            ("EDGEGATE_LIMITS__ACCEPT_PER_S", "0"),
+            ("EDGEGATE_LIMITS__ACCEPT_BURST", "0"),
+        ]);
+    }
+
+    #[test]
     fn claims_policy_needs_jwt() {
         rejects(&[("EDGEGATE_ROOMS__POLICY", "claims")], "rooms.policy");
         accepts(&[
             ("EDGEGATE_ROOMS__POLICY", "claims"),
             ("EDGEGATE_AUTH__MODE", "jwt"),
+            ("EDGEGATE_AUTH__SECRET", "0123456789abcdef0123456789abcdef"),
         ]);
     }
 

@@ -16,7 +16,35 @@ use std::task::Waker;
 use bytes::Bytes;
 use edgegate_proto::{Envelope, Payload, binary, frame, json, leb128};
 
+use crate::auth::Claims;
 use crate::metrics::Transport;
+use crate::ratelimit::{Bucket, Rate};
+
+/// A connection's inbound token buckets. They start full; the rates are the
+/// shard's ([`crate::shard::ShardConfig`]), not stored here.
+#[derive(Debug)]
+pub struct ConnLimits {
+    /// Envelopes.
+    pub msgs: Bucket,
+    /// Bytes.
+    pub bytes: Bucket,
+    /// Envelopes refused since the buckets were last full: past
+    /// `limits.rate_limited_close_after`, the connection is closed (4004).
+    pub strikes: u32,
+}
+
+impl ConnLimits {
+    fn new(now_ms: u64) -> Self {
+        // Full whatever the rate: `Bucket::full` with the largest burst is
+        // capped at the real burst on the first refill.
+        let any = Rate::new(u64::MAX / 1000, u64::MAX / 1000);
+        ConnLimits {
+            msgs: Bucket::full(&any, now_ms),
+            bytes: Bucket::full(&any, now_ms),
+            strikes: 0,
+        }
+    }
+}
 
 /// How envelopes are written to this connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +156,38 @@ impl Out {
     }
 }
 
+/// A user id, kept as its channel name `user:<id>`: the id and the channel
+/// every connection is subscribed to share one allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserId(Rc<str>);
+
+impl UserId {
+    const PREFIX: &'static str = "user:";
+
+    /// The id `id` (already validated as a channel id).
+    pub fn new(id: &str) -> Self {
+        UserId(Rc::from(format!("{}{id}", Self::PREFIX)))
+    }
+
+    /// The user's own channel, `user:<id>`.
+    pub fn channel(&self) -> &Rc<str> {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for UserId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0[Self::PREFIX.len()..]
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
 /// Why and how the server closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseReq {
@@ -177,7 +237,7 @@ pub struct Conn {
     /// Life phase.
     pub phase: Cell<Phase>,
     /// The authenticated user, once welcomed.
-    pub user: RefCell<Option<Rc<str>>>,
+    pub user: RefCell<Option<UserId>>,
     /// Channels this connection is subscribed to (for cleanup on close).
     pub subs: RefCell<Vec<Rc<str>>>,
     /// Last time anything was received, shard clock ms.
@@ -186,6 +246,11 @@ pub struct Conn {
     pub pinged_ms: Cell<u64>,
     /// The heartbeat wants a ping written.
     pub want_ping: Cell<bool>,
+    /// The verified token's claims (`auth.mode = "jwt"`): one pointer, shared
+    /// with nobody, replaced on token refresh.
+    pub claims: RefCell<Option<Rc<Claims>>>,
+    /// Inbound rate limits (`[limits] conn_*`).
+    pub limits: RefCell<ConnLimits>,
     close: Cell<Option<CloseReq>>,
     out: RefCell<VecDeque<Out>>,
     out_bytes: Cell<usize>,
@@ -211,6 +276,8 @@ impl Conn {
             last_rx_ms: Cell::new(now_ms),
             pinged_ms: Cell::new(0),
             want_ping: Cell::new(false),
+            claims: RefCell::new(None),
+            limits: RefCell::new(ConnLimits::new(now_ms)),
             close: Cell::new(None),
             out: RefCell::new(VecDeque::new()),
             out_bytes: Cell::new(0),
@@ -331,7 +398,19 @@ impl Conn {
     }
 
     /// The user id, if welcomed.
-    pub fn user(&self) -> Option<Rc<str>> {
+    pub fn user(&self) -> Option<UserId> {
         self.user.borrow().clone()
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// An idle connection's record is on the memory budget
+    /// (docs/architecture.md): with the `Rc` counts it must stay within
+    /// mimalloc's 320-byte size class.
+    #[test]
+    fn conn_fits_its_budget() {
+        let n = std::mem::size_of::<super::Conn>();
+        assert!(n + 16 <= 320, "Conn is {n} bytes");
     }
 }

@@ -31,12 +31,16 @@
 //! See `docs/architecture.md` for the whole picture.
 
 pub mod admin;
+pub mod auth;
 pub mod backbone;
 pub mod config;
 pub mod conn;
 pub mod listener;
 pub mod metrics;
+pub mod nats;
+pub mod ratelimit;
 pub mod router;
+pub mod sdnotify;
 pub mod server;
 pub mod session;
 pub mod shard;

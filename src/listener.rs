@@ -15,7 +15,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::StaticPermit;
 use tracing::{debug, warn};
 
-use crate::conn::{Conn, Framing, Out};
+use crate::conn::{CloseReq, Conn, Framing, Out};
 use crate::metrics::Transport;
 use crate::shard::Shard;
 use crate::transport::tcp::TcpWire;
@@ -61,15 +61,25 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
         };
         let slot = Slot::take(&shard, transport);
         let _ = stream.set_nodelay(true);
+        // The connection limit first (it protects descriptors), then the
+        // per-address and accept-rate budgets (they pace a storm).
+        let refusal = if !slot.admitted {
+            shard.metrics.refused_max_conn[transport as usize].fetch_add(1, Relaxed);
+            Some((4007, "overloaded: connection limit"))
+        } else {
+            match stream.peer_addr() {
+                Ok(peer) => shard.admit(peer.ip()).err(),
+                Err(_) => None, // gone already; serving it ends at once
+            }
+        };
         // One task per connection, its future specific to the transport, so
         // an idle TCP connection does not carry WebSocket state.
-        let task = if slot.admitted {
-            match transport {
-                Transport::Ws => glommio::spawn_local(serve_ws(slot, stream, permit)),
-                _ => glommio::spawn_local(serve_tcp(slot, stream)),
+        let task = match (refusal, transport) {
+            (None, Transport::Ws) => glommio::spawn_local(serve_ws(slot, stream, permit)),
+            (None, _) => glommio::spawn_local(serve_tcp(slot, stream)),
+            (Some((code, reason)), _) => {
+                glommio::spawn_local(refuse(slot, stream, permit, code, reason))
             }
-        } else {
-            glommio::spawn_local(refuse(slot, stream, permit))
         };
         task.detach();
     }
@@ -144,6 +154,9 @@ async fn upgrade(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<(Rc<Conn>, 
         Ok(Ok(up)) => up,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "websocket upgrade failed");
+            if matches!(e, ws::UpgradeError::Refused(403, _)) {
+                shard.metrics.refused_origin.fetch_add(1, Relaxed);
+            }
             shard.metrics.handshake_failures.fetch_add(1, Relaxed);
             return None;
         }
@@ -162,27 +175,50 @@ async fn upgrade(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<(Rc<Conn>, 
         Route::Session(framing) => {
             let conn = shard.register(Transport::Ws, peer);
             conn.framing.set(framing);
+            // A token in the upgrade request: verified now, answered like
+            // one in hello (bye 4001 on failure, after the upgrade, so the
+            // client sees the reason); hello then needs no token.
+            if let (Some(token), Some(v)) = (up.token.as_deref(), shard.cfg.auth.as_deref()) {
+                match v.verify(token, crate::auth::unix_ms()) {
+                    Ok(claims) => {
+                        shard.metrics.auth_ok.fetch_add(1, Relaxed);
+                        *conn.claims.borrow_mut() = Some(Rc::new(claims));
+                    }
+                    Err(e) => {
+                        shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
+                        conn.request_close(CloseReq::new(4001, e.reason()));
+                    }
+                }
+            }
             Some((conn, wire))
         }
     }
 }
 
-/// Tells a socket over the connection limit to come back later (4007), or
+/// Tells a socket it may not come in now (`code` 4007 over a limit or the
+/// accept budget, 4004 over its address's rate) and when to come back, or
 /// just closes it when too many are being refused already.
-async fn refuse(slot: Slot, stream: TcpStream, _permit: Option<StaticPermit>) {
+async fn refuse(
+    slot: Slot,
+    stream: TcpStream,
+    _permit: Option<StaticPermit>,
+    code: u16,
+    reason: &'static str,
+) {
     let (shard, transport) = (&slot.shard, slot.transport);
     let node = &shard.node;
-    shard.metrics.refused_max_conn[transport as usize].fetch_add(1, Relaxed);
     if node.refusing.fetch_add(1, AcqRel) >= node.max_refusing {
         node.refusing.fetch_sub(1, AcqRel);
         return; // dropping closes it: no descriptor held for a polite answer
     }
-    let bye = Envelope::bye(
-        4007u16,
-        "overloaded: connection limit",
-        Some(shard.cfg.jittered_retry_ms()),
-    );
-    shard.metrics.close(4007);
+    // The accept budget spreads its herd over the time needed to admit it.
+    let retry = if code == 4007 && reason != "overloaded: connection limit" {
+        shard.herd_retry_ms()
+    } else {
+        shard.cfg.jittered_retry_ms()
+    };
+    let bye = Envelope::bye(code, reason, Some(retry));
+    shard.metrics.close(code);
     let hello = Duration::from_millis(shard.cfg.hello_ms);
     let _ = glommio::timer::timeout(hello, async {
         match transport {
@@ -196,14 +232,14 @@ async fn refuse(slot: Slot, stream: TcpStream, _permit: Option<StaticPermit>) {
                     let mut last = Vec::new();
                     Out::Own(Box::new(bye)).write(framing, &mut last);
                     let mut wire = WsWire::new(stream, up.route, up.rest, shard.cfg.max_frame);
-                    wire.close(last, 4007, "overloaded").await;
+                    wire.close(last, code, reason).await;
                 }
             }
             _ => {
                 let mut last = Vec::new();
                 Out::Own(Box::new(bye)).write(Framing::Stream, &mut last);
                 let mut wire = TcpWire::new(stream, shard.cfg.max_frame);
-                wire.close(last, 4007, "overloaded").await;
+                wire.close(last, code, reason).await;
             }
         }
         Ok(())

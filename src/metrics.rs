@@ -62,6 +62,20 @@ pub struct ShardMetrics {
     pub drops_mesh_full: AtomicU64,
     /// WebSocket or TCP handshakes that failed or timed out.
     pub handshake_failures: AtomicU64,
+    /// Sockets refused (4007) by the shard's accept budget.
+    pub refused_accept_rate: AtomicU64,
+    /// Sockets refused (4004) by the per-address connect rate.
+    pub refused_ip_rate: AtomicU64,
+    /// WebSocket upgrades refused for their `Origin` (HTTP 403).
+    pub refused_origin: AtomicU64,
+    /// Envelopes answered `err rate_limited` by the per-connection limits.
+    pub rate_limited: AtomicU64,
+    /// Tokens refused, by [`crate::auth::AuthError`] (index = its order).
+    pub auth_failures: [AtomicU64; 9],
+    /// Tokens accepted (at hello, upgrade or refresh).
+    pub auth_ok: AtomicU64,
+    /// Token refreshes accepted after welcome.
+    pub auth_refreshes: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -91,6 +105,8 @@ pub struct NodeInfo<'a> {
     pub draining: bool,
     /// Backbone connected (always true for the embedded backbone).
     pub backbone_up: bool,
+    /// NATS backbone counters, when that is the backbone.
+    pub nats: Option<&'a crate::nats::NatsState>,
 }
 
 /// Renders Prometheus text exposition format.
@@ -206,6 +222,47 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "Failed or timed-out handshakes.",
         &mut per_shard(|m| &m.handshake_failures),
     );
+    family(
+        "edgegate_limit_hits_total",
+        "counter",
+        "Connections or envelopes refused by a limit, by limit.",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            [
+                ("max_connections", m.refused_max_conn.iter().map(get).sum()),
+                ("accept_rate", get(&m.refused_accept_rate)),
+                ("ip_connect_rate", get(&m.refused_ip_rate)),
+                ("origin", get(&m.refused_origin)),
+                ("conn_rate", get(&m.rate_limited)),
+            ]
+            .into_iter()
+            .map(move |(r, v): (&str, u64)| (format!("shard=\"{i}\",limit=\"{r}\""), v))
+        }),
+    );
+    family(
+        "edgegate_auth_failures_total",
+        "counter",
+        "Tokens refused, by reason.",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            crate::auth::AuthError::ALL.iter().map(move |e| {
+                (
+                    format!("shard=\"{i}\",reason=\"{}\"", e.label()),
+                    get(&m.auth_failures[e.index()]),
+                )
+            })
+        }),
+    );
+    family(
+        "edgegate_auth_ok_total",
+        "counter",
+        "Tokens accepted (hello, upgrade or refresh).",
+        &mut per_shard(|m| &m.auth_ok),
+    );
+    family(
+        "edgegate_auth_refreshes_total",
+        "counter",
+        "Token refreshes accepted after welcome.",
+        &mut per_shard(|m| &m.auth_refreshes),
+    );
     let _ = writeln!(
         s,
         "# HELP edgegate_max_connections Node connection limit.\n# TYPE edgegate_max_connections gauge\nedgegate_max_connections {}",
@@ -221,5 +278,39 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "# HELP edgegate_backbone_up 1 while the backbone is connected.\n# TYPE edgegate_backbone_up gauge\nedgegate_backbone_up {}",
         u8::from(node.backbone_up)
     );
+    if let Some(n) = node.nats {
+        for (name, kind, help, v) in [
+            (
+                "edgegate_backbone_reconnects_total",
+                "counter",
+                "Times the NATS connection was lost (each followed by reconnect attempts with backoff).",
+                &n.reconnects,
+            ),
+            (
+                "edgegate_backbone_subscriptions",
+                "gauge",
+                "NATS subjects subscribed for local interest.",
+                &n.subscriptions,
+            ),
+            (
+                "edgegate_backbone_published_total",
+                "counter",
+                "Client messages published to NATS.",
+                &n.published,
+            ),
+            (
+                "edgegate_backbone_received_total",
+                "counter",
+                "Messages received from NATS for local subscribers.",
+                &n.received,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+    }
     s
 }

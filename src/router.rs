@@ -16,7 +16,23 @@ use crate::shard::Shard;
 /// Channel name → slab keys of subscribed connections.
 #[derive(Default)]
 pub struct Router {
-    subs: HashMap<Rc<str>, Vec<u32>>,
+    subs: HashMap<Rc<str>, Keys>,
+}
+
+/// Subscribers of one channel. Most channels on a shard are `user:`
+/// channels with one connection: that case needs no allocation.
+enum Keys {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl Keys {
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Keys::One(k) => std::slice::from_ref(k),
+            Keys::Many(v) => v,
+        }
+    }
 }
 
 impl Router {
@@ -25,13 +41,15 @@ impl Router {
     pub fn subscribe(&mut self, ch: &Rc<str>, key: u32) -> bool {
         match self.subs.get_mut(&**ch) {
             Some(keys) => {
-                if !keys.contains(&key) {
-                    keys.push(key);
+                match keys {
+                    Keys::One(k) if *k != key => *keys = Keys::Many(vec![*k, key]),
+                    Keys::Many(v) if !v.contains(&key) => v.push(key),
+                    _ => {}
                 }
                 false
             }
             None => {
-                self.subs.insert(ch.clone(), vec![key]);
+                self.subs.insert(ch.clone(), Keys::One(key));
                 true
             }
         }
@@ -43,18 +61,29 @@ impl Router {
         let Some(keys) = self.subs.get_mut(ch) else {
             return false;
         };
-        keys.retain(|&k| k != key);
-        if keys.is_empty() {
+        let empty = match keys {
+            Keys::One(k) => *k == key,
+            Keys::Many(v) => {
+                v.retain(|&k| k != key);
+                match v[..] {
+                    [] => true,
+                    [last] => {
+                        *keys = Keys::One(last);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        };
+        if empty {
             self.subs.remove(ch);
-            true
-        } else {
-            false
         }
+        empty
     }
 
     /// Number of local subscribers of `ch`.
     pub fn subscribers(&self, ch: &str) -> usize {
-        self.subs.get(ch).map_or(0, Vec::len)
+        self.subs.get(ch).map_or(0, |k| k.as_slice().len())
     }
 
     /// Channels with at least one local subscriber.
@@ -72,7 +101,7 @@ impl Router {
         let limit = shard.cfg.outbound_queue_bytes;
         let conns = shard.conns.borrow();
         let mut n = 0;
-        for &key in keys {
+        for &key in keys.as_slice() {
             let Some(conn) = conns.get(key as usize) else {
                 continue;
             };

@@ -193,7 +193,24 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         None => None,
     };
 
+    let node_name = node_id(&cfg);
+    // The NATS backbone thread starts before the shards: they get their
+    // links at birth. It connects (and reconnects) in the background; the
+    // node is not ready until it is connected.
+    let (mut nats_links, nats_state) = if cfg.backbone.kind == crate::config::BackboneKind::Nats {
+        let (links, state) = crate::nats::start(
+            &cfg.backbone.nats,
+            &cfg.backbone.subject_prefix,
+            &node_name,
+            n,
+        )
+        .map_err(StartError)?;
+        (links.into_iter().map(Some).collect::<Vec<_>>(), Some(state))
+    } else {
+        ((0..n).map(|_| None).collect(), None)
+    };
     let node = Arc::new(Node {
+        nats: nats_state,
         open: AtomicUsize::new(0),
         max_connections,
         refusing: AtomicUsize::new(0),
@@ -203,9 +220,17 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         shards_done: AtomicUsize::new(0),
         shards_stopped: AtomicUsize::new(0),
         metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
+        admin_token: cfg.admin.token.clone(),
+        // Bounded and small: the admin thread asks one shard at a time.
+        admin_queues: (0..n).map(|_| crossbeam_channel::bounded(4)).collect(),
     });
-    let node_name = node_id(&cfg);
-    let scfg = ShardConfig::from_config(&cfg, n, node_name.clone());
+    let mut scfg = ShardConfig::from_config(&cfg, n, node_name.clone());
+    if cfg.auth.mode == crate::config::AuthMode::Jwt {
+        // Read and parse the key now: a bad file must stop the start, not
+        // the first client.
+        let verifier = crate::auth::Verifier::from_config(&cfg.auth).map_err(StartError)?;
+        scfg.auth = Some(Arc::new(verifier));
+    }
     info!(
         node = %node_name, shards = n, ?cpus, max_connections, open_files = nofile,
         ws = ?cfg.ws.listen, tcp = ?cfg.tcp.listen, admin = ?cfg.admin.listen,
@@ -226,8 +251,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             .name("signals".into())
             .spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    info!(signal = sig, "shutting down: draining connections");
-                    node.shutdown.store(true, SeqCst);
+                    info!(signal = sig, "shutting down");
+                    crate::admin::start_drain(&node, "signal");
                 }
             })
             .map_err(|e| StartError(format!("cannot start the signal thread: {e}")))?;
@@ -243,6 +268,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let node = node.clone();
         let scfg = scfg.clone();
         let mesh = mesh.clone();
+        let nats_link = nats_links[id].take();
         let listens: Vec<(String, SocketAddr, Transport)> = listens
             .iter()
             .map(|(k, a, t)| (k.to_string(), *a, *t))
@@ -253,7 +279,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             // counts against RLIMIT_MEMLOCK without CAP_IPC_LOCK).
             .io_memory(256 << 10)
             .spawn(move || async move {
-                let r = shard_main(id, scfg, node.clone(), mesh, listens).await;
+                let r = shard_main(id, scfg, node.clone(), mesh, nats_link, listens).await;
                 node.shards_done.fetch_add(1, SeqCst);
                 if r.is_err() {
                     node.shutdown.store(true, SeqCst);
@@ -262,6 +288,14 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             })
             .map_err(|e| StartError(format!("cannot start shard {id} on CPU {cpu}: {e}")))?;
         handles.push(h);
+    }
+    // Type=notify: READY=1 once every shard listens (or give up waiting
+    // when a shard failed; its error is reported below).
+    while node.shards_ready.load(SeqCst) < n && node.shards_done.load(SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if node.shards_ready.load(SeqCst) == n {
+        crate::sdnotify::notify("READY=1\nSTATUS=serving");
     }
     let mut first_err = None;
     for h in handles {
@@ -290,6 +324,7 @@ async fn shard_main(
     cfg: ShardConfig,
     node: Arc<Node>,
     mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>,
+    nats_link: Option<crate::nats::ShardLink>,
     listens: Vec<(String, SocketAddr, Transport)>,
 ) -> Result<(), StartError> {
     let n = cfg.shards;
@@ -309,12 +344,35 @@ async fn shard_main(
         })
         .detach();
     });
-    let shard = std::rc::Rc::new(Shard::new(
-        id,
-        cfg,
-        node.clone(),
-        Backbone::Embedded(embedded),
-    ));
+    let nats_events = nats_link.as_ref().map(|l| (l.rx.clone(), l.waker.clone()));
+    let backbone = match nats_link {
+        Some(link) => Backbone::Nats(link),
+        None => Backbone::Embedded(embedded),
+    };
+    let shard = std::rc::Rc::new(Shard::new(id, cfg, node.clone(), backbone));
+    if let Some((rx, waker)) = nats_events {
+        // Events from the backbone thread: it wakes this task from its own
+        // thread; the executor parks in io_uring meanwhile, no polling.
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            std::future::poll_fn(|cx| {
+                waker.register(cx.waker());
+                loop {
+                    match rx.try_recv() {
+                        Ok(ev) => shard.on_backbone(ev),
+                        Err(crossbeam_channel::TryRecvError::Empty) => {
+                            return std::task::Poll::Pending;
+                        }
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            return std::task::Poll::Ready(());
+                        }
+                    }
+                }
+            })
+            .await;
+        })
+        .detach();
+    }
     for (_, rx) in receivers.streams() {
         let shard = shard.clone();
         glommio::spawn_local(async move {

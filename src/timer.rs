@@ -16,6 +16,8 @@ pub enum Check {
     Heartbeat,
     /// Drain: close this connection now (spread over the drain window).
     Drain,
+    /// Token expiry: close with 4008 unless a refresh moved `exp` on.
+    Expiry,
 }
 
 /// One scheduled check. `key` is the connection's slot in the shard's slab

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use edgegate_proto::{DecodeError, Envelope};
+use edgegate_proto::{DecodeError, Envelope, ErrCode};
 use tracing::debug;
 
 use crate::conn::{CloseReq, Conn, Out, Phase};
@@ -109,8 +109,14 @@ enum End {
 
 /// Runs one connection until it ends, then releases it from the shard.
 pub async fn drive<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W) {
-    let mut inbox: Vec<Envelope> = Vec::new();
-    let end = poll_fn(|cx| turn(shard, conn, wire, &mut inbox, cx)).await;
+    let end = poll_fn(|cx| turn(shard, conn, wire, cx)).await;
+    // Boxed, like the upgrade: only a closing connection pays for the
+    // close path's state; an idle one carries just the poll above.
+    Box::pin(finish(shard, conn, wire, end)).await;
+}
+
+/// Ends a connection: `bye` and the transport's close, or a quiet finish.
+async fn finish<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W, end: End) {
     conn.phase.set(Phase::Closing);
     match end {
         End::Close(code, reason) => {
@@ -128,24 +134,17 @@ pub async fn drive<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W) {
             Out::Own(Box::new(bye)).write(conn.framing.get(), &mut last);
             shard.metrics.close(code);
             debug!(peer = %conn.peer, code, reason = %reason, "closing");
-            // Boxed, like the handshake: only closing connections pay for it.
-            let _ = glommio::timer::timeout(
-                CLOSE_FLUSH,
-                Box::pin(async {
-                    wire.close(last, code, &reason).await;
-                    Ok(())
-                }),
-            )
+            let _ = glommio::timer::timeout(CLOSE_FLUSH, async {
+                wire.close(last, code, &reason).await;
+                Ok(())
+            })
             .await;
         }
         End::Gone => {
-            let _ = glommio::timer::timeout(
-                LINGER,
-                Box::pin(async {
-                    wire.finish().await;
-                    Ok(())
-                }),
-            )
+            let _ = glommio::timer::timeout(LINGER, async {
+                wire.finish().await;
+                Ok(())
+            })
             .await;
         }
     }
@@ -157,10 +156,12 @@ fn turn<W: Wire>(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     wire: &mut W,
-    inbox: &mut Vec<Envelope>,
     cx: &mut Context<'_>,
 ) -> Poll<End> {
     conn.set_waker(cx.waker());
+    // Per turn, not per connection: an idle connection holds no envelope buffer.
+    let mut inbox: Vec<Envelope> = Vec::new();
+    let inbox = &mut inbox;
     let mut budget = TURN_BUDGET;
     loop {
         if let Some(req) = conn.close_requested() {
@@ -195,6 +196,10 @@ fn turn<W: Wire>(
             Poll::Pending => {}
         }
 
+        // The wires count every byte they read into the shard's own counter;
+        // the difference across this poll is this connection's (one task
+        // runs at a time on a shard), without changing the Wire trait.
+        let bytes_before = shard.metrics.bytes_in.load(Relaxed);
         match wire.poll_recv(cx, shard, inbox) {
             Poll::Ready(Err(e)) => {
                 // Envelopes decoded before the bad bytes still count.
@@ -211,13 +216,29 @@ fn turn<W: Wire>(
                     .metrics
                     .messages_in
                     .fetch_add(inbox.len() as u64, Relaxed);
+                let bytes = shard.metrics.bytes_in.load(Relaxed) - bytes_before;
+                let mut limited = Limited::check(shard, conn, bytes);
                 // Taken, not drained: an idle connection keeps no envelope buffer.
                 for env in std::mem::take(inbox) {
+                    if limited.refuse(shard, conn) {
+                        conn.reply(Envelope::err(
+                            env.id,
+                            ErrCode::RateLimited,
+                            "rate limited: slow down",
+                        ));
+                        if limited.strikes >= shard.cfg.rate_limited_close_after {
+                            limited.store(conn);
+                            return Poll::Ready(End::Close(4004, "rate limited".into()));
+                        }
+                        budget = budget.saturating_sub(1);
+                        continue;
+                    }
                     if let Err(req) = session::handle(shard, conn, env) {
                         return Poll::Ready(End::Close(req.code, req.reason.to_string()));
                     }
                     budget = budget.saturating_sub(1);
                 }
+                limited.store(conn);
                 budget = budget.saturating_sub(1);
                 progress = true;
             }
@@ -231,6 +252,67 @@ fn turn<W: Wire>(
             // Let the shard's other connections run; come back at once.
             cx.waker().wake_by_ref();
             return Poll::Pending;
+        }
+    }
+}
+
+/// The per-connection rate limits for one read's envelopes: the byte
+/// bucket is charged once for the read (over it, every envelope of the
+/// read is refused), the envelope bucket once per envelope.
+struct Limited {
+    over_bytes: bool,
+    strikes: u32,
+    active: bool,
+}
+
+impl Limited {
+    fn check(shard: &Shard, conn: &Conn, bytes: u64) -> Limited {
+        let cfg = &shard.cfg;
+        if cfg.conn_msgs.unlimited() && cfg.conn_bytes.unlimited() {
+            return Limited {
+                over_bytes: false,
+                strikes: 0,
+                active: false,
+            };
+        }
+        let now = shard.now_ms();
+        let mut l = conn.limits.borrow_mut();
+        // A client that let its buckets refill has slowed down: forgiven.
+        if l.strikes > 0
+            && l.msgs.is_full(&cfg.conn_msgs, now)
+            && l.bytes.is_full(&cfg.conn_bytes, now)
+        {
+            l.strikes = 0;
+        }
+        let over_bytes = !l.bytes.try_take(&cfg.conn_bytes, bytes, now);
+        Limited {
+            over_bytes,
+            strikes: l.strikes,
+            active: true,
+        }
+    }
+
+    /// True when the next envelope must be refused (and counts it).
+    fn refuse(&mut self, shard: &Shard, conn: &Conn) -> bool {
+        if !self.active {
+            return false;
+        }
+        let over = self.over_bytes
+            || !conn
+                .limits
+                .borrow_mut()
+                .msgs
+                .try_take(&shard.cfg.conn_msgs, 1, shard.now_ms());
+        if over {
+            self.strikes += 1;
+            shard.metrics.rate_limited.fetch_add(1, Relaxed);
+        }
+        over
+    }
+
+    fn store(&self, conn: &Conn) {
+        if self.active {
+            conn.limits.borrow_mut().strikes = self.strikes;
         }
     }
 }

@@ -19,6 +19,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::{LINGER, Wire, WireError};
+use crate::config::TokenSource;
 use crate::conn::Framing;
 use crate::shard::{Shard, ShardConfig};
 
@@ -78,6 +79,10 @@ pub struct Upgrade {
     pub response: String,
     /// Bytes after the request head.
     pub rest: Vec<u8>,
+    /// A token from `Authorization: Bearer` or `?token=`, where
+    /// `auth.token_sources` accepts them; verified by the caller, so that
+    /// a bad token is answered with `bye` 4001 like one sent in `hello`.
+    pub token: Option<String>,
 }
 
 fn header<'a>(req: &'a httparse::Request<'_, '_>, name: &str) -> Option<&'a str> {
@@ -103,7 +108,11 @@ pub fn parse_upgrade(buf: &[u8], cfg: &ShardConfig) -> Result<Option<Upgrade>, U
     if req.method != Some("GET") {
         return Err(UpgradeError::Refused(405, "WebSocket upgrades use GET"));
     }
-    let path = req.path.unwrap_or("/").split('?').next().unwrap_or("/");
+    let (path, query) = req
+        .path
+        .unwrap_or("/")
+        .split_once('?')
+        .unwrap_or((req.path.unwrap_or("/"), ""));
     let echo = cfg.echo_path.as_deref() == Some(path);
     if !echo && path != cfg.ws_path {
         return Err(UpgradeError::Refused(
@@ -127,6 +136,34 @@ pub fn parse_upgrade(buf: &[u8], cfg: &ShardConfig) -> Result<Option<Upgrade>, U
         .filter(|k| !k.is_empty())
     else {
         return Err(UpgradeError::Refused(400, "missing Sec-WebSocket-Key"));
+    };
+    // Browsers always send Origin on WebSocket upgrades; a client without
+    // one is not a browser, and the allow-list (against cross-site use of
+    // a user's browser) does not apply to it.
+    if !cfg.allowed_origins.is_empty()
+        && let Some(origin) = header(&req, "origin")
+        && !cfg.allowed_origins.iter().any(|o| o == origin.trim())
+    {
+        return Err(UpgradeError::Refused(403, "origin not allowed"));
+    }
+    let token = if cfg.auth.is_none() {
+        None
+    } else {
+        let from_header = header(&req, "authorization")
+            .filter(|_| cfg.token_source(TokenSource::Header))
+            .and_then(|v| {
+                let v = v.trim();
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            });
+        let from_query = query
+            .split('&')
+            .filter(|_| cfg.token_source(TokenSource::Query))
+            .find_map(|p| p.strip_prefix("token="));
+        from_header
+            .or(from_query)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
     };
     // The first of our subprotocols the client offers; none offered: JSON,
     // with no subprotocol in the answer (PROTOCOL.md §6).
@@ -159,6 +196,7 @@ pub fn parse_upgrade(buf: &[u8], cfg: &ShardConfig) -> Result<Option<Upgrade>, U
         route,
         response,
         rest: buf[head_len..].to_vec(),
+        token,
     }))
 }
 
@@ -193,6 +231,7 @@ pub async fn accept(stream: &mut TcpStream, cfg: &ShardConfig) -> Result<Upgrade
 async fn refuse(stream: &mut TcpStream, status: u16, why: &'static str) -> UpgradeError {
     let text = match status {
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",

@@ -1,0 +1,677 @@
+//! The NATS backbone: one dedicated thread running a tokio current-thread
+//! runtime and async-nats, bridged to the shards.
+//!
+//! Shards never block on it. A shard sends [`ToNats`] commands through an
+//! unbounded tokio channel (a plain, non-blocking send from any thread) and
+//! receives [`FromNats`] events through a crossbeam channel of its own plus an
+//! [`AtomicWaker`]: the backbone wakes the shard's receiving task, and a
+//! glommio executor wakes on a foreign-thread wake without busy polling.
+//!
+//! **Interest.** The node subscribes to `P.user.<id>` / `P.room.<id>` only
+//! while some shard has a connection interested in it: shards report their
+//! first and last local interest, the backbone keeps which shards want which
+//! subject and subscribes on the first, unsubscribes after the last. Commands
+//! are taken in batches, so a burst of connects and disconnects costs one
+//! SUB per subject that stays wanted, not one per connection. A message from
+//! NATS is decoded once and handed (as one `Arc`) to each interested shard,
+//! which encodes it once for all its subscribers.
+//!
+//! **Order.** A client's own publish comes back to it through NATS, like
+//! everyone else's: all members of a room, on every node, see the order NATS
+//! gives.
+//!
+//! **Failure.** Losing NATS never takes the node down: async-nats reconnects
+//! with the exponential backoff and full jitter configured here and restores
+//! every subscription; meanwhile `/readyz` says not ready, publishes are
+//! answered `err backbone_unavailable` (nothing is queued silently), and
+//! client connections stay up.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Subject};
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
+use edgegate_proto::{Envelope, ErrCode, Payload, Type};
+use futures_util::StreamExt;
+use tracing::{info, warn};
+
+use crate::config::Nats as NatsConfig;
+
+/// Who gets the answer to a command: a connection on a shard, and the
+/// client's request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// Shard index.
+    pub shard: usize,
+    /// Slab key of the connection.
+    pub key: u32,
+    /// Serial of the connection (a reused slot is not mistaken for it).
+    pub serial: u64,
+    /// The client's `id`.
+    pub id: Option<u64>,
+}
+
+/// Shard → backbone.
+#[derive(Debug)]
+pub enum ToNats {
+    /// Publish a client's message.
+    Publish {
+        /// Full subject.
+        subject: String,
+        /// `Eg-*` and `Nats-Msg-Id` headers.
+        headers: HeaderMap,
+        /// Body.
+        payload: Bytes,
+        /// Answered with [`FromNats::PubAck`].
+        ack: Ack,
+    },
+    /// A core-service request.
+    Request {
+        /// Full subject (`P.svc.<name>`).
+        subject: String,
+        /// `Eg-User`, `Eg-Conn`.
+        headers: HeaderMap,
+        /// Body.
+        payload: Bytes,
+        /// Answered with [`FromNats::Reply`].
+        ack: Ack,
+    },
+    /// A shard's first (`on`) or last (`!on`) local interest in a channel.
+    Interest {
+        /// Channel name (`room:x`, `user:y`).
+        channel: String,
+        /// The shard.
+        shard: usize,
+        /// Interest begins or ends.
+        on: bool,
+        /// When the subscription is live, answer with [`FromNats::SubAck`].
+        ack: Option<Ack>,
+    },
+    /// A user's connections on the node changed by `delta`.
+    Presence {
+        /// User id.
+        user: String,
+        /// +1 or -1.
+        delta: i32,
+    },
+}
+
+/// Backbone → shard.
+#[derive(Debug)]
+pub enum FromNats {
+    /// A message for local subscribers of its channel.
+    Deliver(Arc<Envelope>),
+    /// A publish was accepted (`true`) or not.
+    PubAck(Ack, bool),
+    /// A subscription is live.
+    SubAck(Ack),
+    /// A request's outcome.
+    Reply(Ack, Result<Payload, ErrCode>),
+    /// Close this user's connections with 4005.
+    Kick(String),
+}
+
+/// Node-wide backbone state, read by the admin endpoint.
+#[derive(Default)]
+pub struct NatsState {
+    /// Connected to a NATS server.
+    pub up: AtomicBool,
+    /// Reconnections since start.
+    pub reconnects: AtomicU64,
+    /// Subjects subscribed for clients.
+    pub subscriptions: AtomicU64,
+    /// Messages published for clients.
+    pub published: AtomicU64,
+    /// Messages received for clients.
+    pub received: AtomicU64,
+}
+
+/// One shard's end of the bridge.
+pub struct ShardLink {
+    /// Commands to the backbone.
+    pub tx: tokio::sync::mpsc::UnboundedSender<ToNats>,
+    /// Events from the backbone.
+    pub rx: crossbeam_channel::Receiver<FromNats>,
+    /// Woken when `rx` has something.
+    pub waker: Arc<AtomicWaker>,
+    /// Shared state (`up` is checked before each publish).
+    pub state: Arc<NatsState>,
+    /// Subject prefix.
+    pub prefix: String,
+    /// This node's id, for headers.
+    pub node: String,
+}
+
+impl ShardLink {
+    /// Sends a command. False when the backbone thread is gone.
+    pub fn send(&self, cmd: ToNats) -> bool {
+        self.tx.send(cmd).is_ok()
+    }
+
+    /// The subject of a channel: `room:x` → `P.room.x`.
+    pub fn subject(&self, channel: &str) -> Option<String> {
+        edgegate_proto::channel::parse(channel)
+            .ok()
+            .map(|c| c.subject(&self.prefix))
+    }
+}
+
+/// The shard side of the event path: a sender plus the waker to call.
+struct ShardTx {
+    tx: crossbeam_channel::Sender<FromNats>,
+    waker: Arc<AtomicWaker>,
+}
+
+impl ShardTx {
+    fn send(&self, ev: FromNats) {
+        if self.tx.send(ev).is_ok() {
+            self.waker.wake();
+        }
+    }
+}
+
+/// The delay bound of reconnect attempt `n`: min(cap, base·2ⁿ); the wait is
+/// uniform in [0, bound] (full jitter), so a fleet does not reconnect in step.
+pub fn backoff(base_ms: u64, cap_ms: u64, attempt: usize) -> Duration {
+    let exp = base_ms.saturating_mul(1u64 << attempt.min(30));
+    let bound = exp.min(cap_ms);
+    Duration::from_millis(fastrand::u64(0..=bound))
+}
+
+/// Starts the backbone thread; returns one link per shard.
+pub fn start(
+    cfg: &NatsConfig,
+    prefix: &str,
+    node: &str,
+    shards: usize,
+) -> Result<(Vec<ShardLink>, Arc<NatsState>), String> {
+    let state = Arc::new(NatsState::default());
+    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut links = Vec::with_capacity(shards);
+    let mut txs = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let waker = Arc::new(AtomicWaker::new());
+        txs.push(ShardTx {
+            tx,
+            waker: waker.clone(),
+        });
+        links.push(ShardLink {
+            tx: cmd_tx.clone(),
+            rx,
+            waker,
+            state: state.clone(),
+            prefix: prefix.to_owned(),
+            node: node.to_owned(),
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("backbone: cannot start its runtime: {e}"))?;
+    let cfg = cfg.clone();
+    let prefix = prefix.to_owned();
+    let node = node.to_owned();
+    let st = state.clone();
+    std::thread::Builder::new()
+        .name("backbone".into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(cfg, prefix, node, txs, cmd_rx, st));
+        })
+        .map_err(|e| format!("backbone: cannot start its thread: {e}"))?;
+    Ok((links, state))
+}
+
+async fn connect(
+    cfg: &NatsConfig,
+    node: &str,
+    state: Arc<NatsState>,
+) -> Result<async_nats::Client, String> {
+    let (base, cap) = (cfg.reconnect_base_ms, cfg.reconnect_cap_ms);
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("edgegate {node}"))
+        .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+        .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(move |attempt| {
+            let d = backoff(base, cap, attempt);
+            if attempt > 0 {
+                warn!(attempt, delay_ms = d.as_millis() as u64, "backbone: reconnecting to NATS (exponential backoff, full jitter)");
+            }
+            d
+        })
+        .event_callback(move |ev| {
+            let state = state.clone();
+            async move {
+                match ev {
+                    async_nats::Event::Connected => {
+                        if !state.up.swap(true, Relaxed) {
+                            info!("backbone: connected to NATS");
+                        }
+                    }
+                    async_nats::Event::Disconnected => {
+                        if state.up.swap(false, Relaxed) {
+                            state.reconnects.fetch_add(1, Relaxed);
+                            warn!("backbone: lost NATS; clients stay connected, publishes get backbone_unavailable until it is back");
+                        }
+                    }
+                    other => info!(event = %other, "backbone: NATS event"),
+                }
+            }
+        });
+    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &cfg.token {
+        opts = opts.token(t.clone());
+    }
+    if let Some(f) = &cfg.creds_file {
+        opts = opts
+            .credentials_file(f)
+            .await
+            .map_err(|e| format!("backbone.nats.creds_file = {}: {e}", f.display()))?;
+    }
+    if cfg.tls {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &cfg.ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    let urls: Vec<async_nats::ServerAddr> = cfg
+        .urls
+        .iter()
+        .map(|u| {
+            u.parse()
+                .map_err(|e| format!("backbone.nats.urls: {u:?}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    opts.connect(urls.as_slice())
+        .await
+        .map_err(|e| format!("backbone: cannot connect to NATS: {e}"))
+}
+
+/// Which shards want a subject, and the task holding its subscription.
+struct Interest {
+    shards: Vec<usize>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    live: bool,
+    waiting: Vec<Ack>,
+}
+
+type Table = Rc<RefCell<HashMap<String, Interest>>>;
+
+async fn run(
+    cfg: NatsConfig,
+    prefix: String,
+    node: String,
+    shards: Vec<ShardTx>,
+    mut cmds: tokio::sync::mpsc::UnboundedReceiver<ToNats>,
+    state: Arc<NatsState>,
+) {
+    let client = match connect(&cfg, &node, state.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            // Only a malformed setting gets here (connects are retried):
+            // the node serves nobody's pubs, and says so.
+            tracing::error!(error = %e, "backbone: not started");
+            return;
+        }
+    };
+    let shards = Rc::new(shards);
+    let table: Table = Rc::new(RefCell::new(HashMap::new()));
+    let presence: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    let timeout = Duration::from_millis(cfg.request_timeout_ms);
+
+    // Control: kicks for any user.
+    {
+        let client = client.clone();
+        let shards = shards.clone();
+        let subject = format!("{prefix}.ctl.kick.*");
+        let cut = format!("{prefix}.ctl.kick.");
+        tokio::task::spawn_local(async move {
+            let mut sub = match client.subscribe(subject.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, subject, "backbone: cannot subscribe to kicks");
+                    return;
+                }
+            };
+            while let Some(m) = sub.next().await {
+                if let Some(user) = m.subject.as_str().strip_prefix(&cut) {
+                    for s in shards.iter() {
+                        s.send(FromNats::Kick(user.to_owned()));
+                    }
+                }
+            }
+        });
+    }
+
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        batch.clear();
+        if cmds.recv_many(&mut batch, 1024).await == 0 {
+            return; // every shard is gone
+        }
+        // Coalesce interest changes of this batch per channel: a connect
+        // and a disconnect in the same burst cancel out.
+        let mut interest: Vec<(String, usize, bool, Option<Ack>)> = Vec::new();
+        for cmd in batch.drain(..) {
+            match cmd {
+                ToNats::Publish {
+                    subject,
+                    headers,
+                    payload,
+                    ack,
+                } => {
+                    let ok = client
+                        .publish_with_headers(Subject::from(subject), headers, payload)
+                        .await
+                        .is_ok();
+                    if ok {
+                        state.published.fetch_add(1, Relaxed);
+                    }
+                    if let Some(s) = shards.get(ack.shard) {
+                        s.send(FromNats::PubAck(ack, ok));
+                    }
+                }
+                ToNats::Request {
+                    subject,
+                    headers,
+                    payload,
+                    ack,
+                } => {
+                    let client = client.clone();
+                    let shards = shards.clone();
+                    tokio::task::spawn_local(async move {
+                        let r = tokio::time::timeout(
+                            timeout,
+                            client.request_with_headers(Subject::from(subject), headers, payload),
+                        )
+                        .await;
+                        use async_nats::RequestErrorKind as K;
+                        let result = match r {
+                            Err(_) => Err(ErrCode::Timeout),
+                            Ok(Ok(m)) => Ok(payload_of(m.headers.as_ref(), m.payload)),
+                            Ok(Err(e)) => Err(match e.kind() {
+                                K::NoResponders => ErrCode::NoService,
+                                K::TimedOut => ErrCode::Timeout,
+                                _ => ErrCode::BackboneUnavailable,
+                            }),
+                        };
+                        if let Some(s) = shards.get(ack.shard) {
+                            s.send(FromNats::Reply(ack, result));
+                        }
+                    });
+                }
+                ToNats::Interest {
+                    channel,
+                    shard,
+                    on,
+                    ack,
+                } => {
+                    interest.push((channel, shard, on, ack));
+                }
+                ToNats::Presence { user, delta } => {
+                    let (before, after) = {
+                        let mut p = presence.borrow_mut();
+                        let n = p.entry(user.clone()).or_insert(0);
+                        let before = *n;
+                        *n = n.saturating_add_signed(delta);
+                        let after = *n;
+                        if after == 0 {
+                            p.remove(&user);
+                        }
+                        (before, after)
+                    };
+                    let state_word = match (before, after) {
+                        (0, 1..) => Some("online"),
+                        (1.., 0) => Some("offline"),
+                        _ => None,
+                    };
+                    if let Some(word) = state_word {
+                        let body = serde_json::json!({
+                            "user": user, "state": word, "node": node, "conns": after,
+                        });
+                        let _ = client
+                            .publish(format!("{prefix}.presence.{user}"), body.to_string().into())
+                            .await;
+                    }
+                }
+            }
+        }
+        for (channel, shard, on, ack) in interest {
+            change_interest(
+                &client, &table, &shards, &prefix, &state, channel, shard, on, ack,
+            );
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn change_interest(
+    client: &async_nats::Client,
+    table: &Table,
+    shards: &Rc<Vec<ShardTx>>,
+    prefix: &str,
+    state: &Arc<NatsState>,
+    channel: String,
+    shard: usize,
+    on: bool,
+    ack: Option<Ack>,
+) {
+    let mut t = table.borrow_mut();
+    if on {
+        let entry = t.entry(channel.clone()).or_insert_with(|| Interest {
+            shards: Vec::new(),
+            task: None,
+            live: false,
+            waiting: Vec::new(),
+        });
+        if !entry.shards.contains(&shard) {
+            entry.shards.push(shard);
+        }
+        if let Some(a) = ack {
+            if entry.live {
+                if let Some(s) = shards.get(a.shard) {
+                    s.send(FromNats::SubAck(a));
+                }
+            } else {
+                entry.waiting.push(a);
+            }
+        }
+        if entry.task.is_none() {
+            let Some(subject) = edgegate_proto::channel::parse(&channel)
+                .ok()
+                .map(|c| c.subject(prefix))
+            else {
+                return;
+            };
+            state.subscriptions.fetch_add(1, Relaxed);
+            entry.task = Some(tokio::task::spawn_local(subscription(
+                client.clone(),
+                table.clone(),
+                shards.clone(),
+                state.clone(),
+                channel,
+                subject,
+            )));
+        }
+    } else if let Some(entry) = t.get_mut(&channel) {
+        entry.shards.retain(|&s| s != shard);
+        if entry.shards.is_empty() {
+            if let Some(task) = entry.task.take() {
+                // Dropping the subscriber inside unsubscribes.
+                task.abort();
+                state.subscriptions.fetch_sub(1, Relaxed);
+            }
+            for a in entry.waiting.drain(..) {
+                if let Some(s) = shards.get(a.shard) {
+                    s.send(FromNats::SubAck(a));
+                }
+            }
+            t.remove(&channel);
+        }
+    }
+}
+
+/// Holds one subject's subscription: delivers each message to the shards
+/// interested at that moment.
+async fn subscription(
+    client: async_nats::Client,
+    table: Table,
+    shards: Rc<Vec<ShardTx>>,
+    state: Arc<NatsState>,
+    channel: String,
+    subject: String,
+) {
+    let mut sub = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, subject, "backbone: subscribe failed");
+            return;
+        }
+    };
+    // The SUB is on its way; a flush makes sure the server has it before
+    // anyone is told the subscription is live.
+    let _ = client.flush().await;
+    let waiting = {
+        let mut t = table.borrow_mut();
+        match t.get_mut(&channel) {
+            Some(e) => {
+                e.live = true;
+                std::mem::take(&mut e.waiting)
+            }
+            None => Vec::new(),
+        }
+    };
+    for a in waiting {
+        if let Some(s) = shards.get(a.shard) {
+            s.send(FromNats::SubAck(a));
+        }
+    }
+    while let Some(m) = sub.next().await {
+        state.received.fetch_add(1, Relaxed);
+        let env = Arc::new(message(&channel, m.headers.as_ref(), m.payload));
+        let t = table.borrow();
+        if let Some(e) = t.get(&channel) {
+            for &s in &e.shards {
+                if let Some(tx) = shards.get(s) {
+                    tx.send(FromNats::Deliver(env.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    h.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// A payload from NATS: JSON when `Eg-Enc: json` (or, without `Eg-Enc`, when
+/// the body is JSON text), otherwise opaque bytes.
+fn payload_of(h: Option<&HeaderMap>, body: Bytes) -> Payload {
+    if body.is_empty() {
+        return Payload::None;
+    }
+    let is_json = || serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
+    match header(h, "Eg-Enc") {
+        Some("bin") => Payload::Binary(body),
+        _ if is_json() => Payload::Json(body),
+        _ => Payload::Binary(body),
+    }
+}
+
+/// The `msg` envelope for a message from NATS on `channel`.
+fn message(channel: &str, h: Option<&HeaderMap>, body: Bytes) -> Envelope {
+    let mut env = Envelope::new(Type::Msg);
+    env.ch = Some(channel.to_owned());
+    env.from = Some(header(h, "Eg-From").unwrap_or("svc").to_owned());
+    env.id = header(h, "Eg-Id").and_then(|v| v.parse().ok());
+    env.payload = payload_of(h, body);
+    env
+}
+
+/// Headers of a client publish (PROTOCOL.md §4).
+pub fn publish_headers(
+    user: &str,
+    id: Option<u64>,
+    node: &str,
+    conn: &str,
+    json: bool,
+) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Eg-From", user);
+    if let Some(id) = id {
+        h.insert("Eg-Id", id.to_string().as_str());
+        // JetStream drops a duplicate of the same client message.
+        h.insert("Nats-Msg-Id", format!("{user}:{id}").as_str());
+    }
+    h.insert("Eg-Node", node);
+    h.insert("Eg-Conn", conn);
+    h.insert("Eg-Enc", if json { "json" } else { "bin" });
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_within_a_growing_capped_bound() {
+        for attempt in 0..40 {
+            let bound = (100u64 << attempt.min(30)).min(5_000);
+            for _ in 0..50 {
+                assert!(backoff(100, 5_000, attempt).as_millis() as u64 <= bound);
+            }
+        }
+        // Jitter: not always the same value.
+        let samples: std::collections::HashSet<u128> = (0..50)
+            .map(|_| backoff(100, 5_000, 10).as_millis())
+            .collect();
+        assert!(samples.len() > 5);
+    }
+
+    #[test]
+    fn payload_kind_follows_eg_enc_then_content() {
+        let mut h = HeaderMap::new();
+        h.insert("Eg-Enc", "bin");
+        assert!(matches!(
+            payload_of(Some(&h), Bytes::from_static(b"{}")),
+            Payload::Binary(_)
+        ));
+        assert!(matches!(
+            payload_of(None, Bytes::from_static(b"{\"a\":1}")),
+            Payload::Json(_)
+        ));
+        assert!(matches!(
+            payload_of(None, Bytes::from_static(b"\xff")),
+            Payload::Binary(_)
+        ));
+        let mut j = HeaderMap::new();
+        j.insert("Eg-Enc", "json");
+        assert!(matches!(
+            payload_of(Some(&j), Bytes::from_static(b"not json")),
+            Payload::Binary(_)
+        ));
+    }
+
+    #[test]
+    fn messages_carry_sender_and_id_from_headers() {
+        let h = publish_headers("alice", Some(7), "n1", "n1-0-1", true);
+        let env = message("room:x", Some(&h), Bytes::from_static(b"1"));
+        assert_eq!(env.from.as_deref(), Some("alice"));
+        assert_eq!(env.id, Some(7));
+        assert_eq!(env.ch.as_deref(), Some("room:x"));
+        let svc = message("user:bob", None, Bytes::from_static(b"\"hi\""));
+        assert_eq!(svc.from.as_deref(), Some("svc"));
+        assert_eq!(header(Some(&h), "Nats-Msg-Id"), Some("alice:7"));
+    }
+}
