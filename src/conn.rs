@@ -34,7 +34,8 @@ pub struct ConnLimits {
 }
 
 impl ConnLimits {
-    fn new(now_ms: u64) -> Self {
+    /// Full buckets at `now_ms`.
+    pub fn new(now_ms: u64) -> Self {
         // Full whatever the rate: `Bucket::full` with the largest burst is
         // capped at the real burst on the first refill.
         let any = Rate::new(u64::MAX / 1000, u64::MAX / 1000);
@@ -249,8 +250,6 @@ pub struct Conn {
     /// The verified token's claims (`auth.mode = "jwt"`): one pointer, shared
     /// with nobody, replaced on token refresh.
     pub claims: RefCell<Option<Rc<Claims>>>,
-    /// Inbound rate limits (`[limits] conn_*`).
-    pub limits: RefCell<ConnLimits>,
     close: Cell<Option<CloseReq>>,
     out: RefCell<VecDeque<Out>>,
     out_bytes: Cell<usize>,
@@ -277,7 +276,6 @@ impl Conn {
             pinged_ms: Cell::new(0),
             want_ping: Cell::new(false),
             claims: RefCell::new(None),
-            limits: RefCell::new(ConnLimits::new(now_ms)),
             close: Cell::new(None),
             out: RefCell::new(VecDeque::new()),
             out_bytes: Cell::new(0),
@@ -407,10 +405,10 @@ impl Conn {
 mod size_tests {
     /// An idle connection's record is on the memory budget
     /// (docs/architecture.md): with the `Rc` counts it must stay within
-    /// mimalloc's 320-byte size class.
+    /// mimalloc's 256-byte size class.
     #[test]
     fn conn_fits_its_budget() {
         let n = std::mem::size_of::<super::Conn>();
-        assert!(n + 16 <= 320, "Conn is {n} bytes");
+        assert!(n + 16 <= 256, "Conn is {n} bytes");
     }
 }

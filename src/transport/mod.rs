@@ -19,7 +19,7 @@ use std::time::Duration;
 use edgegate_proto::{DecodeError, Envelope, ErrCode};
 use tracing::debug;
 
-use crate::conn::{CloseReq, Conn, Out, Phase};
+use crate::conn::{CloseReq, Conn, ConnLimits, Out, Phase};
 use crate::session;
 use crate::shard::Shard;
 
@@ -109,7 +109,10 @@ enum End {
 
 /// Runs one connection until it ends, then releases it from the shard.
 pub async fn drive<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W) {
-    let end = poll_fn(|cx| turn(shard, conn, wire, cx)).await;
+    // The inbound rate buckets live in the task, not in `Conn`: only this
+    // task reads them, and the shard-visible record stays small.
+    let mut limits = ConnLimits::new(shard.now_ms());
+    let end = poll_fn(|cx| turn(shard, conn, wire, &mut limits, cx)).await;
     // Boxed, like the upgrade: only a closing connection pays for the
     // close path's state; an idle one carries just the poll above.
     Box::pin(finish(shard, conn, wire, end)).await;
@@ -156,6 +159,7 @@ fn turn<W: Wire>(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     wire: &mut W,
+    limits: &mut ConnLimits,
     cx: &mut Context<'_>,
 ) -> Poll<End> {
     conn.set_waker(cx.waker());
@@ -217,17 +221,17 @@ fn turn<W: Wire>(
                     .messages_in
                     .fetch_add(inbox.len() as u64, Relaxed);
                 let bytes = shard.metrics.bytes_in.load(Relaxed) - bytes_before;
-                let mut limited = Limited::check(shard, conn, bytes);
+                let mut limited = Limited::check(shard, limits, bytes);
                 // Taken, not drained: an idle connection keeps no envelope buffer.
                 for env in std::mem::take(inbox) {
-                    if limited.refuse(shard, conn) {
+                    if limited.refuse(shard, limits) {
                         conn.reply(Envelope::err(
                             env.id,
                             ErrCode::RateLimited,
                             "rate limited: slow down",
                         ));
                         if limited.strikes >= shard.cfg.rate_limited_close_after {
-                            limited.store(conn);
+                            limited.store(limits);
                             return Poll::Ready(End::Close(4004, "rate limited".into()));
                         }
                         budget = budget.saturating_sub(1);
@@ -238,7 +242,7 @@ fn turn<W: Wire>(
                     }
                     budget = budget.saturating_sub(1);
                 }
-                limited.store(conn);
+                limited.store(limits);
                 budget = budget.saturating_sub(1);
                 progress = true;
             }
@@ -266,7 +270,7 @@ struct Limited {
 }
 
 impl Limited {
-    fn check(shard: &Shard, conn: &Conn, bytes: u64) -> Limited {
+    fn check(shard: &Shard, l: &mut ConnLimits, bytes: u64) -> Limited {
         let cfg = &shard.cfg;
         if cfg.conn_msgs.unlimited() && cfg.conn_bytes.unlimited() {
             return Limited {
@@ -276,7 +280,6 @@ impl Limited {
             };
         }
         let now = shard.now_ms();
-        let mut l = conn.limits.borrow_mut();
         // A client that let its buckets refill has slowed down: forgiven.
         if l.strikes > 0
             && l.msgs.is_full(&cfg.conn_msgs, now)
@@ -293,16 +296,11 @@ impl Limited {
     }
 
     /// True when the next envelope must be refused (and counts it).
-    fn refuse(&mut self, shard: &Shard, conn: &Conn) -> bool {
+    fn refuse(&mut self, shard: &Shard, l: &mut ConnLimits) -> bool {
         if !self.active {
             return false;
         }
-        let over = self.over_bytes
-            || !conn
-                .limits
-                .borrow_mut()
-                .msgs
-                .try_take(&shard.cfg.conn_msgs, 1, shard.now_ms());
+        let over = self.over_bytes || !l.msgs.try_take(&shard.cfg.conn_msgs, 1, shard.now_ms());
         if over {
             self.strikes += 1;
             shard.metrics.rate_limited.fetch_add(1, Relaxed);
@@ -310,9 +308,9 @@ impl Limited {
         over
     }
 
-    fn store(&self, conn: &Conn) {
+    fn store(&self, l: &mut ConnLimits) {
         if self.active {
-            conn.limits.borrow_mut().strikes = self.strikes;
+            l.strikes = self.strikes;
         }
     }
 }
