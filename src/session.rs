@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use edgegate_proto::channel::{self, Channel};
-use edgegate_proto::{Envelope, ErrCode, Payload, Type};
+use edgegate_proto::{Envelope, ErrCode, Type};
 use serde::Deserialize;
 
 use crate::auth::{AuthError, Claims, Verifier};
@@ -358,10 +358,7 @@ fn publish(
             return err(conn, id, ErrCode::BadChannel, "bad channel");
         };
         let json = env.payload.is_json();
-        let payload = match env.payload {
-            Payload::None => bytes::Bytes::new(),
-            Payload::Json(b) | Payload::Binary(b) => b,
-        };
+        let payload = env.payload.into_bytes();
         let headers = publish_headers(user, id, &link.node, &shard.conn_name(conn), json);
         let ack = shard.ack(conn, id);
         if !link.send(ToNats::Publish {
@@ -424,10 +421,7 @@ fn request(
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Eg-User", user);
         headers.insert("Eg-Conn", shard.conn_name(conn).as_str());
-        let payload = match env.payload {
-            Payload::None => bytes::Bytes::new(),
-            Payload::Json(b) | Payload::Binary(b) => b,
-        };
+        let payload = env.payload.into_bytes();
         let subject = format!("{}.svc.{name}", link.prefix);
         let ack = shard.ack(conn, env.id);
         if !link.send(ToNats::Request {

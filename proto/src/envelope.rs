@@ -153,6 +153,14 @@ impl Payload {
         }
     }
 
+    /// The payload bytes, owned (empty for [`Payload::None`]); no copy.
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::None => Bytes::new(),
+            Payload::Json(b) | Payload::Binary(b) => b,
+        }
+    }
+
     /// True for [`Payload::None`].
     pub fn is_none(&self) -> bool {
         matches!(self, Payload::None)
