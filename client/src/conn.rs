@@ -670,12 +670,14 @@ impl Connection {
     pub async fn close(mut self) -> Result<()> {
         match &mut self.link {
             Link::Ws(ws) => {
-                let _ = ws
-                    .close(Some(CloseFrame {
-                        code: WsCloseCode::Normal,
-                        reason: "".into(),
-                    }))
-                    .await;
+                // The inherent close (with a close frame), not `SinkExt::close`,
+                // which `Box<WebSocketStream>` also has once futures-sink's
+                // `alloc` feature is on (feature unification in a workspace build).
+                let frame = CloseFrame {
+                    code: WsCloseCode::Normal,
+                    reason: "".into(),
+                };
+                let _ = WebSocketStream::close(&mut **ws, Some(frame)).await;
             }
             Link::Tcp(t) => {
                 let _ = t.flush().await;

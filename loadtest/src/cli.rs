@@ -1,5 +1,4 @@
-//! Command-line interface. Every scenario is a subcommand sharing
-//! [`Common`]; `storm` and `soak` slot in as further subcommands.
+//! Command-line interface. Every scenario is a subcommand sharing [`Common`].
 
 use std::path::PathBuf;
 
@@ -26,9 +25,19 @@ pub enum Scenario {
     Pubsub(PubsubArgs),
     /// One room, K subscribers, P publishers: deliveries per second and latency.
     Fanout(FanoutArgs),
+    /// Reconnect storm: N reconnecting clients; the gateway is drained (SIGTERM)
+    /// or killed, then restarted; time until all are back, peak accept rate,
+    /// reconnect failures.
+    Storm(StormArgs),
+    /// Idle connections plus pubsub traffic for a duration: gateway RSS and
+    /// latency sampled over time, drift reported.
+    Soak(SoakArgs),
     /// Internal: a worker process of `idle` (reports JSON lines on stdout).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Internal: a worker process of `storm` (reports JSON lines on stdout).
+    #[command(hide = true)]
+    StormWorker(StormWorkerArgs),
 }
 
 /// Options every scenario takes.
@@ -40,7 +49,7 @@ pub struct Common {
     /// Envelope encoding: json or bin (tcp is always bin).
     #[arg(long, default_value = "json")]
     pub encoding: Encoding,
-    /// Gateway address (host:port). Default: 127.0.0.1:8080 for ws, 127.0.0.1:7000 for tcp.
+    /// Gateway address (host:port); several, comma-separated, spread the connections over nodes (round robin). Default: 127.0.0.1:8080 for ws, 127.0.0.1:7000 for tcp.
     #[arg(long)]
     pub target: Option<String>,
     /// Gateway admin address, for /metrics (optional).
@@ -55,6 +64,10 @@ pub struct Common {
     /// Write the JSON report here ("-" = stdout, after the table).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Draw latency-over-time and connections-over-time (and the scenario's
+    /// other curves) to this SVG file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// Tokio worker threads in this process.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -67,6 +80,21 @@ pub struct Common {
 }
 
 impl Common {
+    /// With `--target a,b,...` (several gateway nodes, e.g. joined by a
+    /// NATS backbone): the address for connection `i`, round robin.
+    pub fn target_for(&self, i: usize) -> Option<String> {
+        let t = self.target.as_deref()?;
+        if !t.contains(',') {
+            return None;
+        }
+        let all: Vec<&str> = t
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        (!all.is_empty()).then(|| all[i % all.len()].to_owned())
+    }
+
     /// The target address, defaulting per transport.
     pub fn target(&self) -> String {
         self.target.clone().unwrap_or_else(|| match self.transport {
@@ -193,4 +221,151 @@ pub struct WorkerArgs {
     /// Hard bound on the worker's life, seconds.
     #[arg(long)]
     pub max_life_secs: f64,
+}
+
+/// What the storm does to the gateway.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StormAction {
+    /// SIGTERM: the gateway drains (bye 1001 + retry_ms) and exits; then it is restarted.
+    Drain,
+    /// SIGKILL: every socket dies at once; then the gateway is restarted.
+    Kill,
+}
+
+impl StormAction {
+    /// The signal name for `kill -<SIG>`.
+    pub fn signal(self) -> &'static str {
+        match self {
+            StormAction::Drain => "TERM",
+            StormAction::Kill => "KILL",
+        }
+    }
+}
+
+/// `storm` options.
+#[derive(Args, Debug, Clone)]
+pub struct StormArgs {
+    /// Shared options. `--admin` is needed for the accept rate.
+    #[command(flatten)]
+    pub common: Common,
+    /// Reconnecting clients in all.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: u64,
+    /// Initial connects per second, all workers together.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Worker processes (default: one per 5 000 clients).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// drain (SIGTERM) or kill (SIGKILL).
+    #[arg(long, value_enum, default_value = "drain")]
+    pub action: StormAction,
+    /// Start and stop the gateway with this command (run as `sh -c "exec CMD"`);
+    /// it inherits this process's environment plus `--gateway-env`.
+    #[arg(long)]
+    pub gateway_cmd: Option<String>,
+    /// Extra environment for `--gateway-cmd` / `--restart-cmd`, KEY=VALUE (repeatable).
+    #[arg(long = "gateway-env")]
+    pub gateway_env: Vec<String>,
+    /// Where the started gateway's stdout/stderr go (default: a file in /tmp).
+    #[arg(long)]
+    pub gateway_log: Option<PathBuf>,
+    /// With `--gateway-pid` (an external gateway): the command that starts it
+    /// again after the signal (`sh -c "exec CMD"`). The new gateway is left running.
+    #[arg(long)]
+    pub restart_cmd: Option<String>,
+    /// Pause between the old gateway's exit and the restart.
+    #[arg(long, default_value_t = 0.0)]
+    pub restart_delay_secs: f64,
+    /// Longest wait for the old gateway to exit after the signal.
+    #[arg(long, default_value_t = 30.0)]
+    pub exit_timeout_secs: f64,
+    /// Longest wait, from the signal, for every client to be back.
+    #[arg(long, default_value_t = 40.0)]
+    pub recover_secs: f64,
+    /// Seconds between the ramp's end and the signal.
+    #[arg(long, default_value_t = 1.0)]
+    pub settle_secs: f64,
+    /// Seconds to keep sampling after everyone is back.
+    #[arg(long, default_value_t = 1.0)]
+    pub hold_secs: f64,
+    /// Client backoff: bound of the first retry's full-jitter sleep, ms.
+    #[arg(long, default_value_t = 100)]
+    pub backoff_base_ms: u64,
+    /// Client backoff: largest bound, ms.
+    #[arg(long, default_value_t = 5000)]
+    pub backoff_cap_ms: u64,
+    /// Client backoff: give up after this many consecutive failed attempts (default: never).
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Sampling period of /metrics and client counts, ms.
+    #[arg(long, default_value_t = 100)]
+    pub sample_ms: u64,
+}
+
+/// Internal `storm` worker options (the parent passes them).
+#[derive(Args, Debug, Clone)]
+pub struct StormWorkerArgs {
+    /// Shared options.
+    #[command(flatten)]
+    pub common: Common,
+    /// Worker index (user ids are `ls<index>x<n>`).
+    #[arg(long)]
+    pub index: u32,
+    /// Clients for this worker.
+    #[arg(long)]
+    pub clients: u64,
+    /// Initial connects per second for this worker.
+    #[arg(long)]
+    pub rate: f64,
+    /// Backoff base, ms.
+    #[arg(long)]
+    pub backoff_base_ms: u64,
+    /// Backoff cap, ms.
+    #[arg(long)]
+    pub backoff_cap_ms: u64,
+    /// Backoff attempt limit.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Progress line period, ms.
+    #[arg(long, default_value_t = 100)]
+    pub report_ms: u64,
+    /// Hard bound on the worker's life, seconds.
+    #[arg(long)]
+    pub max_life_secs: f64,
+}
+
+/// `soak` options.
+#[derive(Args, Debug, Clone)]
+pub struct SoakArgs {
+    /// Shared options.
+    #[command(flatten)]
+    pub common: Common,
+    /// Idle connections held for the whole run (in this process: ≤ 15 000).
+    #[arg(long, default_value_t = 1000)]
+    pub idle: u64,
+    /// Pubsub pairs (2 × pairs more connections) exchanging direct messages.
+    #[arg(long, default_value_t = 50)]
+    pub pairs: u64,
+    /// Messages per second, all publishers together.
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// Seconds of traffic.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Sampling period for RSS, CPU, connections and latency, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub sample_secs: f64,
+    /// Padding bytes added to each payload.
+    #[arg(long, default_value_t = 0)]
+    pub size: usize,
+    /// Seconds to wait for outstanding deliveries after publishing stops.
+    #[arg(long, default_value_t = 3.0)]
+    pub drain_secs: f64,
+    /// Connections opened per second during setup.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Random seed for pair selection.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }

@@ -13,13 +13,20 @@
 //! - `fanout` — one room, K subscribers, P publishers; deliveries per second
 //!   and latency.
 //!
-//! `storm` (connect/disconnect churn) and `soak` fit as further subcommands
-//! sharing [`cli::Common`].
+//! - `storm` — N reconnecting clients; the gateway is drained or killed and
+//!   restarted; time until all are back, peak accept rate, reconnect
+//!   failures.
+//! - `soak` — idle connections plus pubsub traffic for a duration; RSS and
+//!   latency sampled over time, drift reported.
+//!
+//! Every scenario can draw its time series (latency, connections, …) to an
+//! SVG chart with `--svg FILE`.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod gateway;
 pub mod ips;
 pub mod pacer;
 pub mod payload;
@@ -27,6 +34,9 @@ pub mod peer;
 pub mod procfs;
 pub mod report;
 pub mod scenario;
+pub mod series;
+pub mod storm_worker;
+pub mod svg;
 pub mod track;
 pub mod worker;
 

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Parser;
 use edgegate_loadtest::cli::{Cli, Scenario};
-use edgegate_loadtest::{scenario, worker};
+use edgegate_loadtest::{scenario, storm_worker, worker};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -12,6 +12,9 @@ fn main() -> Result<()> {
         Scenario::Pubsub(a) => a.common.threads,
         Scenario::Fanout(a) => a.common.threads,
         Scenario::Worker(a) => a.common.threads,
+        Scenario::StormWorker(a) => a.common.threads,
+        Scenario::Storm(a) => a.common.threads,
+        Scenario::Soak(a) => a.common.threads,
     };
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -25,21 +28,31 @@ fn main() -> Result<()> {
     };
     edgegate_loadtest::peer::now_ns();
     rt.block_on(async move {
-        let (report, json) = match cli.scenario {
+        let out = |c: &edgegate_loadtest::cli::Common| (c.json.clone(), c.svg.clone());
+        let (report, (json, svg)) = match cli.scenario {
             Scenario::Worker(a) => return worker::run(a).await,
+            Scenario::StormWorker(a) => return storm_worker::run(a).await,
             Scenario::Idle(a) => {
-                let j = a.common.json.clone();
-                (scenario::idle::run(a).await?, j)
+                let o = out(&a.common);
+                (scenario::idle::run(a).await?, o)
             }
             Scenario::Pubsub(a) => {
-                let j = a.common.json.clone();
-                (scenario::pubsub::run(a).await?, j)
+                let o = out(&a.common);
+                (scenario::pubsub::run(a).await?, o)
             }
             Scenario::Fanout(a) => {
-                let j = a.common.json.clone();
-                (scenario::fanout::run(a).await?, j)
+                let o = out(&a.common);
+                (scenario::fanout::run(a).await?, o)
+            }
+            Scenario::Storm(a) => {
+                let o = out(&a.common);
+                (scenario::storm::run(a).await?, o)
+            }
+            Scenario::Soak(a) => {
+                let o = out(&a.common);
+                (scenario::soak::run(a).await?, o)
             }
         };
-        report.emit(json.as_deref())
+        report.emit(json.as_deref(), svg.as_deref())
     })
 }

@@ -46,6 +46,8 @@ pub struct Counters {
     pub received: AtomicU64,
     /// Sessions that ended during the run.
     pub disconnects: AtomicU64,
+    /// Latency per time bucket, for the charts.
+    pub timeline: crate::series::Timeline,
 }
 
 /// Opens one session per user at `rate` per second; `setup` runs on each
@@ -75,7 +77,12 @@ where
         for _ in 0..due {
             let Some((i, u)) = users.next() else { break };
             let src = (!ips.is_empty()).then(|| ips[i % ips.len()]);
-            let cfg = config(common, u, src);
+            let mut cfg = config(common, u, src);
+            // Several gateways (--target a,b): connection i goes to the
+            // i-th in turn, so pair members sit on different nodes.
+            if let Some(t) = common.target_for(i) {
+                cfg.addr = t;
+            }
             let setup = setup.clone();
             set.spawn(async move {
                 let r = match Connection::connect(&cfg).await {
@@ -174,6 +181,7 @@ pub async fn run_peer(
                             Some(st) => {
                                 let us = (now.saturating_sub(st.t) / 1000).max(1);
                                 let _ = stats.deliveries.latency.record(us);
+                                counters.timeline.record(now, us);
                                 tracks.entry(st.p).or_default().record(st.s);
                             }
                             None => stats.deliveries.malformed += 1,

@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 pub struct Report {
     json: Map<String, Value>,
     rows: Vec<(String, String)>,
+    chart: Option<crate::series::Chart>,
 }
 
 impl Report {
@@ -23,7 +24,42 @@ impl Report {
         Report {
             json,
             rows: Vec::new(),
+            chart: None,
         }
+    }
+
+    /// Attaches the run's time series (JSON field `timeseries`, and the `--svg` chart).
+    pub fn set_chart(&mut self, chart: crate::series::Chart) {
+        self.json.insert("timeseries".into(), chart.to_json());
+        self.chart = Some(chart);
+    }
+
+    /// The SVG chart of the time series (empty panels when none were recorded).
+    pub fn svg(&self) -> String {
+        let scenario = self
+            .json
+            .get("scenario")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let params = self
+            .json
+            .get("params")
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let m = self.json.get("machine").cloned().unwrap_or(Value::Null);
+        let sub = format!(
+            "{} CPUs ({}), load {} at start; the gateway and the harness share these CPUs\n{}",
+            m["cpus"],
+            m["cpu_model"].as_str().unwrap_or(""),
+            m["loadavg_at_start"].as_str().unwrap_or(""),
+            params.chars().take(140).collect::<String>()
+        );
+        let empty = crate::series::Chart::default();
+        crate::svg::render(
+            self.chart.as_ref().unwrap_or(&empty),
+            &format!("loadtest {scenario}"),
+            &sub,
+        )
     }
 
     /// Sets a JSON field.
@@ -62,10 +98,14 @@ impl Report {
         s
     }
 
-    /// Prints the table to stdout and writes the JSON where asked.
-    pub fn emit(&self, json_path: Option<&Path>) -> Result<()> {
+    /// Prints the table to stdout and writes the JSON and the SVG chart where asked.
+    pub fn emit(&self, json_path: Option<&Path>, svg_path: Option<&Path>) -> Result<()> {
         let mut out = std::io::stdout().lock();
         out.write_all(self.table().as_bytes())?;
+        if let Some(p) = svg_path {
+            std::fs::write(p, self.svg())?;
+            writeln!(out, "SVG chart: {}", p.display())?;
+        }
         match json_path {
             Some(p) if p == Path::new("-") => {
                 writeln!(out, "{}", serde_json::to_string_pretty(&self.to_json())?)?;

@@ -2,7 +2,9 @@
 //! the rate, holds them, and talks to the parent in JSON lines.
 //!
 //! stdout (worker → parent), one JSON object per line, field `ev`:
-//! `progress` {connected, failed, alive} every 250 ms during the ramp;
+//! `progress` {connected, failed, alive, connect_n, connect_p50_ms,
+//! connect_p99_ms (connects completed since the last line)} every 250 ms
+//! during the ramp;
 //! `ramped` {connected, failed, alive, secs, errors}; `status` {alive,
 //! dropped, drop_reasons} when asked; `done` {…} before exiting.
 //! stdin (parent → worker), one word per line: `status`, `close`.
@@ -31,6 +33,8 @@ struct State {
     done: AtomicU64,
     errors: Mutex<HashMap<String, u64>>,
     drops: Mutex<HashMap<String, u64>>,
+    /// Connect + handshake + welcome times since the last progress line (µs).
+    connect_us: Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
 
 fn emit(v: serde_json::Value) {
@@ -75,6 +79,7 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
                 let st = st.clone();
                 let mut stop = stop_rx.clone();
                 tokio::spawn(async move {
+                    let t_conn = Instant::now();
                     let conn = tokio::select! {
                         r = edgegate_client::Connection::connect(&cfg) => r,
                         _ = stop.changed() => return,
@@ -90,6 +95,10 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
                     };
                     st.connected.fetch_add(1, Relaxed);
                     st.alive.fetch_add(1, Relaxed);
+                    if let Ok(mut g) = st.connect_us.lock() {
+                        let h = g.get_or_insert_with(crate::track::new_histogram);
+                        let _ = h.record((t_conn.elapsed().as_micros() as u64).max(1));
+                    }
                     loop {
                         tokio::select! {
                             r = conn.recv() => if let Err(e) = r {
@@ -114,9 +123,18 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
         }
         if last_progress.elapsed() >= Duration::from_millis(250) {
             last_progress = Instant::now();
+            let (n, p50, p99) = match st.connect_us.lock().ok().and_then(|mut g| g.take()) {
+                Some(h) => (
+                    h.len(),
+                    h.value_at_quantile(0.5) as f64 / 1000.0,
+                    h.value_at_quantile(0.99) as f64 / 1000.0,
+                ),
+                None => (0, 0.0, 0.0),
+            };
             emit(
                 json!({"ev": "progress", "connected": st.connected.load(Relaxed),
-                "failed": st.failed.load(Relaxed), "alive": st.alive.load(Relaxed)}),
+                "failed": st.failed.load(Relaxed), "alive": st.alive.load(Relaxed),
+                "connect_n": n, "connect_p50_ms": p50, "connect_p99_ms": p99}),
             );
         }
         let all_done = finished >= a.connections;

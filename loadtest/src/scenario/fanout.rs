@@ -33,6 +33,9 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let k = a.subscribers;
     let p = a.publishers.max(1);
     let pb = peer::bar(c.quiet, k + p, "connect");
+    let mut chart = crate::series::Chart::new(Instant::now());
+    let chart_ns0 = peer::now_ns();
+    crate::scenario::sample_basic(&mut chart, gw, 0);
     let t_setup = Instant::now();
     let subs_users: Vec<String> = (0..k).map(|i| format!("lt-fs-{i}")).collect();
     let r2 = room.clone();
@@ -45,6 +48,8 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         peer::connect_all(c, pub_users, a.connect_rate, &pb, |c| async move { Ok(c) }).await?;
     pb.finish_and_clear();
     let setup_secs = t_setup.elapsed().as_secs_f64();
+    crate::scenario::sample_basic(&mut chart, gw, k + p);
+    chart.mark("connected");
 
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -92,6 +97,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let mut pacer = Pacer::new(a.rate, Some((a.rate * a.duration).round() as u64));
     let t0 = Instant::now();
     let limit = Duration::from_secs_f64(a.duration);
+    let mut last_sample = Instant::now();
     let mut next = 0usize;
     let mut per: HashMap<usize, u32> = HashMap::new();
     while t0.elapsed() < limit && !pacer.done() {
@@ -107,6 +113,11 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         }
         pb.set_position((t0.elapsed().as_secs_f64() * 10.0) as u64);
         pb.set_message(status_line(&counters));
+        if last_sample.elapsed() >= Duration::from_millis(250) {
+            last_sample = Instant::now();
+            let open = (k + p).saturating_sub(counters.disconnects.load(Relaxed));
+            crate::scenario::sample_basic(&mut chart, gw, open);
+        }
     }
     drop(senders);
     let publish_secs = t0.elapsed().as_secs_f64();
@@ -126,6 +137,9 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         Some(ad) => crate::admin::snapshot(ad).await,
         None => None,
     };
+    let open = (k + p).saturating_sub(counters.disconnects.load(Relaxed));
+    crate::scenario::sample_basic(&mut chart, gw, open);
+    chart.mark("drained");
     let _ = stop_tx.send(true);
 
     let mut d = Deliveries::default();
@@ -218,5 +232,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     );
     r.row("gateway CPU", opt(gw_pct, 1, " % of one core"));
     r.row("harness CPU", opt(me_pct, 1, " % of one core"));
+    counters.timeline.chart_into(&mut chart, chart_ns0, "");
+    r.set_chart(chart);
     Ok(r)
 }

@@ -30,7 +30,7 @@ struct Worker {
     pid: u32,
 }
 
-fn worker_args(c: &Common) -> Vec<String> {
+pub(crate) fn worker_args(c: &Common) -> Vec<String> {
     let mut v = vec![
         "--transport".into(),
         c.transport.name().into(),
@@ -50,7 +50,7 @@ fn worker_args(c: &Common) -> Vec<String> {
     v
 }
 
-fn cpu_sum(pids: &[u32]) -> f64 {
+pub(crate) fn cpu_sum(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| procfs::cpu_secs(*p)).sum()
 }
 
@@ -78,7 +78,9 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
         eprintln!("no gateway pid (pass --gateway-pid): RSS and CPU of the gateway not measured");
     }
     // Baseline before connecting.
+    let mut chart = crate::series::Chart::new(Instant::now());
     let base_rss = gw.and_then(procfs::rss_kib);
+    crate::scenario::sample_basic(&mut chart, gw, 0);
     let base_metrics = match &c.admin {
         Some(ad) => crate::admin::snapshot(ad).await,
         None => None,
@@ -132,6 +134,7 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
     let pb = crate::peer::bar(c.quiet, n, "ramp");
     let mut progress: HashMap<usize, (u64, u64)> = HashMap::new();
     let mut ramped: HashMap<usize, Value> = HashMap::new();
+    let mut alive_by: HashMap<usize, u64> = HashMap::new();
     let ramp_deadline = Duration::from_secs_f64(max_ramp + c.connect_timeout_secs + 10.0);
     while ramped.len() < ws.len() {
         let left = ramp_deadline.saturating_sub(t0.elapsed());
@@ -149,6 +152,23 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
         let (ok, bad) = progress
             .values()
             .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+        if v["ev"] == "progress" {
+            let alive: u64 = alive_by.values().sum::<u64>()
+                - alive_by.get(&i).copied().unwrap_or(0)
+                + v["alive"].as_u64().unwrap_or(0);
+            alive_by.insert(i, v["alive"].as_u64().unwrap_or(0));
+            crate::scenario::sample_basic(&mut chart, gw, alive);
+            if v["connect_n"].as_u64().unwrap_or(0) > 0 {
+                for (k, name) in [
+                    ("connect_p50_ms", "connect p50"),
+                    ("connect_p99_ms", "connect p99"),
+                ] {
+                    if let Some(x) = v[k].as_f64() {
+                        chart.push(crate::series::panel::LATENCY, &format!("{name} (w{i})"), x);
+                    }
+                }
+            }
+        }
         pb.set_position(ok + bad);
         pb.set_message(format!("ok {ok} failed {bad}"));
     }
@@ -177,6 +197,8 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
         }
     }
 
+    crate::scenario::sample_basic(&mut chart, gw, connected);
+    chart.mark("ramped");
     // Settle, then hold and measure.
     tokio::time::sleep(Duration::from_secs_f64(a.settle_secs)).await;
     let gw_hold = CpuMeter::start(gw);
@@ -188,6 +210,7 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
         let left = a.hold_secs - th.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs_f64(left.clamp(0.0, 1.0))).await;
         pb.set_position(th.elapsed().as_secs());
+        crate::scenario::sample_basic(&mut chart, gw, connected);
     }
     pb.finish_and_clear();
     let hold_wall = th.elapsed().as_secs_f64();
@@ -346,6 +369,7 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
             opt(gw_hold_pct, 2, " %")
         ),
     );
+    r.set_chart(chart);
     r.row(
         "harness CPU ramp / hold",
         format!("{harness_ramp_pct:.1} % / {harness_hold_pct:.2} % of one core (all workers + parent); workers RSS {worker_rss} KiB"),

@@ -3,6 +3,8 @@
 pub mod fanout;
 pub mod idle;
 pub mod pubsub;
+pub mod soak;
+pub mod storm;
 
 use std::time::{Duration, Instant};
 
@@ -44,4 +46,13 @@ pub fn status_line(c: &Counters) -> String {
         c.errors.load(Relaxed),
         c.disconnects.load(Relaxed)
     )
+}
+
+/// Appends the harness's open-connection count and the gateway's RSS at now.
+pub fn sample_basic(chart: &mut crate::series::Chart, gw: Option<u32>, open: u64) {
+    use crate::series::panel;
+    chart.push(panel::CONNECTIONS, "open (harness)", open as f64);
+    if let Some(r) = gw.and_then(crate::procfs::rss_kib) {
+        chart.push(panel::RSS, "gateway RSS", r as f64 / 1024.0);
+    }
 }

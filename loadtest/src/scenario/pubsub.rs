@@ -29,11 +29,16 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
     let n = a.pairs * 2;
     let gw = gateway_pid(c.gateway_pid);
     let users: Vec<String> = (0..n).map(|i| format!("lt-ps-{i}")).collect();
+    let mut chart = crate::series::Chart::new(Instant::now());
+    let chart_ns0 = peer::now_ns();
+    crate::scenario::sample_basic(&mut chart, gw, 0);
     let pb = peer::bar(c.quiet, n, "connect");
     let t_setup = Instant::now();
     let conns = peer::connect_all(c, users, a.connect_rate, &pb, |c| async move { Ok(c) }).await?;
     pb.finish_and_clear();
     let setup_secs = t_setup.elapsed().as_secs_f64();
+    crate::scenario::sample_basic(&mut chart, gw, n);
+    chart.mark("connected");
 
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -67,6 +72,7 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
     let mut pacer = Pacer::new(a.rate, Some((a.rate * a.duration).round() as u64));
     let t0 = Instant::now();
     let limit = Duration::from_secs_f64(a.duration);
+    let mut last_sample = Instant::now();
     let mut per: HashMap<usize, u32> = HashMap::new();
     while t0.elapsed() < limit && !pacer.done() {
         tokio::time::sleep(pacer.tick()).await;
@@ -82,6 +88,11 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
         }
         pb.set_position((t0.elapsed().as_secs_f64() * 10.0) as u64);
         pb.set_message(status_line(&counters));
+        if last_sample.elapsed() >= Duration::from_millis(250) {
+            last_sample = Instant::now();
+            let open = (n).saturating_sub(counters.disconnects.load(Relaxed));
+            crate::scenario::sample_basic(&mut chart, gw, open);
+        }
     }
     drop(senders);
     let publish_secs = t0.elapsed().as_secs_f64();
@@ -103,6 +114,9 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
         Some(ad) => crate::admin::snapshot(ad).await,
         None => None,
     };
+    let open = (n).saturating_sub(counters.disconnects.load(Relaxed));
+    crate::scenario::sample_basic(&mut chart, gw, open);
+    chart.mark("drained");
     let _ = stop_tx.send(true);
 
     let mut d = Deliveries::default();
@@ -183,5 +197,7 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
     );
     r.row("gateway CPU", opt(gw_pct, 1, " % of one core"));
     r.row("harness CPU", opt(me_pct, 1, " % of one core"));
+    counters.timeline.chart_into(&mut chart, chart_ns0, "");
+    r.set_chart(chart);
     Ok(r)
 }
