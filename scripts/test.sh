@@ -67,6 +67,8 @@ cargo test --workspace
 # ---------------------------------------------------------------- 4. pytest
 step "pytest tests/python"
 export EDGEGATE_BIN=${EDGEGATE_BIN:-$ROOT/target/debug/edgegate}
+# The NATS tests skip only where the backbone is missing; here it must be there.
+export EG_REQUIRE_NATS=${EG_REQUIRE_NATS:-1}
 failed=()
 # shellcheck disable=SC2086
 .venv/bin/python -m pytest tests/python -q ${EG_PYTEST_ARGS:-} || failed+=("pytest")

@@ -535,7 +535,8 @@ async def test_cluster_failover_moves_gateway(nats_cluster, gateway):
     assert_alive([ua, ub])
     assert ga.metric("edgegate_backbone_reconnects_total") > 0
     assert ga.proc.poll() is None and gb.proc.poll() is None
-    print(f"failover of gateway a: {failover_s:.2f}s")
+    print(f"failover of gateway a: {failover_s:.2f}s (a on {host_a.name}, b on {host_b.name}, "
+          f"b started {attempt + 1}x)")
 
 
 # --------------------------------------------------------------------------
@@ -591,6 +592,11 @@ async def test_chaos_kill9_nats_clients_survive(nats_server, gateway):
     assert r["t"] == "err" and r.get("code") == "backbone_unavailable", r
     r = await cb[1].call("pub", ch=f"user:{ca[1].user}", d={"phase": "outage"}, timeout=5)
     assert r["t"] == "err" and r.get("code") == "backbone_unavailable", r
+    # a svc request during the outage is answered too (not left hanging)
+    t0 = time.monotonic()
+    r = await ca[2].call("req", ch="svc:anything", d={"phase": "outage"}, timeout=5)
+    assert r["t"] == "err" and r.get("code") in ("backbone_unavailable", "timeout"), r
+    assert time.monotonic() - t0 < 2.5, f"req during the outage answered after {time.monotonic() - t0:.2f}s"
     await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - t_kill)))
     assert ga.proc.poll() is None and gb.proc.poll() is None, "a gateway died with NATS"
 
