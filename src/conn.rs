@@ -352,13 +352,12 @@ impl Conn {
         let framing = self.framing.get();
         let mut q = self.out.borrow_mut();
         let mut n = 0;
-        while let Some(item) = q.front() {
-            if n > 0 && buf.len() + item.approx_len() > max {
+        while let Some(len) = q.front().map(Out::approx_len) {
+            if n > 0 && buf.len() + len > max {
                 break;
             }
-            let item = q.pop_front().expect("front() was Some"); // invariant: just peeked
-            self.out_bytes
-                .set(self.out_bytes.get().saturating_sub(item.approx_len()));
+            let Some(item) = q.pop_front() else { break };
+            self.out_bytes.set(self.out_bytes.get().saturating_sub(len));
             item.write(framing, buf);
             n += 1;
         }
