@@ -1,9 +1,9 @@
 //! # edgegate: the edge tier of a chat system
 //!
 //! edgegate holds very many long-lived client connections (WebSocket and
-//! raw TCP; TLS and QUIC follow) close to users, keeps them alive with
-//! heartbeats, and moves messages between them and the backbone where the
-//! core services live. It keeps no durable state.
+//! raw TCP, each optionally over TLS: [`tls`]; QUIC) close to users, keeps
+//! them alive with heartbeats, and moves messages between them and the
+//! backbone where the core services live. It keeps no durable state.
 //!
 //! ## Design
 //!
@@ -45,4 +45,5 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod timer;
+pub mod tls;
 pub mod transport;

@@ -6,11 +6,13 @@
 //! and the number of sockets being refused at once is itself bounded, so a
 //! flood cannot exhaust file descriptors.
 
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgegate_proto::Envelope;
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::StaticPermit;
 use tracing::{debug, warn};
@@ -18,6 +20,8 @@ use tracing::{debug, warn};
 use crate::conn::{CloseReq, Conn, Framing, Out};
 use crate::metrics::Transport;
 use crate::shard::Shard;
+use crate::tls::{TlsAcceptorHandle, TlsStream};
+use crate::transport::quic::QuicWire;
 use crate::transport::tcp::TcpWire;
 use crate::transport::ws::{self, Route, WsWire};
 use crate::transport::{self, Wire};
@@ -26,14 +30,17 @@ use crate::transport::{self, Wire};
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Transport) {
     let mut errors = 0u32;
     loop {
-        // WebSocket: take a handshake permit before accepting, so that at
-        // most MAX_HANDSHAKES upgrades are in flight on this shard.
-        let permit = match transport {
-            Transport::Ws => match shard.handshakes.acquire_static_permit(1).await {
+        // WebSocket and TLS: take a handshake permit before accepting, so
+        // that at most MAX_HANDSHAKES upgrades and TLS handshakes are in
+        // flight on this shard.
+        let tls = tls_of(&shard, transport);
+        let permit = if transport == Transport::Ws || tls.is_some() {
+            match shard.handshakes.acquire_static_permit(1).await {
                 Ok(p) => Some(p),
                 Err(_) => return, // closed: draining
-            },
-            _ => None,
+            }
+        } else {
+            None
         };
         let stop = shard.stop.clone();
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -74,11 +81,15 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
         };
         // One task per connection, its future specific to the transport, so
         // an idle TCP connection does not carry WebSocket state.
-        let task = match (refusal, transport) {
-            (None, Transport::Ws) => glommio::spawn_local(serve_ws(slot, stream, permit)),
-            (None, _) => glommio::spawn_local(serve_tcp(slot, stream)),
-            (Some((code, reason)), _) => {
-                glommio::spawn_local(refuse(slot, stream, permit, code, reason))
+        let task = match (refusal, transport, tls) {
+            (None, Transport::Ws, None) => glommio::spawn_local(serve_ws(slot, stream, permit)),
+            (None, Transport::Ws, Some(tls)) => {
+                glommio::spawn_local(serve_wss(slot, stream, permit, tls))
+            }
+            (None, _, None) => glommio::spawn_local(serve_tcp(slot, stream)),
+            (None, _, Some(tls)) => glommio::spawn_local(serve_tcp_tls(slot, stream, permit, tls)),
+            (Some((code, reason)), _, tls) => {
+                glommio::spawn_local(refuse(slot, stream, permit, tls, code, reason))
             }
         };
         task.detach();
@@ -126,12 +137,107 @@ async fn serve_tcp(slot: Slot, stream: TcpStream) {
     shard.release(&conn);
 }
 
+/// The TLS settings of `transport`'s listener on this shard, if it speaks TLS.
+fn tls_of(shard: &Shard, transport: Transport) -> Option<TlsAcceptorHandle> {
+    match transport {
+        Transport::Ws => shard.cfg.tls_ws.clone(),
+        Transport::Tcp => shard.cfg.tls_tcp.clone(),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// The TLS handshake, bounded by `budget` (part of the hello timeout).
+/// Failures and timeouts count as handshake failures.
+async fn tls_handshake(
+    shard: &Shard,
+    tls: &TlsAcceptorHandle,
+    stream: TcpStream,
+    peer: SocketAddr,
+    budget: Duration,
+) -> Option<TlsStream<TcpStream>> {
+    // Boxed: rustls' handshake state is large and short-lived.
+    let hs = Box::pin(glommio::timer::timeout(budget, async {
+        Ok(tls.accept(stream).await)
+    }))
+    .await;
+    match hs {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake failed");
+            shard.metrics.handshake_failures.fetch_add(1, Relaxed);
+            None
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            shard.metrics.handshake_failures.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+/// What is left of the hello timeout since `start`.
+fn left(shard: &Shard, start: Instant) -> Duration {
+    Duration::from_millis(shard.cfg.hello_ms).saturating_sub(start.elapsed())
+}
+
+async fn serve_tcp_tls(
+    slot: Slot,
+    stream: TcpStream,
+    permit: Option<StaticPermit>,
+    tls: TlsAcceptorHandle,
+) {
+    let shard = &slot.shard;
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let hello = Duration::from_millis(shard.cfg.hello_ms);
+    let tls_stream = tls_handshake(shard, &tls, stream, peer, hello).await;
+    drop(permit);
+    let Some(tls_stream) = tls_stream else {
+        return;
+    };
+    let conn = shard.register(Transport::Tcp, peer);
+    let mut wire = TcpWire::new(tls_stream, shard.cfg.max_frame);
+    transport::drive(shard, &conn, &mut wire).await;
+    shard.release(&conn);
+}
+
+async fn serve_wss(
+    slot: Slot,
+    stream: TcpStream,
+    permit: Option<StaticPermit>,
+    tls: TlsAcceptorHandle,
+) {
+    let shard = &slot.shard;
+    let start = Instant::now();
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let Some(tls_stream) = tls_handshake(shard, &tls, stream, peer, left(shard, start)).await
+    else {
+        return;
+    };
+    // The upgrade reads through TLS, in what is left of the hello timeout.
+    let upgraded = Box::pin(upgrade(shard, tls_stream, peer, left(shard, start))).await;
+    drop(permit);
+    let Some((conn, mut wire)) = upgraded else {
+        return;
+    };
+    transport::drive(shard, &conn, &mut wire).await;
+    shard.release(&conn);
+}
+
 async fn serve_ws(slot: Slot, stream: TcpStream, permit: Option<StaticPermit>) {
     let shard = &slot.shard;
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let hello = Duration::from_millis(shard.cfg.hello_ms);
     // The upgrade runs in its own boxed future: its state is large and
     // short-lived, and inline it would stay in the connection's task for the
     // connection's whole life.
-    let upgraded = Box::pin(upgrade(shard, stream)).await;
+    let upgraded = Box::pin(upgrade(shard, stream, peer, hello)).await;
     drop(permit);
     let Some((conn, mut wire)) = upgraded else {
         return;
@@ -143,9 +249,12 @@ async fn serve_ws(slot: Slot, stream: TcpStream, permit: Option<StaticPermit>) {
 /// The WebSocket upgrade, bounded by the hello timeout (a socket that never
 /// sends its HTTP request is closed, not kept). Serves the echo endpoint
 /// itself; for a session returns the registered connection and its wire.
-async fn upgrade(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<(Rc<Conn>, WsWire)> {
-    let peer = stream.peer_addr().ok()?;
-    let hello = Duration::from_millis(shard.cfg.hello_ms);
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Rc<Shard>,
+    mut stream: S,
+    peer: SocketAddr,
+    hello: Duration,
+) -> Option<(Rc<Conn>, WsWire<S>)> {
     let accepted = glommio::timer::timeout(hello, async {
         Ok(ws::accept(&mut stream, &shard.cfg).await)
     })
@@ -202,6 +311,7 @@ async fn refuse(
     slot: Slot,
     stream: TcpStream,
     _permit: Option<StaticPermit>,
+    tls: Option<TlsAcceptorHandle>,
     code: u16,
     reason: &'static str,
 ) {
@@ -219,8 +329,43 @@ async fn refuse(
     };
     let bye = Envelope::bye(code, reason, Some(retry));
     shard.metrics.close(code);
-    let hello = Duration::from_millis(shard.cfg.hello_ms);
-    let _ = glommio::timer::timeout(hello, async {
+    let start = Instant::now();
+    match tls {
+        None => {
+            say_bye(
+                shard,
+                transport,
+                stream,
+                bye,
+                code,
+                reason,
+                left(shard, start),
+            )
+            .await
+        }
+        Some(tls) => {
+            // On a TLS port the answer goes through TLS too.
+            if let Ok(peer) = stream.peer_addr()
+                && let Some(s) = tls_handshake(shard, &tls, stream, peer, left(shard, start)).await
+            {
+                say_bye(shard, transport, s, bye, code, reason, left(shard, start)).await;
+            }
+        }
+    }
+    node.refusing.fetch_sub(1, AcqRel);
+}
+
+/// Sends `bye` on a refused socket, in the transport's framing, within `budget`.
+async fn say_bye<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Shard,
+    transport: Transport,
+    stream: S,
+    bye: Envelope,
+    code: u16,
+    reason: &'static str,
+    budget: Duration,
+) {
+    let _ = glommio::timer::timeout(budget, async {
         match transport {
             Transport::Ws => {
                 let mut stream = stream;
@@ -245,5 +390,88 @@ async fn refuse(
         Ok(())
     })
     .await;
-    node.refusing.fetch_sub(1, AcqRel);
+}
+
+/// Accepts QUIC connections on this shard's endpoint until the drain
+/// begins. Each connection attempt takes a handshake permit (like a
+/// WebSocket upgrade) and a slot in the node's count; over a limit, the
+/// client still completes its handshake and opens its stream, so that it
+/// gets `bye` 4007 with `retry_ms` and a CONNECTION_CLOSE with code 4007.
+pub async fn quic_accept_loop(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
+    loop {
+        let permit = match shard.handshakes.acquire_static_permit(1).await {
+            Ok(p) => p,
+            Err(_) => return, // closed: draining
+        };
+        let stop = shard.stop.clone();
+        let incoming = futures_lite::future::or(async { endpoint.accept().await }, async {
+            let _ = stop.acquire(1).await; // fails (returns) once the drain begins
+            None
+        })
+        .await;
+        let Some(incoming) = incoming else {
+            return; // draining, or the endpoint closed
+        };
+        let slot = Slot::take(&shard, Transport::Quic);
+        let refusal = if !slot.admitted {
+            shard.metrics.refused_max_conn[Transport::Quic as usize].fetch_add(1, Relaxed);
+            Some((4007, "overloaded: connection limit"))
+        } else {
+            shard.admit(incoming.remote_address().ip()).err()
+        };
+        glommio::spawn_local(serve_quic(slot, incoming, permit, refusal)).detach();
+    }
+}
+
+async fn serve_quic(
+    slot: Slot,
+    incoming: quinn::Incoming,
+    permit: StaticPermit,
+    refusal: Option<(u16, &'static str)>,
+) {
+    let shard = &slot.shard;
+    let node = &shard.node;
+    if refusal.is_some() && node.refusing.fetch_add(1, AcqRel) >= node.max_refusing {
+        // Too many polite answers in flight already: refuse at the QUIC level.
+        node.refusing.fetch_sub(1, AcqRel);
+        incoming.refuse();
+        return;
+    }
+    let hello = Duration::from_millis(shard.cfg.hello_ms);
+    let accepted = QuicWire::accept(incoming, hello, shard.cfg.max_frame).await;
+    drop(permit);
+    let mut wire = match accepted {
+        Ok(w) => Some(w),
+        Err(e) => {
+            debug!(error = %e, "QUIC handshake failed");
+            shard.metrics.handshake_failures.fetch_add(1, Relaxed);
+            None
+        }
+    };
+    if let Some((code, reason)) = refusal {
+        if let Some(wire) = wire.as_mut() {
+            let retry = if code == 4007 && reason != "overloaded: connection limit" {
+                shard.herd_retry_ms()
+            } else {
+                shard.cfg.jittered_retry_ms()
+            };
+            let bye = Envelope::bye(code, reason, Some(retry));
+            shard.metrics.close(code);
+            let mut last = Vec::new();
+            Out::Own(Box::new(bye)).write(Framing::Stream, &mut last);
+            let _ = glommio::timer::timeout(hello, async {
+                wire.close(last, code, reason).await;
+                Ok(())
+            })
+            .await;
+        }
+        node.refusing.fetch_sub(1, AcqRel);
+        return;
+    }
+    let Some(mut wire) = wire else {
+        return;
+    };
+    let conn = shard.register(Transport::Quic, wire.peer());
+    transport::drive(shard, &conn, &mut wire).await;
+    shard.release(&conn);
 }

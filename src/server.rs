@@ -11,7 +11,7 @@ use std::time::Duration;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
 use crate::backbone::{Backbone, Embedded, MeshMsg};
@@ -103,12 +103,20 @@ fn probe(key: &str, addr: SocketAddr) -> Result<(), StartError> {
     if target.port() == 0 {
         return Ok(());
     }
-    match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)) {
-        Ok(_) => Err(StartError(format!(
-            "{key} = {addr}: another process already serves this address (a stale edgegate?); stop it first"
-        ))),
-        Err(_) => Ok(()),
+    // A process killed a moment ago still answers for a few milliseconds
+    // while the kernel tears its sockets down: only an address that keeps
+    // answering for about half a second is taken.
+    for attempt in 0..5 {
+        if std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_err() {
+            return Ok(());
+        }
+        if attempt < 4 {
+            std::thread::sleep(Duration::from_millis(120));
+        }
     }
+    Err(StartError(format!(
+        "{key} = {addr}: another process already serves this address (a stale edgegate?); stop it first"
+    )))
 }
 
 fn node_id(cfg: &Config) -> String {
@@ -164,6 +172,26 @@ fn shard_cpus(cfg: &Config) -> Result<Vec<usize>, StartError> {
         cfg.shards.count
     };
     Ok((0..n).map(|i| online[i % online.len()]).collect())
+}
+
+/// SIGHUP: re-reads what can change without a restart (the TLS
+/// certificate and key, for now). A file that fails its checks is refused
+/// with a log line naming it; the certificate in use stays.
+fn reload(tls: Option<&crate::tls::CertStore>) {
+    let Some(store) = tls else {
+        info!("SIGHUP: nothing to reload (no [tls] certificate configured)");
+        return;
+    };
+    match store.reload() {
+        Ok(()) => info!(
+            cert_chain = %store.paths().cert_chain.display(),
+            key = %store.paths().key.display(),
+            "SIGHUP: TLS certificate reloaded; new handshakes use it"
+        ),
+        Err(e) => {
+            error!(error = %e, "SIGHUP: TLS certificate reload refused; still serving the previous certificate")
+        }
+    }
 }
 
 /// Runs the node until SIGTERM/SIGINT, then drains. Returns once every
@@ -231,9 +259,33 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let verifier = crate::auth::Verifier::from_config(&cfg.auth).map_err(StartError)?;
         scfg.auth = Some(Arc::new(verifier));
     }
+    // TLS: read and check the certificate now (a bad file stops the start,
+    // naming it); one store for the node, reloaded on SIGHUP.
+    let tls_store = match crate::tls::CertPaths::from_config(&cfg.tls) {
+        Some(paths) => Some(crate::tls::CertStore::load(paths).map_err(|e| StartError(e.0))?),
+        None => None,
+    };
+    if let Some(store) = &tls_store {
+        use crate::tls::{ALPN_HTTP11, TlsAcceptorHandle};
+        if cfg.ws.tls {
+            scfg.tls_ws =
+                Some(TlsAcceptorHandle::new(store, &[ALPN_HTTP11]).map_err(|e| StartError(e.0))?);
+        }
+        if cfg.tcp.tls {
+            scfg.tls_tcp = Some(TlsAcceptorHandle::new(store, &[]).map_err(|e| StartError(e.0))?);
+        }
+    }
+    // QUIC: its own rustls config (TLS 1.3, ALPN edgegate/1) over the same
+    // store, so a reload reaches QUIC too; each shard binds its endpoint below.
+    let quic = match cfg.quic.listen {
+        Some(addr) => Some(
+            crate::transport::quic::setup(addr, tls_store.as_ref(), &scfg).map_err(StartError)?,
+        ),
+        None => None,
+    };
     info!(
         node = %node_name, shards = n, ?cpus, max_connections, open_files = nofile,
-        ws = ?cfg.ws.listen, tcp = ?cfg.tcp.listen, admin = ?cfg.admin.listen,
+        ws = ?cfg.ws.listen, tcp = ?cfg.tcp.listen, quic = ?cfg.quic.listen, admin = ?cfg.admin.listen,
         "edgegate starting"
     );
     if matches!(cfg.auth.mode, crate::config::AuthMode::None) {
@@ -242,17 +294,23 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         );
     }
 
-    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
     {
         let node = node.clone();
         let mut signals = signals;
+        let tls_store = tls_store.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
+                for sig in signals.forever() {
+                    if sig == SIGHUP {
+                        reload(tls_store.as_deref());
+                        continue;
+                    }
                     info!(signal = sig, "shutting down");
                     crate::admin::start_drain(&node, "signal");
+                    break;
                 }
             })
             .map_err(|e| StartError(format!("cannot start the signal thread: {e}")))?;
@@ -269,6 +327,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let scfg = scfg.clone();
         let mesh = mesh.clone();
         let nats_link = nats_links[id].take();
+        let quic = quic.clone();
         let listens: Vec<(String, SocketAddr, Transport)> = listens
             .iter()
             .map(|(k, a, t)| (k.to_string(), *a, *t))
@@ -279,7 +338,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             // counts against RLIMIT_MEMLOCK without CAP_IPC_LOCK).
             .io_memory(256 << 10)
             .spawn(move || async move {
-                let r = shard_main(id, scfg, node.clone(), mesh, nats_link, listens).await;
+                let r = shard_main(id, scfg, node.clone(), mesh, nats_link, listens, quic).await;
                 node.shards_done.fetch_add(1, SeqCst);
                 if r.is_err() {
                     node.shutdown.store(true, SeqCst);
@@ -326,6 +385,7 @@ async fn shard_main(
     mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>,
     nats_link: Option<crate::nats::ShardLink>,
     listens: Vec<(String, SocketAddr, Transport)>,
+    quic: Option<crate::transport::quic::QuicSetup>,
 ) -> Result<(), StartError> {
     let n = cfg.shards;
     let (senders, mut receivers) = mesh
@@ -392,8 +452,41 @@ async fn shard_main(
             transport,
         )));
     }
+    let quic = match quic {
+        Some(q) => {
+            let ep = q.bind().map_err(|e| {
+                StartError(format!(
+                    "shard {id}: quic.listen = {}: bind failed: {e}",
+                    q.addr
+                ))
+            })?;
+            accepts.push(glommio::spawn_local(crate::listener::quic_accept_loop(
+                shard.clone(),
+                ep.clone(),
+            )));
+            Some(ep)
+        }
+        None => None,
+    };
     node.shards_ready.fetch_add(1, SeqCst);
-    shard.run_clock(move || drop(accepts)).await;
+    let stop_quic = quic.clone();
+    shard
+        .run_clock(move || {
+            drop(accepts);
+            if let Some(ep) = stop_quic {
+                // New connection attempts are refused from now on.
+                ep.set_server_config(None);
+            }
+        })
+        .await;
+    if let Some(ep) = quic {
+        // Let the CONNECTION_CLOSEs of the drain go out before the shard ends.
+        let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+            ep.wait_idle().await;
+            Ok(())
+        })
+        .await;
+    }
     // Let the other shards' forwarders see us go.
     let _ = glommio::timer::sleep(Duration::from_millis(1)).await;
     if node.shards_ready.load(Relaxed) == 0 {

@@ -86,6 +86,11 @@ pub struct ShardConfig {
     pub ip_connects: Rate,
     /// Addresses tracked per shard.
     pub ip_table_size: usize,
+    /// TLS on the WebSocket listener (`ws.tls`); set by the server at start
+    /// (it reads the certificate), `None` = plain.
+    pub tls_ws: Option<crate::tls::TlsAcceptorHandle>,
+    /// TLS on the raw TCP listener (`tcp.tls`), like `tls_ws`.
+    pub tls_tcp: Option<crate::tls::TlsAcceptorHandle>,
 }
 
 impl ShardConfig {
@@ -122,6 +127,8 @@ impl ShardConfig {
                 shards,
             ),
             ip_table_size: cfg.limits.ip_table_size,
+            tls_ws: None,
+            tls_tcp: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! per write), sends heartbeats, and carries out the close the session or
 //! the shard asked for. Everything above this module is transport-agnostic.
 
+pub mod quic;
 pub mod tcp;
 pub mod ws;
 

@@ -9,15 +9,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use edgegate_proto::{Envelope, binary, frame};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::{LINGER, Wire, WireError};
 use crate::shard::Shard;
 
-/// A TCP connection after accept.
-pub struct TcpWire {
-    stream: TcpStream,
+/// A TCP connection after accept, over a plain socket (`S` = glommio's
+/// `TcpStream`) or TLS ([`crate::tls::TlsStream`]).
+pub struct TcpWire<S = TcpStream> {
+    stream: S,
     /// Preface bytes matched so far (4 = done).
     preface: u8,
     /// A partial frame carried over between reads (empty when idle).
@@ -28,9 +29,9 @@ pub struct TcpWire {
     max_frame: u32,
 }
 
-impl TcpWire {
+impl<S: AsyncRead + AsyncWrite + Unpin> TcpWire<S> {
     /// Wraps an accepted stream.
-    pub fn new(stream: TcpStream, max_frame: usize) -> Self {
+    pub fn new(stream: S, max_frame: usize) -> Self {
         TcpWire {
             stream,
             preface: 0,
@@ -84,7 +85,7 @@ impl TcpWire {
     }
 }
 
-impl Wire for TcpWire {
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire for TcpWire<S> {
     fn poll_recv(
         &mut self,
         cx: &mut Context<'_>,
@@ -130,6 +131,9 @@ impl Wire for TcpWire {
             self.tx = Vec::new();
             self.tx_pos = 0;
         }
+        // TLS holds records it could not write yet: push them out (a
+        // no-op on a plain socket).
+        ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
         Poll::Ready(Ok(()))
     }
 
@@ -154,7 +158,8 @@ impl Wire for TcpWire {
         }
         // FIN, then read and discard for a short linger so that a reset
         // caused by unread input cannot destroy the `bye` (PROTOCOL.md §6).
-        let _ = self.stream.shutdown(std::net::Shutdown::Write).await;
+        // FIN (after TLS close_notify on a TLS stream).
+        let _ = self.stream.close().await;
         let _ = glommio::timer::timeout(LINGER, async {
             let mut sink = [0u8; 512];
             loop {
@@ -189,10 +194,11 @@ mod tests {
         for split in 0..bytes.len() {
             let mut preface = 0;
             let mut inbox = Vec::new();
-            let used = TcpWire::parse(&mut preface, 1024, &bytes[..split], &mut inbox).unwrap();
+            let used = TcpWire::<TcpStream>::parse(&mut preface, 1024, &bytes[..split], &mut inbox)
+                .unwrap();
             let mut rest = bytes[used..split].to_vec();
             rest.extend_from_slice(&bytes[split..]);
-            let used2 = TcpWire::parse(&mut preface, 1024, &rest, &mut inbox).unwrap();
+            let used2 = TcpWire::<TcpStream>::parse(&mut preface, 1024, &rest, &mut inbox).unwrap();
             assert_eq!(used2, rest.len());
             assert_eq!(inbox, envs, "split at {split}");
         }
@@ -202,18 +208,19 @@ mod tests {
     fn refuses_http_and_bad_preface_and_big_frames() {
         let mut inbox = Vec::new();
         let mut p = 0;
-        let e = TcpWire::parse(&mut p, 1024, b"GET / HTTP/1.1\r\n", &mut inbox).unwrap_err();
+        let e = TcpWire::<TcpStream>::parse(&mut p, 1024, b"GET / HTTP/1.1\r\n", &mut inbox)
+            .unwrap_err();
         assert!(matches!(e, WireError::Protocol(r) if r.contains("HTTP")));
         let mut p = 0;
         assert!(matches!(
-            TcpWire::parse(&mut p, 1024, b"EG2\n", &mut inbox),
+            TcpWire::<TcpStream>::parse(&mut p, 1024, b"EG2\n", &mut inbox),
             Err(WireError::Protocol(_))
         ));
         let mut p = 0;
         let mut big = frame::PREFACE.to_vec();
         big.extend_from_slice(&5000u32.to_be_bytes());
         assert!(matches!(
-            TcpWire::parse(&mut p, 1024, &big, &mut inbox),
+            TcpWire::<TcpStream>::parse(&mut p, 1024, &big, &mut inbox),
             Err(WireError::TooLarge)
         ));
     }

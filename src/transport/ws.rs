@@ -200,8 +200,12 @@ pub fn parse_upgrade(buf: &[u8], cfg: &ShardConfig) -> Result<Option<Upgrade>, U
     }))
 }
 
-/// Reads the upgrade request and answers it. The caller bounds the time.
-pub async fn accept(stream: &mut TcpStream, cfg: &ShardConfig) -> Result<Upgrade, UpgradeError> {
+/// Reads the upgrade request and answers it (through TLS on a WSS
+/// listener). The caller bounds the time.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    cfg: &ShardConfig,
+) -> Result<Upgrade, UpgradeError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -216,6 +220,7 @@ pub async fn accept(stream: &mut TcpStream, cfg: &ShardConfig) -> Result<Upgrade
                     .write_all(up.response.as_bytes())
                     .await
                     .map_err(UpgradeError::Io)?;
+                stream.flush().await.map_err(UpgradeError::Io)?;
                 return Ok(up);
             }
             Ok(None) if buf.len() < MAX_REQUEST => {}
@@ -228,7 +233,11 @@ pub async fn accept(stream: &mut TcpStream, cfg: &ShardConfig) -> Result<Upgrade
     }
 }
 
-async fn refuse(stream: &mut TcpStream, status: u16, why: &'static str) -> UpgradeError {
+async fn refuse<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    why: &'static str,
+) -> UpgradeError {
     let text = match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -248,6 +257,8 @@ async fn refuse(stream: &mut TcpStream, status: u16, why: &'static str) -> Upgra
         why.len() + 1
     );
     let _ = stream.write_all(resp.as_bytes()).await;
+    // A TLS stream holds the answer until flushed.
+    let _ = stream.flush().await;
     UpgradeError::Refused(status, why)
 }
 
@@ -503,9 +514,11 @@ impl From<WireError> for ReadError {
     }
 }
 
-/// A WebSocket connection after the upgrade: sessions and the echo endpoint.
-pub struct WsWire {
-    stream: TcpStream,
+/// A WebSocket connection after the upgrade: sessions and the echo
+/// endpoint, over a plain socket (`S` = glommio's `TcpStream`) or TLS
+/// ([`crate::tls::TlsStream`]).
+pub struct WsWire<S = TcpStream> {
+    stream: S,
     /// A partial frame carried over between reads (empty when idle).
     rx: Vec<u8>,
     reader: Reader,
@@ -520,9 +533,9 @@ pub struct WsWire {
     early: bool,
 }
 
-impl WsWire {
+impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
     /// Wraps an upgraded stream; `rest` are bytes read past the request.
-    pub fn new(stream: TcpStream, route: Route, rest: Vec<u8>, max_frame: usize) -> Self {
+    pub fn new(stream: S, route: Route, rest: Vec<u8>, max_frame: usize) -> Self {
         let (json, echo) = match route {
             Route::Session(f) => (f == Framing::WsJson, false),
             Route::Echo => (false, true),
@@ -595,7 +608,7 @@ impl WsWire {
     }
 }
 
-impl Wire for WsWire {
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
     fn poll_recv(
         &mut self,
         cx: &mut Context<'_>,
@@ -654,6 +667,9 @@ impl Wire for WsWire {
             self.tx = Vec::new();
             self.tx_pos = 0;
         }
+        // TLS holds records it could not write yet: push them out (a
+        // no-op on a plain socket).
+        ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
         Poll::Ready(Ok(()))
     }
 
@@ -695,18 +711,20 @@ impl Wire for WsWire {
             }
         })
         .await;
-        let _ = self.stream.shutdown(std::net::Shutdown::Write).await;
+        // FIN (after TLS close_notify on a TLS stream).
+        let _ = self.stream.close().await;
     }
 
     async fn finish(&mut self) {
         // Flush our close reply (if the peer closed), then FIN.
         let _ = self.flush_all().await;
-        let _ = self.stream.shutdown(std::net::Shutdown::Write).await;
+        // FIN (after TLS close_notify on a TLS stream).
+        let _ = self.stream.close().await;
     }
 }
 
 /// The conformance endpoint: echoes every data message back, unchanged.
-pub async fn echo(shard: &Shard, mut wire: WsWire) {
+pub async fn echo<S: AsyncRead + AsyncWrite + Unpin>(shard: &Shard, mut wire: WsWire<S>) {
     let mut inbox = Vec::new();
     let r = std::future::poll_fn(|cx| {
         loop {
