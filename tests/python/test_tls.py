@@ -259,11 +259,15 @@ async def test_tcp_tls_openssl_s_client(gateway, pki):
     await wait_until(lambda: open_conns(gw) == 0, 5, what="connections back to 0")
 
 
-async def test_wss_tcp_tls_and_plain_ws_share_a_room(gateway, pki, tmp_path):
-    """One room, three transports: WSS and TCP+TLS on a TLS node, plain WS
-    on a second node (one node has one WebSocket listener), the two joined
-    by a NATS backbone."""
+async def test_quic_wss_tcp_tls_and_plain_ws_share_a_room(gateway, pki, tmp_path):
+    """One room, four transports (issue 4): QUIC, WSS and TCP+TLS on a TLS
+    node, plain WS on a second node (one node has one WebSocket listener),
+    the two joined by a NATS backbone."""
+    import socket
+
+    from conftest import free_port
     from natshelp import NatsServer, backbone_probe, nats_env
+    from test_quic import QuicClient
     reason = backbone_probe(tmp_path / "probe")
     if reason:
         pytest.skip(reason)
@@ -271,13 +275,16 @@ async def test_wss_tcp_tls_and_plain_ws_share_a_room(gateway, pki, tmp_path):
     try:
         cert, key = pki.leaf()
         chain, keyp = pki.write(cert, key)
-        gw_tls = gateway(**nats_env(ns.url, "tls-node", **tls_env(chain, keyp)))
+        quic_port = free_port(socket.SOCK_DGRAM)
+        gw_tls = gateway(**nats_env(ns.url, "tls-node", **tls_env(
+            chain, keyp, EDGEGATE_QUIC__LISTEN=f"127.0.0.1:{quic_port}")))
         gw_plain = gateway(**nats_env(ns.url, "plain-node"))
         a = await wss(gw_tls, pki, enc="bin")
         b = await tcp_tls(gw_tls, pki)
         c = await WsClient.connect(gw_plain.ws_url, enc="json")
+        q = await QuicClient.connect(quic_port, str(pki.ca_path))
         room = f"room:{new_user('mix')}"
-        clients = {"wss": a, "tcp+tls": b, "ws": c}
+        clients = {"wss": a, "tcp+tls": b, "ws": c, "quic": q}
         for name, cl in clients.items():
             await cl.hello(new_user(name.replace("+", "")))
             await cl.sub(room)
@@ -287,7 +294,7 @@ async def test_wss_tcp_tls_and_plain_ws_share_a_room(gateway, pki, tmp_path):
             assert r["t"] == "ok", r
         for name, cl in clients.items():
             seen = set()
-            while len(seen) < 3:
+            while len(seen) < len(clients):
                 m = await cl.recv_until(lambda e: e["t"] == "msg", timeout=5)
                 seen.add(m["d"]["from"])
             assert seen == set(clients), (name, seen)
