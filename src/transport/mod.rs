@@ -100,6 +100,120 @@ pub trait Wire {
     fn finish(&mut self) -> impl std::future::Future<Output = ()>;
 }
 
+/// Bytes of a frame split across reads, carried to the next read. Empty,
+/// with no allocation, whenever the connection is between frames: reads go
+/// into the shard's scratch buffer, and only a frame's unfinished tail is
+/// copied here.
+#[derive(Default)]
+pub struct RxCarry(Vec<u8>);
+
+impl RxCarry {
+    /// A carry that starts with `bytes` (read before the wire existed, such
+    /// as what followed a WebSocket upgrade request).
+    pub fn with(bytes: Vec<u8>) -> Self {
+        RxCarry(bytes)
+    }
+
+    /// True when nothing is carried.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Runs `parse` over the carried bytes followed by `fresh`, keeping what
+    /// it did not consume. `parse` gets mutable bytes (WebSocket unmasks in
+    /// place) and returns how many it used.
+    pub fn feed(
+        &mut self,
+        fresh: &mut [u8],
+        parse: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
+    ) -> Result<(), WireError> {
+        if self.0.is_empty() {
+            let used = parse(fresh)?;
+            if used < fresh.len() {
+                self.0 = fresh[used..].to_vec();
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.0);
+            buf.extend_from_slice(fresh);
+            let used = parse(&mut buf)?;
+            if used < buf.len() {
+                buf.drain(..used);
+                self.0 = buf;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shard's scratch buffer, borrowed for one read, and the bytes read.
+pub type ScratchRead<'s> = (std::cell::RefMut<'s, Box<[u8]>>, usize);
+
+/// Reads what `stream` has into the shard's scratch buffer (counting the
+/// bytes); ready with the buffer and the length read. End of stream is
+/// [`WireError::Closed`].
+pub fn poll_read_scratch<'s, S: futures_lite::AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    shard: &'s Shard,
+) -> Poll<Result<ScratchRead<'s>, WireError>> {
+    let mut scratch = shard.scratch.borrow_mut();
+    let n = std::task::ready!(std::pin::Pin::new(stream).poll_read(cx, &mut scratch[..]))?;
+    if n == 0 {
+        return Poll::Ready(Err(WireError::Closed));
+    }
+    shard.metrics.bytes_in.fetch_add(n as u64, Relaxed);
+    Poll::Ready(Ok((scratch, n)))
+}
+
+/// Bytes handed to a wire and not yet written. Empty, with no allocation,
+/// while the connection is idle: the buffer is given back once written.
+#[derive(Default)]
+pub struct TxBuf {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl TxBuf {
+    /// Queues a whole batch (moved in, not copied, when nothing is pending).
+    pub fn push(&mut self, batch: Vec<u8>) {
+        if self.buf.is_empty() {
+            self.buf = batch;
+            self.pos = 0;
+        } else {
+            self.buf.extend_from_slice(&batch);
+        }
+    }
+
+    /// The pending bytes, to append frames to in place.
+    pub fn bytes_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Bytes not yet written.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Writes everything pending with `write`; ready when nothing is left.
+    pub fn poll_write_all(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut write: impl FnMut(&mut Context<'_>, &[u8]) -> Poll<std::io::Result<usize>>,
+    ) -> Poll<Result<(), WireError>> {
+        while self.pos < self.buf.len() {
+            let n = std::task::ready!(write(cx, &self.buf[self.pos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(WireError::Closed));
+            }
+            self.pos += n;
+        }
+        if !self.buf.is_empty() {
+            *self = TxBuf::default();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// How a session ended.
 enum End {
     /// We close with this code and reason.

@@ -54,7 +54,7 @@ use edgegate_proto::{Envelope, binary, frame};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPoller, VarInt};
 
-use super::{BATCH_BYTES, LINGER, Wire, WireError};
+use super::{BATCH_BYTES, LINGER, RxCarry, TxBuf, Wire, WireError};
 use crate::shard::Shard;
 use crate::tls::CertStore;
 
@@ -444,10 +444,9 @@ pub struct QuicWire {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     /// A partial frame carried over between reads (empty when idle).
-    rx: Vec<u8>,
-    /// Bytes not yet handed to quinn, from `tx_pos`.
-    tx: Vec<u8>,
-    tx_pos: usize,
+    rx: RxCarry,
+    /// Bytes not yet handed to quinn.
+    tx: TxBuf,
     max_frame: u32,
 }
 
@@ -508,9 +507,8 @@ impl QuicWire {
             conn,
             send,
             recv,
-            rx: Vec::new(),
-            tx: Vec::new(),
-            tx_pos: 0,
+            rx: RxCarry::default(),
+            tx: TxBuf::default(),
             max_frame: u32::try_from(max_frame).unwrap_or(u32::MAX),
         }
     }
@@ -559,49 +557,25 @@ impl Wire for QuicWire {
             .metrics
             .bytes_in
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        if self.rx.is_empty() {
-            let used = Self::parse(self.max_frame, &scratch[..n], inbox)?;
-            if used < n {
-                self.rx = scratch[used..n].to_vec();
-            }
-        } else {
-            self.rx.extend_from_slice(&scratch[..n]);
-            let used = Self::parse(self.max_frame, &self.rx, inbox)?;
-            if used == self.rx.len() {
-                self.rx = Vec::new();
-            } else {
-                self.rx.drain(..used);
-            }
-        }
+        let max = self.max_frame;
+        self.rx
+            .feed(&mut scratch[..n], |d| Self::parse(max, d, inbox))?;
         Poll::Ready(Ok(()))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
-        while self.tx_pos < self.tx.len() {
-            let n = match ready!(Pin::new(&mut self.send).poll_write(cx, &self.tx[self.tx_pos..])) {
-                Ok(n) => n,
-                Err(_) => return Poll::Ready(Err(WireError::Closed)),
-            };
-            if n == 0 {
-                return Poll::Ready(Err(WireError::Closed));
-            }
-            self.tx_pos += n;
-        }
-        if !self.tx.is_empty() {
-            // Handed to quinn: give the buffer back rather than keep it.
-            self.tx = Vec::new();
-            self.tx_pos = 0;
-        }
+        let send = &mut self.send;
+        // Any write error (reset, stopped, connection lost) ends the session.
+        ready!(self.tx.poll_write_all(cx, |cx, b| {
+            Pin::new(&mut *send)
+                .poll_write(cx, b)
+                .map_err(|_| std::io::ErrorKind::BrokenPipe.into())
+        }))?;
         Poll::Ready(Ok(()))
     }
 
     fn send(&mut self, batch: Vec<u8>) -> Result<(), WireError> {
-        if self.tx.is_empty() {
-            self.tx = batch;
-            self.tx_pos = 0;
-        } else {
-            self.tx.extend_from_slice(&batch);
-        }
+        self.tx.push(batch);
         Ok(())
     }
 

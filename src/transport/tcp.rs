@@ -12,7 +12,7 @@ use edgegate_proto::{Envelope, binary, frame};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use super::{LINGER, Wire, WireError};
+use super::{LINGER, RxCarry, TxBuf, Wire, WireError, poll_read_scratch};
 use crate::shard::Shard;
 
 /// A TCP connection after accept, over a plain socket (`S` = glommio's
@@ -22,10 +22,9 @@ pub struct TcpWire<S = TcpStream> {
     /// Preface bytes matched so far (4 = done).
     preface: u8,
     /// A partial frame carried over between reads (empty when idle).
-    rx: Vec<u8>,
-    /// Bytes not yet written, from `tx_pos`.
-    tx: Vec<u8>,
-    tx_pos: usize,
+    rx: RxCarry,
+    /// Bytes not yet written.
+    tx: TxBuf,
     max_frame: u32,
 }
 
@@ -35,9 +34,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TcpWire<S> {
         TcpWire {
             stream,
             preface: 0,
-            rx: Vec::new(),
-            tx: Vec::new(),
-            tx_pos: 0,
+            rx: RxCarry::default(),
+            tx: TxBuf::default(),
             max_frame: u32::try_from(max_frame).unwrap_or(u32::MAX),
         }
     }
@@ -92,45 +90,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for TcpWire<S> {
         shard: &Shard,
         inbox: &mut Vec<Envelope>,
     ) -> Poll<Result<(), WireError>> {
-        let mut scratch = shard.scratch.borrow_mut();
-        let n = ready!(Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]))?;
-        if n == 0 {
-            return Poll::Ready(Err(WireError::Closed));
-        }
-        shard
-            .metrics
-            .bytes_in
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        if self.rx.is_empty() {
-            let used = Self::parse(&mut self.preface, self.max_frame, &scratch[..n], inbox)?;
-            if used < n {
-                self.rx = scratch[used..n].to_vec();
-            }
-        } else {
-            self.rx.extend_from_slice(&scratch[..n]);
-            let used = Self::parse(&mut self.preface, self.max_frame, &self.rx, inbox)?;
-            if used == self.rx.len() {
-                self.rx = Vec::new();
-            } else {
-                self.rx.drain(..used);
-            }
-        }
+        let (mut scratch, n) = ready!(poll_read_scratch(&mut self.stream, cx, shard))?;
+        let (preface, max) = (&mut self.preface, self.max_frame);
+        self.rx
+            .feed(&mut scratch[..n], |d| Self::parse(preface, max, d, inbox))?;
         Poll::Ready(Ok(()))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
-        while self.tx_pos < self.tx.len() {
-            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.tx[self.tx_pos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(WireError::Closed));
-            }
-            self.tx_pos += n;
-        }
-        if !self.tx.is_empty() {
-            // Written: give the buffer back rather than keep it while idle.
-            self.tx = Vec::new();
-            self.tx_pos = 0;
-        }
+        let stream = &mut self.stream;
+        ready!(
+            self.tx
+                .poll_write_all(cx, |cx, b| Pin::new(&mut *stream).poll_write(cx, b))
+        )?;
         // TLS holds records it could not write yet: push them out (a
         // no-op on a plain socket).
         ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
@@ -138,12 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for TcpWire<S> {
     }
 
     fn send(&mut self, batch: Vec<u8>) -> Result<(), WireError> {
-        if self.tx.is_empty() {
-            self.tx = batch;
-            self.tx_pos = 0;
-        } else {
-            self.tx.extend_from_slice(&batch);
-        }
+        self.tx.push(batch);
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use edgegate_proto::{Envelope, binary, frame, json};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use super::{LINGER, Wire, WireError};
+use super::{LINGER, RxCarry, TxBuf, Wire, WireError, poll_read_scratch};
 use crate::config::TokenSource;
 use crate::conn::Framing;
 use crate::shard::{Shard, ShardConfig};
@@ -520,10 +520,10 @@ impl From<WireError> for ReadError {
 pub struct WsWire<S = TcpStream> {
     stream: S,
     /// A partial frame carried over between reads (empty when idle).
-    rx: Vec<u8>,
+    rx: RxCarry,
     reader: Reader,
-    tx: Vec<u8>,
-    tx_pos: usize,
+    /// Bytes not yet written.
+    tx: TxBuf,
     json: bool,
     echo: bool,
     max_message: usize,
@@ -543,10 +543,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
         WsWire {
             stream,
             early: !rest.is_empty(),
-            rx: rest,
+            rx: RxCarry::with(rest),
             reader: Reader::default(),
-            tx: Vec::new(),
-            tx_pos: 0,
+            tx: TxBuf::default(),
             json,
             echo,
             max_message: if echo { ECHO_MAX } else { max_frame },
@@ -557,13 +556,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
     /// Runs `data` through the frame reader, answering control frames.
     fn consume(&mut self, data: &mut [u8], inbox: &mut Vec<Envelope>) -> Result<usize, WireError> {
         let (echo, max) = (self.echo, self.max_message);
-        let tx = &mut self.tx;
-        let tx_pos = self.tx_pos;
+        let txb = &mut self.tx;
         let peer_closed = &mut self.peer_closed;
         let mut on = |ev: Event<'_>| -> Result<(), WireError> {
+            let pending = txb.pending();
+            let tx = txb.bytes_mut();
             match ev {
                 Event::Ping(p) => {
-                    if tx.len() - tx_pos < MAX_PENDING_CONTROL {
+                    if pending < MAX_PENDING_CONTROL {
                         write_frame(OP_PONG, p, tx);
                     }
                 }
@@ -594,7 +594,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
             Ok(n) => Ok(n),
             Err(ReadError::Wire(e)) => Err(e),
             Err(ReadError::Ws(v)) if self.echo => {
-                write_close(v.code, v.reason, &mut self.tx);
+                write_close(v.code, v.reason, self.tx.bytes_mut());
                 self.peer_closed = true;
                 Err(WireError::Closed)
             }
@@ -619,54 +619,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
             return Poll::Ready(Err(WireError::Closed));
         }
         // Bytes that came with the upgrade request go first.
-        if std::mem::take(&mut self.early) {
-            let mut rx = std::mem::take(&mut self.rx);
-            let used = self.consume(&mut rx, inbox)?;
-            if used < rx.len() {
-                rx.drain(..used);
-                self.rx = rx;
-            }
-            return Poll::Ready(Ok(()));
+        let mut fresh: &mut [u8] = &mut [];
+        let mut scratch = None;
+        if !std::mem::take(&mut self.early) {
+            let (buf, n) = ready!(poll_read_scratch(&mut self.stream, cx, shard))?;
+            fresh = &mut scratch.insert((buf, n)).0[..n];
         }
-        let mut scratch = shard.scratch.borrow_mut();
-        let n = ready!(Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]))?;
-        if n == 0 {
-            return Poll::Ready(Err(WireError::Closed));
-        }
-        shard
-            .metrics
-            .bytes_in
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        if self.rx.is_empty() {
-            let used = self.consume(&mut scratch[..n], inbox)?;
-            if used < n {
-                self.rx = scratch[used..n].to_vec();
-            }
-        } else {
-            let mut rx = std::mem::take(&mut self.rx);
-            rx.extend_from_slice(&scratch[..n]);
-            drop(scratch);
-            let used = self.consume(&mut rx, inbox)?;
-            if used < rx.len() {
-                rx.drain(..used);
-                self.rx = rx;
-            }
-        }
+        let mut rx = std::mem::take(&mut self.rx);
+        let r = rx.feed(fresh, |d| self.consume(d, inbox));
+        self.rx = rx;
+        drop(scratch);
+        r?;
         Poll::Ready(Ok(()))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
-        while self.tx_pos < self.tx.len() {
-            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.tx[self.tx_pos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(WireError::Closed));
-            }
-            self.tx_pos += n;
-        }
-        if !self.tx.is_empty() {
-            self.tx = Vec::new();
-            self.tx_pos = 0;
-        }
+        let stream = &mut self.stream;
+        ready!(
+            self.tx
+                .poll_write_all(cx, |cx, b| Pin::new(&mut *stream).poll_write(cx, b))
+        )?;
         // TLS holds records it could not write yet: push them out (a
         // no-op on a plain socket).
         ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
@@ -678,19 +650,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
             return Ok(());
         }
         let opcode = if self.json { OP_TEXT } else { OP_BINARY };
-        write_frame(opcode, &batch, &mut self.tx);
+        write_frame(opcode, &batch, self.tx.bytes_mut());
         Ok(())
     }
 
     fn send_ping(&mut self) -> Result<bool, WireError> {
-        write_frame(OP_PING, &[], &mut self.tx);
+        write_frame(OP_PING, &[], self.tx.bytes_mut());
         Ok(true)
     }
 
     async fn close(&mut self, last: Vec<u8>, code: u16, reason: &str) {
         let _ = self.send(last);
         if !self.peer_closed {
-            write_close(code, reason, &mut self.tx);
+            write_close(code, reason, self.tx.bytes_mut());
         }
         if self.flush_all().await.is_err() || self.peer_closed {
             return;
