@@ -80,7 +80,11 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
             }
         };
         // One task per connection, its future specific to the transport, so
-        // an idle TCP connection does not carry WebSocket state.
+        // an idle TCP connection does not carry WebSocket state. The socket
+        // goes in boxed: an async fn keeps its arguments' space for its whole
+        // life, and a 120-byte stream moved into the wire would otherwise be
+        // paid twice by every idle connection.
+        let stream = Box::new(stream);
         let task = match (refusal, transport, tls) {
             (None, Transport::Ws, None) => glommio::spawn_local(serve_ws(slot, stream, permit)),
             (None, Transport::Ws, Some(tls)) => {
@@ -89,7 +93,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
             (None, _, None) => glommio::spawn_local(serve_tcp(slot, stream)),
             (None, _, Some(tls)) => glommio::spawn_local(serve_tcp_tls(slot, stream, permit, tls)),
             (Some((code, reason)), _, tls) => {
-                glommio::spawn_local(refuse(slot, stream, permit, tls, code, reason))
+                glommio::spawn_local(refuse(slot, *stream, permit, tls, code, reason))
             }
         };
         task.detach();
@@ -125,14 +129,19 @@ impl Drop for Slot {
     }
 }
 
-async fn serve_tcp(slot: Slot, stream: TcpStream) {
+async fn serve_tcp(slot: Slot, stream: Box<TcpStream>) {
     let shard = &slot.shard;
-    let peer = match stream.peer_addr() {
-        Ok(p) => p,
-        Err(_) => return,
+    // Set up outside the async state: only the wire and the connection
+    // stay in the task while it is idle.
+    let setup = || {
+        let stream = *stream;
+        let peer = stream.peer_addr().ok()?;
+        let conn = shard.register(Transport::Tcp, peer);
+        Some((conn, TcpWire::new(stream, shard.cfg.max_frame)))
     };
-    let conn = shard.register(Transport::Tcp, peer);
-    let mut wire = TcpWire::new(stream, shard.cfg.max_frame);
+    let Some((conn, mut wire)) = setup() else {
+        return;
+    };
     transport::drive(shard, &conn, &mut wire).await;
     shard.release(&conn);
 }
@@ -183,18 +192,21 @@ fn left(shard: &Shard, start: Instant) -> Duration {
 
 async fn serve_tcp_tls(
     slot: Slot,
-    stream: TcpStream,
+    stream: Box<TcpStream>,
     permit: Option<StaticPermit>,
     tls: TlsAcceptorHandle,
 ) {
     let shard = &slot.shard;
-    let Ok(peer) = stream.peer_addr() else {
-        return;
-    };
-    let hello = Duration::from_millis(shard.cfg.hello_ms);
-    let tls_stream = tls_handshake(shard, &tls, stream, peer, hello).await;
-    drop(permit);
-    let Some(tls_stream) = tls_stream else {
+    let hs = Box::pin(async move {
+        let stream = *stream;
+        let peer = stream.peer_addr().ok()?;
+        let hello = Duration::from_millis(shard.cfg.hello_ms);
+        let tls_stream = tls_handshake(shard, &tls, stream, peer, hello).await;
+        drop(permit);
+        Some((tls_stream?, peer))
+    })
+    .await;
+    let Some((tls_stream, peer)) = hs else {
         return;
     };
     let conn = shard.register(Transport::Tcp, peer);
@@ -205,41 +217,46 @@ async fn serve_tcp_tls(
 
 async fn serve_wss(
     slot: Slot,
-    stream: TcpStream,
+    stream: Box<TcpStream>,
     permit: Option<StaticPermit>,
     tls: TlsAcceptorHandle,
 ) {
     let shard = &slot.shard;
-    let start = Instant::now();
-    let Ok(peer) = stream.peer_addr() else {
-        return;
-    };
-    let Some(tls_stream) = tls_handshake(shard, &tls, stream, peer, left(shard, start)).await
+    // Handshake and upgrade in one boxed future: their state is large and
+    // short-lived (see serve_ws).
+    let Some((conn, mut wire)) = Box::pin(async move {
+        let start = Instant::now();
+        let stream = *stream;
+        let peer = stream.peer_addr().ok()?;
+        let tls_stream = tls_handshake(shard, &tls, stream, peer, left(shard, start)).await?;
+        // The upgrade reads through TLS, in what is left of the hello timeout.
+        let r = upgrade(shard, tls_stream, peer, left(shard, start)).await;
+        drop(permit);
+        r
+    })
+    .await
     else {
-        return;
-    };
-    // The upgrade reads through TLS, in what is left of the hello timeout.
-    let upgraded = Box::pin(upgrade(shard, tls_stream, peer, left(shard, start))).await;
-    drop(permit);
-    let Some((conn, mut wire)) = upgraded else {
         return;
     };
     transport::drive(shard, &conn, &mut wire).await;
     shard.release(&conn);
 }
 
-async fn serve_ws(slot: Slot, stream: TcpStream, permit: Option<StaticPermit>) {
+async fn serve_ws(slot: Slot, stream: Box<TcpStream>, permit: Option<StaticPermit>) {
     let shard = &slot.shard;
-    let Ok(peer) = stream.peer_addr() else {
-        return;
-    };
-    let hello = Duration::from_millis(shard.cfg.hello_ms);
     // The upgrade runs in its own boxed future: its state is large and
     // short-lived, and inline it would stay in the connection's task for the
     // connection's whole life.
-    let upgraded = Box::pin(upgrade(shard, stream, peer, hello)).await;
-    drop(permit);
-    let Some((conn, mut wire)) = upgraded else {
+    let Some((conn, mut wire)) = Box::pin(async move {
+        let stream = *stream;
+        let peer = stream.peer_addr().ok()?;
+        let hello = Duration::from_millis(shard.cfg.hello_ms);
+        let r = upgrade(shard, stream, peer, hello).await;
+        drop(permit);
+        r
+    })
+    .await
+    else {
         return;
     };
     transport::drive(shard, &conn, &mut wire).await;
