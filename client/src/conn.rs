@@ -1,10 +1,11 @@
 //! One session over one transport: connect, `hello`/`welcome`, send and
 //! receive envelopes.
 //!
-//! [`Connection`] hides the transport behind a private `Link` enum
-//! (WebSocket or raw TCP today; QUIC becomes one more variant with the same
-//! framing as TCP). Everything above the link — batching, `ping` answers,
-//! `bye` handling — is transport-agnostic.
+//! [`Connection`] hides the transport behind a private `Link` enum:
+//! WebSocket, or a u32-framed byte stream (raw TCP, TCP+TLS, or the QUIC
+//! session stream). Both run over a boxed byte stream, plain or TLS
+//! (rustls, ring provider). Everything above the link — batching, `ping`
+//! answers, `bye` handling — is transport-agnostic.
 //!
 //! [`Connection::recv`] is cancel-safe, so a caller may race it against a timer
 //! or a command channel in `tokio::select!` and send from the branch body.
@@ -13,12 +14,16 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use edgegate_proto::{Envelope, Payload, Type, binary, frame, json};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{
@@ -30,24 +35,33 @@ use tokio_tungstenite::tungstenite::{
 
 use crate::policy::{Backoff, CloseInfo};
 
-/// The transport a client connects over (PROTOCOL.md §1). QUIC is not
-/// implemented yet; it will be another variant.
+/// The transport a client connects over (PROTOCOL.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Transport {
-    /// WebSocket on `GET /ws` (plain; TLS not yet supported by this client).
+    /// WebSocket on `GET /ws` (plain, or wss with [`ClientConfig::tls`]).
     Ws,
-    /// Raw TCP: `EG1\n` preface, then u32 big-endian length-prefixed binary envelopes.
+    /// Raw TCP (plain, or TLS with [`ClientConfig::tls`]): `EG1\n` preface,
+    /// then u32 big-endian length-prefixed binary envelopes.
     Tcp,
+    /// QUIC (always TLS 1.3, ALPN `edgegate/1`): one bidirectional stream
+    /// framed as TCP, without the preface.
+    Quic,
 }
 
 impl Transport {
-    /// `"ws"` / `"tcp"`.
+    /// `"ws"` / `"tcp"` / `"quic"`.
     pub fn name(self) -> &'static str {
         match self {
             Transport::Ws => "ws",
             Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
         }
+    }
+
+    /// Whether envelopes travel u32-framed and always binary (TCP, QUIC).
+    pub fn is_framed(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Quic)
     }
 }
 
@@ -57,7 +71,8 @@ impl std::str::FromStr for Transport {
         match s {
             "ws" => Ok(Transport::Ws),
             "tcp" => Ok(Transport::Tcp),
-            other => Err(format!("unknown transport {other:?} (ws, tcp)")),
+            "quic" => Ok(Transport::Quic),
+            other => Err(format!("unknown transport {other:?} (ws, tcp, quic)")),
         }
     }
 }
@@ -106,9 +121,17 @@ impl std::str::FromStr for Encoding {
 pub struct ClientConfig {
     /// `host:port`, or for WebSocket also `ws://host:port/path` (path defaults to `/ws`).
     pub addr: String,
-    /// WebSocket or TCP.
+    /// WebSocket, TCP or QUIC.
     pub transport: Transport,
-    /// JSON or binary envelopes (TCP is always binary).
+    /// TLS over the TCP connection (wss:// for WebSocket, TLS for raw TCP).
+    /// QUIC is always encrypted and ignores this.
+    pub tls: bool,
+    /// PEM file of the CA certificate(s) to trust for TLS and QUIC; required
+    /// by both (this client does not load the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// The name to verify the server's certificate against (SNI), default `localhost`.
+    pub server_name: String,
+    /// JSON or binary envelopes (TCP and QUIC are always binary).
     pub encoding: Encoding,
     /// `hello.meta.user` (required by auth mode `none`).
     pub user: String,
@@ -129,12 +152,15 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// A config with defaults: JSON, no token, no source address, default backoff, 10 s connect timeout.
+    /// A config with defaults: JSON, no TLS, no token, no source address, default backoff, 10 s connect timeout.
     pub fn new(addr: impl Into<String>, transport: Transport, user: impl Into<String>) -> Self {
         ClientConfig {
             addr: addr.into(),
             transport,
-            encoding: if transport == Transport::Tcp {
+            tls: false,
+            ca_file: None,
+            server_name: "localhost".into(),
+            encoding: if transport.is_framed() {
                 Encoding::Binary
             } else {
                 Encoding::Json
@@ -203,6 +229,8 @@ pub enum Error {
     Io(io::Error),
     /// WebSocket protocol or handshake error.
     Ws(tungstenite::Error),
+    /// TLS set-up or QUIC connection error.
+    Tls(String),
     /// The peer sent bytes that do not decode.
     Decode(String),
     /// Connect, handshake or `welcome` took longer than `connect_timeout`.
@@ -253,6 +281,7 @@ impl fmt::Display for Error {
             Error::Eof => f.write_str("connection closed without bye"),
             Error::Io(e) => write!(f, "i/o: {e}"),
             Error::Ws(e) => write!(f, "websocket: {e}"),
+            Error::Tls(e) => write!(f, "tls/quic: {e}"),
             Error::Decode(e) => write!(f, "undecodable input: {e}"),
             Error::Timeout => f.write_str("timed out"),
             Error::Config(e) => write!(f, "config: {e}"),
@@ -285,13 +314,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// client connections in one load-test process stay cheap.
 const READ_CHUNK: usize = 4096;
 
+/// A byte stream: plain TCP, TLS over TCP, or a QUIC bidirectional stream.
+trait IoStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoStream for T {}
+type BoxIo = Box<dyn IoStream>;
+
 enum Link {
-    Ws(Box<WebSocketStream<TcpStream>>),
+    Ws(Box<WebSocketStream<BoxIo>>),
+    /// u32-framed binary envelopes: TCP (plain or TLS) and QUIC.
     Tcp(TcpLink),
 }
 
 struct TcpLink {
-    stream: TcpStream,
+    stream: BoxIo,
     rbuf: Vec<u8>,
     /// Bytes not yet written; writes drain it, so a cancelled write loses nothing.
     wbuf: Vec<u8>,
@@ -320,11 +355,11 @@ impl fmt::Debug for Connection {
     }
 }
 
-/// Splits `ws://host:port/path` or `host:port` into (`host:port`, path).
+/// Splits `ws://host:port/path`, `wss://…` or `host:port` into (`host:port`, path).
 fn split_addr(addr: &str) -> (String, String) {
-    let rest = addr
-        .strip_prefix("ws://")
-        .or_else(|| addr.strip_prefix("WS://"))
+    let rest = ["ws://", "WS://", "wss://", "WSS://"]
+        .iter()
+        .find_map(|p| addr.strip_prefix(p))
         .unwrap_or(addr);
     match rest.find('/') {
         Some(i) => (rest[..i].to_string(), rest[i..].to_string()),
@@ -370,7 +405,22 @@ impl Connection {
     async fn connect_inner(config: &ClientConfig) -> Result<Connection> {
         let (hostport, path) = split_addr(&config.addr);
         let target = resolve(&hostport).await?;
-        let stream = tcp_connect(target, config.source_addr).await?;
+        let stream: BoxIo = match config.transport {
+            Transport::Quic => Box::new(quic_connect(config, target).await?),
+            Transport::Ws | Transport::Tcp => {
+                let tcp = tcp_connect(target, config.source_addr).await?;
+                if config.tls {
+                    let tls = tls_config(config.ca_file.as_ref(), false)?;
+                    let name = server_name(config)?;
+                    let s = tokio_rustls::TlsConnector::from(tls)
+                        .connect(name, tcp)
+                        .await?;
+                    Box::new(s)
+                } else {
+                    Box::new(tcp)
+                }
+            }
+        };
         let (link, encoding) = match config.transport {
             Transport::Ws => {
                 let url = format!("ws://{hostport}{path}");
@@ -390,13 +440,15 @@ impl Connection {
                         .await?;
                 (Link::Ws(Box::new(ws)), config.encoding)
             }
-            Transport::Tcp => {
+            Transport::Tcp | Transport::Quic => {
                 let mut link = TcpLink {
                     stream,
                     rbuf: Vec::new(),
                     wbuf: Vec::new(),
                 };
-                link.wbuf.extend_from_slice(&frame::PREFACE);
+                if config.transport == Transport::Tcp {
+                    link.wbuf.extend_from_slice(&frame::PREFACE);
+                }
                 (Link::Tcp(link), Encoding::Binary)
             }
         };
@@ -666,7 +718,8 @@ impl Connection {
         }
     }
 
-    /// Closes the session from the client side (WS close 1000 / TCP FIN).
+    /// Closes the session from the client side (WS close 1000 / TCP FIN /
+    /// QUIC stream FIN, then the QUIC connection closes when dropped).
     pub async fn close(mut self) -> Result<()> {
         match &mut self.link {
             Link::Ws(ws) => {
@@ -699,6 +752,161 @@ impl TcpLink {
             self.wbuf.drain(..n);
         }
         Ok(())
+    }
+}
+
+/// The QUIC ALPN (PROTOCOL.md §1).
+pub const QUIC_ALPN: &[u8] = b"edgegate/1";
+
+/// rustls client configs, one per (CA file, QUIC?): thousands of connections
+/// share one (and its session cache) instead of re-reading the CA each time.
+#[allow(clippy::type_complexity)]
+static TLS_CONFIGS: Mutex<Vec<((Option<PathBuf>, bool), Arc<rustls::ClientConfig>)>> =
+    Mutex::new(Vec::new());
+
+fn tls_config(ca_file: Option<&PathBuf>, quic: bool) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let key = (ca_file.cloned(), quic);
+    let mut cache = TLS_CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
+        return Ok(c.clone());
+    }
+    let Some(path) = ca_file else {
+        return Err(Error::Config(
+            "TLS and QUIC need a CA file (ClientConfig::ca_file)".into(),
+        ));
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    for c in certs {
+        let c = c.map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: no certificate found",
+            path.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if quic {
+        &[&rustls::version::TLS13]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if quic {
+        cfg.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+    }
+    let cfg = Arc::new(cfg);
+    cache.push((key, cfg.clone()));
+    Ok(cfg)
+}
+
+fn server_name(config: &ClientConfig) -> Result<rustls::pki_types::ServerName<'static>> {
+    rustls::pki_types::ServerName::try_from(config.server_name.clone())
+        .map_err(|e| Error::Config(format!("server name {:?}: {e}", config.server_name)))
+}
+
+/// QUIC endpoints, one per (runtime, source address, address family): one
+/// UDP socket and driver task carries every connection from that source.
+#[allow(clippy::type_complexity)]
+static ENDPOINTS: Mutex<Vec<((tokio::runtime::Id, Option<IpAddr>, bool), quinn::Endpoint)>> =
+    Mutex::new(Vec::new());
+
+fn endpoint(source: Option<IpAddr>, v6: bool) -> Result<quinn::Endpoint> {
+    let key = (tokio::runtime::Handle::current().id(), source, v6);
+    let mut eps = ENDPOINTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, ep)) = eps.iter().find(|(k, _)| *k == key) {
+        return Ok(ep.clone());
+    }
+    let bind = match (source, v6) {
+        (Some(ip), _) => SocketAddr::new(ip, 0),
+        (None, false) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        (None, true) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let ep = quinn::Endpoint::client(bind)?;
+    eps.push((key, ep.clone()));
+    Ok(ep)
+}
+
+fn quic_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig> {
+    let tls = tls_config(config.ca_file.as_ref(), true)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut transport = quinn::TransportConfig::default();
+    // Small windows keep thousands of client connections in one process
+    // cheap; the server's keep-alive and idle timeout govern liveness.
+    transport
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .datagram_receive_buffer_size(None)
+        .max_idle_timeout(None)
+        .stream_receive_window((256u32 << 10).into())
+        .receive_window((512u32 << 10).into())
+        .send_window(256 << 10);
+    let mut qc = quinn::ClientConfig::new(Arc::new(crypto));
+    qc.transport_config(Arc::new(transport));
+    Ok(qc)
+}
+
+async fn quic_connect(config: &ClientConfig, target: SocketAddr) -> Result<QuicIo> {
+    let ep = endpoint(config.source_addr, target.is_ipv6())?;
+    let conn = ep
+        .connect_with(quic_client_config(config)?, target, &config.server_name)
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .await
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    Ok(QuicIo { send, recv, conn })
+}
+
+/// The QUIC session stream as one byte stream.
+struct QuicIo {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    conn: quinn::Connection,
+}
+
+impl Drop for QuicIo {
+    fn drop(&mut self) {
+        self.conn.close(0u32.into(), b"");
+    }
+}
+
+impl AsyncRead for QuicIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
     }
 }
 
@@ -740,6 +948,7 @@ mod tests {
         );
         assert_eq!(split_addr("ws://h:1/x/y"), ("h:1".into(), "/x/y".into()));
         assert_eq!(split_addr("ws://h:1"), ("h:1".into(), "/ws".into()));
+        assert_eq!(split_addr("wss://h:1/x"), ("h:1".into(), "/x".into()));
     }
 
     #[test]
@@ -759,7 +968,8 @@ mod tests {
     fn parse_transport_and_encoding() {
         assert_eq!("ws".parse::<Transport>().unwrap(), Transport::Ws);
         assert_eq!("tcp".parse::<Transport>().unwrap(), Transport::Tcp);
-        assert!("quic".parse::<Transport>().is_err());
+        assert_eq!("quic".parse::<Transport>().unwrap(), Transport::Quic);
+        assert!("udp".parse::<Transport>().is_err());
         assert_eq!("bin".parse::<Encoding>().unwrap(), Encoding::Binary);
         assert_eq!("json".parse::<Encoding>().unwrap(), Encoding::Json);
     }

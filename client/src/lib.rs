@@ -2,7 +2,10 @@
 //!
 //! An async (tokio) client for the edgegate protocol, version 1
 //! (`shared/PROTOCOL.md`), over WebSocket (subprotocols `edgegate.v1.json` /
-//! `edgegate.v1.bin`) and raw TCP (`EG1\n` preface, u32 big-endian framing).
+//! `edgegate.v1.bin`), raw TCP (`EG1\n` preface, u32 big-endian framing),
+//! both optionally over TLS (rustls, ring; [`ClientConfig::tls`] with a CA
+//! file), and QUIC (quinn, ALPN `edgegate/1`, one bidirectional stream framed
+//! as TCP without the preface).
 //! Envelope codecs and framing come from the sans-IO `edgegate-proto` crate.
 //!
 //! Three layers:
@@ -17,9 +20,10 @@
 //!   4006, calls a token-refresh hook after 4001/4008, re-subscribes its
 //!   channels after each reconnect, and reports [`Event`]s.
 //!
-//! Transports sit behind a private enum inside [`Connection`]; adding QUIC
-//! (ALPN `edgegate/1`, same framing as TCP without the preface) means one
-//! more [`Transport`] variant and one more link arm.
+//! Transports sit behind a private enum inside [`Connection`]: WebSocket, or
+//! u32-framed envelopes over a boxed byte stream (TCP, TLS over TCP, or the
+//! QUIC session stream). QUIC connections share one quinn endpoint (UDP
+//! socket) per runtime and source address.
 //!
 //! ```no_run
 //! # async fn demo() {

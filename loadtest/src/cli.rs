@@ -43,13 +43,22 @@ pub enum Scenario {
 /// Options every scenario takes.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Transport: ws or tcp.
+    /// Transport: ws, tcp or quic.
     #[arg(long, default_value = "ws")]
     pub transport: Transport,
-    /// Envelope encoding: json or bin (tcp is always bin).
+    /// TLS: wss:// for ws, TLS over TCP for tcp (quic is always encrypted). Needs --ca.
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM CA certificate to trust for --tls and quic.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Name to verify the gateway's certificate against (SNI).
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// Envelope encoding: json or bin (tcp and quic are always bin).
     #[arg(long, default_value = "json")]
     pub encoding: Encoding,
-    /// Gateway address (host:port); several, comma-separated, spread the connections over nodes (round robin). Default: 127.0.0.1:8080 for ws, 127.0.0.1:7000 for tcp.
+    /// Gateway address (host:port); several, comma-separated, spread the connections over nodes (round robin). Default: 127.0.0.1:8080 for ws, 127.0.0.1:7000 for tcp, 127.0.0.1:7443 for quic.
     #[arg(long)]
     pub target: Option<String>,
     /// Gateway admin address, for /metrics (optional).
@@ -99,13 +108,23 @@ impl Common {
     pub fn target(&self) -> String {
         self.target.clone().unwrap_or_else(|| match self.transport {
             Transport::Tcp => "127.0.0.1:7000".into(),
+            Transport::Quic => "127.0.0.1:7443".into(),
             _ => "127.0.0.1:8080".into(),
         })
     }
 
-    /// The effective encoding (tcp forces bin).
+    /// The transport as shown in reports: `ws`, `wss`, `tcp`, `tcp+tls`, `quic`.
+    pub fn transport_label(&self) -> &'static str {
+        match (self.transport, self.tls) {
+            (Transport::Ws, true) => "wss",
+            (Transport::Tcp, true) => "tcp+tls",
+            (t, _) => t.name(),
+        }
+    }
+
+    /// The effective encoding (tcp and quic force bin).
     pub fn encoding(&self) -> Encoding {
-        if self.transport == Transport::Tcp {
+        if self.transport.is_framed() {
             Encoding::Binary
         } else {
             self.encoding

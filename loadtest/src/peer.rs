@@ -27,6 +27,9 @@ pub fn now_ns() -> u64 {
 pub fn config(c: &Common, user: String, source: Option<std::net::IpAddr>) -> ClientConfig {
     let mut cfg = ClientConfig::new(c.target(), c.transport, user);
     cfg.encoding = c.encoding();
+    cfg.tls = c.tls;
+    cfg.ca_file = c.ca.clone();
+    cfg.server_name = c.server_name.clone();
     cfg.source_addr = source;
     cfg.connect_timeout = Duration::from_secs_f64(c.connect_timeout_secs);
     cfg.client_name = Some("edgegate-loadtest".into());

@@ -170,7 +170,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         "fanout",
         json!({
             "subscribers": k, "publishers": p, "rate": a.rate, "duration": a.duration,
-            "size": a.size, "transport": c.transport.name(), "encoding": c.encoding().name(),
+            "size": a.size, "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "threads": c.threads, "room": room,
         }),
     );
@@ -199,7 +199,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
 
     r.row(
         "transport / encoding",
-        format!("{} / {}", c.transport.name(), c.encoding().name()),
+        format!("{} / {}", c.transport_label(), c.encoding().name()),
     );
     r.row(
         "subscribers / publishers",

@@ -47,6 +47,15 @@ pub(crate) fn worker_args(c: &Common) -> Vec<String> {
         v.push("--source-ips".into());
         v.push(s.clone());
     }
+    if c.tls {
+        v.push("--tls".into());
+    }
+    if let Some(ca) = &c.ca {
+        v.push("--ca".into());
+        v.push(ca.display().to_string());
+    }
+    v.push("--server-name".into());
+    v.push(c.server_name.clone());
     v
 }
 
@@ -296,7 +305,7 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
         "idle",
         json!({
             "connections": n, "rate": a.rate, "hold_secs": a.hold_secs, "workers": workers,
-            "transport": c.transport.name(), "encoding": c.encoding().name(),
+            "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "source_ips": c.source_ips, "threads_per_worker": c.threads,
         }),
     );
@@ -330,7 +339,7 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
 
     r.row(
         "transport / encoding",
-        format!("{} / {}", c.transport.name(), c.encoding().name()),
+        format!("{} / {}", c.transport_label(), c.encoding().name()),
     );
     r.row("workers", format!("{workers} × ≤{per} connections"));
     r.row(

@@ -140,7 +140,7 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
         "pubsub",
         json!({
             "pairs": a.pairs, "connections": n, "rate": a.rate, "duration": a.duration,
-            "size": a.size, "transport": c.transport.name(), "encoding": c.encoding().name(),
+            "size": a.size, "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "threads": c.threads,
         }),
     );
@@ -168,7 +168,7 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
 
     r.row(
         "transport / encoding",
-        format!("{} / {}", c.transport.name(), c.encoding().name()),
+        format!("{} / {}", c.transport_label(), c.encoding().name()),
     );
     r.row(
         "connections",

@@ -244,7 +244,7 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
         json!({
             "idle": a.idle, "pairs": a.pairs, "connections": total, "rate": a.rate,
             "duration": a.duration, "sample_secs": a.sample_secs, "size": a.size,
-            "transport": c.transport.name(), "encoding": c.encoding().name(),
+            "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "threads": c.threads,
         }),
     );
@@ -278,7 +278,7 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
 
     r.row(
         "transport / encoding",
-        format!("{} / {}", c.transport.name(), c.encoding().name()),
+        format!("{} / {}", c.transport_label(), c.encoding().name()),
     );
     r.row(
         "connections",

@@ -503,7 +503,7 @@ pub async fn run(a: StormArgs) -> Result<Report> {
         "storm",
         json!({
             "clients": n, "rate": a.rate, "workers": workers, "action": format!("{:?}", a.action).to_lowercase(),
-            "transport": c.transport.name(), "encoding": c.encoding().name(), "target": target,
+            "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(), "target": target,
             "source_ips": c.source_ips, "gateway_cmd": a.gateway_cmd, "restart_cmd": a.restart_cmd,
             "gateway_env": env_json, "backoff_base_ms": a.backoff_base_ms,
             "backoff_cap_ms": a.backoff_cap_ms, "max_attempts": a.max_attempts,
@@ -549,7 +549,7 @@ pub async fn run(a: StormArgs) -> Result<Report> {
     let f = |x: Option<f64>| opt(x, 2, " s");
     r.row(
         "transport / encoding",
-        format!("{} / {}", c.transport.name(), c.encoding().name()),
+        format!("{} / {}", c.transport_label(), c.encoding().name()),
     );
     r.row(
         "clients",
