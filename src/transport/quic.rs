@@ -50,7 +50,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use edgegate_proto::{Envelope, binary, frame};
+use edgegate_proto::Envelope;
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPoller, VarInt};
 
@@ -518,20 +518,9 @@ impl QuicWire {
         self.conn.remote_address()
     }
 
-    /// Consumes whole frames from `data`; returns how many bytes were used.
+    /// Consumes whole frames from `data` (TCP's framing, no preface).
     fn parse(max_frame: u32, data: &[u8], inbox: &mut Vec<Envelope>) -> Result<usize, WireError> {
-        let mut pos = 0;
-        loop {
-            match frame::peek_frame(&data[pos..], max_frame) {
-                Ok(Some(len)) => {
-                    let body = &data[pos + frame::LEN_BYTES..pos + frame::LEN_BYTES + len];
-                    inbox.push(binary::decode(body)?);
-                    pos += frame::LEN_BYTES + len;
-                }
-                Ok(None) => return Ok(pos),
-                Err(_) => return Err(WireError::TooLarge),
-            }
-        }
+        super::tcp::parse_frames(max_frame, data, inbox)
     }
 
     async fn flush_all(&mut self) -> Result<(), WireError> {
@@ -615,7 +604,7 @@ mod tests {
         let envs = vec![Envelope::ping(Some(1)), Envelope::pong(Some(2))];
         let mut bytes = Vec::new();
         for e in &envs {
-            frame::encode_frame(e, &mut bytes);
+            edgegate_proto::frame::encode_frame(e, &mut bytes);
         }
         for split in 0..bytes.len() {
             let mut inbox = Vec::new();

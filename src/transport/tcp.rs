@@ -65,21 +65,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TcpWire<S> {
             *preface += 1;
             pos += 1;
         }
-        loop {
-            match frame::peek_frame(&data[pos..], max_frame) {
-                Ok(Some(len)) => {
-                    let body = &data[pos + frame::LEN_BYTES..pos + frame::LEN_BYTES + len];
-                    inbox.push(binary::decode(body)?);
-                    pos += frame::LEN_BYTES + len;
-                }
-                Ok(None) => return Ok(pos),
-                Err(_) => return Err(WireError::TooLarge),
-            }
-        }
+        Ok(pos + parse_frames(max_frame, &data[pos..], inbox)?)
     }
 
     async fn flush_all(&mut self) -> Result<(), WireError> {
         std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+}
+
+/// Consumes whole u32-framed binary envelopes from `data` (TCP after the
+/// preface, and QUIC's session stream); returns how many bytes were used. A
+/// length over `max_frame` is refused as soon as it is read.
+pub fn parse_frames(
+    max_frame: u32,
+    data: &[u8],
+    inbox: &mut Vec<Envelope>,
+) -> Result<usize, WireError> {
+    let mut pos = 0;
+    loop {
+        match frame::peek_frame(&data[pos..], max_frame) {
+            Ok(Some(len)) => {
+                let body = &data[pos + frame::LEN_BYTES..pos + frame::LEN_BYTES + len];
+                inbox.push(binary::decode(body)?);
+                pos += frame::LEN_BYTES + len;
+            }
+            Ok(None) => return Ok(pos),
+            Err(_) => return Err(WireError::TooLarge),
+        }
     }
 }
 
