@@ -235,11 +235,13 @@ fn serve(mut s: TcpStream, node: &Node) -> std::io::Result<()> {
             "method not allowed\n".to_string(),
         ),
     };
-    write!(
-        s,
+    // One write: `write!` on a socket is several sends, and a client that
+    // reads once would see only "HTTP/1.1 ".
+    let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    s.write_all(resp.as_bytes())?;
     s.flush()
 }
 
