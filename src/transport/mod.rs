@@ -212,6 +212,20 @@ impl TxBuf {
         }
         Poll::Ready(Ok(()))
     }
+
+    /// Writes everything pending to `stream`, then flushes it (TLS holds
+    /// records it could not write yet; a no-op on a plain socket).
+    pub fn poll_flush_to<S: futures_lite::AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), WireError>> {
+        std::task::ready!(self.poll_write_all(cx, |cx, b| {
+            std::pin::Pin::new(&mut *stream).poll_write(cx, b)
+        }))?;
+        std::task::ready!(std::pin::Pin::new(stream).poll_flush(cx))?;
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// How a session ended.

@@ -11,7 +11,6 @@
 //! endpoint runs the same code, so the Autobahn|Testsuite checks what
 //! carries real traffic.
 
-use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use edgegate_proto::{Envelope, binary, frame, json};
@@ -634,15 +633,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
-        let stream = &mut self.stream;
-        ready!(
-            self.tx
-                .poll_write_all(cx, |cx, b| Pin::new(&mut *stream).poll_write(cx, b))
-        )?;
-        // TLS holds records it could not write yet: push them out (a
-        // no-op on a plain socket).
-        ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
-        Poll::Ready(Ok(()))
+        self.tx.poll_flush_to(&mut self.stream, cx)
     }
 
     fn send(&mut self, batch: Vec<u8>) -> Result<(), WireError> {
