@@ -159,6 +159,48 @@ pub struct PeerRole {
     pub pad: usize,
 }
 
+/// Starts a receive-only peer (records deliveries until `stop` flips).
+pub fn spawn_receiver(
+    conn: Connection,
+    index: u64,
+    counters: &Arc<Counters>,
+    stop: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<PeerStats> {
+    let role = PeerRole {
+        index,
+        publish_to: None,
+        commands: None,
+        pad: 0,
+    };
+    tokio::spawn(run_peer(conn, role, counters.clone(), stop.clone()))
+}
+
+/// Starts a peer that publishes to `publish_to` on command (and records
+/// deliveries); returns the command sender and the task.
+pub fn spawn_publisher(
+    conn: Connection,
+    index: u64,
+    publish_to: String,
+    pad: usize,
+    counters: &Arc<Counters>,
+    stop: &watch::Receiver<bool>,
+) -> (
+    mpsc::UnboundedSender<u32>,
+    tokio::task::JoinHandle<PeerStats>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let role = PeerRole {
+        index,
+        publish_to: Some(publish_to),
+        commands: Some(rx),
+        pad,
+    };
+    (
+        tx,
+        tokio::spawn(run_peer(conn, role, counters.clone(), stop.clone())),
+    )
+}
+
 /// Runs one connection until `stop` flips: publishes on command, records deliveries.
 pub async fn run_peer(
     mut conn: Connection,

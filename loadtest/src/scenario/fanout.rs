@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::cli::FanoutArgs;
 use crate::pacer::Pacer;
-use crate::peer::{self, Counters, PeerRole};
+use crate::peer::{self, Counters};
 use crate::procfs::CpuMeter;
 use crate::report::{Report, latency_line, opt};
 use crate::scenario::{gateway_pid, status_line, wait_until};
@@ -55,36 +55,15 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sub_tasks = Vec::new();
     for (i, conn) in subs.into_iter().enumerate() {
-        let role = PeerRole {
-            index: i as u64,
-            publish_to: None,
-            commands: None,
-            pad: 0,
-        };
-        sub_tasks.push(tokio::spawn(peer::run_peer(
-            conn,
-            role,
-            counters.clone(),
-            stop_rx.clone(),
-        )));
+        sub_tasks.push(peer::spawn_receiver(conn, i as u64, &counters, &stop_rx));
     }
     let mut senders = Vec::new();
     let mut pub_tasks = Vec::new();
     for (i, conn) in pubs.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, task) =
+            peer::spawn_publisher(conn, i as u64, room.clone(), a.size, &counters, &stop_rx);
         senders.push(tx);
-        let role = PeerRole {
-            index: i as u64,
-            publish_to: Some(room.clone()),
-            commands: Some(rx),
-            pad: a.size,
-        };
-        pub_tasks.push(tokio::spawn(peer::run_peer(
-            conn,
-            role,
-            counters.clone(),
-            stop_rx.clone(),
-        )));
+        pub_tasks.push(task);
     }
 
     let before = match &c.admin {

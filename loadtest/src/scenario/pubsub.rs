@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::cli::PubsubArgs;
 use crate::pacer::Pacer;
-use crate::peer::{self, Counters, PeerRole};
+use crate::peer::{self, Counters};
 use crate::procfs::CpuMeter;
 use crate::report::{Report, latency_line, opt};
 use crate::scenario::{gateway_pid, status_line, wait_until};
@@ -45,20 +45,16 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
     let mut senders = Vec::with_capacity(n as usize);
     let mut tasks = Vec::with_capacity(n as usize);
     for (i, conn) in conns.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        senders.push(tx);
-        let role = PeerRole {
-            index: i as u64,
-            publish_to: Some(format!("user:lt-ps-{}", i ^ 1)),
-            commands: Some(rx),
-            pad: a.size,
-        };
-        tasks.push(tokio::spawn(peer::run_peer(
+        let (tx, task) = peer::spawn_publisher(
             conn,
-            role,
-            counters.clone(),
-            stop_rx.clone(),
-        )));
+            i as u64,
+            format!("user:lt-ps-{}", i ^ 1),
+            a.size,
+            &counters,
+            &stop_rx,
+        );
+        senders.push(tx);
+        tasks.push(task);
     }
 
     let before = match &c.admin {

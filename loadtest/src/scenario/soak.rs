@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::cli::SoakArgs;
 use crate::pacer::Pacer;
-use crate::peer::{self, Counters, PeerRole};
+use crate::peer::{self, Counters};
 use crate::procfs::{self, CpuMeter};
 use crate::report::{Report, latency_line, opt};
 use crate::scenario::{gateway_pid, status_line, wait_until};
@@ -66,36 +66,26 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut idle_tasks = Vec::new();
     for (i, conn) in idle.into_iter().enumerate() {
-        let role = PeerRole {
-            index: 1_000_000 + i as u64,
-            publish_to: None,
-            commands: None,
-            pad: 0,
-        };
-        idle_tasks.push(tokio::spawn(peer::run_peer(
+        idle_tasks.push(peer::spawn_receiver(
             conn,
-            role,
-            counters.clone(),
-            stop_rx.clone(),
-        )));
+            1_000_000 + i as u64,
+            &counters,
+            &stop_rx,
+        ));
     }
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
     for (i, conn) in pairs.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        senders.push(tx);
-        let role = PeerRole {
-            index: i as u64,
-            publish_to: Some(format!("user:lt-soak-{}", i ^ 1)),
-            commands: Some(rx),
-            pad: a.size,
-        };
-        tasks.push(tokio::spawn(peer::run_peer(
+        let (tx, task) = peer::spawn_publisher(
             conn,
-            role,
-            counters.clone(),
-            stop_rx.clone(),
-        )));
+            i as u64,
+            format!("user:lt-soak-{}", i ^ 1),
+            a.size,
+            &counters,
+            &stop_rx,
+        );
+        senders.push(tx);
+        tasks.push(task);
     }
 
     let before = match &c.admin {
