@@ -23,11 +23,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use bytes::Bytes;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use edgegate::backbone::{Backbone, Embedded};
+use edgegate::backbone::embedded::Embedded;
 use edgegate::config::Config;
 use edgegate::conn::{Conn, Delivery, Out};
 use edgegate::metrics::{ShardMetrics, Transport};
-use edgegate::shard::{Node, Shard, ShardConfig};
+use edgegate::node::Node;
+use edgegate::settings::ShardConfig;
+use edgegate::shard::Shard;
 use edgegate::timer::{Check, Wheel};
 use edgegate_proto::{Envelope, Payload, Type};
 
@@ -100,7 +102,7 @@ fn wheel(c: &mut Criterion) {
 /// A one-shard node with the default config and no peers.
 fn shard() -> Shard {
     let node = Arc::new(Node {
-        nats: None,
+        backbone: None,
         open: AtomicUsize::new(0),
         max_connections: 1_000_000,
         refusing: AtomicUsize::new(0),
@@ -114,8 +116,8 @@ fn shard() -> Shard {
         admin_queues: vec![crossbeam_channel::bounded(4)],
     });
     let cfg = ShardConfig::from_config(&Config::default(), 1, "bench".into());
-    let backbone = Backbone::Embedded(Embedded::new(1, 0, |_, _| {}));
-    Shard::new(0, cfg, node, backbone)
+    let backbone = Embedded::detached(1, 0, node.metrics[0].clone(), |_, _| {});
+    Shard::new(0, cfg, node, Rc::new(backbone))
 }
 
 /// A typical room message: 100-byte JSON payload.
@@ -142,7 +144,7 @@ fn fanout(c: &mut Criterion) {
         let conns: Vec<Rc<Conn>> = (0..n)
             .map(|_| {
                 let conn = shard.register(Transport::Ws, peer);
-                shard.subscribe(&conn, ch.clone(), None);
+                shard.router.borrow_mut().subscribe(&ch, conn.key);
                 conn
             })
             .collect();
@@ -163,7 +165,13 @@ fn fanout(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("deliver_only", n), &n, |b, _| {
             b.iter(|| {
                 let d = Delivery::new(env.clone());
-                let reached = shard.router.borrow().deliver(&shard, &ch, &d);
+                let reached = shard.router.borrow().deliver(
+                    &shard.conns,
+                    &shard.metrics,
+                    shard.cfg.outbound_queue_bytes,
+                    &ch,
+                    &d,
+                );
                 for conn in &conns {
                     conn.clear_output();
                 }

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use bytes::Bytes;
-use edgegate_proto::{Envelope, Payload, binary, frame, json, leb128};
+use edgegate_proto::{CloseCode, Envelope, Payload, binary, frame, json, leb128};
 
-use crate::auth::Claims;
 use crate::metrics::Transport;
 use crate::ratelimit::{Bucket, Rate};
+use crate::session::SessionState;
 
 /// A connection's inbound token buckets. They start full; the rates are the
 /// shard's ([`crate::shard::ShardConfig`]), not stored here.
@@ -193,21 +193,24 @@ impl std::fmt::Display for UserId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseReq {
     /// The close code (PROTOCOL.md §5).
-    pub code: u16,
+    pub code: CloseCode,
     /// A short reason for the client and the logs.
     pub reason: &'static str,
 }
 
 impl CloseReq {
     /// A close request.
-    pub const fn new(code: u16, reason: &'static str) -> Self {
+    pub const fn new(code: CloseCode, reason: &'static str) -> Self {
         CloseReq { code, reason }
     }
+}
 
-    /// Codes whose `bye` must carry `meta.retry_ms` (PROTOCOL.md §6).
-    pub fn carries_retry(&self) -> bool {
-        matches!(self.code, 1001 | 4004 | 4007)
-    }
+/// Codes whose `bye` must carry `meta.retry_ms` (PROTOCOL.md §6).
+pub fn carries_retry(code: CloseCode) -> bool {
+    matches!(
+        code,
+        CloseCode::GOING_AWAY | CloseCode::RATE_LIMITED | CloseCode::OVERLOADED
+    )
 }
 
 /// Where a connection is in its life.
@@ -235,21 +238,15 @@ pub struct Conn {
     pub started_ms: u64,
     /// Outbound encoding, fixed by the transport and subprotocol.
     pub framing: Cell<Framing>,
-    /// Life phase.
-    pub phase: Cell<Phase>,
-    /// The authenticated user, once welcomed.
-    pub user: RefCell<Option<UserId>>,
-    /// Channels this connection is subscribed to (for cleanup on close).
-    pub subs: RefCell<Vec<Rc<str>>>,
+    /// The session's state (phase, user, claims, subscriptions): read and
+    /// changed by [`crate::session::handle`] only, through the shard.
+    pub session: RefCell<SessionState>,
     /// Last time anything was received, shard clock ms.
     pub last_rx_ms: Cell<u64>,
     /// When the server last pinged, shard clock ms (0: not since last rx).
     pub pinged_ms: Cell<u64>,
     /// The heartbeat wants a ping written.
     pub want_ping: Cell<bool>,
-    /// The verified token's claims (`auth.mode = "jwt"`): one pointer, shared
-    /// with nobody, replaced on token refresh.
-    pub claims: RefCell<Option<Rc<Claims>>>,
     close: Cell<Option<CloseReq>>,
     out: RefCell<VecDeque<Out>>,
     out_bytes: Cell<usize>,
@@ -269,13 +266,10 @@ impl Conn {
                 Transport::Ws => Framing::WsJson,
                 _ => Framing::Stream,
             }),
-            phase: Cell::new(Phase::Hello),
-            user: RefCell::new(None),
-            subs: RefCell::new(Vec::new()),
+            session: RefCell::new(SessionState::default()),
             last_rx_ms: Cell::new(now_ms),
             pinged_ms: Cell::new(0),
             want_ping: Cell::new(false),
-            claims: RefCell::new(None),
             close: Cell::new(None),
             out: RefCell::new(VecDeque::new()),
             out_bytes: Cell::new(0),
@@ -303,7 +297,7 @@ impl Conn {
     /// false when it did not fit: the caller closes the connection as a
     /// slow consumer (the item is dropped).
     pub fn push(&self, item: Out, limit: usize) -> bool {
-        if self.phase.get() == Phase::Closing {
+        if self.closing() {
             return true; // closing: silently nothing more, the close is already decided
         }
         let n = item.approx_len();
@@ -380,7 +374,7 @@ impl Conn {
 
     /// Asks the task to close with `req`. The first request wins.
     pub fn request_close(&self, req: CloseReq) {
-        if self.phase.get() == Phase::Closing {
+        if self.closing() {
             return;
         }
         if self.close.get().is_none() {
@@ -396,7 +390,22 @@ impl Conn {
 
     /// The user id, if welcomed.
     pub fn user(&self) -> Option<UserId> {
-        self.user.borrow().clone()
+        self.session.borrow().user.clone()
+    }
+
+    /// True once the connection is closing: nothing more is queued.
+    pub fn closing(&self) -> bool {
+        self.session.borrow().phase == Phase::Closing
+    }
+
+    /// Marks the connection as closing.
+    pub fn set_closing(&self) {
+        self.session.borrow_mut().phase = Phase::Closing;
+    }
+
+    /// Channels subscribed.
+    pub fn subscriptions(&self) -> usize {
+        self.session.borrow().subs.len()
     }
 }
 

@@ -30,20 +30,21 @@
 //!
 //! See `docs/architecture.md` for the whole picture.
 
-pub mod admin;
-pub mod auth;
+pub(crate) mod admin;
+pub(crate) mod admission;
+pub(crate) mod auth;
 pub mod backbone;
 pub mod config;
 pub mod conn;
-pub mod listener;
+pub(crate) mod listener;
 pub mod metrics;
-pub mod nats;
-pub mod ratelimit;
-pub mod router;
-pub mod sdnotify;
+pub mod node;
+pub(crate) mod ratelimit;
+pub(crate) mod sdnotify;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod shard;
 pub mod timer;
-pub mod tls;
-pub mod transport;
+pub(crate) mod tls;
+pub(crate) mod transport;

@@ -17,8 +17,10 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::StaticPermit;
 use tracing::{debug, warn};
 
-use crate::conn::{CloseReq, Conn, Framing, Out};
+use crate::admission::{Admission, Refusal};
+use crate::conn::{Conn, Framing, Out};
 use crate::metrics::Transport;
+use crate::session::Input;
 use crate::shard::Shard;
 use crate::tls::{TlsAcceptorHandle, TlsStream};
 use crate::transport::quic::QuicWire;
@@ -27,7 +29,12 @@ use crate::transport::ws::{self, Route, WsWire};
 use crate::transport::{self, Wire};
 
 /// Accepts connections on `listener` until the task is dropped.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Transport) {
+pub async fn accept_loop(
+    shard: Rc<Shard>,
+    admission: Rc<Admission>,
+    listener: TcpListener,
+    transport: Transport,
+) {
     let mut errors = 0u32;
     loop {
         // WebSocket and TLS: take a handshake permit before accepting, so
@@ -72,10 +79,10 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
         // per-address and accept-rate budgets (they pace a storm).
         let refusal = if !slot.admitted {
             shard.metrics.refused_max_conn[transport as usize].fetch_add(1, Relaxed);
-            Some((4007, "overloaded: connection limit"))
+            Some(Refusal::ConnectionLimit)
         } else {
             match stream.peer_addr() {
-                Ok(peer) => shard.admit(peer.ip()).err(),
+                Ok(peer) => admit(&shard, &admission, peer.ip()),
                 Err(_) => None, // gone already; serving it ends at once
             }
         };
@@ -92,12 +99,19 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, transport: Tra
             }
             (None, _, None) => glommio::spawn_local(serve_tcp(slot, stream)),
             (None, _, Some(tls)) => glommio::spawn_local(serve_tcp_tls(slot, stream, permit, tls)),
-            (Some((code, reason)), _, tls) => {
-                glommio::spawn_local(refuse(slot, *stream, permit, tls, code, reason))
+            (Some(r), _, tls) => {
+                let retry = admission.retry_ms(&shard.cfg, r);
+                glommio::spawn_local(refuse(slot, *stream, permit, tls, r, retry))
             }
         };
         task.detach();
     }
+}
+
+/// The per-address and accept-rate budgets for a socket from `ip`.
+fn admit(shard: &Shard, admission: &Admission, ip: std::net::IpAddr) -> Option<Refusal> {
+    let now = shard.refresh_clock();
+    admission.admit(&shard.cfg, &shard.metrics, ip, now).err()
 }
 
 /// A connection's place in the node's count, from accept until its socket
@@ -301,20 +315,11 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
         Route::Session(framing) => {
             let conn = shard.register(Transport::Ws, peer);
             conn.framing.set(framing);
-            // A token in the upgrade request: verified now, answered like
-            // one in hello (bye 4001 on failure, after the upgrade, so the
-            // client sees the reason); hello then needs no token.
-            if let (Some(token), Some(v)) = (up.token.as_deref(), shard.cfg.auth.as_deref()) {
-                match v.verify(token, crate::auth::unix_ms()) {
-                    Ok(claims) => {
-                        shard.metrics.auth_ok.fetch_add(1, Relaxed);
-                        *conn.claims.borrow_mut() = Some(Rc::new(claims));
-                    }
-                    Err(e) => {
-                        shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
-                        conn.request_close(CloseReq::new(4001, e.reason()));
-                    }
-                }
+            // A token in the upgrade request goes to the session, which
+            // verifies it now and answers like one in hello (bye 4001 on
+            // failure, after the upgrade, so the client sees the reason).
+            if let Some(token) = up.token {
+                shard.input(&conn, Input::UpgradeToken(token));
             }
             Some((conn, wire))
         }
@@ -329,8 +334,8 @@ async fn refuse(
     stream: TcpStream,
     _permit: Option<StaticPermit>,
     tls: Option<TlsAcceptorHandle>,
-    code: u16,
-    reason: &'static str,
+    refusal: Refusal,
+    retry_ms: u64,
 ) {
     let (shard, transport) = (&slot.shard, slot.transport);
     let node = &shard.node;
@@ -338,13 +343,8 @@ async fn refuse(
         node.refusing.fetch_sub(1, AcqRel);
         return; // dropping closes it: no descriptor held for a polite answer
     }
-    // The accept budget spreads its herd over the time needed to admit it.
-    let retry = if code == 4007 && reason != "overloaded: connection limit" {
-        shard.herd_retry_ms()
-    } else {
-        shard.cfg.jittered_retry_ms()
-    };
-    let bye = Envelope::bye(code, reason, Some(retry));
+    let (code, reason) = (refusal.code(), refusal.reason());
+    let bye = Envelope::bye(code, reason, Some(retry_ms));
     shard.metrics.close(code);
     let start = Instant::now();
     match tls {
@@ -378,7 +378,7 @@ async fn say_bye<S: AsyncRead + AsyncWrite + Unpin>(
     transport: Transport,
     stream: S,
     bye: Envelope,
-    code: u16,
+    code: edgegate_proto::CloseCode,
     reason: &'static str,
     budget: Duration,
 ) {
@@ -414,7 +414,11 @@ async fn say_bye<S: AsyncRead + AsyncWrite + Unpin>(
 /// WebSocket upgrade) and a slot in the node's count; over a limit, the
 /// client still completes its handshake and opens its stream, so that it
 /// gets `bye` 4007 with `retry_ms` and a CONNECTION_CLOSE with code 4007.
-pub async fn quic_accept_loop(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
+pub async fn quic_accept_loop(
+    shard: Rc<Shard>,
+    admission: Rc<Admission>,
+    endpoint: quinn::Endpoint,
+) {
     loop {
         let permit = match shard.handshakes.acquire_static_permit(1).await {
             Ok(p) => p,
@@ -432,10 +436,11 @@ pub async fn quic_accept_loop(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
         let slot = Slot::take(&shard, Transport::Quic);
         let refusal = if !slot.admitted {
             shard.metrics.refused_max_conn[Transport::Quic as usize].fetch_add(1, Relaxed);
-            Some((4007, "overloaded: connection limit"))
+            Some(Refusal::ConnectionLimit)
         } else {
-            shard.admit(incoming.remote_address().ip()).err()
+            admit(&shard, &admission, incoming.remote_address().ip())
         };
+        let refusal = refusal.map(|r| (r, admission.retry_ms(&shard.cfg, r)));
         glommio::spawn_local(serve_quic(slot, incoming, permit, refusal)).detach();
     }
 }
@@ -444,7 +449,7 @@ async fn serve_quic(
     slot: Slot,
     incoming: quinn::Incoming,
     permit: StaticPermit,
-    refusal: Option<(u16, &'static str)>,
+    refusal: Option<(Refusal, u64)>,
 ) {
     let shard = &slot.shard;
     let node = &shard.node;
@@ -465,13 +470,9 @@ async fn serve_quic(
             None
         }
     };
-    if let Some((code, reason)) = refusal {
+    if let Some((refusal, retry)) = refusal {
         if let Some(wire) = wire.as_mut() {
-            let retry = if code == 4007 && reason != "overloaded: connection limit" {
-                shard.herd_retry_ms()
-            } else {
-                shard.cfg.jittered_retry_ms()
-            };
+            let (code, reason) = (refusal.code(), refusal.reason());
             let bye = Envelope::bye(code, reason, Some(retry));
             shard.metrics.close(code);
             let mut last = Vec::new();

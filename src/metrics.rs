@@ -5,7 +5,7 @@
 //! line); the admin thread reads them all to render Prometheus text.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Transports, as labels.
 pub const TRANSPORTS: [&str; 3] = ["ws", "tcp", "quic"];
@@ -80,10 +80,10 @@ pub struct ShardMetrics {
 
 impl ShardMetrics {
     /// Counts one close with `code`.
-    pub fn close(&self, code: u16) {
+    pub fn close(&self, code: edgegate_proto::CloseCode) {
         let i = CLOSE_CODES
             .iter()
-            .position(|&c| c == code)
+            .position(|&c| c == code.get())
             .unwrap_or(CLOSE_CODES.len());
         self.closes[i].fetch_add(1, Relaxed);
     }
@@ -93,6 +93,27 @@ impl ShardMetrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
+}
+
+/// Counters of a backbone that runs beside the shards (NATS), node-wide:
+/// written by the backbone thread and the shards, read by the admin thread.
+#[derive(Default)]
+pub struct BackboneStats {
+    /// Connected (a remote backbone; the embedded one has no such state).
+    pub up: AtomicBool,
+    /// Times the connection was lost.
+    pub reconnects: AtomicU64,
+    /// Subjects subscribed for local interest.
+    pub subscriptions: AtomicU64,
+    /// Client messages published.
+    pub published: AtomicU64,
+    /// Messages received for local subscribers.
+    pub received: AtomicU64,
+    /// Deliveries dropped because a shard was too far behind to take them.
+    pub dropped: AtomicU64,
+    /// Publishes and requests refused because the bridge to the backbone
+    /// thread was full.
+    pub bridge_full: AtomicU64,
 }
 
 /// Node-wide state the admin endpoint reports beside the shard counters.
@@ -105,8 +126,8 @@ pub struct NodeInfo<'a> {
     pub draining: bool,
     /// Backbone connected (always true for the embedded backbone).
     pub backbone_up: bool,
-    /// NATS backbone counters, when that is the backbone.
-    pub nats: Option<&'a crate::nats::NatsState>,
+    /// Counters of a remote backbone (NATS), when that is the backbone.
+    pub backbone: Option<&'a BackboneStats>,
 }
 
 /// Renders Prometheus text exposition format.
@@ -278,7 +299,7 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "# HELP edgegate_backbone_up 1 while the backbone is connected.\n# TYPE edgegate_backbone_up gauge\nedgegate_backbone_up {}",
         u8::from(node.backbone_up)
     );
-    if let Some(n) = node.nats {
+    if let Some(n) = node.backbone {
         for (name, kind, help, v) in [
             (
                 "edgegate_backbone_reconnects_total",
@@ -303,6 +324,18 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                 "counter",
                 "Messages received from NATS for local subscribers.",
                 &n.received,
+            ),
+            (
+                "edgegate_backbone_dropped_total",
+                "counter",
+                "Deliveries from NATS dropped because a shard was too far behind.",
+                &n.dropped,
+            ),
+            (
+                "edgegate_backbone_bridge_full_total",
+                "counter",
+                "Publishes and requests refused (backbone_unavailable) because the bridge to the backbone thread was full.",
+                &n.bridge_full,
             ),
         ] {
             let _ = writeln!(

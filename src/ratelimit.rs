@@ -133,13 +133,9 @@ impl IpTable {
     }
 
     /// Addresses tracked.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.map.len()
-    }
-
-    /// True when no address is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 
     /// Counts one new connection from `ip`; false when over its rate.

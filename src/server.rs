@@ -12,16 +12,20 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use std::rc::Rc;
 use tracing::{error, info, warn};
 
-use crate::backbone::{Backbone, Embedded, MeshMsg};
+use crate::admission::Admission;
+use crate::backbone::Backbone;
+use crate::backbone::embedded::{Embedded, MESH_CHANNEL, Mesh, MeshMsg};
+use crate::backbone::nats::NatsBackbone;
 use crate::config::Config;
 use crate::listener::accept_loop;
 use crate::metrics::{ShardMetrics, Transport};
-use crate::shard::{Node, Shard, ShardConfig};
+use crate::node::Node;
+use crate::settings::ShardConfig;
+use crate::shard::Shard;
 
-/// Capacity of each shard-to-shard channel.
-const MESH_CHANNEL: usize = 4096;
 /// File descriptors kept for everything that is not a client connection
 /// (listeners, io_uring, logs, admin, backbone, /proc reads).
 const FD_RESERVE: usize = 256;
@@ -226,7 +230,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     // links at birth. It connects (and reconnects) in the background; the
     // node is not ready until it is connected.
     let (mut nats_links, nats_state) = if cfg.backbone.kind == crate::config::BackboneKind::Nats {
-        let (links, state) = crate::nats::start(
+        let (links, state) = crate::backbone::nats::start(
             &cfg.backbone.nats,
             &cfg.backbone.subject_prefix,
             &node_name,
@@ -238,7 +242,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         ((0..n).map(|_| None).collect(), None)
     };
     let node = Arc::new(Node {
-        nats: nats_state,
+        backbone: nats_state,
         open: AtomicUsize::new(0),
         max_connections,
         refusing: AtomicUsize::new(0),
@@ -382,72 +386,36 @@ async fn shard_main(
     id: usize,
     cfg: ShardConfig,
     node: Arc<Node>,
-    mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>,
-    nats_link: Option<crate::nats::ShardLink>,
+    mesh: Mesh,
+    nats: Option<NatsBackbone>,
     listens: Vec<(String, SocketAddr, Transport)>,
     quic: Option<crate::transport::quic::QuicSetup>,
 ) -> Result<(), StartError> {
     let n = cfg.shards;
-    let (senders, mut receivers) = mesh
-        .join()
+    // Every shard joins the mesh (glommio's join waits for all of them),
+    // whichever backbone the node uses.
+    let embedded = Embedded::join(mesh, n, id, node.metrics[id].clone())
         .await
-        .map_err(|_| StartError(format!("shard {id}: joining the shard mesh failed")))?;
-    let senders = std::rc::Rc::new(senders);
-    let embedded = Embedded::new(n, id, |peer, rx| {
-        let tx = senders.clone();
-        glommio::spawn_local(async move {
-            while let Some(m) = rx.recv().await {
-                if tx.send_to(peer, m).await.is_err() {
-                    break;
-                }
-            }
-        })
-        .detach();
-    });
-    let nats_events = nats_link.as_ref().map(|l| (l.rx.clone(), l.waker.clone()));
-    let backbone = match nats_link {
-        Some(link) => Backbone::Nats(link),
-        None => Backbone::Embedded(embedded),
+        .map_err(StartError)?;
+    let backbone: Rc<dyn Backbone> = match nats {
+        Some(link) => Rc::new(link),
+        None => embedded,
     };
-    let shard = std::rc::Rc::new(Shard::new(id, cfg, node.clone(), backbone));
-    if let Some((rx, waker)) = nats_events {
-        // Events from the backbone thread: it wakes this task from its own
-        // thread; the executor parks in io_uring meanwhile, no polling.
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            std::future::poll_fn(|cx| {
-                waker.register(cx.waker());
-                loop {
-                    match rx.try_recv() {
-                        Ok(ev) => shard.on_backbone(ev),
-                        Err(crossbeam_channel::TryRecvError::Empty) => {
-                            return std::task::Poll::Pending;
-                        }
-                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                            return std::task::Poll::Ready(());
-                        }
-                    }
-                }
-            })
-            .await;
-        })
-        .detach();
-    }
-    for (_, rx) in receivers.streams() {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            while let Some(m) = rx.recv().await {
-                shard.on_mesh(m);
-            }
-        })
-        .detach();
-    }
+    let shard = Rc::new(Shard::new(id, cfg, node.clone(), backbone.clone()));
+    let weak = Rc::downgrade(&shard);
+    backbone.start(Box::new(move |ev| {
+        if let Some(shard) = weak.upgrade() {
+            shard.on_event(ev);
+        }
+    }));
+    let admission = Rc::new(Admission::new(&shard.cfg));
     let mut accepts = Vec::new();
     for (key, addr, transport) in listens {
         let l = TcpListener::bind(addr)
             .map_err(|e| StartError(format!("shard {id}: {key} = {addr}: bind failed: {e}")))?;
         accepts.push(glommio::spawn_local(accept_loop(
             shard.clone(),
+            admission.clone(),
             l,
             transport,
         )));
@@ -462,6 +430,7 @@ async fn shard_main(
             })?;
             accepts.push(glommio::spawn_local(crate::listener::quic_accept_loop(
                 shard.clone(),
+                admission.clone(),
                 ep.clone(),
             )));
             Some(ep)

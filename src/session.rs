@@ -1,28 +1,164 @@
-//! The session: protocol v1 above the transport.
+//! The session: protocol v1 as a sans-IO state machine.
 //!
-//! [`handle`] takes one decoded envelope from a connection and does what
-//! PROTOCOL.md says: `hello` → `welcome`, `sub`/`unsub`/`pub`/`req`,
-//! `ping`/`pong`, and every refusal with its `err` code. It never sees a
-//! socket: the transport decoded the envelope and will encode whatever is
-//! queued on the [`Conn`]. A protocol violation comes back as the
-//! [`CloseReq`] the transport must carry out.
+//! In the manner of quinn-proto's `Connection`, a session never sees a
+//! socket, a clock or a backbone. [`handle`] takes the session's state, the
+//! shard's policy, the time and one [`Input`] — an envelope from the client,
+//! a backbone's answer, a timer check, a token from the upgrade request —
+//! and appends the [`Action`]s that follow: a reply to queue, a
+//! subscription to make, a message to publish, a check to arm, a close.
+//! The shard carries the actions out and feeds the outcomes back as
+//! inputs. So every protocol answer (`welcome`, `ok`, `err`, `reply`,
+//! `pong`, and every close code the protocol decides) is written here and
+//! nowhere else, whichever transport and backbone the connection has, and
+//! protocol v1 is tested below with plain function calls.
+//!
+//! Message fan-out does not pass through here: a delivery is the router's
+//! (one encoding per shard, queued on every subscriber), and a session only
+//! decides who may subscribe.
 
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use edgegate_proto::channel::{self, Channel};
-use edgegate_proto::{Envelope, ErrCode, Type};
+use edgegate_proto::{CloseCode, Envelope, ErrCode, Payload, Type};
 use serde::Deserialize;
 
-use crate::auth::{AuthError, Claims, Verifier};
-use crate::backbone::{Backbone, ServiceAnswer, embedded_service};
+use crate::auth::{AuthError, Claims};
+use crate::backbone::Refused;
 use crate::config::{RoomPolicy, TokenSource};
-use crate::conn::{CloseReq, Conn, Phase, UserId};
-use crate::metrics::Transport;
-use crate::nats::{ToNats, publish_headers};
-use crate::shard::Shard;
+use crate::conn::{CloseReq, Phase, UserId};
+use crate::metrics::{ShardMetrics, Transport};
+use crate::settings::ShardConfig;
 use crate::timer::Check;
+
+/// What a session remembers between inputs.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Where the connection is in its life.
+    pub phase: Phase,
+    /// The authenticated user, once welcomed.
+    pub user: Option<UserId>,
+    /// The verified token's claims (`auth.mode = "jwt"`), replaced on
+    /// refresh; set before `hello` when the upgrade request carried one.
+    pub claims: Option<Rc<Claims>>,
+    /// Channels subscribed (the shard's router holds the reverse table).
+    pub subs: Vec<Rc<str>>,
+}
+
+impl Default for SessionState {
+    fn default() -> Self {
+        SessionState {
+            phase: Phase::Hello,
+            user: None,
+            claims: None,
+            subs: Vec::new(),
+        }
+    }
+}
+
+/// The world as the session sees it for one input.
+pub struct Ctx<'a> {
+    /// The shard's settings (auth, room policy, limits, heartbeats).
+    pub cfg: &'a ShardConfig,
+    /// The shard's counters (auth outcomes, sessions).
+    pub metrics: &'a ShardMetrics,
+    /// The shard's index (`welcome.meta.shard`).
+    pub shard: usize,
+    /// The connection's serial (in `welcome.meta.conn`).
+    pub serial: u64,
+    /// The connection's transport (token carriers differ).
+    pub transport: Transport,
+    /// The shard's clock, ms (the timer wheel's time).
+    pub now_ms: u64,
+    /// Wall-clock time, Unix ms (token expiry).
+    pub unix_ms: u64,
+}
+
+impl Ctx<'_> {
+    /// `welcome.meta.conn`: node, shard and serial.
+    pub fn conn_name(&self) -> String {
+        conn_name(&self.cfg.node_id, self.shard, self.serial)
+    }
+}
+
+/// A connection's name: node, shard and serial.
+pub fn conn_name(node: &str, shard: usize, serial: u64) -> String {
+    format!("{node}-{shard}-{serial}")
+}
+
+/// What happens to a session.
+#[derive(Debug)]
+pub enum Input {
+    /// An envelope from the client.
+    Client(Envelope),
+    /// A token from the WebSocket upgrade request (header or query).
+    UpgradeToken(String),
+    /// A subscription asked for with [`Action::Subscribe`] is live.
+    SubReady(Option<u64>),
+    /// The backbone's answer to an [`Action::Publish`].
+    Published(Option<u64>, Result<(), Refused>),
+    /// The backbone's answer to an [`Action::Request`].
+    Reply(Option<u64>, Result<Payload, ErrCode>),
+    /// A check from the shard's timer wheel came due, with the
+    /// connection's last activity (shard clock ms) and last server ping.
+    Check {
+        /// Which check.
+        check: Check,
+        /// When anything was last received.
+        last_rx_ms: u64,
+        /// When the server last pinged (0: never).
+        pinged_ms: u64,
+    },
+    /// A core service asked to kick this connection's user.
+    Kick,
+}
+
+/// What the shard must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Queue this envelope for the client.
+    Reply(Envelope),
+    /// Subscribe to `ch` (already in the session's list). With `ok`,
+    /// answer [`Input::SubReady`] with that id once the subscription is live.
+    Subscribe {
+        /// Channel.
+        ch: Rc<str>,
+        /// The `sub`'s id, when the client waits for an `ok`.
+        ok: Option<Option<u64>>,
+    },
+    /// Unsubscribe from `ch` (already out of the session's list).
+    Unsubscribe(Rc<str>),
+    /// Publish on `ch`; answer [`Input::Published`].
+    Publish {
+        /// Channel, checked.
+        ch: String,
+        /// Publisher.
+        from: UserId,
+        /// The client's id.
+        id: Option<u64>,
+        /// The payload.
+        payload: Payload,
+    },
+    /// Send a request to service `service`; answer [`Input::Reply`].
+    Request {
+        /// Service name (after `svc:`).
+        service: String,
+        /// Requester.
+        user: UserId,
+        /// The client's id.
+        id: Option<u64>,
+        /// The payload.
+        payload: Payload,
+    },
+    /// The user's connection count on this shard changed (presence).
+    Presence(UserId, i32),
+    /// Run `check` at `at_ms` (shard clock).
+    Arm(Check, u64),
+    /// Ping the client now (the transport's ping, or a `ping` envelope).
+    Ping,
+    /// Close the connection with this `bye`.
+    Close(CloseReq),
+}
 
 /// `hello.meta` (PROTOCOL.md §2).
 #[derive(Deserialize, Default)]
@@ -31,15 +167,71 @@ struct HelloMeta {
     token: Option<String>,
 }
 
-/// Verifies `token` for `conn`, counting the outcome.
-fn verify(shard: &Shard, v: &Verifier, token: &str) -> Result<Rc<Claims>, AuthError> {
-    match v.verify(token, crate::auth::unix_ms()) {
+/// Handles one input, appending what must be done to `out`.
+pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<Action>) {
+    if st.phase == Phase::Closing {
+        return;
+    }
+    match input {
+        Input::Client(env) => match st.phase {
+            Phase::Hello => before_welcome(st, cx, env, out),
+            _ => active(st, cx, env, out),
+        },
+        Input::UpgradeToken(token) => {
+            // Auth "none": a token means nothing.
+            if let Some(v) = cx.cfg.auth.as_deref() {
+                match verify(cx, v, &token) {
+                    Ok(c) => st.claims = Some(c),
+                    Err(e) => close(out, CloseCode::UNAUTHORIZED, e.reason()),
+                }
+            }
+        }
+        Input::SubReady(id) => out.push(Action::Reply(Envelope::ok(id))),
+        Input::Published(id, r) => out.push(Action::Reply(match r {
+            Ok(()) => Envelope::ok(id),
+            Err(refused) => Envelope::err(id, refused.code, refused.reason),
+        })),
+        Input::Reply(id, r) => out.push(Action::Reply(match r {
+            Ok(payload) => {
+                let mut reply = Envelope::new(Type::Reply);
+                reply.id = id;
+                reply.payload = payload;
+                reply
+            }
+            Err(ErrCode::NoService) => Envelope::err(id, ErrCode::NoService, "no such service"),
+            Err(code) => Envelope::err(id, code, code.name()),
+        })),
+        Input::Check {
+            check,
+            last_rx_ms,
+            pinged_ms,
+        } => on_check(st, cx, check, last_rx_ms, pinged_ms, out),
+        Input::Kick => close(out, CloseCode::KICKED, "kicked"),
+    }
+}
+
+/// The answer to an envelope refused by the connection's rate limits.
+pub fn rate_limited(id: Option<u64>) -> Envelope {
+    Envelope::err(id, ErrCode::RateLimited, "rate limited: slow down")
+}
+
+fn close(out: &mut Vec<Action>, code: CloseCode, reason: &'static str) {
+    out.push(Action::Close(CloseReq::new(code, reason)));
+}
+
+fn err(out: &mut Vec<Action>, id: Option<u64>, code: ErrCode, reason: &str) {
+    out.push(Action::Reply(Envelope::err(id, code, reason)));
+}
+
+/// Verifies `token`, counting the outcome.
+fn verify(cx: &Ctx<'_>, v: &crate::auth::Verifier, token: &str) -> Result<Rc<Claims>, AuthError> {
+    match v.verify(token, cx.unix_ms) {
         Ok(c) => {
-            shard.metrics.auth_ok.fetch_add(1, Relaxed);
+            cx.metrics.auth_ok.fetch_add(1, Relaxed);
             Ok(Rc::new(c))
         }
         Err(e) => {
-            shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
+            cx.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
             Err(e)
         }
     }
@@ -47,41 +239,137 @@ fn verify(shard: &Shard, v: &Verifier, token: &str) -> Result<Rc<Claims>, AuthEr
 
 /// `hello.meta.token`, where this connection may carry it there (TCP and
 /// QUIC always; WebSocket when `auth.token_sources` has "hello").
-fn hello_token(shard: &Shard, conn: &Conn, meta: &mut HelloMeta) -> Option<String> {
-    let allowed = conn.transport != Transport::Ws || shard.cfg.token_source(TokenSource::Hello);
+fn hello_token(cx: &Ctx<'_>, meta: &mut HelloMeta) -> Option<String> {
+    let allowed = cx.transport != Transport::Ws || cx.cfg.token_source(TokenSource::Hello);
     meta.token.take().filter(|_| allowed)
 }
 
-/// Arms the 4008 check at the token's expiry (plus the leeway).
-fn arm_expiry(shard: &Shard, conn: &Conn, claims: &Claims) {
-    let leeway = shard.cfg.auth.as_ref().map_or(0, |v| v.leeway_ms());
+/// The shard-clock moment of the 4008 check: the token's expiry plus the leeway.
+fn expiry_at(cx: &Ctx<'_>, claims: &Claims) -> u64 {
+    let leeway = cx.cfg.auth.as_ref().map_or(0, |v| v.leeway_ms());
     let left = claims
         .exp_unix_ms
         .saturating_add(leeway)
-        .saturating_sub(crate::auth::unix_ms());
-    shard.wheel.borrow_mut().schedule(
-        conn.key,
-        conn.serial as u32,
-        Check::Expiry,
-        shard.now_ms() + left,
-    );
+        .saturating_sub(cx.unix_ms);
+    cx.now_ms + left
+}
+
+fn before_welcome(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Action>) {
+    match env.t {
+        Type::Hello => hello(st, cx, env, out),
+        Type::Ping => out.push(Action::Reply(Envelope::pong(env.id))),
+        Type::Pong => {}
+        _ => close(
+            out,
+            CloseCode::PROTOCOL_ERROR,
+            "the first envelope must be hello",
+        ),
+    }
+}
+
+fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Action>) {
+    let mut meta: HelloMeta = match env.meta.as_deref() {
+        Some(text) => match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(_) => {
+                return close(
+                    out,
+                    CloseCode::UNAUTHORIZED,
+                    "hello.meta has fields of the wrong type",
+                );
+            }
+        },
+        None => HelloMeta::default(),
+    };
+    let user: UserId = match cx.cfg.auth.as_deref() {
+        // Auth mode "none": the client names itself (development only; the
+        // gateway warns loudly at start).
+        None => match meta.user {
+            Some(u) if channel::valid_id(&u) => UserId::new(&u),
+            Some(_) => {
+                return close(
+                    out,
+                    CloseCode::UNAUTHORIZED,
+                    "hello.meta.user is not a valid id",
+                );
+            }
+            None => return close(out, CloseCode::UNAUTHORIZED, "hello.meta.user is required"),
+        },
+        // Mode "jwt": the token names the user; hello's token wins over one
+        // from the upgrade request (already verified, in `st.claims`).
+        Some(v) => {
+            let claims = match hello_token(cx, &mut meta) {
+                Some(token) => match verify(cx, v, &token) {
+                    Ok(c) => c,
+                    Err(e) => return close(out, CloseCode::UNAUTHORIZED, e.reason()),
+                },
+                None => match st.claims.clone() {
+                    Some(c) => c,
+                    None => {
+                        let e = AuthError::Missing;
+                        cx.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
+                        return close(out, CloseCode::UNAUTHORIZED, e.reason());
+                    }
+                },
+            };
+            if meta.user.as_deref().is_some_and(|u| u != &*claims.sub) {
+                return close(
+                    out,
+                    CloseCode::UNAUTHORIZED,
+                    "hello.meta.user differs from the token's sub",
+                );
+            }
+            out.push(Action::Arm(Check::Expiry, expiry_at(cx, &claims)));
+            let user = UserId::new(&claims.sub);
+            st.claims = Some(claims);
+            user
+        }
+    };
+    let cfg = cx.cfg;
+    let meta = serde_json::json!({
+        "conn": cx.conn_name(),
+        "user": &*user,
+        "node": cfg.node_id,
+        "shard": cx.shard,
+        "hb_ms": cfg.hb_ms,
+        "max_frame": cfg.max_frame,
+    });
+    let mut welcome = Envelope::new(Type::Welcome);
+    welcome.id = env.id;
+    welcome.meta = Some(meta.to_string());
+    st.phase = Phase::Active;
+    st.user = Some(user.clone());
+    cx.metrics.sessions.fetch_add(1, Relaxed);
+    // Auto-subscription to the user's own channel, made before welcome is queued.
+    let own = user.channel().clone();
+    st.subs.push(own.clone());
+    out.push(Action::Subscribe { ch: own, ok: None });
+    out.push(Action::Presence(user, 1));
+    out.push(Action::Reply(welcome));
+    out.push(Action::Arm(Check::Heartbeat, cx.now_ms + cfg.hb_ms));
 }
 
 /// Token refresh (docs/protocol.md, "Token refresh"): a `hello` after
 /// `welcome` carrying a fresh token for the same `sub` replaces the claims
 /// and is answered `ok`; anything wrong is an `err` and the old token stays
 /// in force until it expires.
-fn refresh(shard: &Rc<Shard>, conn: &Rc<Conn>, user: &str, env: Envelope) -> Result<(), CloseReq> {
+fn refresh(
+    st: &mut SessionState,
+    cx: &Ctx<'_>,
+    user: &UserId,
+    env: Envelope,
+    out: &mut Vec<Action>,
+) {
     let id = env.id;
-    let Some(v) = shard.cfg.auth.as_deref() else {
-        return err(conn, id, ErrCode::BadRequest, "already welcomed");
+    let Some(v) = cx.cfg.auth.as_deref() else {
+        return err(out, id, ErrCode::BadRequest, "already welcomed");
     };
     let mut meta: HelloMeta = match env.meta.as_deref() {
         Some(text) => match serde_json::from_str(text) {
             Ok(m) => m,
             Err(_) => {
                 return err(
-                    conn,
+                    out,
                     id,
                     ErrCode::BadRequest,
                     "hello.meta has fields of the wrong type",
@@ -90,363 +378,200 @@ fn refresh(shard: &Rc<Shard>, conn: &Rc<Conn>, user: &str, env: Envelope) -> Res
         },
         None => HelloMeta::default(),
     };
-    let Some(token) = hello_token(shard, conn, &mut meta) else {
-        return err(conn, id, ErrCode::BadRequest, "already welcomed");
+    let Some(token) = hello_token(cx, &mut meta) else {
+        return err(out, id, ErrCode::BadRequest, "already welcomed");
     };
-    let claims = match verify(shard, v, &token) {
+    let claims = match verify(cx, v, &token) {
         Ok(c) => c,
-        Err(e) => return err(conn, id, ErrCode::Unauthorized, e.reason()),
+        Err(e) => return err(out, id, ErrCode::Unauthorized, e.reason()),
     };
-    if &*claims.sub != user {
-        return err(conn, id, ErrCode::Unauthorized, "token is for another user");
+    if *claims.sub != **user {
+        return err(out, id, ErrCode::Unauthorized, "token is for another user");
     }
-    let old_exp = conn
-        .claims
-        .borrow()
-        .as_ref()
-        .map_or(u64::MAX, |c| c.exp_unix_ms);
-    let shorter = claims.exp_unix_ms < old_exp;
-    *conn.claims.borrow_mut() = Some(claims.clone());
+    let old_exp = st.claims.as_ref().map_or(u64::MAX, |c| c.exp_unix_ms);
     // The armed check finds the later exp and re-arms itself; only an
     // earlier exp needs a check of its own.
-    if shorter {
-        arm_expiry(shard, conn, &claims);
+    if claims.exp_unix_ms < old_exp {
+        out.push(Action::Arm(Check::Expiry, expiry_at(cx, &claims)));
     }
     // Rooms the new token no longer grants are left.
-    if shard.cfg.room_policy == RoomPolicy::Claims {
-        let lost: Vec<Rc<str>> = conn
-            .subs
-            .borrow()
-            .iter()
-            .filter(
-                |ch| matches!(channel::parse(ch), Ok(Channel::Room(r)) if !claims.allows_room(r)),
-            )
-            .cloned()
-            .collect();
-        for ch in lost {
-            shard.unsubscribe(conn, &ch);
-        }
-    }
-    shard.metrics.auth_refreshes.fetch_add(1, Relaxed);
-    conn.reply(Envelope::ok(id));
-    Ok(())
-}
-
-/// Handles one envelope from `conn`.
-pub fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, env: Envelope) -> Result<(), CloseReq> {
-    match conn.phase.get() {
-        Phase::Closing => Ok(()),
-        Phase::Hello => before_welcome(shard, conn, env),
-        Phase::Active => active(shard, conn, env),
-    }
-}
-
-fn before_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>, env: Envelope) -> Result<(), CloseReq> {
-    match env.t {
-        Type::Hello => hello(shard, conn, env),
-        Type::Ping => {
-            conn.reply(Envelope::pong(env.id));
-            Ok(())
-        }
-        Type::Pong => Ok(()),
-        _ => Err(CloseReq::new(4000, "the first envelope must be hello")),
-    }
-}
-
-fn hello(shard: &Rc<Shard>, conn: &Rc<Conn>, env: Envelope) -> Result<(), CloseReq> {
-    let mut meta: HelloMeta = match env.meta.as_deref() {
-        Some(text) => serde_json::from_str(text)
-            .map_err(|_| CloseReq::new(4001, "hello.meta has fields of the wrong type"))?,
-        None => HelloMeta::default(),
-    };
-    let user: Rc<str> = match shard.cfg.auth.as_deref() {
-        // Auth mode "none": the client names itself (development only; the
-        // gateway warns loudly at start).
-        None => match meta.user {
-            Some(u) if channel::valid_id(&u) => Rc::from(u),
-            Some(_) => return Err(CloseReq::new(4001, "hello.meta.user is not a valid id")),
-            None => return Err(CloseReq::new(4001, "hello.meta.user is required")),
-        },
-        // Mode "jwt": the token names the user; hello's token wins over one
-        // from the upgrade request (already verified, in `conn.claims`).
-        Some(v) => {
-            let claims = match hello_token(shard, conn, &mut meta) {
-                Some(token) => {
-                    verify(shard, v, &token).map_err(|e| CloseReq::new(4001, e.reason()))?
-                }
-                None => match conn.claims.borrow().clone() {
-                    Some(c) => c,
-                    None => {
-                        let e = AuthError::Missing;
-                        shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
-                        return Err(CloseReq::new(4001, e.reason()));
-                    }
-                },
-            };
-            if meta.user.as_deref().is_some_and(|u| u != &*claims.sub) {
-                return Err(CloseReq::new(
-                    4001,
-                    "hello.meta.user differs from the token's sub",
-                ));
+    if cx.cfg.room_policy == RoomPolicy::Claims {
+        st.subs.retain(|ch| {
+            let lost = matches!(channel::parse(ch), Ok(Channel::Room(r)) if !claims.allows_room(r));
+            if lost {
+                out.push(Action::Unsubscribe(ch.clone()));
             }
-            arm_expiry(shard, conn, &claims);
-            let user = Rc::from(&*claims.sub);
-            *conn.claims.borrow_mut() = Some(claims);
-            user
-        }
-    };
-    let cfg = &shard.cfg;
-    let conn_name = shard.conn_name(conn);
-    let meta = serde_json::json!({
-        "conn": conn_name,
-        "user": &*user,
-        "node": cfg.node_id,
-        "shard": shard.id,
-        "hb_ms": cfg.hb_ms,
-        "max_frame": cfg.max_frame,
-    });
-    let mut welcome = Envelope::new(Type::Welcome);
-    welcome.id = env.id;
-    welcome.meta = Some(meta.to_string());
-    let uid = UserId::new(&user);
-    *conn.user.borrow_mut() = Some(uid.clone());
-    conn.phase.set(Phase::Active);
-    shard.metrics.sessions.fetch_add(1, Relaxed);
-    // Auto-subscription to the user's own channel, live before welcome is sent.
-    shard.subscribe(conn, uid.channel().clone(), None);
-    shard.presence(&uid, 1);
-    conn.reply(welcome);
-    let now = shard.now_ms();
-    shard.wheel.borrow_mut().schedule(
-        conn.key,
-        conn.serial as u32,
-        Check::Heartbeat,
-        now + cfg.hb_ms,
-    );
-    Ok(())
+            !lost
+        });
+    }
+    st.claims = Some(claims);
+    cx.metrics.auth_refreshes.fetch_add(1, Relaxed);
+    out.push(Action::Reply(Envelope::ok(id)));
 }
 
-fn err(conn: &Conn, id: Option<u64>, code: ErrCode, reason: &str) -> Result<(), CloseReq> {
-    conn.reply(Envelope::err(id, code, reason));
-    Ok(())
-}
-
-/// May `conn` use room `room`? (`[rooms] policy`; "claims" needs token
-/// claims, which auth mode "none" never has.)
-fn room_allowed(shard: &Shard, conn: &Conn, room: &str) -> bool {
-    match shard.cfg.room_policy {
+/// May this session use room `room`? (`[rooms] policy`; "claims" needs
+/// token claims, which auth mode "none" never has.)
+fn room_allowed(st: &SessionState, cx: &Ctx<'_>, room: &str) -> bool {
+    match cx.cfg.room_policy {
         RoomPolicy::Open => true,
-        RoomPolicy::Claims => conn
-            .claims
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.allows_room(room)),
+        RoomPolicy::Claims => st.claims.as_ref().is_some_and(|c| c.allows_room(room)),
     }
 }
 
-fn active(shard: &Rc<Shard>, conn: &Rc<Conn>, mut env: Envelope) -> Result<(), CloseReq> {
-    let Some(user) = conn.user() else {
-        return Err(CloseReq::new(4000, "no user"));
+fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<Action>) {
+    let Some(user) = st.user.clone() else {
+        return close(out, CloseCode::PROTOCOL_ERROR, "no user");
     };
     let id = env.id;
     match env.t {
-        Type::Ping => {
-            conn.reply(Envelope::pong(id));
-            Ok(())
-        }
-        Type::Pong => Ok(()),
-        Type::Hello => refresh(shard, conn, &user, env),
+        Type::Ping => out.push(Action::Reply(Envelope::pong(id))),
+        Type::Pong => {}
+        Type::Hello => refresh(st, cx, &user, env, out),
         Type::Sub | Type::Unsub | Type::Pub | Type::Req => {
-            let Some(ch_owned) = env.ch.take() else {
-                return err(conn, id, ErrCode::BadRequest, "ch is required");
+            let Some(ch) = env.ch.take() else {
+                return err(out, id, ErrCode::BadRequest, "ch is required");
             };
-            let ch = ch_owned.as_str();
-            let parsed = match channel::parse(ch) {
+            let parsed = match channel::parse(&ch) {
                 Ok(c) => c,
-                Err(e) => return err(conn, id, ErrCode::BadChannel, &e.to_string()),
+                Err(e) => return err(out, id, ErrCode::BadChannel, &e.to_string()),
             };
             match env.t {
-                Type::Sub => sub(shard, conn, &user, id, ch, parsed),
-                Type::Unsub => {
-                    if shard.unsubscribe(conn, ch) {
-                        conn.reply(Envelope::ok(id));
-                        Ok(())
-                    } else {
-                        err(conn, id, ErrCode::NotSubscribed, "not subscribed")
+                Type::Sub => sub(st, cx, &user, id, &ch, parsed, out),
+                Type::Unsub => match st.subs.iter().position(|c| **c == *ch) {
+                    Some(i) => {
+                        let ch = st.subs.swap_remove(i);
+                        out.push(Action::Unsubscribe(ch));
+                        out.push(Action::Reply(Envelope::ok(id)));
                     }
-                }
-                Type::Pub => publish(shard, conn, &user, parsed, ch, env),
-                _ => request(shard, conn, &user, parsed, env),
+                    None => err(out, id, ErrCode::NotSubscribed, "not subscribed"),
+                },
+                Type::Pub => match parsed {
+                    Channel::Svc(_) => {
+                        err(out, id, ErrCode::BadRequest, "use req for svc: channels")
+                    }
+                    Channel::Room(r) if !room_allowed(st, cx, r) => err(
+                        out,
+                        id,
+                        ErrCode::Forbidden,
+                        "not allowed to publish to this room",
+                    ),
+                    _ => out.push(Action::Publish {
+                        ch,
+                        from: user,
+                        id,
+                        payload: env.payload,
+                    }),
+                },
+                _ => match parsed {
+                    Channel::Svc(name) => out.push(Action::Request {
+                        service: name.to_owned(),
+                        user,
+                        id,
+                        payload: env.payload,
+                    }),
+                    _ => err(out, id, ErrCode::BadChannel, "req needs a svc: channel"),
+                },
             }
         }
-        Type::Welcome | Type::Ok | Type::Err | Type::Msg | Type::Reply | Type::Bye => Err(
-            CloseReq::new(4000, "server-only envelope type from a client"),
+        Type::Welcome | Type::Ok | Type::Err | Type::Msg | Type::Reply | Type::Bye => close(
+            out,
+            CloseCode::PROTOCOL_ERROR,
+            "server-only envelope type from a client",
         ),
     }
 }
 
 fn sub(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
+    st: &mut SessionState,
+    cx: &Ctx<'_>,
     user: &str,
     id: Option<u64>,
     ch: &str,
     parsed: Channel<'_>,
-) -> Result<(), CloseReq> {
+    out: &mut Vec<Action>,
+) {
     let allowed = match parsed {
         Channel::User(u) => u == user,
-        Channel::Room(r) => room_allowed(shard, conn, r),
+        Channel::Room(r) => room_allowed(st, cx, r),
         Channel::Svc(_) => false,
     };
     if !allowed {
         return err(
-            conn,
+            out,
             id,
             ErrCode::Forbidden,
             "not allowed to subscribe to this channel",
         );
     }
-    if conn.subs.borrow().len() >= shard.cfg.max_subscriptions
-        && !conn.subs.borrow().iter().any(|c| &**c == ch)
-    {
+    if st.subs.iter().any(|c| **c == *ch) {
+        // Already subscribed (and live): idempotent.
+        return out.push(Action::Reply(Envelope::ok(id)));
+    }
+    if st.subs.len() >= cx.cfg.max_subscriptions {
         return err(
-            conn,
+            out,
             id,
             ErrCode::TooLarge,
             "too many subscriptions on this connection",
         );
     }
-    if shard.subscribe(conn, Rc::from(ch), Some(id)) {
-        conn.reply(Envelope::ok(id));
-    }
-    Ok(())
+    let ch: Rc<str> = Rc::from(ch);
+    // Most connections hold one or two channels: grow one at a time.
+    st.subs.reserve_exact(1);
+    st.subs.push(ch.clone());
+    out.push(Action::Subscribe { ch, ok: Some(id) });
 }
 
-fn publish(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
-    user: &str,
-    parsed: Channel<'_>,
-    ch: &str,
-    env: Envelope,
-) -> Result<(), CloseReq> {
-    let id = env.id;
-    match parsed {
-        Channel::Svc(_) => return err(conn, id, ErrCode::BadRequest, "use req for svc: channels"),
-        Channel::Room(r) if !room_allowed(shard, conn, r) => {
-            return err(
-                conn,
-                id,
-                ErrCode::Forbidden,
-                "not allowed to publish to this room",
-            );
+/// A timer check: what it means is decided here; the wheel only keeps time.
+fn on_check(
+    st: &SessionState,
+    cx: &Ctx<'_>,
+    check: Check,
+    last_rx_ms: u64,
+    pinged_ms: u64,
+    out: &mut Vec<Action>,
+) {
+    let now = cx.now_ms;
+    let cfg = cx.cfg;
+    match check {
+        Check::Hello => {
+            if st.phase == Phase::Hello {
+                close(out, CloseCode::UNAUTHORIZED, "hello timeout");
+            }
         }
-        _ => {}
-    }
-    if let Backbone::Nats(link) = &shard.backbone {
-        // Through NATS: the message comes back to local subscribers (the
-        // publisher included) in NATS's order; `ok` once NATS accepted it.
-        if !link.state.up.load(Relaxed) {
-            return err(
-                conn,
-                id,
-                ErrCode::BackboneUnavailable,
-                "backbone unavailable, retry later",
-            );
+        Check::Drain => close(out, CloseCode::GOING_AWAY, "going away"),
+        Check::Expiry => {
+            // Lazy, like the heartbeat: a refreshed token moved `exp`, so
+            // look again rather than trust the deadline armed.
+            let Some(claims) = st.claims.as_ref() else {
+                return;
+            };
+            let leeway = cfg.auth.as_ref().map_or(0, |v| v.leeway_ms());
+            let deadline = claims.exp_unix_ms.saturating_add(leeway);
+            if cx.unix_ms >= deadline {
+                close(out, CloseCode::TOKEN_EXPIRED, "token expired");
+            } else {
+                out.push(Action::Arm(Check::Expiry, now + (deadline - cx.unix_ms)));
+            }
         }
-        let Some(subject) = link.subject(ch) else {
-            return err(conn, id, ErrCode::BadChannel, "bad channel");
-        };
-        let json = env.payload.is_json();
-        let payload = env.payload.into_bytes();
-        let headers = publish_headers(user, id, &link.node, &shard.conn_name(conn), json);
-        let ack = shard.ack(conn, id);
-        if !link.send(ToNats::Publish {
-            subject,
-            headers,
-            payload,
-            ack,
-        }) {
-            return err(
-                conn,
-                id,
-                ErrCode::BackboneUnavailable,
-                "backbone unavailable",
-            );
+        Check::Heartbeat => {
+            if st.phase != Phase::Active {
+                return;
+            }
+            let silent = now.saturating_sub(last_rx_ms);
+            if silent >= cfg.idle_ms {
+                return close(out, CloseCode::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+            }
+            let next = if silent >= cfg.hb_ms {
+                // One ping per silent heartbeat interval.
+                if pinged_ms <= last_rx_ms || now - pinged_ms >= cfg.hb_ms {
+                    out.push(Action::Ping);
+                }
+                (last_rx_ms + cfg.idle_ms).min(now + cfg.hb_ms)
+            } else {
+                last_rx_ms + cfg.hb_ms
+            };
+            out.push(Action::Arm(Check::Heartbeat, next));
         }
-        return Ok(());
-    }
-    let mut msg = Envelope::new(Type::Msg);
-    msg.ch = Some(ch.to_owned());
-    msg.id = id;
-    msg.from = Some(user.to_string());
-    msg.payload = env.payload;
-    let msg = Arc::new(msg);
-    if shard.publish(msg) {
-        conn.reply(Envelope::ok(id));
-    } else {
-        conn.reply(Envelope::err(
-            id,
-            ErrCode::RateLimited,
-            "node overloaded: message not delivered to every shard",
-        ));
-    }
-    Ok(())
-}
-
-fn request(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
-    user: &str,
-    parsed: Channel<'_>,
-    env: Envelope,
-) -> Result<(), CloseReq> {
-    let Channel::Svc(name) = parsed else {
-        return err(
-            conn,
-            env.id,
-            ErrCode::BadChannel,
-            "req needs a svc: channel",
-        );
-    };
-    if let Backbone::Nats(link) = &shard.backbone {
-        if !link.state.up.load(Relaxed) {
-            return err(
-                conn,
-                env.id,
-                ErrCode::BackboneUnavailable,
-                "backbone unavailable, retry later",
-            );
-        }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Eg-User", user);
-        headers.insert("Eg-Conn", shard.conn_name(conn).as_str());
-        let payload = env.payload.into_bytes();
-        let subject = format!("{}.svc.{name}", link.prefix);
-        let ack = shard.ack(conn, env.id);
-        if !link.send(ToNats::Request {
-            subject,
-            headers,
-            payload,
-            ack,
-        }) {
-            return err(
-                conn,
-                env.id,
-                ErrCode::BackboneUnavailable,
-                "backbone unavailable",
-            );
-        }
-        return Ok(());
-    }
-    match embedded_service(name, &env) {
-        ServiceAnswer::Reply(payload) => {
-            let mut reply = Envelope::new(Type::Reply);
-            reply.id = env.id;
-            reply.payload = payload;
-            conn.reply(reply);
-            Ok(())
-        }
-        ServiceAnswer::NoService => err(conn, env.id, ErrCode::NoService, "no such service"),
     }
 }

@@ -17,11 +17,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use edgegate_proto::{DecodeError, Envelope, ErrCode};
+use edgegate_proto::{CloseCode, DecodeError, Envelope};
 use tracing::debug;
 
-use crate::conn::{CloseReq, Conn, ConnLimits, Out, Phase};
-use crate::session;
+use crate::conn::{Conn, ConnLimits, Out, carries_retry};
+use crate::session::{self, Input};
 use crate::shard::Shard;
 
 /// One write carries at most about this many bytes of envelopes.
@@ -91,7 +91,7 @@ pub trait Wire {
     fn close(
         &mut self,
         last: Vec<u8>,
-        code: u16,
+        code: CloseCode,
         reason: &str,
     ) -> impl std::future::Future<Output = ()>;
 
@@ -112,11 +112,6 @@ impl RxCarry {
     /// as what followed a WebSocket upgrade request).
     pub fn with(bytes: Vec<u8>) -> Self {
         RxCarry(bytes)
-    }
-
-    /// True when nothing is carried.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Runs `parse` over the carried bytes followed by `fresh`, keeping what
@@ -231,7 +226,7 @@ impl TxBuf {
 /// How a session ended.
 enum End {
     /// We close with this code and reason.
-    Close(u16, String),
+    Close(CloseCode, String),
     /// The peer is gone.
     Gone,
 }
@@ -249,23 +244,23 @@ pub async fn drive<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W) {
 
 /// Ends a connection: `bye` and the transport's close, or a quiet finish.
 async fn finish<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W, end: End) {
-    conn.phase.set(Phase::Closing);
+    conn.set_closing();
     match end {
         End::Close(code, reason) => {
-            if code == 4003 {
+            if code == CloseCode::SLOW_CONSUMER {
                 let dropped = conn.clear_output();
                 shard
                     .metrics
                     .drops_slow_consumer
                     .fetch_add(dropped as u64, Relaxed);
             }
-            let retry = CloseReq::new(code, "").carries_retry();
-            let bye = Envelope::bye(code, &reason, retry.then(|| shard.cfg.jittered_retry_ms()));
+            let retry = carries_retry(code).then(|| shard.cfg.jittered_retry_ms());
+            let bye = Envelope::bye(code, &reason, retry);
             let mut last = Vec::new();
             conn.drain_into(&mut last, usize::MAX);
             Out::Own(Box::new(bye)).write(conn.framing.get(), &mut last);
             shard.metrics.close(code);
-            debug!(peer = %conn.peer, code, reason = %reason, "closing");
+            debug!(peer = %conn.peer, code = code.get(), reason = %reason, "closing");
             let _ = glommio::timer::timeout(CLOSE_FLUSH, async {
                 wire.close(last, code, &reason).await;
                 Ok(())
@@ -337,7 +332,8 @@ fn turn<W: Wire>(
             Poll::Ready(Err(e)) => {
                 // Envelopes decoded before the bad bytes still count.
                 for env in inbox.drain(..) {
-                    if let Err(req) = session::handle(shard, conn, env) {
+                    shard.input(conn, Input::Client(env));
+                    if let Some(req) = conn.close_requested() {
                         return Poll::Ready(End::Close(req.code, req.reason.to_string()));
                     }
                 }
@@ -354,19 +350,19 @@ fn turn<W: Wire>(
                 // Taken, not drained: an idle connection keeps no envelope buffer.
                 for env in std::mem::take(inbox) {
                     if limited.refuse(shard, limits) {
-                        conn.reply(Envelope::err(
-                            env.id,
-                            ErrCode::RateLimited,
-                            "rate limited: slow down",
-                        ));
+                        conn.reply(session::rate_limited(env.id));
                         if limited.strikes >= shard.cfg.rate_limited_close_after {
                             limited.store(limits);
-                            return Poll::Ready(End::Close(4004, "rate limited".into()));
+                            return Poll::Ready(End::Close(
+                                CloseCode::RATE_LIMITED,
+                                "rate limited".into(),
+                            ));
                         }
                         budget = budget.saturating_sub(1);
                         continue;
                     }
-                    if let Err(req) = session::handle(shard, conn, env) {
+                    shard.input(conn, Input::Client(env));
+                    if let Some(req) = conn.close_requested() {
                         return Poll::Ready(End::Close(req.code, req.reason.to_string()));
                     }
                     budget = budget.saturating_sub(1);
@@ -451,7 +447,7 @@ fn end_of(e: WireError) -> End {
             debug!(error = %e, "socket error");
             End::Gone
         }
-        WireError::Protocol(reason) => End::Close(4000, reason),
-        WireError::TooLarge => End::Close(4006, "frame too large".into()),
+        WireError::Protocol(reason) => End::Close(CloseCode::PROTOCOL_ERROR, reason),
+        WireError::TooLarge => End::Close(CloseCode::FRAME_TOO_LARGE, "frame too large".into()),
     }
 }

@@ -420,7 +420,7 @@ impl QuicSetup {
 pub fn setup(
     addr: SocketAddr,
     store: Option<&Arc<CertStore>>,
-    shard: &crate::shard::ShardConfig,
+    shard: &crate::settings::ShardConfig,
 ) -> Result<QuicSetup, String> {
     // UDP has no TIME_WAIT: a plain bind (no SO_REUSEPORT) fails exactly
     // when some socket holds the port.
@@ -572,7 +572,7 @@ impl Wire for QuicWire {
         Ok(false)
     }
 
-    async fn close(&mut self, last: Vec<u8>, code: u16, reason: &str) {
+    async fn close(&mut self, last: Vec<u8>, code: edgegate_proto::CloseCode, reason: &str) {
         let _ = self.send(last);
         if self.flush_all().await.is_ok() && self.send.finish().is_ok() {
             // CONNECTION_CLOSE abandons unsent stream data: wait (briefly)
@@ -585,7 +585,7 @@ impl Wire for QuicWire {
             .await;
         }
         self.conn
-            .close(VarInt::from_u32(u32::from(code)), reason.as_bytes());
+            .close(VarInt::from_u32(u32::from(code.get())), reason.as_bytes());
     }
 
     async fn finish(&mut self) {

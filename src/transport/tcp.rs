@@ -121,7 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for TcpWire<S> {
         Ok(false)
     }
 
-    async fn close(&mut self, last: Vec<u8>, _code: u16, _reason: &str) {
+    async fn close(&mut self, last: Vec<u8>, _code: edgegate_proto::CloseCode, _reason: &str) {
         let _ = self.send(last);
         if self.flush_all().await.is_err() {
             return;

@@ -20,7 +20,8 @@ use glommio::net::TcpStream;
 use super::{LINGER, RxCarry, TxBuf, Wire, WireError, poll_read_scratch};
 use crate::config::TokenSource;
 use crate::conn::Framing;
-use crate::shard::{Shard, ShardConfig};
+use crate::settings::ShardConfig;
+use crate::shard::Shard;
 
 /// Subprotocol for JSON envelopes.
 pub const SUBPROTOCOL_JSON: &str = "edgegate.v1.json";
@@ -650,10 +651,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
         Ok(true)
     }
 
-    async fn close(&mut self, last: Vec<u8>, code: u16, reason: &str) {
+    async fn close(&mut self, last: Vec<u8>, code: edgegate_proto::CloseCode, reason: &str) {
         let _ = self.send(last);
         if !self.peer_closed {
-            write_close(code, reason, self.tx.bytes_mut());
+            write_close(code.get(), reason, self.tx.bytes_mut());
         }
         if self.flush_all().await.is_err() || self.peer_closed {
             return;

@@ -122,3 +122,53 @@ async def test_second_gateway_on_same_port_fails(gateway, which):
     for _ in range(10):
         c = await session(gw1, "tcp" if "TCP" in which else "ws-json")
         await c.close()
+
+
+async def test_admin_answers_while_idle_and_trickling_clients_hold_connections(gateway):
+    """200 idle admin connections and 20 that trickle a request a byte at a
+    time must not delay a health check: each probe answers within 1 s."""
+    import time
+    gw = gateway()
+    host, port = "127.0.0.1", gw.admin_port
+    idle = []
+    for _ in range(200):
+        _, w = await asyncio.open_connection(host, port)
+        idle.append(w)
+    trickle = []
+    for _ in range(20):
+        _, w = await asyncio.open_connection(host, port)
+        w.write(b"GET /hea")
+        await w.drain()
+        trickle.append(w)
+
+    async def keep_trickling():
+        for _ in range(8):
+            await asyncio.sleep(0.5)
+            for w in trickle:
+                w.write(b"l")
+                await w.drain()
+
+    trickling = asyncio.create_task(keep_trickling())
+    try:
+        for path in ["/healthz", "/readyz", "/metrics"] * 3:
+            t0 = time.monotonic()
+            st, body = await asyncio.to_thread(http_get, gw.admin + path, 1.0)
+            took = time.monotonic() - t0
+            assert st == 200, (path, st, body[:200])
+            assert took < 1.0, f"{path} took {took:.2f} s with 220 slow admin clients"
+    finally:
+        trickling.cancel()
+        for w in idle + trickle:
+            w.close()
+
+
+async def test_admin_closes_a_client_that_never_finishes_its_request(gateway):
+    """A request head that never completes is dropped after the deadline,
+    so slow clients cannot pile up for ever."""
+    gw = gateway()
+    r, w = await asyncio.open_connection("127.0.0.1", gw.admin_port)
+    w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    await w.drain()
+    data = await asyncio.wait_for(r.read(), timeout=10)
+    assert data == b"", data
+    w.close()

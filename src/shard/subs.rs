@@ -1,5 +1,5 @@
-//! The shard-local router: which of this shard's connections are interested
-//! in which channel, and fan-out to them.
+//! Subscriptions: which of this shard's connections are interested in which
+//! channel, and fan-out to them over the connection table.
 //!
 //! Every connection is subscribed to its own `user:<id>` channel, so direct
 //! messages and room messages take the same path. The table is per shard:
@@ -10,8 +10,11 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use edgegate_proto::CloseCode;
+
+use super::conns::ConnTable;
 use crate::conn::{CloseReq, Delivery, Out};
-use crate::shard::Shard;
+use crate::metrics::ShardMetrics;
 
 /// Channel name → slab keys of subscribed connections.
 #[derive(Default)]
@@ -91,30 +94,34 @@ impl Router {
         self.subs.len()
     }
 
-    /// Queues `d` on every local subscriber of `ch`. A subscriber whose
-    /// queue is full is closed as a slow consumer; the others are not held
-    /// back by it. Returns the number of connections reached.
-    pub fn deliver(&self, shard: &Shard, ch: &str, d: &Rc<Delivery>) -> usize {
-        let Some(keys) = self.subs.get(ch) else {
-            return 0;
-        };
-        let limit = shard.cfg.outbound_queue_bytes;
-        let conns = shard.conns.borrow();
+    /// Slab keys of the local subscribers of `ch`.
+    pub fn keys(&self, ch: &str) -> &[u32] {
+        self.subs.get(ch).map_or(&[], Keys::as_slice)
+    }
+
+    /// Queues `d` on every local subscriber of `ch`, each queue bounded by
+    /// `limit` bytes. A subscriber whose queue is full is closed as a slow
+    /// consumer; the others are not held back by it. Returns the number of
+    /// connections reached.
+    pub fn deliver(
+        &self,
+        conns: &ConnTable,
+        metrics: &ShardMetrics,
+        limit: usize,
+        ch: &str,
+        d: &Rc<Delivery>,
+    ) -> usize {
         let mut n = 0;
-        for &key in keys.as_slice() {
-            let Some(conn) = conns.get(key as usize) else {
-                continue;
-            };
+        conns.for_each_key(self.keys(ch), |conn| {
             if conn.push(Out::Shared(d.clone()), limit) {
                 n += 1;
             } else {
-                shard
-                    .metrics
+                metrics
                     .drops_slow_consumer
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                conn.request_close(CloseReq::new(4003, "slow consumer"));
+                conn.request_close(CloseReq::new(CloseCode::SLOW_CONSUMER, "slow consumer"));
             }
-        }
+        });
         n
     }
 }

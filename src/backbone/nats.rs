@@ -1,11 +1,20 @@
 //! The NATS backbone: one dedicated thread running a tokio current-thread
 //! runtime and async-nats, bridged to the shards.
 //!
-//! Shards never block on it. A shard sends [`ToNats`] commands through an
-//! unbounded tokio channel (a plain, non-blocking send from any thread) and
-//! receives [`FromNats`] events through a crossbeam channel of its own plus an
-//! [`AtomicWaker`]: the backbone wakes the shard's receiving task, and a
-//! glommio executor wakes on a foreign-thread wake without busy polling.
+//! Shards never block on it. A shard sends commands through two tokio
+//! channels (a plain, non-blocking send from any thread): publishes and
+//! requests through a **bounded** one — when it is full the client is
+//! answered `err backbone_unavailable` at once, nothing queues without
+//! bound — and interest and presence changes through an unbounded one,
+//! whose length is bounded by the node's connections and subscriptions
+//! (each connection adds at most one change per subscription, and the
+//! accept budget paces connections). The shard receives [`Event`]s
+//! through crossbeam channels of its own plus an [`AtomicWaker`]: the
+//! backbone wakes the shard's receiving task, and a glommio executor wakes
+//! on a foreign-thread wake without busy polling. Deliveries go through a
+//! bounded channel (a shard that cannot keep up loses deliveries, counted,
+//! rather than growing memory); answers, at most one per command, through
+//! their own.
 //!
 //! **Interest.** The node subscribes to `P.user.<id>` / `P.room.<id>` only
 //! while some shard has a connection interested in it: shards report their
@@ -31,7 +40,6 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use async_nats::{HeaderMap, Subject};
@@ -41,25 +49,18 @@ use edgegate_proto::{Envelope, ErrCode, Payload, Type};
 use futures_util::StreamExt;
 use tracing::{info, warn};
 
+use super::{Ack, Backbone, Event, Publish, Refused, Request, Sink};
 use crate::config::Nats as NatsConfig;
+use crate::metrics::BackboneStats as NatsState;
 
-/// Who gets the answer to a command: a connection on a shard, and the
-/// client's request id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ack {
-    /// Shard index.
-    pub shard: usize,
-    /// Slab key of the connection.
-    pub key: u32,
-    /// Serial of the connection (a reused slot is not mistaken for it).
-    pub serial: u64,
-    /// The client's `id`.
-    pub id: Option<u64>,
-}
+/// Publishes and requests waiting for the backbone thread, node-wide.
+pub const BRIDGE_COMMANDS: usize = 64 * 1024;
+/// Deliveries waiting for one shard.
+pub const BRIDGE_DELIVERIES: usize = 64 * 1024;
 
 /// Shard → backbone.
 #[derive(Debug)]
-pub enum ToNats {
+enum ToNats {
     /// Publish a client's message.
     Publish {
         /// Full subject.
@@ -68,7 +69,7 @@ pub enum ToNats {
         headers: HeaderMap,
         /// Body.
         payload: Bytes,
-        /// Answered with [`FromNats::PubAck`].
+        /// Answered with [`Event::Published`].
         ack: Ack,
     },
     /// A core-service request.
@@ -79,7 +80,7 @@ pub enum ToNats {
         headers: HeaderMap,
         /// Body.
         payload: Bytes,
-        /// Answered with [`FromNats::Reply`].
+        /// Answered with [`Event::Reply`].
         ack: Ack,
     },
     /// A shard's first (`on`) or last (`!on`) local interest in a channel.
@@ -90,7 +91,7 @@ pub enum ToNats {
         shard: usize,
         /// Interest begins or ends.
         on: bool,
-        /// When the subscription is live, answer with [`FromNats::SubAck`].
+        /// When the subscription is live, answer with [`Event::SubReady`].
         ack: Option<Ack>,
     },
     /// A user's connections on the node changed by `delta`.
@@ -102,76 +103,158 @@ pub enum ToNats {
     },
 }
 
-/// Backbone → shard.
-#[derive(Debug)]
-pub enum FromNats {
-    /// A message for local subscribers of its channel.
-    Deliver(Arc<Envelope>),
-    /// A publish was accepted (`true`) or not.
-    PubAck(Ack, bool),
-    /// A subscription is live.
-    SubAck(Ack),
-    /// A request's outcome.
-    Reply(Ack, Result<Payload, ErrCode>),
-    /// Close this user's connections with 4005.
-    Kick(String),
+/// One shard's end of the bridge: the NATS backbone as a shard sees it.
+pub struct NatsBackbone {
+    data: tokio::sync::mpsc::Sender<ToNats>,
+    control: tokio::sync::mpsc::UnboundedSender<ToNats>,
+    deliveries: crossbeam_channel::Receiver<Event>,
+    answers: crossbeam_channel::Receiver<Event>,
+    waker: Arc<AtomicWaker>,
+    state: Arc<NatsState>,
+    prefix: String,
+    node: String,
+    shard: usize,
 }
 
-/// Node-wide backbone state, read by the admin endpoint.
-#[derive(Default)]
-pub struct NatsState {
-    /// Connected to a NATS server.
-    pub up: AtomicBool,
-    /// Reconnections since start.
-    pub reconnects: AtomicU64,
-    /// Subjects subscribed for clients.
-    pub subscriptions: AtomicU64,
-    /// Messages published for clients.
-    pub published: AtomicU64,
-    /// Messages received for clients.
-    pub received: AtomicU64,
-}
-
-/// One shard's end of the bridge.
-pub struct ShardLink {
-    /// Commands to the backbone.
-    pub tx: tokio::sync::mpsc::UnboundedSender<ToNats>,
-    /// Events from the backbone.
-    pub rx: crossbeam_channel::Receiver<FromNats>,
-    /// Woken when `rx` has something.
-    pub waker: Arc<AtomicWaker>,
-    /// Shared state (`up` is checked before each publish).
-    pub state: Arc<NatsState>,
-    /// Subject prefix.
-    pub prefix: String,
-    /// This node's id, for headers.
-    pub node: String,
-}
-
-impl ShardLink {
-    /// Sends a command. False when the backbone thread is gone.
-    pub fn send(&self, cmd: ToNats) -> bool {
-        self.tx.send(cmd).is_ok()
-    }
-
+impl NatsBackbone {
     /// The subject of a channel: `room:x` → `P.room.x`.
-    pub fn subject(&self, channel: &str) -> Option<String> {
+    fn subject(&self, channel: &str) -> Option<String> {
         edgegate_proto::channel::parse(channel)
             .ok()
             .map(|c| c.subject(&self.prefix))
     }
+
+    /// Sends a publish or request; false when the bridge is full or gone.
+    fn send_data(&self, cmd: ToNats) -> bool {
+        match self.data.try_send(cmd) {
+            Ok(()) => true,
+            Err(_) => {
+                self.state.bridge_full.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
 }
 
-/// The shard side of the event path: a sender plus the waker to call.
+impl Backbone for NatsBackbone {
+    fn start(self: Rc<Self>, sink: Sink) {
+        // Events from the backbone thread: it wakes this task from its own
+        // thread; the executor parks in io_uring meanwhile, no polling.
+        glommio::spawn_local(async move {
+            std::future::poll_fn(|cx| {
+                self.waker.register(cx.waker());
+                loop {
+                    // Answers first: they unblock clients waiting on an `ok`.
+                    let ev = match self.answers.try_recv() {
+                        Ok(ev) => ev,
+                        Err(_) => match self.deliveries.try_recv() {
+                            Ok(ev) => ev,
+                            Err(crossbeam_channel::TryRecvError::Empty) => {
+                                return std::task::Poll::Pending;
+                            }
+                            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                                return std::task::Poll::Ready(());
+                            }
+                        },
+                    };
+                    sink(ev);
+                }
+            })
+            .await;
+        })
+        .detach();
+    }
+
+    fn publish(&self, msg: Publish<'_>, ack: Ack, now: &mut Vec<Event>) {
+        // Through NATS: the message comes back to local subscribers (the
+        // publisher included) in NATS's order; `ok` once NATS accepted it.
+        if !self.is_up() {
+            return now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
+        }
+        let Some(subject) = self.subject(msg.ch) else {
+            return now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
+        };
+        let json = msg.payload.is_json();
+        let headers = publish_headers(msg.from, msg.id, &self.node, msg.conn, json);
+        let cmd = ToNats::Publish {
+            subject,
+            headers,
+            payload: msg.payload.into_bytes(),
+            ack,
+        };
+        if !self.send_data(cmd) {
+            now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
+        }
+    }
+
+    fn request(&self, req: Request<'_>, ack: Ack, now: &mut Vec<Event>) {
+        if !self.is_up() {
+            return now.push(Event::Reply(ack, Err(ErrCode::BackboneUnavailable)));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("Eg-User", req.user);
+        headers.insert("Eg-Conn", req.conn);
+        let cmd = ToNats::Request {
+            subject: format!("{}.svc.{}", self.prefix, req.service),
+            headers,
+            payload: req.payload.into_bytes(),
+            ack,
+        };
+        if !self.send_data(cmd) {
+            now.push(Event::Reply(ack, Err(ErrCode::BackboneUnavailable)));
+        }
+    }
+
+    fn interest(&self, ch: &str, on: bool, ack: Option<Ack>, _now: &mut Vec<Event>) {
+        let _ = self.control.send(ToNats::Interest {
+            channel: ch.to_owned(),
+            shard: self.shard,
+            on,
+            ack,
+        });
+    }
+
+    fn presence(&self, user: &str, delta: i32) {
+        let _ = self.control.send(ToNats::Presence {
+            user: user.to_owned(),
+            delta,
+        });
+    }
+
+    fn is_up(&self) -> bool {
+        self.state.up.load(Relaxed)
+    }
+}
+
+/// The shard side of the event path: senders plus the waker to call.
 struct ShardTx {
-    tx: crossbeam_channel::Sender<FromNats>,
+    deliveries: crossbeam_channel::Sender<Event>,
+    answers: crossbeam_channel::Sender<Event>,
     waker: Arc<AtomicWaker>,
 }
 
 impl ShardTx {
-    fn send(&self, ev: FromNats) {
-        if self.tx.send(ev).is_ok() {
+    /// An answer to one of this shard's commands (never dropped: at most
+    /// one per command, and commands are bounded).
+    fn answer(&self, ev: Event) {
+        if self.answers.send(ev).is_ok() {
             self.waker.wake();
+        }
+    }
+
+    /// A message for the shard's subscribers; false when the shard is too
+    /// far behind to take it.
+    fn deliver(&self, ev: Event) -> bool {
+        match self.deliveries.try_send(ev) {
+            Ok(()) => {
+                self.waker.wake();
+                true
+            }
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                self.waker.wake();
+                false
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => true,
         }
     }
 }
@@ -184,31 +267,38 @@ pub fn backoff(base_ms: u64, cap_ms: u64, attempt: usize) -> Duration {
     Duration::from_millis(fastrand::u64(0..=bound))
 }
 
-/// Starts the backbone thread; returns one link per shard.
+/// Starts the backbone thread; returns each shard's end of the bridge and
+/// the node-wide counters.
 pub fn start(
     cfg: &NatsConfig,
     prefix: &str,
     node: &str,
     shards: usize,
-) -> Result<(Vec<ShardLink>, Arc<NatsState>), String> {
+) -> Result<(Vec<NatsBackbone>, Arc<NatsState>), String> {
     let state = Arc::new(NatsState::default());
-    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (data_tx, data_rx) = tokio::sync::mpsc::channel(BRIDGE_COMMANDS);
+    let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut links = Vec::with_capacity(shards);
     let mut txs = Vec::with_capacity(shards);
-    for _ in 0..shards {
-        let (tx, rx) = crossbeam_channel::unbounded();
+    for shard in 0..shards {
+        let (dtx, drx) = crossbeam_channel::bounded(BRIDGE_DELIVERIES);
+        let (atx, arx) = crossbeam_channel::unbounded();
         let waker = Arc::new(AtomicWaker::new());
         txs.push(ShardTx {
-            tx,
+            deliveries: dtx,
+            answers: atx,
             waker: waker.clone(),
         });
-        links.push(ShardLink {
-            tx: cmd_tx.clone(),
-            rx,
+        links.push(NatsBackbone {
+            data: data_tx.clone(),
+            control: ctl_tx.clone(),
+            deliveries: drx,
+            answers: arx,
             waker,
             state: state.clone(),
             prefix: prefix.to_owned(),
             node: node.to_owned(),
+            shard,
         });
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -223,7 +313,7 @@ pub fn start(
         .name("backbone".into())
         .spawn(move || {
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, run(cfg, prefix, node, txs, cmd_rx, st));
+            local.block_on(&rt, run(cfg, prefix, node, txs, data_rx, ctl_rx, st));
         })
         .map_err(|e| format!("backbone: cannot start its thread: {e}"))?;
     Ok((links, state))
@@ -313,7 +403,8 @@ async fn run(
     prefix: String,
     node: String,
     shards: Vec<ShardTx>,
-    mut cmds: tokio::sync::mpsc::UnboundedReceiver<ToNats>,
+    mut data: tokio::sync::mpsc::Receiver<ToNats>,
+    mut control: tokio::sync::mpsc::UnboundedReceiver<ToNats>,
     state: Arc<NatsState>,
 ) {
     let client = match connect(&cfg, &node, state.clone()).await {
@@ -347,7 +438,7 @@ async fn run(
             while let Some(m) = sub.next().await {
                 if let Some(user) = m.subject.as_str().strip_prefix(&cut) {
                     for s in shards.iter() {
-                        s.send(FromNats::Kick(user.to_owned()));
+                        s.answer(Event::Kick(user.to_owned()));
                     }
                 }
             }
@@ -355,9 +446,19 @@ async fn run(
     }
 
     let mut batch = Vec::with_capacity(256);
+    let mut more = Vec::with_capacity(256);
     loop {
         batch.clear();
-        if cmds.recv_many(&mut batch, 1024).await == 0 {
+        more.clear();
+        // Control first: a subscription that became wanted is set up
+        // before the publishes that arrived with it.
+        let n = tokio::select! {
+            biased;
+            n = control.recv_many(&mut batch, 1024) => n,
+            n = data.recv_many(&mut more, 1024) => n,
+        };
+        batch.append(&mut more);
+        if n == 0 {
             return; // every shard is gone
         }
         // Coalesce interest changes of this batch per channel: a connect
@@ -379,7 +480,14 @@ async fn run(
                         state.published.fetch_add(1, Relaxed);
                     }
                     if let Some(s) = shards.get(ack.shard) {
-                        s.send(FromNats::PubAck(ack, ok));
+                        s.answer(Event::Published(
+                            ack,
+                            if ok {
+                                Ok(())
+                            } else {
+                                Err(Refused::UNAVAILABLE)
+                            },
+                        ));
                     }
                 }
                 ToNats::Request {
@@ -407,7 +515,7 @@ async fn run(
                             }),
                         };
                         if let Some(s) = shards.get(ack.shard) {
-                            s.send(FromNats::Reply(ack, result));
+                            s.answer(Event::Reply(ack, result));
                         }
                     });
                 }
@@ -481,7 +589,7 @@ fn change_interest(
         if let Some(a) = ack {
             if entry.live {
                 if let Some(s) = shards.get(a.shard) {
-                    s.send(FromNats::SubAck(a));
+                    s.answer(Event::SubReady(a));
                 }
             } else {
                 entry.waiting.push(a);
@@ -514,7 +622,7 @@ fn change_interest(
             }
             for a in entry.waiting.drain(..) {
                 if let Some(s) = shards.get(a.shard) {
-                    s.send(FromNats::SubAck(a));
+                    s.answer(Event::SubReady(a));
                 }
             }
             t.remove(&channel);
@@ -554,7 +662,7 @@ async fn subscription(
     };
     for a in waiting {
         if let Some(s) = shards.get(a.shard) {
-            s.send(FromNats::SubAck(a));
+            s.answer(Event::SubReady(a));
         }
     }
     while let Some(m) = sub.next().await {
@@ -563,8 +671,10 @@ async fn subscription(
         let t = table.borrow();
         if let Some(e) = t.get(&channel) {
             for &s in &e.shards {
-                if let Some(tx) = shards.get(s) {
-                    tx.send(FromNats::Deliver(env.clone()));
+                if let Some(tx) = shards.get(s)
+                    && !tx.deliver(Event::Deliver(env.clone()))
+                {
+                    state.dropped.fetch_add(1, Relaxed);
                 }
             }
         }
@@ -600,13 +710,7 @@ fn message(channel: &str, h: Option<&HeaderMap>, body: Bytes) -> Envelope {
 }
 
 /// Headers of a client publish (PROTOCOL.md §4).
-pub fn publish_headers(
-    user: &str,
-    id: Option<u64>,
-    node: &str,
-    conn: &str,
-    json: bool,
-) -> HeaderMap {
+fn publish_headers(user: &str, id: Option<u64>, node: &str, conn: &str, json: bool) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Eg-From", user);
     if let Some(id) = id {
