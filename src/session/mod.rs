@@ -575,3 +575,6 @@ fn on_check(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,725 @@
+//! Protocol v1 without sockets: every rule of PROTOCOL.md §6, every `err`
+//! code and every close code the session decides, driven through
+//! [`handle`] with plain values.
+
+use edgegate_proto::{CloseCode, Envelope, ErrCode, Payload, Type, json};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+use super::*;
+use crate::auth::Verifier;
+use crate::config::{Auth, Config, RoomPolicy, TokenSource};
+use crate::conn::carries_retry;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+/// Unix ms "now" of every test (tokens expire relative to it).
+const UNIX: u64 = 1_800_000_000_000;
+
+/// One session and the world around it.
+struct T {
+    cfg: ShardConfig,
+    metrics: ShardMetrics,
+    st: SessionState,
+    transport: Transport,
+    now: u64,
+    unix: u64,
+}
+
+impl T {
+    /// Auth mode "none", open rooms.
+    fn open() -> T {
+        T {
+            cfg: ShardConfig::from_config(&Config::default(), 2, "n1".into()),
+            metrics: ShardMetrics::default(),
+            st: SessionState::default(),
+            transport: Transport::Tcp,
+            now: 1_000,
+            unix: UNIX,
+        }
+    }
+
+    /// Auth mode "jwt" (HS256, leeway 1 s) with `policy`.
+    fn jwt(policy: RoomPolicy) -> T {
+        let mut t = T::open();
+        let auth = Auth {
+            secret: Some(SECRET.into()),
+            leeway_ms: 1_000,
+            ..Auth::default()
+        };
+        let v = Verifier::from_config(&auth).unwrap_or_else(|e| panic!("{e}"));
+        t.cfg.auth = Some(std::sync::Arc::new(v));
+        t.cfg.room_policy = policy;
+        t
+    }
+
+    fn run(&mut self, input: Input) -> Vec<Action> {
+        let cx = Ctx {
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+            shard: 1,
+            serial: 7,
+            transport: self.transport,
+            now_ms: self.now,
+            unix_ms: self.unix,
+        };
+        let mut out = Vec::new();
+        handle(&mut self.st, &cx, input, &mut out);
+        out
+    }
+
+    /// A client envelope, written as JSON.
+    fn client(&mut self, text: &str) -> Vec<Action> {
+        let env = json::decode(text.as_bytes()).unwrap_or_else(|e| panic!("{text}: {e}"));
+        self.run(Input::Client(env))
+    }
+
+    /// `hello` as `user` (auth none) and the welcome.
+    fn welcomed(user: &str) -> T {
+        let mut t = T::open();
+        let out = t.client(&format!(
+            r#"{{"t":"hello","id":1,"meta":{{"user":"{user}"}}}}"#
+        ));
+        assert!(welcome(&out).is_some(), "{out:?}");
+        t
+    }
+
+    fn check(&mut self, check: Check, last_rx_ms: u64, pinged_ms: u64) -> Vec<Action> {
+        self.run(Input::Check {
+            check,
+            last_rx_ms,
+            pinged_ms,
+        })
+    }
+}
+
+fn token(sub: &str, exp_s: u64, rooms: &[&str]) -> String {
+    let claims = serde_json::json!({"sub": sub, "exp": exp_s, "rooms": rooms});
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn replies(out: &[Action]) -> Vec<&Envelope> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Reply(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The only reply, which must be there.
+fn reply(out: &[Action]) -> &Envelope {
+    let r = replies(out);
+    assert_eq!(r.len(), 1, "{out:?}");
+    r[0]
+}
+
+fn welcome(out: &[Action]) -> Option<serde_json::Value> {
+    replies(out)
+        .into_iter()
+        .find(|e| e.t == Type::Welcome)
+        .map(|e| serde_json::from_str(e.meta.as_deref().unwrap_or("{}")).unwrap_or_default())
+}
+
+fn closed(out: &[Action]) -> Option<CloseReq> {
+    out.iter().find_map(|a| match a {
+        Action::Close(c) => Some(*c),
+        _ => None,
+    })
+}
+
+fn assert_close(out: &[Action], code: CloseCode) -> CloseReq {
+    let c = closed(out).unwrap_or_else(|| panic!("expected close {code:?}, got {out:?}"));
+    assert_eq!(c.code, code, "{c:?}");
+    c
+}
+
+fn assert_err(out: &[Action], id: u64, code: ErrCode) {
+    let e = reply(out);
+    assert_eq!(e.t, Type::Err, "{e:?}");
+    assert_eq!(e.id, Some(id));
+    assert_eq!(e.err_code(), Some(code), "{e:?}");
+    assert!(closed(out).is_none(), "an err does not close: {out:?}");
+}
+
+fn assert_ok(out: &[Action], id: u64) {
+    let e = reply(out);
+    assert_eq!(e.t, Type::Ok, "{e:?}");
+    assert_eq!(e.id, Some(id));
+}
+
+// ---------------------------------------------------------------- before welcome
+
+#[test]
+fn first_envelope_must_be_hello() {
+    for t in ["sub", "unsub", "pub", "req"] {
+        let mut s = T::open();
+        let out = s.client(&format!(r#"{{"t":"{t}","id":1,"ch":"room:a"}}"#));
+        assert_close(&out, CloseCode::PROTOCOL_ERROR);
+        assert!(replies(&out).is_empty());
+        assert_eq!(s.st.phase, Phase::Hello);
+    }
+}
+
+#[test]
+fn ping_and_pong_are_tolerated_before_hello() {
+    let mut s = T::open();
+    let out = s.client(r#"{"t":"ping","id":5}"#);
+    let p = reply(&out);
+    assert_eq!((p.t, p.id), (Type::Pong, Some(5)));
+    assert!(s.client(r#"{"t":"pong"}"#).is_empty());
+    assert_eq!(s.st.phase, Phase::Hello);
+}
+
+#[test]
+fn server_sends_no_ping_before_welcome() {
+    let mut s = T::open();
+    let out = s.check(Check::Heartbeat, 0, 0);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn hello_timeout_closes_4001_only_before_welcome() {
+    let mut s = T::open();
+    assert_close(&s.check(Check::Hello, 0, 0), CloseCode::UNAUTHORIZED);
+    let mut w = T::welcomed("alice");
+    assert!(w.check(Check::Hello, 0, 0).is_empty());
+}
+
+#[test]
+fn welcome_carries_hello_id_and_its_meta() {
+    let mut s = T::open();
+    let out = s.client(r#"{"t":"hello","id":42,"meta":{"user":"alice"}}"#);
+    let w = replies(&out)
+        .into_iter()
+        .find(|e| e.t == Type::Welcome)
+        .cloned()
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert_eq!(w.id, Some(42));
+    let meta: serde_json::Value =
+        serde_json::from_str(w.meta.as_deref().unwrap_or("")).unwrap_or_default();
+    assert_eq!(meta["user"], "alice");
+    assert_eq!(meta["node"], "n1");
+    assert_eq!(meta["shard"], 1, "welcome.meta.shard is the owning shard");
+    assert_eq!(meta["conn"], "n1-1-7");
+    assert_eq!(meta["hb_ms"], s.cfg.hb_ms);
+    assert_eq!(meta["max_frame"], s.cfg.max_frame);
+    assert_eq!(s.st.phase, Phase::Active);
+    assert_eq!(s.metrics.sessions.load(Relaxed), 1);
+}
+
+#[test]
+fn welcome_subscribes_the_own_channel_first_and_arms_the_heartbeat() {
+    let mut s = T::open();
+    let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"bob"}}"#);
+    let sub = out
+        .iter()
+        .position(|a| matches!(a, Action::Subscribe { ch, ok: None } if &**ch == "user:bob"));
+    let wel = out
+        .iter()
+        .position(|a| matches!(a, Action::Reply(e) if e.t == Type::Welcome));
+    assert!(
+        sub.is_some() && sub < wel,
+        "own channel live before welcome: {out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Presence(u, 1) if &**u == "bob"))
+    );
+    let hb = s.cfg.hb_ms;
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Arm(Check::Heartbeat, at) if *at == 1_000 + hb))
+    );
+    assert_eq!(s.st.subs.len(), 1);
+}
+
+#[test]
+fn hello_without_a_valid_user_is_4001() {
+    for meta in [r#"{}"#, r#"{"user":"bad id!"}"#, r#"{"user":7}"#] {
+        let mut s = T::open();
+        let out = s.client(&format!(r#"{{"t":"hello","id":1,"meta":{meta}}}"#));
+        assert_close(&out, CloseCode::UNAUTHORIZED);
+        assert_eq!(s.st.phase, Phase::Hello);
+    }
+}
+
+// ---------------------------------------------------------------- jwt: hello, upgrade token, refresh, expiry
+
+#[test]
+fn jwt_hello_takes_the_user_from_the_token_and_arms_its_expiry() {
+    let mut s = T::jwt(RoomPolicy::Open);
+    let tok = token("carol", UNIX / 1000 + 60, &[]);
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":1,"meta":{{"token":"{tok}"}}}}"#
+    ));
+    assert_eq!(welcome(&out).unwrap_or_default()["user"], "carol");
+    // exp + leeway, on the shard clock.
+    let at = 1_000 + 60_000 + 1_000;
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Arm(Check::Expiry, t) if *t == at)),
+        "{out:?}"
+    );
+    assert_eq!(s.metrics.auth_ok.load(Relaxed), 1);
+}
+
+#[test]
+fn jwt_hello_refusals_are_4001() {
+    let good = token("carol", UNIX / 1000 + 60, &[]);
+    let expired = token("carol", UNIX / 1000 - 60, &[]);
+    for meta in [
+        String::from("{}"),                                  // no token at all
+        r#"{"token":"not.a.jwt"}"#.to_string(),              // malformed
+        format!(r#"{{"token":"{expired}"}}"#),               // expired
+        format!(r#"{{"token":"{good}","user":"mallory"}}"#), // user differs from sub
+        r#"{"token":5}"#.to_string(),                        // wrong type
+    ] {
+        let mut s = T::jwt(RoomPolicy::Open);
+        let out = s.client(&format!(r#"{{"t":"hello","id":1,"meta":{meta}}}"#));
+        assert_close(&out, CloseCode::UNAUTHORIZED);
+        assert!(welcome(&out).is_none(), "{meta}");
+    }
+}
+
+#[test]
+fn websocket_hello_token_only_where_token_sources_allow() {
+    let tok = token("carol", UNIX / 1000 + 60, &[]);
+    let mut s = T::jwt(RoomPolicy::Open);
+    s.transport = Transport::Ws;
+    s.cfg.token_sources[TokenSource::Hello as usize] = false;
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":1,"meta":{{"token":"{tok}"}}}}"#
+    ));
+    assert_close(&out, CloseCode::UNAUTHORIZED);
+}
+
+#[test]
+fn upgrade_token_is_verified_and_then_hello_needs_none() {
+    let mut s = T::jwt(RoomPolicy::Open);
+    s.transport = Transport::Ws;
+    let out = s.run(Input::UpgradeToken(token("dave", UNIX / 1000 + 60, &[])));
+    assert!(out.is_empty(), "{out:?}");
+    let out = s.client(r#"{"t":"hello","id":1}"#);
+    assert_eq!(welcome(&out).unwrap_or_default()["user"], "dave");
+
+    let mut bad = T::jwt(RoomPolicy::Open);
+    let out = bad.run(Input::UpgradeToken("garbage".into()));
+    assert_close(&out, CloseCode::UNAUTHORIZED);
+}
+
+fn jwt_welcomed(policy: RoomPolicy, rooms: &[&str], exp_s: u64) -> T {
+    let mut s = T::jwt(policy);
+    let tok = token("erin", exp_s, rooms);
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":1,"meta":{{"token":"{tok}"}}}}"#
+    ));
+    assert!(welcome(&out).is_some(), "{out:?}");
+    s
+}
+
+#[test]
+fn refresh_replaces_the_claims_and_is_answered_ok() {
+    let mut s = jwt_welcomed(RoomPolicy::Open, &[], UNIX / 1000 + 60);
+    let tok = token("erin", UNIX / 1000 + 30, &[]);
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":9,"meta":{{"token":"{tok}"}}}}"#
+    ));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Arm(Check::Expiry, _))),
+        "shorter exp re-arms: {out:?}"
+    );
+    assert_ok(&out, 9);
+    assert_eq!(s.metrics.auth_refreshes.load(Relaxed), 1);
+    // A longer one needs no check of its own.
+    let tok = token("erin", UNIX / 1000 + 600, &[]);
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":10,"meta":{{"token":"{tok}"}}}}"#
+    ));
+    assert!(!out.iter().any(|a| matches!(a, Action::Arm(..))), "{out:?}");
+    assert_ok(&out, 10);
+}
+
+#[test]
+fn refresh_refusals_are_errs_and_keep_the_session() {
+    let mut s = jwt_welcomed(RoomPolicy::Open, &[], UNIX / 1000 + 60);
+    let other = token("frank", UNIX / 1000 + 60, &[]);
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":2,"meta":{{"token":"{other}"}}}}"#
+    ));
+    assert_err(&out, 2, ErrCode::Unauthorized);
+    let out = s.client(r#"{"t":"hello","id":3,"meta":{"token":"x.y.z"}}"#);
+    assert_err(&out, 3, ErrCode::Unauthorized);
+    let out = s.client(r#"{"t":"hello","id":4}"#);
+    assert_err(&out, 4, ErrCode::BadRequest);
+    let out = s.client(r#"{"t":"hello","id":5,"meta":{"token":1}}"#);
+    assert_err(&out, 5, ErrCode::BadRequest);
+    assert_eq!(s.st.phase, Phase::Active);
+}
+
+#[test]
+fn a_second_hello_without_auth_is_bad_request() {
+    let mut s = T::welcomed("alice");
+    assert_err(
+        &s.client(r#"{"t":"hello","id":2,"meta":{"user":"alice"}}"#),
+        2,
+        ErrCode::BadRequest,
+    );
+}
+
+#[test]
+fn refresh_leaves_rooms_the_new_token_no_longer_grants() {
+    let mut s = jwt_welcomed(RoomPolicy::Claims, &["a", "b"], UNIX / 1000 + 60);
+    assert!(matches!(
+        s.client(r#"{"t":"sub","id":2,"ch":"room:a"}"#)[..],
+        [Action::Subscribe { .. }]
+    ));
+    assert!(matches!(
+        s.client(r#"{"t":"sub","id":3,"ch":"room:b"}"#)[..],
+        [Action::Subscribe { .. }]
+    ));
+    let tok = token("erin", UNIX / 1000 + 60, &["b"]);
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":4,"meta":{{"token":"{tok}"}}}}"#
+    ));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Unsubscribe(ch) if &**ch == "room:a")),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Unsubscribe(ch) if &**ch == "room:b"))
+    );
+    assert!(s.st.subs.iter().all(|c| &**c != "room:a"));
+}
+
+#[test]
+fn token_expiry_closes_4008_unless_refreshed() {
+    let mut s = jwt_welcomed(RoomPolicy::Open, &[], UNIX / 1000 + 60);
+    // Not yet (the leeway counts): re-armed for what is left.
+    s.unix = UNIX + 60_500;
+    let out = s.check(Check::Expiry, 0, 0);
+    assert!(
+        matches!(out[..], [Action::Arm(Check::Expiry, at)] if at == s.now + 500),
+        "{out:?}"
+    );
+    s.unix = UNIX + 61_000;
+    assert_close(&s.check(Check::Expiry, 0, 0), CloseCode::TOKEN_EXPIRED);
+}
+
+// ---------------------------------------------------------------- heartbeats and drain
+
+#[test]
+fn heartbeat_pings_once_per_silent_interval_then_closes_4002() {
+    let mut s = T::welcomed("alice");
+    let (hb, idle) = (s.cfg.hb_ms, s.cfg.idle_ms);
+    // Heard from recently: no ping, next check one interval after it.
+    s.now = 10_000;
+    let out = s.check(Check::Heartbeat, 9_000, 0);
+    assert!(
+        matches!(out[..], [Action::Arm(Check::Heartbeat, at)] if at == 9_000 + hb),
+        "{out:?}"
+    );
+    // Silent for an interval: one ping.
+    s.now = 9_000 + hb;
+    let out = s.check(Check::Heartbeat, 9_000, 0);
+    assert!(matches!(out[0], Action::Ping), "{out:?}");
+    // Pinged already in this interval: no second ping.
+    s.now = 9_000 + hb + 100;
+    let out = s.check(Check::Heartbeat, 9_000, 9_000 + hb);
+    assert!(!out.iter().any(|a| matches!(a, Action::Ping)), "{out:?}");
+    // Silent for the idle timeout: closed.
+    s.now = 9_000 + idle;
+    assert_close(
+        &s.check(Check::Heartbeat, 9_000, 9_000 + hb),
+        CloseCode::HEARTBEAT_TIMEOUT,
+    );
+}
+
+#[test]
+fn drain_closes_1001_which_carries_retry() {
+    let mut s = T::welcomed("alice");
+    let c = assert_close(&s.check(Check::Drain, 0, 0), CloseCode::GOING_AWAY);
+    assert!(carries_retry(c.code));
+    assert!(carries_retry(CloseCode::RATE_LIMITED) && carries_retry(CloseCode::OVERLOADED));
+    assert!(!carries_retry(CloseCode::PROTOCOL_ERROR) && !carries_retry(CloseCode::KICKED));
+}
+
+#[test]
+fn kick_closes_4005() {
+    let mut s = T::welcomed("alice");
+    assert_close(&s.run(Input::Kick), CloseCode::KICKED);
+}
+
+#[test]
+fn a_closing_session_does_nothing() {
+    let mut s = T::welcomed("alice");
+    s.st.phase = Phase::Closing;
+    assert!(s.client(r#"{"t":"ping","id":1}"#).is_empty());
+    assert!(s.run(Input::Kick).is_empty());
+}
+
+// ---------------------------------------------------------------- after welcome
+
+#[test]
+fn pong_answering_a_ping_carries_its_id() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"ping","id":77}"#);
+    let p = reply(&out);
+    assert_eq!((p.t, p.id), (Type::Pong, Some(77)));
+    assert!(s.client(r#"{"t":"pong","id":3}"#).is_empty());
+}
+
+#[test]
+fn sub_ok_only_once_the_subscription_is_live() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"sub","id":5,"ch":"room:lobby"}"#);
+    assert!(replies(&out).is_empty(), "no ok before live: {out:?}");
+    assert!(
+        matches!(&out[..], [Action::Subscribe { ch, ok: Some(Some(5)) }] if &**ch == "room:lobby")
+    );
+    assert_ok(&s.run(Input::SubReady(Some(5))), 5);
+    // Again: idempotent, ok at once.
+    assert_ok(&s.client(r#"{"t":"sub","id":6,"ch":"room:lobby"}"#), 6);
+    assert_eq!(s.st.subs.len(), 2);
+}
+
+#[test]
+fn sub_refusals() {
+    let mut s = T::welcomed("alice");
+    assert_err(
+        &s.client(r#"{"t":"sub","id":1,"ch":"user:bob"}"#),
+        1,
+        ErrCode::Forbidden,
+    );
+    assert_err(
+        &s.client(r#"{"t":"sub","id":2,"ch":"svc:echo"}"#),
+        2,
+        ErrCode::Forbidden,
+    );
+    assert_err(
+        &s.client(r#"{"t":"sub","id":3,"ch":"foo:x"}"#),
+        3,
+        ErrCode::BadChannel,
+    );
+    assert_err(
+        &s.client(r#"{"t":"sub","id":4,"ch":"room:bad id"}"#),
+        4,
+        ErrCode::BadChannel,
+    );
+    assert_err(&s.client(r#"{"t":"sub","id":5}"#), 5, ErrCode::BadRequest);
+    assert_eq!(s.st.subs.len(), 1);
+}
+
+#[test]
+fn claims_policy_forbids_rooms_outside_the_token() {
+    let mut s = jwt_welcomed(RoomPolicy::Claims, &["team-*"], UNIX / 1000 + 60);
+    assert!(matches!(
+        s.client(r#"{"t":"sub","id":1,"ch":"room:team-7"}"#)[..],
+        [Action::Subscribe { .. }]
+    ));
+    assert_err(
+        &s.client(r#"{"t":"sub","id":2,"ch":"room:other"}"#),
+        2,
+        ErrCode::Forbidden,
+    );
+    assert_err(
+        &s.client(r#"{"t":"pub","id":3,"ch":"room:other","d":1}"#),
+        3,
+        ErrCode::Forbidden,
+    );
+    assert!(matches!(
+        s.client(r#"{"t":"pub","id":4,"ch":"room:team-1","d":1}"#)[..],
+        [Action::Publish { .. }]
+    ));
+}
+
+#[test]
+fn too_many_subscriptions_is_too_large() {
+    let mut s = T::welcomed("alice");
+    s.cfg.max_subscriptions = 2;
+    assert!(matches!(
+        s.client(r#"{"t":"sub","id":1,"ch":"room:a"}"#)[..],
+        [Action::Subscribe { .. }]
+    ));
+    assert_err(
+        &s.client(r#"{"t":"sub","id":2,"ch":"room:b"}"#),
+        2,
+        ErrCode::TooLarge,
+    );
+    // One already held is not a new one.
+    assert_ok(&s.client(r#"{"t":"sub","id":3,"ch":"room:a"}"#), 3);
+}
+
+#[test]
+fn unsub_of_a_channel_not_subscribed_is_not_subscribed() {
+    let mut s = T::welcomed("alice");
+    s.client(r#"{"t":"sub","id":1,"ch":"room:a"}"#);
+    let out = s.client(r#"{"t":"unsub","id":2,"ch":"room:a"}"#);
+    assert!(matches!(&out[0], Action::Unsubscribe(ch) if &**ch == "room:a"));
+    assert_ok(&out[1..], 2);
+    assert_err(
+        &s.client(r#"{"t":"unsub","id":3,"ch":"room:a"}"#),
+        3,
+        ErrCode::NotSubscribed,
+    );
+    assert_err(
+        &s.client(r#"{"t":"unsub","id":4,"ch":"bogus"}"#),
+        4,
+        ErrCode::BadChannel,
+    );
+}
+
+#[test]
+fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"pub","id":8,"ch":"room:lobby","d":{"text":"hi"}}"#);
+    match &out[..] {
+        [
+            Action::Publish {
+                ch,
+                from,
+                id,
+                payload,
+            },
+        ] => {
+            assert_eq!(
+                (ch.as_str(), &**from, *id),
+                ("room:lobby", "alice", Some(8))
+            );
+            assert!(matches!(payload, Payload::Json(b) if &b[..] == br#"{"text":"hi"}"#));
+        }
+        _ => panic!("{out:?}"),
+    }
+    assert!(replies(&out).is_empty(), "ok waits for the backbone");
+    assert_ok(&s.run(Input::Published(Some(8), Ok(()))), 8);
+    assert_err(
+        &s.run(Input::Published(Some(9), Err(Refused::UNAVAILABLE))),
+        9,
+        ErrCode::BackboneUnavailable,
+    );
+    assert_err(
+        &s.run(Input::Published(Some(10), Err(Refused::OVERLOADED))),
+        10,
+        ErrCode::RateLimited,
+    );
+    // A direct message to another user is allowed.
+    assert!(matches!(
+        s.client(r#"{"t":"pub","id":11,"ch":"user:bob","d":1}"#)[..],
+        [Action::Publish { .. }]
+    ));
+}
+
+#[test]
+fn binary_payload_from_a_json_client_is_kept_binary() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"pub","id":1,"ch":"room:a","db":"AAEC"}"#);
+    assert!(
+        matches!(&out[..], [Action::Publish { payload: Payload::Binary(b), .. }] if b[..] == [0, 1, 2]),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn pub_refusals() {
+    let mut s = T::welcomed("alice");
+    assert_err(
+        &s.client(r#"{"t":"pub","id":1,"ch":"svc:echo","d":1}"#),
+        1,
+        ErrCode::BadRequest,
+    );
+    assert_err(
+        &s.client(r#"{"t":"pub","id":2,"ch":"foo:x","d":1}"#),
+        2,
+        ErrCode::BadChannel,
+    );
+    assert_err(
+        &s.client(r#"{"t":"pub","id":3,"d":1}"#),
+        3,
+        ErrCode::BadRequest,
+    );
+}
+
+#[test]
+fn req_goes_to_a_service_and_its_answer_becomes_reply_or_err() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"req","id":4,"ch":"svc:echo","d":"x"}"#);
+    assert!(
+        matches!(&out[..], [Action::Request { service, id: Some(4), .. }] if service == "echo"),
+        "{out:?}"
+    );
+    let out = s.run(Input::Reply(Some(4), Ok(Payload::Json("\"x\"".into()))));
+    let r = reply(&out);
+    assert_eq!((r.t, r.id), (Type::Reply, Some(4)));
+    for (id, code) in [
+        (5, ErrCode::NoService),
+        (6, ErrCode::Timeout),
+        (7, ErrCode::BackboneUnavailable),
+        (8, ErrCode::Internal),
+    ] {
+        assert_err(&s.run(Input::Reply(Some(id), Err(code))), id, code);
+    }
+    assert_err(
+        &s.client(r#"{"t":"req","id":9,"ch":"room:a","d":1}"#),
+        9,
+        ErrCode::BadChannel,
+    );
+}
+
+#[test]
+fn server_only_types_from_a_client_close_4000() {
+    for t in ["welcome", "ok", "err", "msg", "reply", "bye"] {
+        let mut s = T::welcomed("alice");
+        let out = s.client(&format!(r#"{{"t":"{t}","id":1}}"#));
+        assert_close(&out, CloseCode::PROTOCOL_ERROR);
+    }
+}
+
+#[test]
+fn rate_limited_answer_names_its_code() {
+    let e = rate_limited(Some(3));
+    assert_eq!(
+        (e.t, e.id, e.err_code()),
+        (Type::Err, Some(3), Some(ErrCode::RateLimited))
+    );
+}
+
+#[test]
+fn every_err_code_is_produced_by_some_input() {
+    // One input per code, gathered: a code added to the protocol without a
+    // way for the session to produce it fails here.
+    let mut seen = std::collections::HashSet::new();
+    let mut note = |out: Vec<Action>| {
+        for e in replies(&out) {
+            if let Some(c) = e.err_code() {
+                seen.insert(c.number());
+            }
+        }
+    };
+    let mut s = T::welcomed("alice");
+    note(s.client(r#"{"t":"pub","id":1}"#)); // bad_request
+    note(s.client(r#"{"t":"sub","id":1,"ch":"room:x"}"#));
+    note(s.client(r#"{"t":"sub","id":1,"ch":"user:bob"}"#)); // forbidden
+    note(s.client(r#"{"t":"sub","id":1,"ch":"nope:x"}"#)); // bad_channel
+    note(s.run(Input::Reply(Some(1), Err(ErrCode::NoService)))); // no_service
+    note(s.run(Input::Reply(Some(1), Err(ErrCode::Timeout)))); // timeout
+    note(s.run(Input::Published(Some(1), Err(Refused::OVERLOADED)))); // rate_limited
+    s.cfg.max_subscriptions = 1;
+    note(s.client(r#"{"t":"sub","id":1,"ch":"room:y"}"#)); // too_large
+    note(s.client(r#"{"t":"unsub","id":1,"ch":"room:z"}"#)); // not_subscribed
+    note(s.run(Input::Published(Some(1), Err(Refused::UNAVAILABLE)))); // backbone_unavailable
+    note(s.run(Input::Reply(Some(1), Err(ErrCode::Internal)))); // internal
+    let mut j = jwt_welcomed(RoomPolicy::Open, &[], UNIX / 1000 + 60);
+    note(j.client(r#"{"t":"hello","id":1,"meta":{"token":"x"}}"#)); // unauthorized
+    let all: std::collections::HashSet<u32> = ErrCode::ALL.iter().map(|c| c.number()).collect();
+    let missing: Vec<_> = all.difference(&seen).collect();
+    assert!(
+        missing.is_empty(),
+        "err codes no input produced: {missing:?}"
+    );
+}
