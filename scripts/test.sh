@@ -4,10 +4,13 @@
 # Idempotent. Works on a fresh Debian machine with Rust + cargo + Python 3.11:
 #   1. system tools the tests need (apt, only when missing)
 #   2. a venv at .venv with the pinned deps of tests/python/requirements.txt
-#   3. cargo build --workspace, cargo test --workspace
+#   3. cargo fmt --check, cargo clippy --all-targets -D warnings, python3
+#      scripts/modcycles.py (no import cycle in src/), cargo build --workspace,
+#      cargo test --workspace
 #   4. pytest tests/python (the real binary over real sockets)
 #   5. Autobahn|Testsuite against the WebSocket echo endpoint (scripts/autobahn.sh)
-# Exits non-zero on the first failure.
+# Exits non-zero on the first failure. Changes no tracked file (reports go
+# under target/).
 #
 # Environment:
 #   EG_SKIP_AUTOBAHN=1   skip step 5
@@ -59,6 +62,12 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
 fi
 
 # ---------------------------------------------------------------- 3. cargo
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+step "no import cycle among the gateway's modules"
+python3 scripts/modcycles.py >/dev/null
 step "cargo build --workspace"
 cargo build --workspace
 step "cargo test --workspace"

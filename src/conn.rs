@@ -14,14 +14,14 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use bytes::Bytes;
-use edgegate_proto::{CloseCode, Envelope, Payload, binary, frame, json, leb128};
+use edgegate_proto::{Envelope, Payload, binary, frame, json, leb128};
 
 use crate::metrics::Transport;
 use crate::ratelimit::{Bucket, Rate};
-use crate::session::SessionState;
+use crate::session::{CloseReq, SessionState, UserId};
 
 /// A connection's inbound token buckets. They start full; the rates are the
-/// shard's ([`crate::shard::ShardConfig`]), not stored here.
+/// shard's ([`crate::settings::ShardConfig`]), not stored here.
 #[derive(Debug)]
 pub struct ConnLimits {
     /// Envelopes.
@@ -155,73 +155,6 @@ impl Out {
             },
         }
     }
-}
-
-/// A user id, kept as its channel name `user:<id>`: the id and the channel
-/// every connection is subscribed to share one allocation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserId(Rc<str>);
-
-impl UserId {
-    const PREFIX: &'static str = "user:";
-
-    /// The id `id` (already validated as a channel id).
-    pub fn new(id: &str) -> Self {
-        UserId(Rc::from(format!("{}{id}", Self::PREFIX)))
-    }
-
-    /// The user's own channel, `user:<id>`.
-    pub fn channel(&self) -> &Rc<str> {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for UserId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0[Self::PREFIX.len()..]
-    }
-}
-
-impl std::fmt::Display for UserId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self)
-    }
-}
-
-/// Why and how the server closes a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseReq {
-    /// The close code (PROTOCOL.md §5).
-    pub code: CloseCode,
-    /// A short reason for the client and the logs.
-    pub reason: &'static str,
-}
-
-impl CloseReq {
-    /// A close request.
-    pub const fn new(code: CloseCode, reason: &'static str) -> Self {
-        CloseReq { code, reason }
-    }
-}
-
-/// Codes whose `bye` must carry `meta.retry_ms` (PROTOCOL.md §6).
-pub fn carries_retry(code: CloseCode) -> bool {
-    matches!(
-        code,
-        CloseCode::GOING_AWAY | CloseCode::RATE_LIMITED | CloseCode::OVERLOADED
-    )
-}
-
-/// Where a connection is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Waiting for `hello`.
-    Hello,
-    /// Past `welcome`.
-    Active,
-    /// Closing: nothing more is queued.
-    Closing,
 }
 
 /// The part of a connection the shard can reach.
@@ -395,12 +328,12 @@ impl Conn {
 
     /// True once the connection is closing: nothing more is queued.
     pub fn closing(&self) -> bool {
-        self.session.borrow().phase == Phase::Closing
+        self.session.borrow().phase == crate::session::Phase::Closing
     }
 
     /// Marks the connection as closing.
     pub fn set_closing(&self) {
-        self.session.borrow_mut().phase = Phase::Closing;
+        self.session.borrow_mut().phase = crate::session::Phase::Closing;
     }
 
     /// Channels subscribed.

@@ -38,7 +38,7 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
 /// Runs before `main` (and before the runtime's first allocations reserve
 /// mimalloc's first arena): mimalloc would otherwise commit its arenas
-/// eagerly, about 20 MB of RSS an idle node does not need (DESIGN.md).
+/// eagerly, about 20 MB of RSS an idle node does not need (docs/benchmarks.md, "Gateway core").
 /// `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still wins.
 extern "C" fn lazy_arena_commit() {
     if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {

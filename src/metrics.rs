@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 /// Transports, as labels.
 pub const TRANSPORTS: [&str; 3] = ["ws", "tcp", "quic"];
 
-/// Close codes counted (PROTOCOL.md §5), in label order.
+/// Close codes counted (docs/protocol.md §5), in label order.
 pub const CLOSE_CODES: [u16; 11] = [
     1000, 1001, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007, 4008,
 ];
@@ -70,7 +70,7 @@ pub struct ShardMetrics {
     pub refused_origin: AtomicU64,
     /// Envelopes answered `err rate_limited` by the per-connection limits.
     pub rate_limited: AtomicU64,
-    /// Tokens refused, by [`crate::auth::AuthError`] (index = its order).
+    /// Tokens refused, by `auth::AuthError` (index = its order).
     pub auth_failures: [AtomicU64; 9],
     /// Tokens accepted (at hello, upgrade or refresh).
     pub auth_ok: AtomicU64,

@@ -262,7 +262,7 @@ impl TlsAcceptorHandle {
 /// (the shard's 64 KiB scratch) and one incomplete record, rounded up.
 const MAX_RX: usize = 160 * 1024;
 /// Plaintext encrypted per write: a batch (a few records).
-const MAX_WRITE: usize = crate::transport::BATCH_BYTES;
+const MAX_WRITE: usize = 64 * 1024;
 
 /// A server-side TLS stream over `S` built on rustls' unbuffered API, so
 /// that an idle connection holds no TLS buffer at all: incoming ciphertext

@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::{
 
 use crate::policy::{Backoff, CloseInfo};
 
-/// The transport a client connects over (PROTOCOL.md §1).
+/// The transport a client connects over (docs/protocol.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Transport {
@@ -216,7 +216,7 @@ impl Welcome {
 pub enum Error {
     /// The server ended the session with `bye` or a close frame.
     Closed {
-        /// Close code (PROTOCOL.md §5).
+        /// Close code (docs/protocol.md §5).
         code: u16,
         /// `bye.reason` / close frame reason.
         reason: String,
@@ -755,7 +755,7 @@ impl TcpLink {
     }
 }
 
-/// The QUIC ALPN (PROTOCOL.md §1).
+/// The QUIC ALPN (docs/protocol.md §1).
 pub const QUIC_ALPN: &[u8] = b"edgegate/1";
 
 /// rustls client configs, one per (CA file, QUIC?): thousands of connections

@@ -1,7 +1,7 @@
 //! # edgegate-client
 //!
 //! An async (tokio) client for the edgegate protocol, version 1
-//! (`shared/PROTOCOL.md`), over WebSocket (subprotocols `edgegate.v1.json` /
+//! (`docs/protocol.md`), over WebSocket (subprotocols `edgegate.v1.json` /
 //! `edgegate.v1.bin`), raw TCP (`EG1\n` preface, u32 big-endian framing),
 //! both optionally over TLS (rustls, ring; [`ClientConfig::tls`] with a CA
 //! file), and QUIC (quinn, ALPN `edgegate/1`, one bidirectional stream framed

@@ -8,13 +8,13 @@
 //! The schedule is exponential backoff with *full jitter* (AWS architecture
 //! blog, "Exponential Backoff And Jitter"): before reconnect attempt `n`
 //! (counting from 0) the client sleeps a uniformly random time in
-//! `[0, min(cap, base * 2^n)]`. A `bye` carrying `meta.retry_ms` (PROTOCOL.md
+//! `[0, min(cap, base * 2^n)]`. A `bye` carrying `meta.retry_ms` (docs/protocol.md
 //! §5: close codes 1001, 4004 and 4007 always carry it) raises that sleep to at
 //! least `retry_ms`.
 
 use std::time::Duration;
 
-/// Close codes of PROTOCOL.md §5 that this module reasons about.
+/// Close codes of docs/protocol.md §5 that this module reasons about.
 pub mod close {
     /// Normal close.
     pub const NORMAL: u16 = 1000;
@@ -85,7 +85,7 @@ impl Backoff {
     }
 }
 
-/// What a close code means for a reconnecting client (PROTOCOL.md §5 table).
+/// What a close code means for a reconnecting client (docs/protocol.md §5 table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseClass {
     /// Never reconnect: 4005 kicked, 4000 protocol error, 4006 frame too large.

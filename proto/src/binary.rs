@@ -1,4 +1,4 @@
-//! The binary envelope codec (PROTOCOL.md §2, "Binary envelope").
+//! The binary envelope codec (docs/protocol.md §2, "Binary envelope").
 //!
 //! ```text
 //! u8  type code

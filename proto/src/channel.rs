@@ -1,4 +1,4 @@
-//! Channel names (PROTOCOL.md §3): `user:<id>`, `room:<id>`, `svc:<name>`,
+//! Channel names (docs/protocol.md §3): `user:<id>`, `room:<id>`, `svc:<name>`,
 //! where the id or name matches `[A-Za-z0-9_-]{1,128}`.
 //!
 //! Who may subscribe or publish where is the session's business; this module
@@ -39,7 +39,7 @@ impl<'a> Channel<'a> {
     }
 
     /// The backbone subject for this channel under `subject_prefix`
-    /// (PROTOCOL.md §4): `P.user.<id>`, `P.room.<id>`, `P.svc.<name>`.
+    /// (docs/protocol.md, "Backbone subjects"): `P.user.<id>`, `P.room.<id>`, `P.svc.<name>`.
     /// Ids never contain `.`, `*`, `>` or spaces, so the result is a valid
     /// NATS subject.
     pub fn subject(&self, subject_prefix: &str) -> String {

@@ -1,4 +1,4 @@
-//! Close codes (`bye`) and error codes (`err`), PROTOCOL.md §5.
+//! Close codes (`bye`) and error codes (`err`), docs/protocol.md §5.
 //!
 //! A [`CloseCode`] is an open set: any `u16` can travel in a `bye`, the
 //! constants name the ones the protocol fixes. An [`ErrCode`] is a closed
@@ -83,7 +83,7 @@ impl fmt::Display for CloseCode {
 }
 
 /// The `code` of an `err` envelope: a name in JSON mode, a number in binary
-/// mode (PROTOCOL.md §5).
+/// mode (docs/protocol.md §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u32)]
 pub enum ErrCode {

@@ -1,4 +1,4 @@
-//! The envelope: the one message shape both codecs carry (PROTOCOL.md §2).
+//! The envelope: the one message shape both codecs carry (docs/protocol.md §2).
 
 use bytes::Bytes;
 

@@ -1,5 +1,5 @@
 //! Framing: how envelopes are cut out of a byte stream or a WebSocket
-//! message (PROTOCOL.md §1).
+//! message (docs/protocol.md §1).
 //!
 //! * **TCP and QUIC:** each binary envelope is preceded by its length as a
 //!   `u32` big-endian ([`write_frame`], [`encode_frame`], [`peek_frame`]).

@@ -1,4 +1,4 @@
-//! The JSON envelope codec (PROTOCOL.md §2, JSON mode).
+//! The JSON envelope codec (docs/protocol.md §2, JSON mode).
 //!
 //! One envelope is one JSON object: `{"t":"pub","id":7,"ch":"room:lobby","d":{"text":"hi"}}`.
 //! A WebSocket text message may carry several, separated by `\n`

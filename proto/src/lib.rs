@@ -1,6 +1,6 @@
 //! # edgegate-proto: the edgegate client protocol, sans I/O
 //!
-//! This crate is the whole client protocol of edgegate (PROTOCOL.md,
+//! This crate is the whole client protocol of edgegate (docs/protocol.md,
 //! version 1) as pure functions over byte buffers: no sockets, no async, no
 //! clocks. The server's transports, the load-test harness and the tests all
 //! use it, so there is exactly one implementation of every byte on the wire.
@@ -25,7 +25,7 @@
 //! ## Design choices
 //!
 //! * **One envelope type for both codecs.** [`Envelope`] has every field of
-//!   PROTOCOL.md §2 as an `Option`; which fields a type needs is checked by
+//!   docs/protocol.md §2 as an `Option`; which fields a type needs is checked by
 //!   the session, not the codec. A message received in one mode can be
 //!   re-encoded in the other without loss, because [`Payload`] keeps the one
 //!   bit that matters: whether the payload is JSON text (`d`, binary bit
@@ -77,6 +77,7 @@ mod error;
 pub mod frame;
 pub mod json;
 pub mod leb128;
+pub mod ws;
 
 pub use codes::{CloseCode, ErrCode};
 pub use envelope::{Envelope, Payload, Type};

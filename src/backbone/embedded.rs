@@ -4,7 +4,7 @@
 //! Every channel has an *owner* shard (a hash of its name). A publish goes
 //! to the owner, which hands it to every shard, itself included, in the
 //! order it received it; each shard delivers to its own subscribers. So all
-//! members of a room, on whatever shard, see one order (PROTOCOL.md §6),
+//! members of a room, on whatever shard, see one order (docs/protocol.md §6),
 //! the publisher's own copy included, as they would through NATS. Shards
 //! share no table: a shard with no subscriber drops the message after one
 //! hash lookup.

@@ -709,7 +709,7 @@ fn message(channel: &str, h: Option<&HeaderMap>, body: Bytes) -> Envelope {
     env
 }
 
-/// Headers of a client publish (PROTOCOL.md §4).
+/// Headers of a client publish (docs/protocol.md, "Backbone subjects").
 fn publish_headers(user: &str, id: Option<u64>, node: &str, conn: &str, json: bool) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Eg-From", user);

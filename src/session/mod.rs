@@ -26,10 +26,76 @@ use serde::Deserialize;
 use crate::auth::{AuthError, Claims};
 use crate::backbone::Refused;
 use crate::config::{RoomPolicy, TokenSource};
-use crate::conn::{CloseReq, Phase, UserId};
 use crate::metrics::{ShardMetrics, Transport};
 use crate::settings::ShardConfig;
 use crate::timer::Check;
+
+/// A user id, kept as its channel name `user:<id>`: the id and the channel
+/// every connection is subscribed to share one allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserId(Rc<str>);
+
+impl UserId {
+    const PREFIX: &'static str = "user:";
+
+    /// The id `id` (already validated as a channel id).
+    pub fn new(id: &str) -> Self {
+        UserId(Rc::from(format!("{}{id}", Self::PREFIX)))
+    }
+
+    /// The user's own channel, `user:<id>`.
+    pub fn channel(&self) -> &Rc<str> {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for UserId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0[Self::PREFIX.len()..]
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+/// Why and how the server closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReq {
+    /// The close code (docs/protocol.md §5).
+    pub code: CloseCode,
+    /// A short reason for the client and the logs.
+    pub reason: &'static str,
+}
+
+impl CloseReq {
+    /// A close request.
+    pub const fn new(code: CloseCode, reason: &'static str) -> Self {
+        CloseReq { code, reason }
+    }
+}
+
+/// Codes whose `bye` must carry `meta.retry_ms` (docs/protocol.md §6).
+pub fn carries_retry(code: CloseCode) -> bool {
+    matches!(
+        code,
+        CloseCode::GOING_AWAY | CloseCode::RATE_LIMITED | CloseCode::OVERLOADED
+    )
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for `hello`.
+    Hello,
+    /// Past `welcome`.
+    Active,
+    /// Closing: nothing more is queued.
+    Closing,
+}
 
 /// What a session remembers between inputs.
 #[derive(Debug)]
@@ -160,7 +226,7 @@ pub enum Action {
     Close(CloseReq),
 }
 
-/// `hello.meta` (PROTOCOL.md §2).
+/// `hello.meta` (docs/protocol.md §2).
 #[derive(Deserialize, Default)]
 struct HelloMeta {
     user: Option<String>,

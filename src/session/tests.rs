@@ -1,4 +1,4 @@
-//! Protocol v1 without sockets: every rule of PROTOCOL.md §6, every `err`
+//! Protocol v1 without sockets: every rule of docs/protocol.md §6, every `err`
 //! code and every close code the session decides, driven through
 //! [`handle`] with plain values.
 
@@ -8,7 +8,6 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use super::*;
 use crate::auth::Verifier;
 use crate::config::{Auth, Config, RoomPolicy, TokenSource};
-use crate::conn::carries_retry;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 /// Unix ms "now" of every test (tokens expire relative to it).

@@ -18,7 +18,7 @@
 //!   carries out its [`Action`]s; [`Shard::on_event`] turns backbone events
 //!   into deliveries and session inputs.
 //!
-//! Admission (who may connect) is the listener's ([`crate::admission`]).
+//! Admission (who may connect) is the listener's (`admission.rs`).
 
 pub mod conns;
 pub mod liveness;
@@ -149,7 +149,7 @@ impl Shard {
     pub fn release(&self, conn: &Conn) {
         let (subs, user) = {
             let mut st = conn.session.borrow_mut();
-            st.phase = crate::conn::Phase::Closing;
+            st.phase = crate::session::Phase::Closing;
             (std::mem::take(&mut st.subs), st.user.clone())
         };
         let mut events = self.events.take();

@@ -13,8 +13,9 @@ use std::rc::Rc;
 use edgegate_proto::CloseCode;
 
 use super::conns::ConnTable;
-use crate::conn::{CloseReq, Delivery, Out};
+use crate::conn::{Delivery, Out};
 use crate::metrics::ShardMetrics;
+use crate::session::CloseReq;
 
 /// Channel name → slab keys of subscribed connections.
 #[derive(Default)]

@@ -20,7 +20,8 @@ use std::time::Duration;
 use edgegate_proto::{CloseCode, DecodeError, Envelope};
 use tracing::debug;
 
-use crate::conn::{Conn, ConnLimits, Out, carries_retry};
+use crate::conn::{Conn, ConnLimits, Out};
+use crate::session::carries_retry;
 use crate::session::{self, Input};
 use crate::shard::Shard;
 
@@ -30,7 +31,7 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 const TURN_BUDGET: usize = 64;
 /// How long a closing connection may take to get its `bye` out.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
-/// How long the server reads and discards after its FIN (PROTOCOL.md §6).
+/// How long the server reads and discards after its FIN (docs/protocol.md §6).
 pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Why a transport stopped.

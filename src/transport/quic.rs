@@ -58,7 +58,7 @@ use super::{BATCH_BYTES, LINGER, RxCarry, TxBuf, Wire, WireError};
 use crate::shard::Shard;
 use crate::tls::CertStore;
 
-/// The ALPN a client must offer (PROTOCOL.md §1).
+/// The ALPN a client must offer (docs/protocol.md §1).
 pub const ALPN: &[u8] = b"edgegate/1";
 
 /// How long a sender waits before retrying a UDP send that would block.

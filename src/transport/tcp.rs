@@ -127,7 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for TcpWire<S> {
             return;
         }
         // FIN, then read and discard for a short linger so that a reset
-        // caused by unread input cannot destroy the `bye` (PROTOCOL.md §6).
+        // caused by unread input cannot destroy the `bye` (docs/protocol.md §6).
         // FIN (after TLS close_notify on a TLS stream).
         let _ = self.stream.close().await;
         let _ = glommio::timer::timeout(LINGER, async {
