@@ -704,3 +704,223 @@ mod tests {
         assert!(e.0.contains("/nonexistent/chain.pem"), "{e}");
     }
 }
+
+/// The unbuffered adapter against an in-memory rustls client: handshake,
+/// data both ways (records split at every size the pipe hands over),
+/// close_notify, and no buffer held once idle.
+#[cfg(test)]
+mod stream_tests {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::io::{Read, Write};
+    use std::pin::Pin;
+    use std::rc::Rc;
+    use std::task::{Context, Poll, Waker};
+
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// One direction of an in-memory pipe.
+    #[derive(Default)]
+    struct Half {
+        bytes: VecDeque<u8>,
+        closed: bool,
+        reader: Option<Waker>,
+    }
+
+    /// The server's end of the pipe; reads at most `chunk` bytes at a time,
+    /// so records arrive split.
+    struct ServerEnd {
+        rx: Rc<RefCell<Half>>,
+        tx: Rc<RefCell<Half>>,
+        chunk: usize,
+    }
+
+    impl futures_lite::AsyncRead for ServerEnd {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut h = self.rx.borrow_mut();
+            if h.bytes.is_empty() {
+                if h.closed {
+                    return Poll::Ready(Ok(0));
+                }
+                h.reader = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.chunk).min(h.bytes.len());
+            for (i, b) in h.bytes.drain(..n).enumerate() {
+                buf[i] = b;
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl futures_lite::AsyncWrite for ServerEnd {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.tx.borrow_mut().bytes.extend(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.tx.borrow_mut().closed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Moves bytes between the rustls client and the pipe until neither
+    /// side has anything to say.
+    /// Plaintext the client received goes to `plain`.
+    fn pump(
+        client: &mut rustls::ClientConnection,
+        to_server: &Rc<RefCell<Half>>,
+        from_server: &Rc<RefCell<Half>>,
+        plain: &mut Vec<u8>,
+    ) {
+        loop {
+            let mut moved = false;
+            let mut out = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut out).unwrap_or_else(|e| panic!("{e}"));
+            }
+            if !out.is_empty() {
+                let mut h = to_server.borrow_mut();
+                h.bytes.extend(out);
+                if let Some(w) = h.reader.take() {
+                    w.wake();
+                }
+                moved = true;
+            }
+            let incoming: Vec<u8> = from_server.borrow_mut().bytes.drain(..).collect();
+            if !incoming.is_empty() {
+                let mut rd = &incoming[..];
+                while !rd.is_empty() {
+                    client.read_tls(&mut rd).unwrap_or_else(|e| panic!("{e}"));
+                    client
+                        .process_new_packets()
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    // Ok(0) (close_notify) and WouldBlock both mean "nothing more now".
+                    let _ = client.reader().read_to_end(plain);
+                }
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cert = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap_or_else(|e| panic!("{e}"));
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    fn round_trip(chunk: usize) {
+        let (server_cfg, client_cfg) = configs();
+        let to_server = Rc::new(RefCell::new(Half::default()));
+        let from_server = Rc::new(RefCell::new(Half::default()));
+        let end = ServerEnd {
+            rx: to_server.clone(),
+            tx: from_server.clone(),
+            chunk,
+        };
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+        let mut client =
+            rustls::ClientConnection::new(client_cfg, name).unwrap_or_else(|e| panic!("{e}"));
+        let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut plain = Vec::new();
+        futures_lite::future::block_on(async {
+            let server = TlsStream::accept(server_cfg, end);
+            futures_lite::pin!(server);
+            // Drive the handshake: poll the server, pump the client.
+            let mut s = loop {
+                pump(&mut client, &to_server, &from_server, &mut plain);
+                if let Some(r) = futures_lite::future::poll_once(server.as_mut()).await {
+                    break r.unwrap_or_else(|e| panic!("handshake: {e}"));
+                }
+            };
+            pump(&mut client, &to_server, &from_server, &mut plain);
+            assert!(!client.is_handshaking());
+
+            // Client → server.
+            client
+                .writer()
+                .write_all(b"hello over tls")
+                .unwrap_or_else(|e| panic!("{e}"));
+            pump(&mut client, &to_server, &from_server, &mut plain);
+            let mut got = [0u8; 14];
+            s.read_exact(&mut got)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&got, b"hello over tls");
+
+            // Server → client, more than one record and one write.
+            s.write_all(&big).await.unwrap_or_else(|e| panic!("{e}"));
+            s.flush().await.unwrap_or_else(|e| panic!("{e}"));
+            pump(&mut client, &to_server, &from_server, &mut plain);
+            assert_eq!(plain.len(), big.len());
+            assert!(plain == big, "server data arrives intact");
+
+            // Idle: the adapter holds no buffer.
+            assert_eq!(
+                (s.rx.capacity(), s.tx.capacity(), s.plain.capacity()),
+                (0, 0, 0),
+                "{s:?}"
+            );
+
+            // close_notify from the client ends the server's reads.
+            client.send_close_notify();
+            pump(&mut client, &to_server, &from_server, &mut plain);
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(rest.is_empty());
+            s.close().await.unwrap_or_else(|e| panic!("{e}"));
+            pump(&mut client, &to_server, &from_server, &mut plain);
+            assert!(
+                from_server.borrow().closed,
+                "the socket's sending side is shut"
+            );
+        });
+    }
+
+    #[test]
+    fn unbuffered_stream_against_a_rustls_client() {
+        round_trip(usize::MAX);
+    }
+
+    #[test]
+    fn records_split_across_reads() {
+        for chunk in [1, 7, 1000] {
+            round_trip(chunk);
+        }
+    }
+}

@@ -66,22 +66,12 @@ impl Backoff {
     /// The upper bound of the sleep before attempt `attempt` (0-based):
     /// `min(cap, base * 2^attempt)`, computed without overflow.
     pub fn bound(&self, attempt: u32) -> Duration {
-        let base = self.base.as_nanos();
-        let cap = self.cap.as_nanos();
-        let bound = if attempt >= 64 {
-            cap
-        } else {
-            base.checked_shl(attempt)
-                .filter(|b| *b >> attempt == base)
-                .map_or(cap, |b| b.min(cap))
-        };
-        Duration::from_nanos(u64::try_from(bound).unwrap_or(u64::MAX))
+        edgegate_proto::backoff::bound(self.base, self.cap, attempt)
     }
 
     /// A full-jitter sample for attempt `attempt`: uniform in `[0, bound(attempt)]`.
     pub fn sample(&self, attempt: u32, rng: &mut fastrand::Rng) -> Duration {
-        let bound = self.bound(attempt).as_nanos() as u64;
-        Duration::from_nanos(rng.u64(0..=bound))
+        edgegate_proto::backoff::full_jitter(self.base, self.cap, attempt, |max| rng.u64(0..=max))
     }
 }
 

@@ -69,6 +69,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod backoff;
 pub mod binary;
 pub mod channel;
 pub mod codes;

@@ -261,10 +261,13 @@ impl ShardTx {
 
 /// The delay bound of reconnect attempt `n`: min(cap, base·2ⁿ); the wait is
 /// uniform in [0, bound] (full jitter), so a fleet does not reconnect in step.
+/// The schedule is `edgegate_proto::backoff`'s, shared with the client library.
 pub fn backoff(base_ms: u64, cap_ms: u64, attempt: usize) -> Duration {
-    let exp = base_ms.saturating_mul(1u64 << attempt.min(30));
-    let bound = exp.min(cap_ms);
-    Duration::from_millis(fastrand::u64(0..=bound))
+    let ms = Duration::from_millis;
+    let attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
+    edgegate_proto::backoff::full_jitter(ms(base_ms), ms(cap_ms), attempt, |max| {
+        fastrand::u64(0..=max)
+    })
 }
 
 /// Starts the backbone thread; returns each shard's end of the bridge and
