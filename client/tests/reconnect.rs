@@ -5,7 +5,6 @@
 //!
 //! Skipped (with a message) when the binary has not been built.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,18 +14,8 @@ use edgegate_client::{
     Transport, Type,
 };
 
-fn binary() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/edgegate");
-    p.exists().then_some(p)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{free_tcp_port, gateway_bin, http_status};
 
 struct Ports {
     ws: u16,
@@ -144,17 +133,6 @@ impl Drop for Gateway {
     }
 }
 
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf).ok()?;
-    let line = std::str::from_utf8(&buf[..n]).ok()?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 async fn next(client: &mut Client, what: &str) -> Event {
     match tokio::time::timeout(Duration::from_secs(10), client.next_event()).await {
         Ok(Some(e)) => e,
@@ -233,14 +211,14 @@ const KINDS: [(Transport, Encoding, &str); 3] = [
 /// all get bye 1001 and wait at least its retry_ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reconnect_and_resubscribe_after_restart() {
-    let Some(bin) = binary() else {
+    let Some(bin) = gateway_bin() else {
         eprintln!("SKIPPED: target/debug/edgegate not built (run `cargo build -p edgegate` first)");
         return;
     };
     let ports = Ports {
-        ws: free_port(),
-        tcp: free_port(),
-        admin: free_port(),
+        ws: free_tcp_port(),
+        tcp: free_tcp_port(),
+        admin: free_tcp_port(),
     };
     let mut gw = tokio::task::block_in_place(|| Gateway::start(&bin, &ports));
     let room = "room:reconnect";
@@ -320,14 +298,14 @@ async fn clients_reconnect_and_resubscribe_after_restart() {
 /// each retry, and max_attempts ends it.
 #[tokio::test]
 async fn unauthorized_calls_refresh_hook_then_gives_up() {
-    let Some(bin) = binary() else {
+    let Some(bin) = gateway_bin() else {
         eprintln!("SKIPPED: target/debug/edgegate not built (run `cargo build -p edgegate` first)");
         return;
     };
     let ports = Ports {
-        ws: free_port(),
-        tcp: free_port(),
-        admin: free_port(),
+        ws: free_tcp_port(),
+        tcp: free_tcp_port(),
+        admin: free_tcp_port(),
     };
     let _gw = Gateway::start(&bin, &ports);
     let mut cfg = config(&ports, Transport::Ws, Encoding::Json, "not a valid id!");

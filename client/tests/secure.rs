@@ -7,33 +7,14 @@
 //! Skipped (with a message) when the binary has not been built or `openssl`
 //! is not installed.
 
-use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgegate_client::{ClientConfig, Connection, Error, Payload, Transport, Type};
 
-fn binary() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/edgegate");
-    p.exists().then_some(p)
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{free_tcp_port, free_udp_port, gateway_bin, http_status};
 
 fn openssl(dir: &Path, args: &[&str]) -> bool {
     Command::new("openssl")
@@ -158,17 +139,6 @@ fn start_gateway(bin: &Path, dir: &Path, p: &Ports) -> Gateway {
     );
 }
 
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf).ok()?;
-    let line = std::str::from_utf8(&buf[..n]).ok()?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn config(p: &Ports, transport: Transport, ca: &Path, user: &str) -> ClientConfig {
     let port = match transport {
         Transport::Ws => p.ws,
@@ -228,7 +198,7 @@ async fn exchange(p: &Ports, transport: Transport, ca: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_and_tls_sessions_get_welcome_and_exchange_messages() {
-    let Some(bin) = binary() else {
+    let Some(bin) = gateway_bin() else {
         eprintln!("SKIPPED: target/debug/edgegate not built (run `cargo build -p edgegate` first)");
         return;
     };
