@@ -408,6 +408,9 @@ fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Actio
     cx.metrics.sessions.fetch_add(1, Relaxed);
     // Auto-subscription to the user's own channel, made before welcome is queued.
     let own = user.channel().clone();
+    // Most connections hold one or two channels: grow one at a time (a
+    // plain push would reserve four).
+    st.subs.reserve_exact(1);
     st.subs.push(own.clone());
     out.push(Action::Subscribe { ch: own, ok: None });
     out.push(Action::Presence(user, 1));

@@ -15,10 +15,8 @@ use tokio::sync::watch;
 use crate::cli::FanoutArgs;
 use crate::pacer::Pacer;
 use crate::peer::{self, Counters};
-use crate::procfs::CpuMeter;
-use crate::report::{Report, latency_line, opt};
+use crate::report::Report;
 use crate::scenario::{gateway_pid, status_line, wait_until};
-use crate::track::{Deliveries, summary};
 
 /// Runs the scenario.
 pub async fn run(a: FanoutArgs) -> Result<Report> {
@@ -66,12 +64,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         pub_tasks.push(task);
     }
 
-    let before = match &c.admin {
-        Some(ad) => crate::admin::snapshot(ad).await,
-        None => None,
-    };
-    let gw_cpu = CpuMeter::start(gw);
-    let me_cpu = CpuMeter::start(None);
+    let meters = crate::scenario::Meters::start(c.admin.as_deref(), gw).await;
     let pb = peer::bar(c.quiet, (a.duration * 10.0) as u64, "publish");
     let mut pacer = Pacer::new(a.rate, Some((a.rate * a.duration).round() as u64));
     let t0 = Instant::now();
@@ -110,41 +103,18 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     })
     .await;
     let total_secs = t0.elapsed().as_secs_f64();
-    let gw_pct = gw_cpu.percent();
-    let me_pct = me_cpu.percent();
-    let after = match &c.admin {
-        Some(ad) => crate::admin::snapshot(ad).await,
-        None => None,
-    };
+    let measured = meters.stop(c.admin.as_deref()).await;
     let open = (k + p).saturating_sub(counters.disconnects.load(Relaxed));
     crate::scenario::sample_basic(&mut chart, gw, open);
     chart.mark("drained");
     let _ = stop_tx.send(true);
 
-    let mut d = Deliveries::default();
-    let mut lost_conns = Vec::new();
-    let mut errs: HashMap<String, u64> = HashMap::new();
-    for t in sub_tasks {
-        let s = t.await?;
-        d.merge(&s.deliveries);
-        if let Some(l) = s.lost {
-            lost_conns.push(l);
-        }
-    }
-    let mut sent = 0;
-    for t in pub_tasks {
-        let s = t.await?;
-        sent += s.sent;
-        if let Some(l) = s.lost {
-            lost_conns.push(l);
-        }
-        for (k, v) in s.errs {
-            *errs.entry(k).or_default() += v;
-        }
-    }
+    let mut g = crate::scenario::Gathered::default();
+    g.join(sub_tasks).await?;
+    g.join(pub_tasks).await?;
+    let (sent, received) = (g.sent, g.d.received);
     let expected = sent * k;
-    let lost = expected.saturating_sub(d.unique);
-    let lat = summary(&d.latency);
+    let lost = expected.saturating_sub(g.d.unique);
     let mut r = Report::new(
         "fanout",
         json!({
@@ -153,28 +123,14 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             "target": c.target(), "threads": c.threads, "room": room,
         }),
     );
-    let deliv_rate = d.received as f64 / total_secs;
+    let deliv_rate = received as f64 / total_secs;
     r.set("setup_secs", setup_secs);
     r.set("publish_secs", publish_secs);
     r.set("drain_secs", drained.as_secs_f64());
     r.set("sent", sent);
     r.set("acked", counters.acked.load(Relaxed));
-    r.set("err_replies", json!(errs));
     r.set("expected_deliveries", expected);
-    r.set("received", d.received);
-    r.set("unique", d.unique);
-    r.set("lost", lost);
-    r.set("duplicates", d.dups);
-    r.set("order_violations", d.reordered);
-    r.set("malformed", d.malformed);
     r.set("deliveries_per_sec", deliv_rate);
-    r.set("latency", lat.clone());
-    r.set("disconnects", lost_conns.len());
-    r.set("gateway_pid", gw);
-    r.set("gateway_cpu_pct", gw_pct);
-    r.set("harness_cpu_pct", me_pct);
-    r.set("metrics_before", json!(before));
-    r.set("metrics_after", json!(after));
 
     r.row(
         "transport / encoding",
@@ -195,22 +151,12 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     r.row(
         "deliveries",
         format!(
-            "{} of {expected} expected, {deliv_rate:.0}/s (incl. drain {:.2} s)",
-            d.received,
+            "{received} of {expected} expected, {deliv_rate:.0}/s (incl. drain {:.2} s)",
             drained.as_secs_f64()
         ),
     );
-    r.row(
-        "lost / dup / reordered",
-        format!("{lost} / {} / {}", d.dups, d.reordered),
-    );
-    r.row("latency publish→deliver", latency_line(&lat));
-    r.row(
-        "disconnects",
-        format!("{} {:?}", lost_conns.len(), lost_conns.first()),
-    );
-    r.row("gateway CPU", opt(gw_pct, 1, " % of one core"));
-    r.row("harness CPU", opt(me_pct, 1, " % of one core"));
+    g.report(&mut r, lost);
+    measured.report(&mut r, gw);
     counters.timeline.chart_into(&mut chart, chart_ns0, "");
     r.set_chart(chart);
     Ok(r)

@@ -56,3 +56,126 @@ pub fn sample_basic(chart: &mut crate::series::Chart, gw: Option<u32>, open: u64
         chart.push(panel::RSS, "gateway RSS", r as f64 / 1024.0);
     }
 }
+
+/// The gateway's admin snapshot and both CPU meters, taken around a
+/// scenario's traffic phase (every traffic scenario measures the same way).
+pub struct Meters {
+    before: Option<crate::admin::Snapshot>,
+    gw: crate::procfs::CpuMeter,
+    me: crate::procfs::CpuMeter,
+}
+
+/// What [`Meters`] measured.
+pub struct Measured {
+    /// Admin snapshot before the traffic.
+    pub before: Option<crate::admin::Snapshot>,
+    /// Admin snapshot after it.
+    pub after: Option<crate::admin::Snapshot>,
+    /// Gateway CPU, % of one core, over the phase.
+    pub gw_pct: Option<f64>,
+    /// Harness CPU, % of one core, over the phase.
+    pub me_pct: Option<f64>,
+}
+
+async fn snapshot(admin: Option<&str>) -> Option<crate::admin::Snapshot> {
+    match admin {
+        Some(ad) => crate::admin::snapshot(ad).await,
+        None => None,
+    }
+}
+
+impl Meters {
+    /// Takes the first snapshot and starts the CPU meters.
+    pub async fn start(admin: Option<&str>, gw: Option<u32>) -> Meters {
+        let before = snapshot(admin).await;
+        Meters {
+            before,
+            gw: crate::procfs::CpuMeter::start(gw),
+            me: crate::procfs::CpuMeter::start(None),
+        }
+    }
+
+    /// Reads the meters, then takes the second snapshot.
+    pub async fn stop(self, admin: Option<&str>) -> Measured {
+        let (gw_pct, me_pct) = (self.gw.percent(), self.me.percent());
+        Measured {
+            before: self.before,
+            after: snapshot(admin).await,
+            gw_pct,
+            me_pct,
+        }
+    }
+}
+
+impl Measured {
+    /// The keys and rows about CPU and metrics, last in every traffic report.
+    pub fn report(&self, r: &mut crate::report::Report, gw: Option<u32>) {
+        use crate::report::opt;
+        r.set("gateway_pid", gw);
+        r.set("gateway_cpu_pct", self.gw_pct);
+        r.set("harness_cpu_pct", self.me_pct);
+        r.set("metrics_before", serde_json::json!(self.before));
+        r.set("metrics_after", serde_json::json!(self.after));
+        r.row("gateway CPU", opt(self.gw_pct, 1, " % of one core"));
+        r.row("harness CPU", opt(self.me_pct, 1, " % of one core"));
+    }
+}
+
+/// What a scenario's peer tasks saw, merged.
+#[derive(Default)]
+pub struct Gathered {
+    /// Deliveries, latency, duplicates, reorders.
+    pub d: crate::track::Deliveries,
+    /// Publishes written.
+    pub sent: u64,
+    /// Why connections ended early.
+    pub lost_conns: Vec<String>,
+    /// `err` replies by code.
+    pub errs: std::collections::HashMap<String, u64>,
+}
+
+impl Gathered {
+    /// Awaits `tasks` and merges what they saw into this.
+    pub async fn join(
+        &mut self,
+        tasks: impl IntoIterator<Item = tokio::task::JoinHandle<crate::peer::PeerStats>>,
+    ) -> anyhow::Result<()> {
+        for t in tasks {
+            let s = t.await?;
+            self.d.merge(&s.deliveries);
+            self.sent += s.sent;
+            if let Some(l) = s.lost {
+                self.lost_conns.push(l);
+            }
+            for (k, v) in s.errs {
+                *self.errs.entry(k).or_default() += v;
+            }
+        }
+        Ok(())
+    }
+
+    /// The delivery keys and rows every traffic report has: `lost` is
+    /// what the scenario expected and did not see.
+    pub fn report(&self, r: &mut crate::report::Report, lost: u64) -> serde_json::Value {
+        let lat = crate::track::summary(&self.d.latency);
+        r.set("err_replies", serde_json::json!(self.errs));
+        r.set("received", self.d.received);
+        r.set("unique", self.d.unique);
+        r.set("lost", lost);
+        r.set("duplicates", self.d.dups);
+        r.set("order_violations", self.d.reordered);
+        r.set("malformed", self.d.malformed);
+        r.set("latency", lat.clone());
+        r.set("disconnects", self.lost_conns.len());
+        r.row(
+            "lost / dup / reordered",
+            format!("{lost} / {} / {}", self.d.dups, self.d.reordered),
+        );
+        r.row("latency publish→deliver", crate::report::latency_line(&lat));
+        r.row(
+            "disconnects",
+            format!("{} {:?}", self.lost_conns.len(), self.lost_conns.first()),
+        );
+        lat
+    }
+}

@@ -18,10 +18,8 @@ use tokio::sync::watch;
 use crate::cli::PubsubArgs;
 use crate::pacer::Pacer;
 use crate::peer::{self, Counters};
-use crate::procfs::CpuMeter;
-use crate::report::{Report, latency_line, opt};
+use crate::report::Report;
 use crate::scenario::{gateway_pid, status_line, wait_until};
-use crate::track::{Deliveries, summary};
 
 /// Runs the scenario.
 pub async fn run(a: PubsubArgs) -> Result<Report> {
@@ -57,12 +55,7 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
         tasks.push(task);
     }
 
-    let before = match &c.admin {
-        Some(ad) => crate::admin::snapshot(ad).await,
-        None => None,
-    };
-    let gw_cpu = CpuMeter::start(gw);
-    let me_cpu = CpuMeter::start(None);
+    let meters = crate::scenario::Meters::start(c.admin.as_deref(), gw).await;
     let pb = peer::bar(c.quiet, (a.duration * 10.0) as u64, "publish");
     let mut rng = fastrand::Rng::with_seed(a.seed);
     let mut pacer = Pacer::new(a.rate, Some((a.rate * a.duration).round() as u64));
@@ -104,34 +97,16 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
     })
     .await;
     let total_secs = t0.elapsed().as_secs_f64();
-    let gw_pct = gw_cpu.percent();
-    let me_pct = me_cpu.percent();
-    let after = match &c.admin {
-        Some(ad) => crate::admin::snapshot(ad).await,
-        None => None,
-    };
+    let measured = meters.stop(c.admin.as_deref()).await;
     let open = (n).saturating_sub(counters.disconnects.load(Relaxed));
     crate::scenario::sample_basic(&mut chart, gw, open);
     chart.mark("drained");
     let _ = stop_tx.send(true);
 
-    let mut d = Deliveries::default();
-    let mut sent = 0;
-    let mut lost_conns = Vec::new();
-    let mut errs: HashMap<String, u64> = HashMap::new();
-    for t in tasks {
-        let s = t.await?;
-        d.merge(&s.deliveries);
-        sent += s.sent;
-        if let Some(l) = s.lost {
-            lost_conns.push(l);
-        }
-        for (k, v) in s.errs {
-            *errs.entry(k).or_default() += v;
-        }
-    }
-    let loss = sent.saturating_sub(d.unique);
-    let lat = summary(&d.latency);
+    let mut g = crate::scenario::Gathered::default();
+    g.join(tasks).await?;
+    let (sent, received) = (g.sent, g.d.received);
+    let loss = sent.saturating_sub(g.d.unique);
     let mut r = Report::new(
         "pubsub",
         json!({
@@ -145,22 +120,8 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
     r.set("drain_secs", drained.as_secs_f64());
     r.set("sent", sent);
     r.set("acked", counters.acked.load(Relaxed));
-    r.set("err_replies", json!(errs));
-    r.set("received", d.received);
-    r.set("unique", d.unique);
-    r.set("lost", loss);
-    r.set("duplicates", d.dups);
-    r.set("order_violations", d.reordered);
-    r.set("malformed", d.malformed);
     r.set("achieved_rate", sent as f64 / publish_secs);
-    r.set("delivered_per_sec", d.received as f64 / total_secs);
-    r.set("latency", lat.clone());
-    r.set("disconnects", lost_conns.len());
-    r.set("gateway_pid", gw);
-    r.set("gateway_cpu_pct", gw_pct);
-    r.set("harness_cpu_pct", me_pct);
-    r.set("metrics_before", json!(before));
-    r.set("metrics_after", json!(after));
+    r.set("delivered_per_sec", received as f64 / total_secs);
 
     r.row(
         "transport / encoding",
@@ -180,19 +141,10 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
     );
     r.row(
         "sent / received",
-        format!("{sent} / {} (unique {})", d.received, d.unique),
+        format!("{sent} / {received} (unique {})", g.d.unique),
     );
-    r.row(
-        "lost / dup / reordered",
-        format!("{loss} / {} / {}", d.dups, d.reordered),
-    );
-    r.row("latency publish→deliver", latency_line(&lat));
-    r.row(
-        "disconnects",
-        format!("{} {:?}", lost_conns.len(), lost_conns.first()),
-    );
-    r.row("gateway CPU", opt(gw_pct, 1, " % of one core"));
-    r.row("harness CPU", opt(me_pct, 1, " % of one core"));
+    g.report(&mut r, loss);
+    measured.report(&mut r, gw);
     counters.timeline.chart_into(&mut chart, chart_ns0, "");
     r.set_chart(chart);
     Ok(r)

@@ -19,11 +19,11 @@ use tokio::sync::watch;
 use crate::cli::SoakArgs;
 use crate::pacer::Pacer;
 use crate::peer::{self, Counters};
-use crate::procfs::{self, CpuMeter};
+use crate::procfs;
 use crate::report::{Report, latency_line, opt};
 use crate::scenario::{gateway_pid, status_line, wait_until};
 use crate::series::{Chart, Timeline, panel, slope};
-use crate::track::{Deliveries, summary};
+use crate::track::summary;
 
 /// Runs the scenario.
 pub async fn run(a: SoakArgs) -> Result<Report> {
@@ -88,12 +88,7 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
         tasks.push(task);
     }
 
-    let before = match &c.admin {
-        Some(ad) => crate::admin::snapshot(ad).await,
-        None => None,
-    };
-    let gw_cpu = CpuMeter::start(gw);
-    let me_cpu = CpuMeter::start(None);
+    let meters = crate::scenario::Meters::start(c.admin.as_deref(), gw).await;
     let pb = peer::bar(c.quiet, a.duration.ceil() as u64, "soak");
     let mut rng = fastrand::Rng::with_seed(a.seed);
     let mut pacer = Pacer::new(a.rate, Some((a.rate * a.duration).round() as u64));
@@ -169,25 +164,12 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
     sample_now(&mut chart, &mut rss_samples);
     let total_secs = t0.elapsed().as_secs_f64();
     let delivered_per_sec = d_rate(&counters, total_secs);
-    let gw_pct = gw_cpu.percent();
-    let me_pct = me_cpu.percent();
-    let after = match &c.admin {
-        Some(ad) => crate::admin::snapshot(ad).await,
-        None => None,
-    };
+    let measured = meters.stop(c.admin.as_deref()).await;
     let _ = stop_tx.send(true);
 
-    let mut d = Deliveries::default();
-    let mut sent = 0;
-    let mut lost_conns = Vec::new();
-    for t in tasks {
-        let s = t.await?;
-        d.merge(&s.deliveries);
-        sent += s.sent;
-        if let Some(l) = s.lost {
-            lost_conns.push(l);
-        }
-    }
+    let mut g = crate::scenario::Gathered::default();
+    g.join(tasks).await?;
+    let (d, sent, mut lost_conns) = (g.d, g.sent, g.lost_conns);
     let mut idle_lost = 0;
     for t in idle_tasks {
         let s = t.await?;
@@ -251,7 +233,6 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
     r.set("delivered_per_sec", delivered_per_sec);
     r.set("disconnects", lost_conns.len());
     r.set("idle_disconnects", idle_lost);
-    r.set("gateway_pid", gw);
     r.set("gateway_rss_before_connect_kib", rss0);
     r.set("gateway_rss_first_kib", rss_first);
     r.set("gateway_rss_last_kib", rss_last);
@@ -261,10 +242,6 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
     r.set("latency_p50_last_third_ms", p50_last);
     r.set("latency_p99_first_third_ms", p99_first);
     r.set("latency_p99_last_third_ms", p99_last);
-    r.set("gateway_cpu_pct", gw_pct);
-    r.set("harness_cpu_pct", me_pct);
-    r.set("metrics_before", json!(before));
-    r.set("metrics_after", json!(after));
 
     r.row(
         "transport / encoding",
@@ -323,8 +300,7 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
             lost_conns.first()
         ),
     );
-    r.row("gateway CPU", opt(gw_pct, 1, " % of one core"));
-    r.row("harness CPU", opt(me_pct, 1, " % of one core"));
+    measured.report(&mut r, gw);
     r.set_chart(chart);
     Ok(r)
 }
