@@ -168,7 +168,7 @@ fn fanout(c: &mut Criterion) {
                 let reached = shard.router.borrow().deliver(
                     &shard.conns,
                     &shard.metrics,
-                    shard.cfg.outbound_queue_bytes,
+                    (shard.cfg.outbound_queue_bytes, shard.cfg.recovery_buffer),
                     &ch,
                     &d,
                 );

@@ -106,6 +106,9 @@ pub struct Config {
     pub backbone: Backbone,
     /// `[drain]`: how SIGTERM empties the gateway.
     pub drain: Drain,
+    /// `[history]`: positions, history and recovery of `room:`/`user:`
+    /// channels (docs/protocol.md, "Positions, history and recovery").
+    pub history: History,
     /// `[log]`: log verbosity and format.
     pub log: Log,
 }
@@ -504,6 +507,50 @@ impl Default for Drain {
         Drain {
             window_ms: 0,
             timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[history]`: every `room:` and `user:` channel's stream, kept by its
+/// owner shard (embedded backbone) so that a client that reconnects can
+/// recover what it missed, and publish retries are deduplicated.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct History {
+    /// On by default: recovery works out of the box. Off: messages carry no
+    /// `seq`, and every recovery is `recovered: false`, `unavailable`.
+    pub enabled: bool,
+    /// Messages kept per channel, 1 000 by default.
+    pub max_messages: usize,
+    /// Age after which a message leaves history, 600 000 ms (10 minutes)
+    /// by default: a reconnect after a network change or a deploy is
+    /// covered, a client offline for hours resynchronises from its core
+    /// service.
+    pub max_age_ms: u64,
+    /// History bytes per shard (messages and channel records), 64 MiB by
+    /// default; past it the oldest messages of the shard leave first.
+    pub shard_bytes: usize,
+    /// The most messages one recovery replays, 1 000 by default; more missed
+    /// is `recovered: false`, `too_many`.
+    pub recovery_limit: usize,
+    /// Live messages held for one connection while its recovery is in
+    /// flight, 10 000 by default; more is `bye` 4009.
+    pub recovery_buffer: usize,
+    /// How long a publish id is remembered for deduplication, 120 000 ms
+    /// (2 minutes) by default.
+    pub dedupe_window_ms: u64,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            enabled: true,
+            max_messages: 1000,
+            max_age_ms: 600_000,
+            shard_bytes: 64 << 20,
+            recovery_limit: 1000,
+            recovery_buffer: 10_000,
+            dedupe_window_ms: 120_000,
         }
     }
 }
@@ -977,6 +1024,30 @@ impl Config {
                     "{} is more than drain.timeout_ms ({})",
                     self.drain.window_ms, self.drain.timeout_ms
                 ),
+            );
+        }
+
+        // [history]
+        let h = &self.history;
+        for (key, zero) in [
+            ("history.max_messages", h.max_messages == 0),
+            ("history.max_age_ms", h.max_age_ms == 0),
+            ("history.recovery_limit", h.recovery_limit == 0),
+            ("history.recovery_buffer", h.recovery_buffer == 0),
+            ("history.dedupe_window_ms", h.dedupe_window_ms == 0),
+        ] {
+            if zero {
+                return fail(
+                    key,
+                    "must be more than 0 (set history.enabled = false to turn history off)"
+                        .to_owned(),
+                );
+            }
+        }
+        if h.shard_bytes < 64 << 10 {
+            return fail(
+                "history.shard_bytes",
+                format!("{} is less than 65536 (64 KiB)", h.shard_bytes),
             );
         }
 
@@ -2142,6 +2213,19 @@ mod tests {
     fn drain_window_fits_in_timeout() {
         rejects(&[("EDGEGATE_DRAIN__WINDOW_MS", "10001")], "drain.window_ms");
         rejects(&[("EDGEGATE_DRAIN__TIMEOUT_MS", "0")], "drain.timeout_ms");
+        rejects(
+            &[("EDGEGATE_HISTORY__MAX_MESSAGES", "0")],
+            "history.max_messages",
+        );
+        rejects(
+            &[("EDGEGATE_HISTORY__SHARD_BYTES", "1000")],
+            "history.shard_bytes",
+        );
+        rejects(
+            &[("EDGEGATE_HISTORY__DEDUPE_WINDOW_MS", "0")],
+            "history.dedupe_window_ms",
+        );
+        rejects(&[("EDGEGATE_HISTORY__ENABLED", "maybe")], "history.enabled");
         accepts(&[("EDGEGATE_DRAIN__WINDOW_MS", "10000")]);
     }
 

@@ -95,6 +95,11 @@ impl Delivery {
     fn approx_len(&self) -> usize {
         approx_len(&self.env)
     }
+
+    /// The message.
+    pub fn env(&self) -> &Arc<Envelope> {
+        &self.env
+    }
 }
 
 /// A cheap upper-bound-ish size estimate, for queue accounting before any
@@ -228,10 +233,29 @@ impl Conn {
 
     /// Queues `item` unless the queue would exceed `limit` bytes. Returns
     /// false when it did not fit: the caller closes the connection as a
-    /// slow consumer (the item is dropped).
-    pub fn push(&self, item: Out, limit: usize) -> bool {
-        if self.closing() {
-            return true; // closing: silently nothing more, the close is already decided
+    /// slow consumer (the item is dropped). A message of a channel whose
+    /// recovery is in flight is held by the session instead (at most
+    /// `held_max`; past it the connection closes with 4009).
+    pub fn push(&self, item: Out, limit: usize, held_max: usize) -> bool {
+        {
+            let mut st = self.session.borrow_mut();
+            if st.phase == crate::session::Phase::Closing {
+                return true; // closing: silently nothing more, the close is already decided
+            }
+            if let Out::Shared(d) = &item {
+                match st.hold(d.env(), held_max) {
+                    Ok(true) => return true,
+                    Ok(false) => {}
+                    Err(crate::session::HoldFull) => {
+                        drop(st);
+                        self.request_close(CloseReq::new(
+                            edgegate_proto::CloseCode::INSUFFICIENT_STATE,
+                            "too many live messages during recovery",
+                        ));
+                        return true;
+                    }
+                }
+            }
         }
         let n = item.approx_len();
         let used = self.out_bytes.get();
@@ -252,7 +276,12 @@ impl Conn {
     /// Queues a reply envelope; replies are small and never refused (a
     /// client that floods requests is stopped by rate limits, not here).
     pub fn reply(&self, env: Envelope) {
-        let item = Out::Own(Box::new(env));
+        self.push_unbounded(Out::Own(Box::new(env)));
+    }
+
+    /// Queues `item` whatever the queue holds: replies, and a recovery's
+    /// replay (bounded by `history.recovery_limit`, not by the queue).
+    pub fn push_unbounded(&self, item: Out) {
         self.out_bytes.set(self.out_bytes.get() + item.approx_len());
         let mut q = self.out.borrow_mut();
         let was_empty = q.is_empty();

@@ -11,8 +11,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 pub const TRANSPORTS: [&str; 3] = ["ws", "tcp", "quic"];
 
 /// Close codes counted (docs/protocol.md §5), in label order.
-pub const CLOSE_CODES: [u16; 11] = [
-    1000, 1001, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007, 4008,
+pub const CLOSE_CODES: [u16; 12] = [
+    1000, 1001, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007, 4008, 4009,
+];
+
+/// Recovery outcomes counted, in label order: recovered, then each
+/// `recovered: false` reason.
+pub const RECOVERY_OUTCOMES: [&str; 5] = [
+    "recovered",
+    "epoch_changed",
+    "expired",
+    "too_many",
+    "unavailable",
 ];
 
 /// Transport index into the per-transport arrays.
@@ -76,6 +86,15 @@ pub struct ShardMetrics {
     pub auth_ok: AtomicU64,
     /// Token refreshes accepted after welcome.
     pub auth_refreshes: AtomicU64,
+    /// Bytes of history this shard holds (gauge).
+    pub history_bytes: AtomicU64,
+    /// Channel records in this shard's history (gauge).
+    pub history_channels: AtomicU64,
+    /// Publishes answered as duplicates (stored before, not delivered again).
+    pub history_duplicates: AtomicU64,
+    /// Recoveries (`sub`/`hello` with `since`) by outcome, indexed like
+    /// [`RECOVERY_OUTCOMES`].
+    pub recoveries: [AtomicU64; 5],
 }
 
 impl ShardMetrics {
@@ -283,6 +302,37 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "counter",
         "Token refreshes accepted after welcome.",
         &mut per_shard(|m| &m.auth_refreshes),
+    );
+    family(
+        "edgegate_history_bytes",
+        "gauge",
+        "Bytes of channel history held, per owner shard.",
+        &mut per_shard(|m| &m.history_bytes),
+    );
+    family(
+        "edgegate_history_channels",
+        "gauge",
+        "Channel records in history, per owner shard.",
+        &mut per_shard(|m| &m.history_channels),
+    );
+    family(
+        "edgegate_history_duplicates_total",
+        "counter",
+        "Publishes stored before (same user, instance and id): answered with the original seq, not delivered again.",
+        &mut per_shard(|m| &m.history_duplicates),
+    );
+    family(
+        "edgegate_recoveries_total",
+        "counter",
+        "Recoveries asked with since, by outcome (recovered, or the reason of recovered: false).",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            RECOVERY_OUTCOMES.iter().enumerate().map(move |(k, o)| {
+                (
+                    format!("shard=\"{i}\",outcome=\"{o}\""),
+                    get(&m.recoveries[k]),
+                )
+            })
+        }),
     );
     let _ = writeln!(
         s,

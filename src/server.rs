@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::admission::Admission;
 use crate::backbone::Backbone;
 use crate::backbone::embedded::{Embedded, MESH_CHANNEL, Mesh, MeshMsg};
+use crate::backbone::history::HistoryStore;
 use crate::backbone::nats::NatsBackbone;
 use crate::config::Config;
 use crate::listener::accept_loop;
@@ -394,7 +395,10 @@ async fn shard_main(
     let n = cfg.shards;
     // Every shard joins the mesh (glommio's join waits for all of them),
     // whichever backbone the node uses.
-    let embedded = Embedded::join(mesh, n, id, node.metrics[id].clone())
+    // History lives on the owner shards of the embedded backbone.
+    let history = (nats.is_none() && cfg.history.enabled)
+        .then(|| HistoryStore::new(cfg.history.clone(), &cfg.epoch_prefix));
+    let embedded = Embedded::join(mesh, n, id, node.metrics[id].clone(), history)
         .await
         .map_err(StartError)?;
     let backbone: Rc<dyn Backbone> = match nats {

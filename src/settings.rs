@@ -27,6 +27,13 @@ pub struct ShardConfig {
     pub outbound_queue_bytes: usize,
     /// Subscriptions per connection.
     pub max_subscriptions: usize,
+    /// Live messages held per recovery in flight (`history.recovery_buffer`).
+    pub recovery_buffer: usize,
+    /// `[history]`, for the owner shards' stores.
+    pub history: crate::config::History,
+    /// This process's random epoch prefix: every stream's epoch changes
+    /// with a restart (history is in memory).
+    pub epoch_prefix: String,
     /// Base of jittered `retry_ms`.
     pub retry_ms: u64,
     /// Room policy.
@@ -77,6 +84,9 @@ impl ShardConfig {
             max_frame: cfg.limits.max_frame_bytes,
             outbound_queue_bytes: cfg.limits.outbound_queue_bytes,
             max_subscriptions: 1024,
+            recovery_buffer: cfg.history.recovery_buffer,
+            history: cfg.history.clone(),
+            epoch_prefix: format!("{:016x}", fastrand::u64(..)),
             retry_ms: cfg.limits.retry_ms,
             room_policy: cfg.rooms.policy,
             ws_path: cfg.ws.path.clone(),

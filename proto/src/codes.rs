@@ -38,6 +38,9 @@ impl CloseCode {
     pub const OVERLOADED: CloseCode = CloseCode(4007);
     /// 4008: the token expired; refresh it and reconnect.
     pub const TOKEN_EXPIRED: CloseCode = CloseCode(4008);
+    /// 4009: the gateway found a gap it could not fill on a live
+    /// subscription; reconnect at once and re-subscribe with `since`.
+    pub const INSUFFICIENT_STATE: CloseCode = CloseCode(4009);
 
     /// The protocol's name for this code (`"going_away"`, `"kicked"`, …),
     /// or `"unknown"` for a code the protocol does not fix.
@@ -54,6 +57,7 @@ impl CloseCode {
             4006 => "frame_too_large",
             4007 => "overloaded",
             4008 => "token_expired",
+            4009 => "insufficient_state",
             _ => "unknown",
         }
     }
@@ -227,6 +231,7 @@ mod tests {
             (CloseCode::FRAME_TOO_LARGE, 4006, "frame_too_large"),
             (CloseCode::OVERLOADED, 4007, "overloaded"),
             (CloseCode::TOKEN_EXPIRED, 4008, "token_expired"),
+            (CloseCode::INSUFFICIENT_STATE, 4009, "insufficient_state"),
         ];
         for (c, n, name) in table {
             assert_eq!(c.0, n);

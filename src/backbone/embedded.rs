@@ -13,20 +13,30 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
 
 use edgegate_proto::{Envelope, Type};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers};
 use glommio::channels::local_channel::{self, LocalSender};
 
+use super::history::{HistoryStore, Recovery, Since, Stored};
 use super::{Ack, Backbone, Event, Publish, Refused, Request, Sink, embedded_service};
 use crate::metrics::ShardMetrics;
 
 /// What shards say to each other.
 pub enum MeshMsg {
-    /// To the channel's owner: sequence this message and fan it out.
-    Route(Arc<Envelope>),
+    /// To the channel's owner: store and sequence this message, fan it out,
+    /// and answer the publisher (`ack`) with where it was stored.
+    Route(Envelope, Ack, Option<String>),
     /// From the channel's owner: deliver to local subscribers.
     Deliver(Arc<Envelope>),
+    /// From the channel's owner: where a routed publish was stored.
+    Stored(Ack, Result<Option<Stored>, Refused>),
+    /// To the channel's owner: the position of a channel (and, with
+    /// `since`, the messages after it).
+    Recover(String, Option<Since>, Ack),
+    /// From the channel's owner: the answer to `Recover`.
+    Recovered(Ack, Recovery),
 }
 
 /// The node's mesh, before the shards join it.
@@ -56,6 +66,9 @@ pub struct Embedded {
     me: usize,
     metrics: Arc<ShardMetrics>,
     receivers: RefCell<Option<Receivers<MeshMsg>>>,
+    /// The history of the channels this shard owns (`None`: history off).
+    history: Option<RefCell<HistoryStore>>,
+    start: Instant,
 }
 
 impl Embedded {
@@ -66,6 +79,7 @@ impl Embedded {
         shards: usize,
         me: usize,
         metrics: Arc<ShardMetrics>,
+        history: Option<HistoryStore>,
     ) -> Result<Rc<Self>, String> {
         let (senders, receivers) = mesh
             .join()
@@ -84,6 +98,7 @@ impl Embedded {
             .detach();
         });
         e.receivers = RefCell::new(Some(receivers));
+        e.history = history.map(RefCell::new);
         Ok(Rc::new(e))
     }
 
@@ -110,6 +125,94 @@ impl Embedded {
             me,
             metrics,
             receivers: RefCell::new(None),
+            history: None,
+            start: Instant::now(),
+        }
+    }
+
+    /// The same, keeping history (benchmarks and tests).
+    pub fn with_history(mut self, history: HistoryStore) -> Self {
+        self.history = Some(RefCell::new(history));
+        self
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Sends `m` to `peer`'s shard; false when its outbox is full.
+    fn send(&self, peer: usize, m: MeshMsg) -> bool {
+        match self.outboxes.get(peer).and_then(Option::as_ref) {
+            Some(tx) => tx.try_send(m).is_ok(),
+            None => false,
+        }
+    }
+
+    /// As the channel's owner: stores `env` (stamping its `seq`, unless
+    /// `key` names a publish stored already), then sequences it.
+    fn store(
+        &self,
+        env: Envelope,
+        key: Option<&str>,
+        now: &mut Vec<Event>,
+    ) -> Result<Option<Stored>, Refused> {
+        let (stored, env) = match (&self.history, env.ch.clone()) {
+            (Some(h), Some(ch)) => {
+                let (s, env) = h.borrow_mut().append(&ch, env, key, self.now_ms());
+                self.gauge(&h.borrow());
+                let Some(env) = env else {
+                    self.metrics.history_duplicates.fetch_add(1, Relaxed);
+                    return Ok(Some(s));
+                };
+                (Some(s), env)
+            }
+            _ => (None, Arc::new(env)),
+        };
+        if self.sequence(env, now) {
+            Ok(stored)
+        } else {
+            Err(Refused::OVERLOADED)
+        }
+    }
+
+    /// As the channel's owner: the position of `ch`, and the replay.
+    fn recover(&self, ch: &str, since: Option<&Since>) -> Recovery {
+        match &self.history {
+            Some(h) => {
+                let r = h.borrow_mut().recover(ch, since, self.now_ms());
+                self.gauge(&h.borrow());
+                r
+            }
+            None => Recovery::unavailable(since),
+        }
+    }
+
+    fn gauge(&self, h: &HistoryStore) {
+        self.metrics.history_bytes.store(h.bytes() as u64, Relaxed);
+        self.metrics
+            .history_channels
+            .store(h.channels() as u64, Relaxed);
+    }
+
+    /// Handles one message from another shard; events for this shard go
+    /// to `now`.
+    fn on_mesh(&self, m: MeshMsg, now: &mut Vec<Event>) {
+        match m {
+            MeshMsg::Route(env, ack, key) => {
+                let r = self.store(env, key.as_deref(), now);
+                if !self.send(ack.shard, MeshMsg::Stored(ack, r)) {
+                    self.metrics.drops_mesh_full.fetch_add(1, Relaxed);
+                }
+            }
+            MeshMsg::Deliver(env) => now.push(Event::Deliver(env)),
+            MeshMsg::Stored(ack, r) => now.push(Event::Published(ack, r)),
+            MeshMsg::Recover(ch, since, ack) => {
+                let r = self.recover(&ch, since.as_ref());
+                if !self.send(ack.shard, MeshMsg::Recovered(ack, r)) {
+                    self.metrics.drops_mesh_full.fetch_add(1, Relaxed);
+                }
+            }
+            MeshMsg::Recovered(ack, r) => now.push(Event::History(ack, r)),
         }
     }
 
@@ -148,12 +251,7 @@ impl Backbone for Embedded {
             glommio::spawn_local(async move {
                 let mut now = Vec::new();
                 while let Some(m) = rx.recv().await {
-                    match m {
-                        MeshMsg::Route(env) => {
-                            me.sequence(env, &mut now);
-                        }
-                        MeshMsg::Deliver(env) => now.push(Event::Deliver(env)),
-                    }
+                    me.on_mesh(m, &mut now);
                     for ev in now.drain(..) {
                         sink(ev);
                     }
@@ -169,22 +267,31 @@ impl Backbone for Embedded {
         env.id = msg.id;
         env.from = Some(msg.from.to_owned());
         env.payload = msg.payload;
-        let env = Arc::new(env);
-        let stored = match self.remote_owner(msg.ch) {
-            Some(peer) => match self.outboxes.get(peer).and_then(Option::as_ref) {
-                Some(tx) => tx.try_send(MeshMsg::Route(env)).is_ok(),
-                None => false,
-            },
-            None => self.sequence(env, now),
-        };
-        now.push(Event::Published(
-            ack,
-            if stored {
-                Ok(())
-            } else {
-                Err(Refused::OVERLOADED)
-            },
-        ));
+        match self.remote_owner(msg.ch) {
+            Some(peer) => {
+                // The owner answers with MeshMsg::Stored once it stored it.
+                if !self.send(peer, MeshMsg::Route(env, ack, msg.key)) {
+                    now.push(Event::Published(ack, Err(Refused::OVERLOADED)));
+                }
+            }
+            None => {
+                let r = self.store(env, msg.key.as_deref(), now);
+                now.push(Event::Published(ack, r));
+            }
+        }
+    }
+
+    fn history(&self, ch: &str, since: Option<Since>, ack: Ack, now: &mut Vec<Event>) {
+        match self.remote_owner(ch) {
+            // The answer comes behind every delivery the owner sent before
+            // it (the mesh keeps each pair of shards in order).
+            Some(peer) => {
+                if !self.send(peer, MeshMsg::Recover(ch.to_owned(), since.clone(), ack)) {
+                    now.push(Event::History(ack, Recovery::unavailable(since.as_ref())));
+                }
+            }
+            None => now.push(Event::History(ack, self.recover(ch, since.as_ref()))),
+        }
     }
 
     fn request(&self, req: Request<'_>, ack: Ack, now: &mut Vec<Event>) {

@@ -19,7 +19,10 @@
 //! writes `ok` and `err`, whatever the backbone.
 
 pub mod embedded;
+pub mod history;
 pub mod nats;
+
+pub use history::{Position, Recovery, Since, Stored, Unrecovered};
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -75,6 +78,10 @@ pub struct Publish<'a> {
     pub conn: &'a str,
     /// The payload.
     pub payload: Payload,
+    /// Deduplication key (`user:instance:id`, or `user:conn:id` without an
+    /// instance): a publish whose key the stream stored within the window
+    /// is answered with the original `seq` and not delivered again.
+    pub key: Option<String>,
 }
 
 /// A client's request to a core service (`req` on `svc:<name>`).
@@ -95,8 +102,11 @@ pub struct Request<'a> {
 pub enum Event {
     /// A message for this shard's subscribers of its channel.
     Deliver(Arc<Envelope>),
-    /// The outcome of a [`Backbone::publish`].
-    Published(Ack, Result<(), Refused>),
+    /// The outcome of a [`Backbone::publish`]: where it was stored (`None`
+    /// where the backbone keeps no history).
+    Published(Ack, Result<Option<Stored>, Refused>),
+    /// The answer to a [`Backbone::history`] request.
+    History(Ack, Recovery),
     /// A subscription asked for with [`Backbone::interest`] is live.
     SubReady(Ack),
     /// The outcome of a [`Backbone::request`].
@@ -125,6 +135,12 @@ pub trait Backbone {
     /// With `ack`, [`Event::SubReady`] says when messages published from
     /// now on reach this shard.
     fn interest(&self, ch: &str, on: bool, ack: Option<Ack>, now: &mut Vec<Event>);
+
+    /// The position of `ch`'s stream and, with `since`, the messages after
+    /// it (or why they cannot be had); answers [`Event::History`]. Asked
+    /// once the subscription is live, so nothing falls between the answer
+    /// and the live messages.
+    fn history(&self, ch: &str, since: Option<Since>, ack: Ack, now: &mut Vec<Event>);
 
     /// A user's connection count on this shard changed by `delta`.
     fn presence(&self, user: &str, delta: i32);

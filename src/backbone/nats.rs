@@ -175,7 +175,14 @@ impl Backbone for NatsBackbone {
             return now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
         };
         let json = msg.payload.is_json();
-        let headers = publish_headers(msg.from, msg.id, &self.node, msg.conn, json);
+        let headers = publish_headers(
+            msg.from,
+            msg.id,
+            &self.node,
+            msg.conn,
+            json,
+            msg.key.as_deref(),
+        );
         let cmd = ToNats::Publish {
             subject,
             headers,
@@ -212,6 +219,14 @@ impl Backbone for NatsBackbone {
             on,
             ack,
         });
+    }
+
+    fn history(&self, _ch: &str, since: Option<super::Since>, ack: Ack, now: &mut Vec<Event>) {
+        // Core NATS keeps no history (JetStream history is a later step).
+        now.push(Event::History(
+            ack,
+            super::Recovery::unavailable(since.as_ref()),
+        ));
     }
 
     fn presence(&self, user: &str, delta: i32) {
@@ -486,7 +501,7 @@ async fn run(
                         s.answer(Event::Published(
                             ack,
                             if ok {
-                                Ok(())
+                                Ok(None)
                             } else {
                                 Err(Refused::UNAVAILABLE)
                             },
@@ -713,13 +728,23 @@ fn message(channel: &str, h: Option<&HeaderMap>, body: Bytes) -> Envelope {
 }
 
 /// Headers of a client publish (docs/protocol.md, "Backbone subjects").
-fn publish_headers(user: &str, id: Option<u64>, node: &str, conn: &str, json: bool) -> HeaderMap {
+fn publish_headers(
+    user: &str,
+    id: Option<u64>,
+    node: &str,
+    conn: &str,
+    json: bool,
+    key: Option<&str>,
+) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Eg-From", user);
     if let Some(id) = id {
         h.insert("Eg-Id", id.to_string().as_str());
-        // JetStream drops a duplicate of the same client message.
-        h.insert("Nats-Msg-Id", format!("{user}:{id}").as_str());
+    }
+    if let Some(key) = key {
+        // `user:instance:id` (or `user:conn:id`): JetStream drops a retry
+        // of the same client message, and never confuses two devices.
+        h.insert("Nats-Msg-Id", key);
     }
     h.insert("Eg-Node", node);
     h.insert("Eg-Conn", conn);
@@ -772,13 +797,13 @@ mod tests {
 
     #[test]
     fn messages_carry_sender_and_id_from_headers() {
-        let h = publish_headers("alice", Some(7), "n1", "n1-0-1", true);
+        let h = publish_headers("alice", Some(7), "n1", "n1-0-1", true, Some("alice:tab1:7"));
         let env = message("room:x", Some(&h), Bytes::from_static(b"1"));
         assert_eq!(env.from.as_deref(), Some("alice"));
         assert_eq!(env.id, Some(7));
         assert_eq!(env.ch.as_deref(), Some("room:x"));
         let svc = message("user:bob", None, Bytes::from_static(b"\"hi\""));
         assert_eq!(svc.from.as_deref(), Some("svc"));
-        assert_eq!(header(Some(&h), "Nats-Msg-Id"), Some("alice:7"));
+        assert_eq!(header(Some(&h), "Nats-Msg-Id"), Some("alice:tab1:7"));
     }
 }

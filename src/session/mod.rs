@@ -17,6 +17,7 @@
 //! decides who may subscribe.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use edgegate_proto::channel::{self, Channel};
@@ -24,7 +25,7 @@ use edgegate_proto::{CloseCode, Envelope, ErrCode, Payload, Type};
 use serde::Deserialize;
 
 use crate::auth::{AuthError, Claims};
-use crate::backbone::Refused;
+use crate::backbone::{Recovery, Refused, Since, Stored, Unrecovered};
 use crate::config::{RoomPolicy, TokenSource};
 use crate::metrics::{ShardMetrics, Transport};
 use crate::settings::ShardConfig;
@@ -109,6 +110,34 @@ pub struct SessionState {
     pub claims: Option<Rc<Claims>>,
     /// Channels subscribed (the shard's router holds the reverse table).
     pub subs: Vec<Rc<str>>,
+    /// What few sessions need (an instance, recoveries in flight): boxed,
+    /// so an idle connection pays one pointer for it.
+    pub extra: Option<Box<Extra>>,
+}
+
+/// The rarely used part of a session's state.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// `hello.meta.instance`: scopes publish ids across reconnects.
+    pub instance: Option<Rc<str>>,
+    /// Subscriptions whose position (and replay) is being fetched.
+    pub recovering: Vec<Recovering>,
+}
+
+/// A subscription waiting for its position: live messages of `ch` are
+/// held here meanwhile, and merged with the replay by `seq` when it comes.
+#[derive(Debug)]
+pub struct Recovering {
+    /// The channel.
+    pub ch: Rc<str>,
+    /// The `sub`'s id (or `hello`'s, for the user's own stream).
+    pub id: Option<u64>,
+    /// The client's position, when it asked to recover.
+    pub since: Option<Since>,
+    /// Live messages that arrived meanwhile, in order.
+    pub held: Vec<Arc<Envelope>>,
+    /// For `hello.meta.since`: the `welcome` to send with the outcome.
+    pub welcome: Option<Box<Envelope>>,
 }
 
 impl Default for SessionState {
@@ -118,6 +147,41 @@ impl Default for SessionState {
             user: None,
             claims: None,
             subs: Vec::new(),
+            extra: None,
+        }
+    }
+}
+
+/// A recovery's hold of live messages is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldFull;
+
+/// A live message skipped a `seq` that no replay can fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap;
+
+impl SessionState {
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Holds `env` if a recovery of its channel is in flight: `Ok(true)`
+    /// held, `Ok(false)` not recovering that channel, `Err` the hold is
+    /// full (`max` messages): the connection must close with 4009.
+    pub fn hold(&mut self, env: &Arc<Envelope>, max: usize) -> Result<bool, HoldFull> {
+        let Some(x) = self.extra.as_mut() else {
+            return Ok(false);
+        };
+        let Some(ch) = env.ch.as_deref() else {
+            return Ok(false);
+        };
+        match x.recovering.iter_mut().find(|r| &*r.ch == ch) {
+            Some(r) if r.held.len() >= max => Err(HoldFull),
+            Some(r) => {
+                r.held.push(env.clone());
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 }
@@ -162,7 +226,10 @@ pub enum Input {
     /// A subscription asked for with [`Action::Subscribe`] is live.
     SubReady(Option<u64>),
     /// The backbone's answer to an [`Action::Publish`].
-    Published(Option<u64>, Result<(), Refused>),
+    Published(Option<u64>, Result<Option<Stored>, Refused>),
+    /// The backbone's answer to an [`Action::History`]: the position of a
+    /// subscription's stream and, if asked, what was missed.
+    History(Option<u64>, Recovery),
     /// The backbone's answer to an [`Action::Request`].
     Reply(Option<u64>, Result<Payload, ErrCode>),
     /// A check from the shard's timer wheel came due, with the
@@ -194,6 +261,19 @@ pub enum Action {
     },
     /// Unsubscribe from `ch` (already out of the session's list).
     Unsubscribe(Rc<str>),
+    /// Ask the backbone for the position of `ch` (and, with `since`, the
+    /// messages after it); answer [`Input::History`] with `id`.
+    History {
+        /// Channel.
+        ch: Rc<str>,
+        /// The client's position.
+        since: Option<Since>,
+        /// The id to answer with.
+        id: Option<u64>,
+    },
+    /// Queue these messages for the client, in order (a replay, then the
+    /// live messages held during it).
+    Deliver(Vec<Arc<Envelope>>),
     /// Publish on `ch`; answer [`Input::Published`].
     Publish {
         /// Channel, checked.
@@ -204,6 +284,8 @@ pub enum Action {
         id: Option<u64>,
         /// The payload.
         payload: Payload,
+        /// Deduplication key (`user:instance:id`, `user:conn:id`).
+        key: Option<String>,
     },
     /// Send a request to service `service`; answer [`Input::Reply`].
     Request {
@@ -226,11 +308,40 @@ pub enum Action {
     Close(CloseReq),
 }
 
-/// `hello.meta` (docs/protocol.md §2).
+/// `hello.meta` (docs/protocol.md §2, §7).
 #[derive(Deserialize, Default)]
 struct HelloMeta {
     user: Option<String>,
     token: Option<String>,
+    instance: Option<String>,
+    since: Option<SinceMeta>,
+}
+
+/// `meta.since` of `sub` and `hello`.
+#[derive(Deserialize, Debug, Clone)]
+struct SinceMeta {
+    seq: u64,
+    epoch: Option<String>,
+}
+
+impl From<SinceMeta> for Since {
+    fn from(m: SinceMeta) -> Since {
+        Since {
+            seq: m.seq,
+            epoch: m.epoch,
+        }
+    }
+}
+
+/// `sub.meta`.
+#[derive(Deserialize, Default)]
+struct SubMeta {
+    since: Option<SinceMeta>,
+}
+
+/// `hello.meta.instance`: like an id, at most 64 bytes.
+fn valid_instance(s: &str) -> bool {
+    s.len() <= 64 && channel::valid_id(s)
 }
 
 /// Handles one input, appending what must be done to `out`.
@@ -252,9 +363,30 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
                 }
             }
         }
-        Input::SubReady(id) => out.push(Action::Reply(Envelope::ok(id))),
+        Input::SubReady(id) => {
+            // Live: now fetch the position (and replay), which is the `ok`.
+            let pending = st.extra.as_ref().and_then(|x| {
+                x.recovering
+                    .iter()
+                    .find(|r| r.id == id)
+                    .map(|r| (r.ch.clone(), r.since.clone()))
+            });
+            match pending {
+                Some((ch, since)) => out.push(Action::History { ch, since, id }),
+                None => out.push(Action::Reply(Envelope::ok(id))),
+            }
+        }
+        Input::History(id, r) => recovered(st, cx, id, r, out),
         Input::Published(id, r) => out.push(Action::Reply(match r {
-            Ok(()) => Envelope::ok(id),
+            Ok(None) => Envelope::ok(id),
+            Ok(Some(stored)) => {
+                let mut ok = Envelope::ok(id);
+                ok.seq = Some(stored.seq);
+                if stored.duplicate {
+                    ok.meta = Some(r#"{"duplicate":true}"#.to_owned());
+                }
+                ok
+            }
             Err(refused) => Envelope::err(id, refused.code, refused.reason),
         })),
         Input::Reply(id, r) => out.push(Action::Reply(match r {
@@ -391,6 +523,18 @@ fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Actio
             user
         }
     };
+    let instance = match meta.instance {
+        Some(i) if valid_instance(&i) => Some(Rc::<str>::from(i)),
+        Some(_) => {
+            return close(
+                out,
+                CloseCode::PROTOCOL_ERROR,
+                "hello.meta.instance must match [A-Za-z0-9_-]{1,64}",
+            );
+        }
+        None => None,
+    };
+    let since = meta.since.map(Since::from);
     let cfg = cx.cfg;
     let meta = serde_json::json!({
         "conn": cx.conn_name(),
@@ -412,10 +556,137 @@ fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Actio
     // plain push would reserve four).
     st.subs.reserve_exact(1);
     st.subs.push(own.clone());
-    out.push(Action::Subscribe { ch: own, ok: None });
+    if instance.is_some() {
+        st.extra().instance = instance;
+    }
     out.push(Action::Presence(user, 1));
-    out.push(Action::Reply(welcome));
     out.push(Action::Arm(Check::Heartbeat, cx.now_ms + cfg.hb_ms));
+    match since {
+        // Recover the user's own stream first: `welcome` carries the
+        // outcome, the missed direct messages follow it.
+        Some(since) => {
+            st.extra().recovering.push(Recovering {
+                ch: own.clone(),
+                id: env.id,
+                since: Some(since),
+                held: Vec::new(),
+                welcome: Some(Box::new(welcome)),
+            });
+            out.push(Action::Subscribe {
+                ch: own,
+                ok: Some(env.id),
+            });
+        }
+        _ => {
+            out.push(Action::Subscribe { ch: own, ok: None });
+            out.push(Action::Reply(welcome));
+        }
+    }
+}
+
+/// The position (and replay) of a subscription arrived: answer `ok` (or
+/// `welcome`), then the replay, then the live messages held meanwhile —
+/// each `seq` once, in order.
+fn recovered(
+    st: &mut SessionState,
+    cx: &Ctx<'_>,
+    id: Option<u64>,
+    r: Recovery,
+    out: &mut Vec<Action>,
+) {
+    let Some(x) = st.extra.as_mut() else { return };
+    let Some(i) = x.recovering.iter().position(|p| p.id == id) else {
+        return; // unsubscribed meanwhile
+    };
+    let p = x.recovering.swap_remove(i);
+    let has_history = !r.pos.epoch.is_empty();
+    let mut meta = serde_json::Map::new();
+    if has_history {
+        meta.insert("epoch".into(), (*r.pos.epoch).into());
+    }
+    let mut replay = Vec::new();
+    if p.since.is_some() {
+        match r.replay {
+            Ok(list) => {
+                meta.insert("recovered".into(), true.into());
+                cx.metrics.recoveries[0].fetch_add(1, Relaxed);
+                replay = list;
+            }
+            Err(why) => {
+                meta.insert("recovered".into(), false.into());
+                meta.insert("reason".into(), why.reason().into());
+                if let Unrecovered::Expired { oldest } = why {
+                    meta.insert("oldest".into(), oldest.into());
+                }
+                let k = match why {
+                    Unrecovered::EpochChanged => 1,
+                    Unrecovered::Expired { .. } => 2,
+                    Unrecovered::TooMany => 3,
+                    Unrecovered::Unavailable => 4,
+                };
+                cx.metrics.recoveries[k].fetch_add(1, Relaxed);
+            }
+        }
+    }
+    match p.welcome {
+        Some(mut welcome) => {
+            // welcome.meta.stream = {epoch, seq, recovered, reason?, oldest?}
+            let mut w: serde_json::Map<String, serde_json::Value> = welcome
+                .meta
+                .as_deref()
+                .and_then(|m| serde_json::from_str(m).ok())
+                .unwrap_or_default();
+            meta.insert("seq".into(), r.pos.top.into());
+            w.insert("stream".into(), meta.into());
+            welcome.meta = Some(serde_json::Value::Object(w).to_string());
+            out.push(Action::Reply(*welcome));
+        }
+        None => {
+            let mut ok = Envelope::ok(id);
+            if has_history {
+                ok.seq = Some(r.pos.top);
+            }
+            if !meta.is_empty() {
+                ok.meta = Some(serde_json::Value::Object(meta).to_string());
+            }
+            out.push(Action::Reply(ok));
+        }
+    }
+    match merge(r.pos.top, replay, p.held) {
+        Ok(list) if list.is_empty() => {}
+        Ok(list) => out.push(Action::Deliver(list)),
+        Err(Gap) => close(
+            out,
+            CloseCode::INSUFFICIENT_STATE,
+            "gap between the replay and live messages",
+        ),
+    }
+}
+
+/// The replay (every message after the client's position up to `top`, in
+/// order) followed by the live messages held meanwhile that come after
+/// `top`: a held message at or below `top` is in the replay already (or
+/// came before the client's `ok`), so it is dropped; a held message that
+/// skips a `seq` is a gap nobody can fill here (`Err`). Messages without a
+/// `seq` (a backbone without history) all pass, in order.
+pub fn merge(
+    top: u64,
+    mut replay: Vec<Arc<Envelope>>,
+    held: Vec<Arc<Envelope>>,
+) -> Result<Vec<Arc<Envelope>>, Gap> {
+    let mut last = top;
+    for env in held {
+        match env.seq {
+            None => replay.push(env),
+            Some(s) if s <= last => {} // a duplicate
+            Some(s) if s == last + 1 => {
+                last = s;
+                replay.push(env);
+            }
+            Some(_) => return Err(Gap),
+        }
+    }
+    Ok(replay)
 }
 
 /// Token refresh (docs/protocol.md, "Token refresh"): a `hello` after
@@ -505,10 +776,13 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                 Err(e) => return err(out, id, ErrCode::BadChannel, &e.to_string()),
             };
             match env.t {
-                Type::Sub => sub(st, cx, &user, id, &ch, parsed, out),
+                Type::Sub => sub(st, cx, &user, (id, env.meta.as_deref()), &ch, parsed, out),
                 Type::Unsub => match st.subs.iter().position(|c| **c == *ch) {
                     Some(i) => {
                         let ch = st.subs.swap_remove(i);
+                        if let Some(x) = st.extra.as_mut() {
+                            x.recovering.retain(|r| r.ch != ch);
+                        }
                         out.push(Action::Unsubscribe(ch));
                         out.push(Action::Reply(Envelope::ok(id)));
                     }
@@ -524,12 +798,24 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                         ErrCode::Forbidden,
                         "not allowed to publish to this room",
                     ),
-                    _ => out.push(Action::Publish {
-                        ch,
-                        from: user,
-                        id,
-                        payload: env.payload,
-                    }),
+                    _ => {
+                        // Publish ids are scoped to the client instance
+                        // (kept across reconnects) or else the connection.
+                        let key = id.map(|id| {
+                            let instance = st.extra.as_ref().and_then(|x| x.instance.clone());
+                            match instance {
+                                Some(i) => format!("{}:{i}:{id}", &*user),
+                                None => format!("{}:{}:{id}", &*user, cx.conn_name()),
+                            }
+                        });
+                        out.push(Action::Publish {
+                            ch,
+                            from: user,
+                            id,
+                            payload: env.payload,
+                            key,
+                        })
+                    }
                 },
                 _ => match parsed {
                     Channel::Svc(name) => out.push(Action::Request {
@@ -554,11 +840,23 @@ fn sub(
     st: &mut SessionState,
     cx: &Ctx<'_>,
     user: &str,
-    id: Option<u64>,
+    (id, meta): (Option<u64>, Option<&str>),
     ch: &str,
     parsed: Channel<'_>,
     out: &mut Vec<Action>,
 ) {
+    let since = match meta.map(serde_json::from_str::<SubMeta>) {
+        None => None,
+        Some(Ok(m)) => m.since.map(Since::from),
+        Some(Err(_)) => {
+            return err(
+                out,
+                id,
+                ErrCode::BadRequest,
+                "sub.meta.since must be {\"seq\": number, \"epoch\"?: string}",
+            );
+        }
+    };
     let allowed = match parsed {
         Channel::User(u) => u == user,
         Channel::Room(r) => room_allowed(st, cx, r),
@@ -588,6 +886,13 @@ fn sub(
     // Most connections hold one or two channels: grow one at a time.
     st.subs.reserve_exact(1);
     st.subs.push(ch.clone());
+    st.extra().recovering.push(Recovering {
+        ch: ch.clone(),
+        id,
+        since,
+        held: Vec::new(),
+        welcome: None,
+    });
     out.push(Action::Subscribe { ch, ok: Some(id) });
 }
 

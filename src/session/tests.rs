@@ -7,6 +7,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 
 use super::*;
 use crate::auth::Verifier;
+use crate::backbone::{Position, Recovery, Since, Stored, Unrecovered};
 use crate::config::{Auth, Config, RoomPolicy, TokenSource};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
@@ -482,7 +483,18 @@ fn sub_ok_only_once_the_subscription_is_live() {
     assert!(
         matches!(&out[..], [Action::Subscribe { ch, ok: Some(Some(5)) }] if &**ch == "room:lobby")
     );
-    assert_ok(&s.run(Input::SubReady(Some(5))), 5);
+    // Live: now the position, which the ok carries.
+    let out = s.run(Input::SubReady(Some(5)));
+    assert!(replies(&out).is_empty(), "{out:?}");
+    assert!(
+        matches!(&out[..], [Action::History { ch, since: None, id: Some(5) }] if &**ch == "room:lobby"),
+        "{out:?}"
+    );
+    let out = s.run(Input::History(Some(5), position("e-1", 3, Ok(vec![]))));
+    assert_ok(&out, 5);
+    let ok = reply(&out);
+    assert_eq!(ok.seq, Some(3), "ok carries the stream's top");
+    assert_eq!(ok.meta.as_deref(), Some(r#"{"epoch":"e-1"}"#));
     // Again: idempotent, ok at once.
     assert_ok(&s.client(r#"{"t":"sub","id":6,"ch":"room:lobby"}"#), 6);
     assert_eq!(s.st.subs.len(), 2);
@@ -585,8 +597,14 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
                 from,
                 id,
                 payload,
+                key,
             },
         ] => {
+            assert_eq!(
+                key.as_deref(),
+                Some("alice:n1-1-7:8"),
+                "scoped to the connection"
+            );
             assert_eq!(
                 (ch.as_str(), &**from, *id),
                 ("room:lobby", "alice", Some(8))
@@ -596,7 +614,27 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
         _ => panic!("{out:?}"),
     }
     assert!(replies(&out).is_empty(), "ok waits for the backbone");
-    assert_ok(&s.run(Input::Published(Some(8), Ok(()))), 8);
+    assert_ok(&s.run(Input::Published(Some(8), Ok(None))), 8);
+    let out = s.run(Input::Published(
+        Some(8),
+        Ok(Some(Stored {
+            seq: 4,
+            duplicate: false,
+        })),
+    ));
+    assert_eq!(reply(&out).seq, Some(4));
+    assert_eq!(reply(&out).meta, None);
+    let out = s.run(Input::Published(
+        Some(8),
+        Ok(Some(Stored {
+            seq: 4,
+            duplicate: true,
+        })),
+    ));
+    assert_eq!(
+        (reply(&out).seq, reply(&out).meta.as_deref()),
+        (Some(4), Some(r#"{"duplicate":true}"#))
+    );
     assert_err(
         &s.run(Input::Published(Some(9), Err(Refused::UNAVAILABLE))),
         9,
@@ -720,5 +758,232 @@ fn every_err_code_is_produced_by_some_input() {
     assert!(
         missing.is_empty(),
         "err codes no input produced: {missing:?}"
+    );
+}
+
+// ---------------------------------------------------------------- positions and recovery (§7)
+
+fn position(
+    epoch: &str,
+    top: u64,
+    replay: Result<Vec<std::sync::Arc<Envelope>>, Unrecovered>,
+) -> Recovery {
+    Recovery {
+        pos: Position {
+            epoch: std::sync::Arc::from(epoch),
+            top,
+        },
+        replay,
+    }
+}
+
+fn m(seq: u64) -> std::sync::Arc<Envelope> {
+    let mut e = Envelope::new(Type::Msg);
+    e.ch = Some("room:r".into());
+    e.seq = Some(seq);
+    std::sync::Arc::new(e)
+}
+
+fn delivered(out: &[Action]) -> Vec<u64> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Deliver(l) => Some(l.iter().filter_map(|e| e.seq).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn recovery_replays_then_live_each_seq_once_in_order() {
+    let mut s = T::welcomed("alice");
+    let out =
+        s.client(r#"{"t":"sub","id":2,"ch":"room:r","meta":{"since":{"seq":3,"epoch":"e-1"}}}"#);
+    assert!(matches!(&out[..], [Action::Subscribe { .. }]), "{out:?}");
+    let out = s.run(Input::SubReady(Some(2)));
+    assert!(
+        matches!(
+            &out[..],
+            [Action::History {
+                since: Some(Since { seq: 3, .. }),
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    // Live messages arrive while the replay is fetched: 5 and 6 are also
+    // in the replay (duplicates), 7 and 8 are new.
+    for seq in [5, 6, 7, 8] {
+        assert_eq!(s.st.hold(&m(seq), 100), Ok(true));
+    }
+    let out = s.run(Input::History(
+        Some(2),
+        position("e-1", 6, Ok(vec![m(4), m(5), m(6)])),
+    ));
+    let ok = reply(&out);
+    assert_eq!((ok.t, ok.seq), (Type::Ok, Some(6)));
+    assert_eq!(
+        ok.meta.as_deref(),
+        Some(r#"{"epoch":"e-1","recovered":true}"#)
+    );
+    assert_eq!(delivered(&out), vec![4, 5, 6, 7, 8]);
+    assert!(
+        matches!(out[0], Action::Reply(_)),
+        "ok first, then the replay"
+    );
+    // Live from now on: nothing held any more.
+    assert_eq!(s.st.hold(&m(9), 100), Ok(false));
+    assert_eq!(s.metrics.recoveries[0].load(Relaxed), 1);
+}
+
+#[test]
+fn recovery_refusals_say_why_and_replay_nothing() {
+    for (why, meta) in [
+        (
+            Unrecovered::EpochChanged,
+            r#"{"epoch":"e-2","recovered":false,"reason":"epoch_changed"}"#,
+        ),
+        (
+            Unrecovered::Expired { oldest: 40 },
+            r#"{"epoch":"e-2","oldest":40,"reason":"expired","recovered":false}"#,
+        ),
+        (
+            Unrecovered::TooMany,
+            r#"{"epoch":"e-2","reason":"too_many","recovered":false}"#,
+        ),
+    ] {
+        let mut s = T::welcomed("alice");
+        s.client(r#"{"t":"sub","id":2,"ch":"room:r","meta":{"since":{"seq":3}}}"#);
+        s.run(Input::SubReady(Some(2)));
+        assert_eq!(s.st.hold(&m(51), 100), Ok(true));
+        let out = s.run(Input::History(Some(2), position("e-2", 50, Err(why))));
+        let ok = reply(&out);
+        let got: serde_json::Value =
+            serde_json::from_str(ok.meta.as_deref().unwrap_or("")).unwrap_or_default();
+        let want: serde_json::Value = serde_json::from_str(meta).unwrap_or_default();
+        assert_eq!(got, want);
+        assert_eq!(
+            delivered(&out),
+            vec![51],
+            "live messages after top still come"
+        );
+    }
+}
+
+#[test]
+fn history_off_is_recovered_false_unavailable() {
+    let mut s = T::welcomed("alice");
+    s.client(r#"{"t":"sub","id":2,"ch":"room:r","meta":{"since":{"seq":3}}}"#);
+    s.run(Input::SubReady(Some(2)));
+    let out = s.run(Input::History(
+        Some(2),
+        Recovery::unavailable(Some(&Since {
+            seq: 3,
+            epoch: None,
+        })),
+    ));
+    let ok = reply(&out);
+    assert_eq!(ok.seq, None, "no stream, no top");
+    assert_eq!(
+        ok.meta.as_deref(),
+        Some(r#"{"reason":"unavailable","recovered":false}"#)
+    );
+}
+
+#[test]
+fn a_gap_between_replay_and_live_closes_4009() {
+    let mut s = T::welcomed("alice");
+    s.client(r#"{"t":"sub","id":2,"ch":"room:r"}"#);
+    s.run(Input::SubReady(Some(2)));
+    assert_eq!(s.st.hold(&m(9), 100), Ok(true));
+    let out = s.run(Input::History(Some(2), position("e", 6, Ok(vec![]))));
+    assert_close(&out, CloseCode::INSUFFICIENT_STATE);
+    assert_eq!(
+        merge(6, vec![], vec![m(5), m(7), m(8)]).map(|l| l.len()),
+        Ok(2)
+    );
+}
+
+#[test]
+fn a_full_hold_is_reported() {
+    let mut s = T::welcomed("alice");
+    s.client(r#"{"t":"sub","id":2,"ch":"room:r"}"#);
+    assert_eq!(s.st.hold(&m(1), 2), Ok(true));
+    assert_eq!(s.st.hold(&m(2), 2), Ok(true));
+    assert_eq!(s.st.hold(&m(3), 2), Err(HoldFull));
+}
+
+#[test]
+fn unsub_during_recovery_forgets_it() {
+    let mut s = T::welcomed("alice");
+    s.client(r#"{"t":"sub","id":2,"ch":"room:r"}"#);
+    s.client(r#"{"t":"unsub","id":3,"ch":"room:r"}"#);
+    assert_eq!(s.st.hold(&m(1), 10), Ok(false));
+    assert!(
+        s.run(Input::History(Some(2), position("e", 1, Ok(vec![]))))
+            .is_empty()
+    );
+}
+
+#[test]
+fn bad_since_is_bad_request() {
+    let mut s = T::welcomed("alice");
+    assert_err(
+        &s.client(r#"{"t":"sub","id":2,"ch":"room:r","meta":{"since":{"seq":"x"}}}"#),
+        2,
+        ErrCode::BadRequest,
+    );
+}
+
+#[test]
+fn instance_scopes_publish_ids_and_must_be_valid() {
+    let mut s = T::open();
+    let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"alice","instance":"tab-1"}}"#);
+    assert!(welcome(&out).is_some());
+    let out = s.client(r#"{"t":"pub","id":9,"ch":"room:a","d":1}"#);
+    assert!(
+        matches!(&out[..], [Action::Publish { key: Some(k), .. }] if k == "alice:tab-1:9"),
+        "{out:?}"
+    );
+    for bad in ["has space", "", &"x".repeat(65)] {
+        let mut s = T::open();
+        let out = s.client(&format!(
+            r#"{{"t":"hello","id":1,"meta":{{"user":"alice","instance":"{bad}"}}}}"#
+        ));
+        assert_close(&out, CloseCode::PROTOCOL_ERROR);
+    }
+}
+
+#[test]
+fn hello_since_recovers_the_own_stream_before_welcome() {
+    let mut s = T::open();
+    let out =
+        s.client(r#"{"t":"hello","id":1,"meta":{"user":"bob","since":{"seq":2,"epoch":"e-9"}}}"#);
+    assert!(
+        welcome(&out).is_none(),
+        "welcome waits for the stream: {out:?}"
+    );
+    assert!(
+        matches!(&out[..], [.., Action::Subscribe { ch, ok: Some(Some(1)) }] if &**ch == "user:bob"),
+        "{out:?}"
+    );
+    let out = s.run(Input::SubReady(Some(1)));
+    assert!(
+        matches!(&out[..], [Action::History { since: Some(_), .. }]),
+        "{out:?}"
+    );
+    let out = s.run(Input::History(
+        Some(1),
+        position("e-9", 4, Ok(vec![m(3), m(4)])),
+    ));
+    let w = welcome(&out).unwrap_or_else(|| panic!("{out:?}"));
+    assert_eq!(
+        w["stream"],
+        serde_json::json!({"epoch": "e-9", "seq": 4, "recovered": true})
+    );
+    assert_eq!(
+        delivered(&out),
+        vec![3, 4],
+        "missed direct messages follow welcome"
     );
 }

@@ -221,11 +221,21 @@ impl Shard {
                     self.backbone.interest(&ch, false, None, events);
                 }
             }
+            Action::History { ch, since, id } => {
+                self.backbone
+                    .history(&ch, since, self.ack(conn, id), events);
+            }
+            Action::Deliver(list) => {
+                for env in list {
+                    conn.push_unbounded(crate::conn::Out::Shared(Delivery::new(env)));
+                }
+            }
             Action::Publish {
                 ch,
                 from,
                 id,
                 payload,
+                key,
             } => {
                 let name = self.conn_name(conn);
                 let msg = backbone::Publish {
@@ -234,6 +244,7 @@ impl Shard {
                     id,
                     conn: &name,
                     payload,
+                    key,
                 };
                 self.backbone.publish(msg, self.ack(conn, id), events);
             }
@@ -281,6 +292,11 @@ impl Shard {
                     self.input(&c, Input::Published(ack.id, r));
                 }
             }
+            Event::History(ack, r) => {
+                if let Some(c) = conn_for(&ack) {
+                    self.input(&c, Input::History(ack.id, r));
+                }
+            }
             Event::SubReady(ack) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::SubReady(ack.id));
@@ -311,7 +327,7 @@ impl Shard {
         self.router.borrow().deliver(
             &self.conns,
             &self.metrics,
-            self.cfg.outbound_queue_bytes,
+            (self.cfg.outbound_queue_bytes, self.cfg.recovery_buffer),
             &ch,
             &d,
         );

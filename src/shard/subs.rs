@@ -101,20 +101,20 @@ impl Router {
     }
 
     /// Queues `d` on every local subscriber of `ch`, each queue bounded by
-    /// `limit` bytes. A subscriber whose queue is full is closed as a slow
+    /// `limit` bytes (and each recovery's hold by `held_max` messages). A subscriber whose queue is full is closed as a slow
     /// consumer; the others are not held back by it. Returns the number of
     /// connections reached.
     pub fn deliver(
         &self,
         conns: &ConnTable,
         metrics: &ShardMetrics,
-        limit: usize,
+        (limit, held_max): (usize, usize),
         ch: &str,
         d: &Rc<Delivery>,
     ) -> usize {
         let mut n = 0;
         conns.for_each_key(self.keys(ch), |conn| {
-            if conn.push(Out::Shared(d.clone()), limit) {
+            if conn.push(Out::Shared(d.clone()), limit, held_max) {
                 n += 1;
             } else {
                 metrics

@@ -380,7 +380,8 @@ async def test_client_pub_headers(nats_server, gateway):
             h = msg.headers or {}
             want = {"Eg-From": c.user, "Eg-Id": str(pub_id), "Eg-Node": "a",
                     "Eg-Conn": str(c.welcome["meta"]["conn"]), "Eg-Enc": enc,
-                    "Nats-Msg-Id": f"{c.user}:{pub_id}"}
+                    # revision 2 §4: scoped to the connection without hello.meta.instance
+                    "Nats-Msg-Id": f"{c.user}:{c.welcome['meta']['conn']}:{pub_id}"}
             got = {k: h.get(k) for k in want}
             assert got == want, f"headers {h}"
 
