@@ -2,16 +2,17 @@
 //! following [`ReconnectPolicy`] after every disconnect, re-subscribing its
 //! channels, and reporting [`Event`]s.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use edgegate_proto::{Envelope, Payload, Type};
 use tokio::sync::mpsc;
 
-use crate::conn::{ClientConfig, Connection, Error, Welcome};
+use crate::conn::{ClientConfig, Connection, Error, Position, StreamState, Welcome};
 use crate::policy::{Action, CloseInfo, ReconnectPolicy, StopReason};
 
 /// Token refresh hook: called with the close code (4001 or 4008) before the
@@ -45,7 +46,20 @@ pub enum Event {
         /// The `err` code.
         code: String,
     },
+    /// A subscription (or, for the user's own `user:<id>` channel, the
+    /// session) came back without what was missed while disconnected: the
+    /// application must resynchronise `ch` from its core service.
+    Unrecovered {
+        /// The channel.
+        ch: String,
+        /// `epoch_changed`, `expired`, `too_many` or `unavailable`.
+        reason: String,
+        /// With `expired`: the oldest `seq` the gateway still has.
+        oldest: Option<u64>,
+    },
     /// Any other envelope from the server (`msg`, `ok`, `err`, `reply`, `pong`).
+    /// A `msg` whose `seq` was seen already (a replay overlapping what
+    /// arrived before a reconnect) is dropped, not reported.
     Message(Envelope),
     /// The client stopped for good; no more events follow.
     Stopped(StopReason),
@@ -62,6 +76,16 @@ enum Command {
 pub struct Client {
     handle: ClientHandle,
     events: mpsc::UnboundedReceiver<Event>,
+    stats: Arc<ResumeStats>,
+}
+
+/// What resuming after reconnects did, counted.
+#[derive(Debug, Default)]
+pub struct ResumeStats {
+    /// Messages dropped because their `seq` had been delivered already.
+    pub redeliveries_dropped: std::sync::atomic::AtomicU64,
+    /// Publishes sent again after a reconnect (no `ok` had come).
+    pub publishes_resent: std::sync::atomic::AtomicU64,
 }
 
 /// Sends commands to the client task; cheap to clone.
@@ -93,12 +117,23 @@ impl Client {
             Some(s) => ReconnectPolicy::with_seed(config.backoff.clone(), s),
             None => ReconnectPolicy::new(config.backoff.clone()),
         };
+        let mut config = config;
+        // One instance per client: a publish resent after a reconnect keeps
+        // its id and is stored once.
+        config
+            .instance
+            .get_or_insert_with(|| format!("c{:016x}", fastrand::u64(..)));
+        let stats = Arc::new(ResumeStats::default());
         let task = Task {
             config,
             policy,
             token_refresh,
             rooms: BTreeSet::new(),
             outbox: VecDeque::new(),
+            unacked: BTreeMap::new(),
+            positions: HashMap::new(),
+            own: None,
+            stats: stats.clone(),
             cmd: cmd_rx,
             events: ev_tx,
         };
@@ -109,7 +144,13 @@ impl Client {
                 ids: Arc::new(std::sync::atomic::AtomicU64::new(HANDLE_ID_BASE)),
             },
             events: ev_rx,
+            stats,
         }
+    }
+
+    /// Counters of what resuming did (redeliveries dropped, publishes resent).
+    pub fn stats(&self) -> &ResumeStats {
+        &self.stats
     }
 
     /// The next event; `None` after [`Event::Stopped`].
@@ -190,6 +231,14 @@ struct Task {
     token_refresh: Option<TokenRefresh>,
     rooms: BTreeSet<String>,
     outbox: VecDeque<Envelope>,
+    /// Publishes sent and not yet answered, by id: resent (same id, same
+    /// instance) after a reconnect.
+    unacked: BTreeMap<u64, Envelope>,
+    /// The last position seen per subscribed channel.
+    positions: HashMap<String, Position>,
+    /// The user's own channel (`user:<id>`), once known.
+    own: Option<String>,
+    stats: Arc<ResumeStats>,
     cmd: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
 }
@@ -225,6 +274,95 @@ impl Task {
         let _ = self.events.send(e);
     }
 
+    /// Remembers a publish until its answer comes (bounded like the outbox).
+    fn track_publish(&mut self, e: &Envelope) {
+        if e.t == Type::Pub
+            && let Some(id) = e.id
+        {
+            if self.unacked.len() >= OUTBOX_LIMIT {
+                self.unacked.pop_first();
+            }
+            self.unacked.insert(id, e.clone());
+        }
+    }
+
+    /// `welcome`: the user's own stream, recovered or not.
+    fn on_welcome(&mut self, w: &Welcome) {
+        let own = format!("user:{}", w.user);
+        if let Some(st) = &w.stream {
+            self.update(&own, st);
+        }
+        self.own = Some(own);
+    }
+
+    /// `ok` to a `sub`: the stream's position and the recovery's outcome.
+    fn on_sub_ok(&mut self, ch: &str, ok: &Envelope) {
+        let meta: serde_json::Value = ok
+            .meta
+            .as_deref()
+            .and_then(|m| serde_json::from_str(m).ok())
+            .unwrap_or_default();
+        let st = StreamState::parse(&meta, ok.seq);
+        self.update(ch, &st);
+    }
+
+    /// Applies a position answer: recovered keeps the client's position
+    /// (the replay follows); otherwise the application is told, and the
+    /// position starts at the stream's top.
+    fn update(&mut self, ch: &str, st: &StreamState) {
+        // Only a client that had a position can have missed something.
+        let had = self.positions.contains_key(ch);
+        if st.epoch.is_empty() {
+            if had && st.recovered == Some(false) {
+                self.emit(Event::Unrecovered {
+                    ch: ch.to_string(),
+                    reason: st.reason.clone().unwrap_or_default(),
+                    oldest: st.oldest,
+                });
+            }
+            return; // no history behind this gateway
+        }
+        match st.recovered {
+            Some(true) => {
+                if let Some(p) = self.positions.get_mut(ch) {
+                    p.epoch = Some(st.epoch.clone());
+                }
+            }
+            recovered => {
+                if had && recovered == Some(false) {
+                    self.emit(Event::Unrecovered {
+                        ch: ch.to_string(),
+                        reason: st.reason.clone().unwrap_or_default(),
+                        oldest: st.oldest,
+                    });
+                }
+                self.positions.insert(
+                    ch.to_string(),
+                    Position {
+                        epoch: Some(st.epoch.clone()),
+                        seq: st.seq,
+                    },
+                );
+            }
+        }
+    }
+
+    /// True when `msg` was delivered before (its `seq` is not past the
+    /// channel's position); otherwise advances the position.
+    fn seen(&mut self, msg: &Envelope) -> bool {
+        let (Some(ch), Some(seq)) = (msg.ch.as_deref(), msg.seq) else {
+            return false;
+        };
+        match self.positions.get_mut(ch) {
+            Some(p) if seq <= p.seq => true,
+            Some(p) => {
+                p.seq = seq;
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Applies a command while disconnected (Close is handled by the caller).
     fn apply_offline(&mut self, c: Command) {
         match c {
@@ -239,6 +377,20 @@ impl Task {
             let reason: String;
             // Commands that arrive while connecting are applied to the
             // offline state; they do not restart the attempt.
+            // The user's own stream: recover from its last position; with
+            // none yet, an epoch no stream has asks only for the position
+            // (the gateway answers recovered: false with epoch and top,
+            // which is not news to a client that had nothing).
+            self.config.since = Some(
+                self.own
+                    .as_ref()
+                    .and_then(|ch| self.positions.get(ch))
+                    .cloned()
+                    .unwrap_or(Position {
+                        epoch: Some(String::new()),
+                        seq: 0,
+                    }),
+            );
             let attempt = {
                 let connect = Connection::connect(&self.config);
                 tokio::pin!(connect);
@@ -265,6 +417,7 @@ impl Task {
             match attempt {
                 Ok(conn) => {
                     self.policy.on_connected();
+                    self.on_welcome(conn.welcome());
                     self.emit(Event::Connected(conn.welcome().clone()));
                     match self.session(conn).await {
                         SessionEnd::Closed => {
@@ -334,14 +487,24 @@ impl Task {
         let mut pending: HashMap<u64, String> = HashMap::new();
         let rooms: Vec<String> = self.rooms.iter().cloned().collect();
         for ch in rooms {
-            match conn.subscribe(&ch).await {
+            match conn.subscribe_since(&ch, self.positions.get(&ch)).await {
                 Ok(id) => {
                     pending.insert(id, ch);
                 }
                 Err(e) => return SessionEnd::Lost(e),
             }
         }
+        // Publishes with no answer yet: again, with the same ids (the
+        // gateway answers a duplicate with the original seq).
+        let resend: Vec<Envelope> = self.unacked.values().cloned().collect();
+        for e in resend {
+            self.stats.publishes_resent.fetch_add(1, Relaxed);
+            if let Err(err) = conn.send(&e).await {
+                return SessionEnd::Lost(err);
+            }
+        }
         while let Some(e) = self.outbox.pop_front() {
+            self.track_publish(&e);
             if let Err(err) = conn.send(&e).await {
                 self.outbox.push_front(e);
                 return SessionEnd::Lost(err);
@@ -364,8 +527,12 @@ impl Task {
                     Err(e) => return SessionEnd::Lost(e),
                     Ok(env) => {
                         let answer = matches!(env.t, Type::Ok | Type::Err);
+                        if answer && let Some(id) = env.id {
+                            self.unacked.remove(&id);
+                        }
                         if let Some(ch) = env.id.filter(|_| answer).and_then(|id| pending.remove(&id)) {
                             if env.t == Type::Ok {
+                                self.on_sub_ok(&ch, &env);
                                 self.emit(Event::Subscribed(ch));
                             } else {
                                 self.rooms.remove(&ch);
@@ -376,6 +543,8 @@ impl Task {
                                     .unwrap_or_default();
                                 self.emit(Event::SubscribeFailed { ch, code });
                             }
+                        } else if env.t == Type::Msg && self.seen(&env) {
+                            self.stats.redeliveries_dropped.fetch_add(1, Relaxed);
                         } else if env.t != Type::Ping {
                             self.emit(Event::Message(env));
                         }
@@ -397,13 +566,17 @@ impl Task {
                             }
                         }
                         Some(Command::Unsubscribe(ch)) => {
+                            self.positions.remove(&ch);
                             if self.rooms.remove(&ch) {
                                 conn.unsubscribe(&ch).await.map(|_| ())
                             } else {
                                 Ok(())
                             }
                         }
-                        Some(Command::Send(e)) => conn.send(&e).await,
+                        Some(Command::Send(e)) => {
+                            self.track_publish(&e);
+                            conn.send(&e).await
+                        }
                     };
                     if let Err(e) = res {
                         return SessionEnd::Lost(e);

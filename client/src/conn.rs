@@ -149,6 +149,66 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// `hello.meta.client`.
     pub client_name: Option<String>,
+    /// `hello.meta.instance`: scopes publish ids across this client's
+    /// reconnects, so a resent publish is stored once. [`Client`](crate::Client)
+    /// picks a random one when this is `None`.
+    pub instance: Option<String>,
+    /// `hello.meta.since`: the position of the user's own stream to
+    /// recover after `welcome` ([`Client`](crate::Client) keeps it).
+    pub since: Option<Position>,
+}
+
+/// A position in a channel's stream (docs/protocol.md §7).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The stream's epoch (`None`: the current one).
+    pub epoch: Option<String>,
+    /// The last `seq` seen.
+    pub seq: u64,
+}
+
+impl Position {
+    /// `{"seq": S, "epoch": E}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("seq".into(), self.seq.into());
+        if let Some(e) = &self.epoch {
+            m.insert("epoch".into(), e.clone().into());
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+/// The outcome of a recovery, from `ok.meta` or `welcome.meta.stream`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamState {
+    /// The stream's epoch ("" where the gateway keeps no history).
+    pub epoch: String,
+    /// The stream's top `seq` when answered.
+    pub seq: u64,
+    /// `Some(true)`: everything after the position follows; `Some(false)`:
+    /// nothing was replayed (see `reason`); `None`: no recovery was asked.
+    pub recovered: Option<bool>,
+    /// Why not recovered: `epoch_changed`, `expired`, `too_many`, `unavailable`.
+    pub reason: Option<String>,
+    /// With `expired`: the oldest `seq` still kept.
+    pub oldest: Option<u64>,
+}
+
+impl StreamState {
+    /// Reads `meta` (an `ok.meta` or `welcome.meta.stream` object) and `seq`.
+    pub fn parse(meta: &serde_json::Value, seq: Option<u64>) -> StreamState {
+        let s = |k: &str| meta.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        StreamState {
+            epoch: s("epoch").unwrap_or_default(),
+            seq: seq
+                .or_else(|| meta.get("seq").and_then(|x| x.as_u64()))
+                .unwrap_or(0),
+            recovered: meta.get("recovered").and_then(|x| x.as_bool()),
+            reason: s("reason"),
+            oldest: meta.get("oldest").and_then(|x| x.as_u64()),
+        }
+    }
 }
 
 impl ClientConfig {
@@ -172,6 +232,8 @@ impl ClientConfig {
             seed: None,
             connect_timeout: Duration::from_secs(10),
             client_name: Some(concat!("edgegate-client/", env!("CARGO_PKG_VERSION")).into()),
+            instance: None,
+            since: None,
         }
     }
 }
@@ -191,6 +253,8 @@ pub struct Welcome {
     pub hb_ms: u64,
     /// Largest envelope the server accepts from this connection, in bytes.
     pub max_frame: u32,
+    /// `welcome.meta.stream`: the outcome of `hello.meta.since`, if asked.
+    pub stream: Option<StreamState>,
 }
 
 impl Welcome {
@@ -207,6 +271,7 @@ impl Welcome {
             shard: n("shard") as u32,
             hb_ms: n("hb_ms"),
             max_frame: u32::try_from(n("max_frame")).unwrap_or(u32::MAX),
+            stream: v.get("stream").map(|st| StreamState::parse(st, None)),
         }
     }
 }
@@ -471,6 +536,12 @@ impl Connection {
         if let Some(c) = &config.client_name {
             meta.insert("client".into(), c.clone().into());
         }
+        if let Some(i) = &config.instance {
+            meta.insert("instance".into(), i.clone().into());
+        }
+        if let Some(p) = &config.since {
+            meta.insert("since".into(), p.to_json());
+        }
         let hello_id = conn.next_id();
         let mut hello = Envelope::new(Type::Hello);
         hello.id = Some(hello_id);
@@ -518,10 +589,19 @@ impl Connection {
 
     /// Sends `sub` for `ch`; the answer (`ok`/`err` with the returned id) comes through [`recv`](Self::recv).
     pub async fn subscribe(&mut self, ch: &str) -> Result<u64> {
+        self.subscribe_since(ch, None).await
+    }
+
+    /// Sends `sub` for `ch` with `meta.since` when `since` is given: the
+    /// `ok` says whether what was missed follows (docs/protocol.md §7).
+    pub async fn subscribe_since(&mut self, ch: &str, since: Option<&Position>) -> Result<u64> {
         let id = self.next_id();
         let mut e = Envelope::new(Type::Sub);
         e.id = Some(id);
         e.ch = Some(ch.to_string());
+        if let Some(p) = since {
+            e.meta = Some(serde_json::json!({ "since": p.to_json() }).to_string());
+        }
         self.send(&e).await?;
         Ok(id)
     }

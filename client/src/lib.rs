@@ -20,6 +20,33 @@
 //!   4006, calls a token-refresh hook after 4001/4008, re-subscribes its
 //!   channels after each reconnect, and reports [`Event`]s.
 //!
+//! **Resume** (`docs/protocol.md` §7): [`Client`] keeps the position
+//! (epoch, last `seq`) of every subscription and of the user's own
+//! `user:<id>` stream; after a reconnect it re-subscribes with `meta.since`
+//! and says `hello.meta.since`, so what was published meanwhile follows,
+//! once, in order. It sends `hello.meta.instance` (random per `Client`
+//! unless [`ClientConfig::instance`] is set) and resends every publish that
+//! got no `ok` with the same id, which the gateway stores once. A `msg`
+//! whose `seq` it has delivered already is dropped ([`ResumeStats`]). When
+//! the gateway cannot recover a channel (a restarted embedded gateway,
+//! history expired) the application gets [`Event::Unrecovered`] with the
+//! reason and must resynchronise that channel from its core service:
+//!
+//! ```no_run
+//! # async fn demo(mut client: edgegate_client::Client) {
+//! use edgegate_client::Event;
+//! while let Some(ev) = client.next_event().await {
+//!     match ev {
+//!         Event::Unrecovered { ch, reason, .. } => {
+//!             eprintln!("{ch}: missed messages are gone ({reason}); reload it");
+//!         }
+//!         Event::Message(m) => println!("{:?} seq {:?}", m.ch, m.seq),
+//!         _ => {}
+//!     }
+//! }
+//! # }
+//! ```
+//!
 //! Transports sit behind a private enum inside [`Connection`]: WebSocket, or
 //! u32-framed envelopes over a boxed byte stream (TCP, TLS over TCP, or the
 //! QUIC session stream). QUIC connections share one quinn endpoint (UDP
@@ -53,7 +80,9 @@ mod client;
 mod conn;
 pub mod policy;
 
-pub use client::{Client, ClientHandle, Event, OUTBOX_LIMIT, TokenRefresh};
-pub use conn::{ClientConfig, Connection, Encoding, Error, Result, Transport, Welcome};
+pub use client::{Client, ClientHandle, Event, OUTBOX_LIMIT, ResumeStats, TokenRefresh};
+pub use conn::{
+    ClientConfig, Connection, Encoding, Error, Position, Result, StreamState, Transport, Welcome,
+};
 pub use edgegate_proto::{Envelope, Payload, Type};
 pub use policy::{Action, Backoff, CloseClass, CloseInfo, ReconnectPolicy, StopReason};
