@@ -130,12 +130,6 @@ impl Embedded {
         }
     }
 
-    /// The same, keeping history (benchmarks and tests).
-    pub fn with_history(mut self, history: HistoryStore) -> Self {
-        self.history = Some(RefCell::new(history));
-        self
-    }
-
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
