@@ -188,6 +188,10 @@ pub struct Conn {
     close: Cell<Option<CloseReq>>,
     out: RefCell<VecDeque<Out>>,
     out_bytes: Cell<usize>,
+    /// Bytes of `out_bytes` queued by [`Conn::push_replay`] and not yet written: live messages are bounded on top of
+    /// them, so a recovery's replay does not make its own subscriber look
+    /// slow. Approximate (FIFO is assumed); exact once the queue is empty.
+    grace: Cell<u32>,
     waker: Cell<Option<Waker>>,
 }
 
@@ -211,6 +215,7 @@ impl Conn {
             close: Cell::new(None),
             out: RefCell::new(VecDeque::new()),
             out_bytes: Cell::new(0),
+            grace: Cell::new(0),
             waker: Cell::new(None),
         }
     }
@@ -259,7 +264,8 @@ impl Conn {
         }
         let n = item.approx_len();
         let used = self.out_bytes.get();
-        if used + n > limit && used > 0 {
+        let live = used.saturating_sub(self.grace.get() as usize);
+        if live + n > limit && live > 0 {
             return false;
         }
         self.out_bytes.set(used + n);
@@ -279,8 +285,9 @@ impl Conn {
         self.push_unbounded(Out::Own(Box::new(env)));
     }
 
-    /// Queues `item` whatever the queue holds: replies, and a recovery's
-    /// replay (bounded by `history.recovery_limit`, not by the queue).
+    /// Queues `item` whatever the queue holds (replies; a client that
+    /// floods requests is stopped by rate limits, and its replies count
+    /// against the live bound of [`Conn::push`]).
     pub fn push_unbounded(&self, item: Out) {
         self.out_bytes.set(self.out_bytes.get() + item.approx_len());
         let mut q = self.out.borrow_mut();
@@ -290,6 +297,16 @@ impl Conn {
         if was_empty {
             self.wake();
         }
+    }
+
+    /// Queues a message of a recovery's replay whatever the queue holds
+    /// (bounded by `history.recovery_limit`, not by the queue); live
+    /// messages are bounded on top of it, so that a subscriber catching
+    /// up is not taken for a slow consumer.
+    pub fn push_replay(&self, item: Out) {
+        let n = u32::try_from(item.approx_len()).unwrap_or(u32::MAX);
+        self.grace.set(self.grace.get().saturating_add(n));
+        self.push_unbounded(item);
     }
 
     /// True when output is waiting.
@@ -314,11 +331,17 @@ impl Conn {
             }
             let Some(item) = q.pop_front() else { break };
             self.out_bytes.set(self.out_bytes.get().saturating_sub(len));
+            self.grace.set(
+                self.grace
+                    .get()
+                    .saturating_sub(u32::try_from(len).unwrap_or(u32::MAX)),
+            );
             item.write(framing, buf);
             n += 1;
         }
         if q.is_empty() {
             self.out_bytes.set(0);
+            self.grace.set(0);
             // Idle connections hold no queue memory.
             *q = VecDeque::new();
         }
@@ -331,6 +354,7 @@ impl Conn {
         let n = q.len();
         *q = VecDeque::new();
         self.out_bytes.set(0);
+        self.grace.set(0);
         n
     }
 
@@ -380,5 +404,71 @@ mod size_tests {
     fn conn_fits_its_budget() {
         let n = std::mem::size_of::<super::Conn>();
         assert!(n + 16 <= 256, "Conn is {n} bytes");
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    fn msg(pad: usize) -> Out {
+        let mut e = Envelope::new(edgegate_proto::Type::Msg);
+        e.ch = Some("room:a".into());
+        e.payload = Payload::Json(Bytes::from(format!("\"{}\"", "x".repeat(pad))));
+        Out::Own(Box::new(e))
+    }
+
+    fn conn() -> Conn {
+        let peer = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        Conn::new(1, 0, Transport::Ws, peer, 0)
+    }
+
+    #[test]
+    fn live_messages_are_bounded_on_top_of_a_replay() {
+        let limit = 4096;
+        // Without a replay: a live queue past the limit is a slow consumer.
+        let c = conn();
+        let mut accepted = 0;
+        while c.push(msg(1000), limit, 100) {
+            accepted += 1;
+            assert!(accepted < 100, "the bound never hit");
+        }
+        assert!(
+            (3..=5).contains(&accepted),
+            "{accepted} live messages in 4 KiB"
+        );
+        // A replay ten times the limit is queued whatever the limit...
+        let c = conn();
+        for _ in 0..40 {
+            c.push_replay(msg(1000));
+        }
+        assert!(c.queued_bytes() > 10 * limit);
+        // ...and the live messages behind it get the same room as before.
+        let mut live = 0;
+        while c.push(msg(1000), limit, 100) {
+            live += 1;
+            assert!(live < 100, "the bound never hit");
+        }
+        assert_eq!(live, accepted);
+        // Replies still count against the live bound.
+        let c = conn();
+        for _ in 0..10 {
+            c.push_unbounded(msg(1000));
+        }
+        assert!(!c.push(msg(1000), limit, 100));
+        // Draining releases the replay's grace; an empty queue starts afresh.
+        let c = conn();
+        for _ in 0..40 {
+            c.push_replay(msg(1000));
+        }
+        let mut buf = Vec::new();
+        c.drain_into(&mut buf, usize::MAX);
+        assert_eq!(c.queued_bytes(), 0);
+        let mut again = 0;
+        while c.push(msg(1000), limit, 100) {
+            again += 1;
+            assert!(again < 100, "the bound never hit");
+        }
+        assert_eq!(again, accepted);
     }
 }

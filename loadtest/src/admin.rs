@@ -34,10 +34,16 @@ pub async fn get(addr: &str, path: &str) -> Result<(u16, String)> {
 
 /// Sum of every sample of metric `name` (all label sets) in Prometheus text.
 pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    metric_sum_with(text, name, "")
+}
+
+/// Sum of the samples of metric `name` whose labels contain `label`
+/// (e.g. `code="4003"`; empty: all).
+pub fn metric_sum_with(text: &str, name: &str, label: &str) -> Option<f64> {
     let mut found = false;
     let mut sum = 0.0;
     for line in text.lines() {
-        if line.starts_with('#') {
+        if line.starts_with('#') || !line.contains(label) {
             continue;
         }
         let Some(rest) = line.strip_prefix(name) else {
@@ -116,5 +122,9 @@ edgegate_sessions 3\n";
         );
         assert_eq!(metric_sum(t, "edgegate_sessions"), Some(3.0));
         assert_eq!(metric_sum(t, "edgegate_nothing"), None);
+        assert_eq!(
+            metric_sum_with(t, "edgegate_connections", "shard=\"1\""),
+            Some(5.0)
+        );
     }
 }

@@ -32,6 +32,14 @@ pub enum Scenario {
     /// Idle connections plus pubsub traffic for a duration: gateway RSS and
     /// latency sampled over time, drift reported.
     Soak(SoakArgs),
+    /// Reconnecting clients in rooms and direct messages, publishers that
+    /// retry until `ok`, and faults on a schedule (cut connections, slow
+    /// consumers, drain and kill of the gateway): lost, duplicated and
+    /// reordered messages, recovery outcomes and times.
+    Chaos(ChaosArgs),
+    /// A herd of clients cut off while messages are published, then back at
+    /// once: time until every client has recovered everything, gateway peak RSS.
+    Herd(HerdArgs),
     /// Internal: a worker process of `idle` (reports JSON lines on stdout).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -387,4 +395,160 @@ pub struct SoakArgs {
     /// Random seed for pair selection.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+/// A fault `chaos` injects on a schedule.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fault {
+    /// (a) A client's connection is cut: RST both ways, mid-stream (the fault proxy).
+    Cut,
+    /// (b) A subscriber stops reading for a while: the gateway closes it as a slow consumer (4003).
+    Slow,
+    /// (c) SIGTERM: the gateway drains and exits; then it is restarted.
+    Drain,
+    /// (d) SIGKILL: the gateway dies at once; then it is restarted.
+    Kill,
+}
+
+impl Fault {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Cut => "cut",
+            Fault::Slow => "slow",
+            Fault::Drain => "drain",
+            Fault::Kill => "kill",
+        }
+    }
+}
+
+/// Options of the gateway the harness starts, signals and restarts itself
+/// (`storm` has its own copy for its external-gateway mode).
+#[derive(Args, Debug, Clone)]
+pub struct GatewayProcArgs {
+    /// Start (and restart) the gateway with this command (`sh -c "exec CMD"`);
+    /// it inherits this process's environment plus `--gateway-env`.
+    #[arg(long)]
+    pub gateway_cmd: Option<String>,
+    /// Extra environment for `--gateway-cmd`, KEY=VALUE (repeatable).
+    #[arg(long = "gateway-env")]
+    pub gateway_env: Vec<String>,
+    /// Where the started gateway's stdout/stderr go (default: a file in /tmp).
+    #[arg(long)]
+    pub gateway_log: Option<PathBuf>,
+    /// Longest wait for the gateway to exit after a signal, and to be ready after a start.
+    #[arg(long, default_value_t = 30.0)]
+    pub exit_timeout_secs: f64,
+}
+
+/// `chaos` options.
+#[derive(Args, Debug, Clone)]
+pub struct ChaosArgs {
+    /// Shared options (`--transport` ws or tcp: the faults go through a TCP proxy).
+    #[command(flatten)]
+    pub common: Common,
+    /// The gateway process, for the `drain` and `kill` faults.
+    #[command(flatten)]
+    pub gateway: GatewayProcArgs,
+    /// Reconnecting clients (each is a subscriber, a publisher, and the
+    /// recipient of direct messages).
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Rooms; client i joins rooms (i·k + j) mod R for j < k (`--rooms-per-client`).
+    #[arg(long, default_value_t = 50)]
+    pub rooms: usize,
+    /// Rooms each client joins.
+    #[arg(long, default_value_t = 1)]
+    pub rooms_per_client: usize,
+    /// Room publishes per second, all clients together (a random client
+    /// publishes to one of its rooms).
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// Direct messages per second, all clients together (to a random other client).
+    #[arg(long, default_value_t = 50.0)]
+    pub dm_rate: f64,
+    /// Seconds of traffic (and faults).
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Padding bytes added to each payload.
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// Faults, comma-separated: cut, slow, drain, kill.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "cut,slow")]
+    pub faults: Vec<Fault>,
+    /// cut: connections cut per second, at random (a random connected client each time).
+    #[arg(long, default_value_t = 5.0)]
+    pub cut_rate: f64,
+    /// slow: seconds between two slow-consumer events.
+    #[arg(long, default_value_t = 5.0)]
+    pub slow_every_secs: f64,
+    /// slow: clients that stop reading at each event.
+    #[arg(long, default_value_t = 5)]
+    pub slow_clients: usize,
+    /// slow: how long they stop reading, seconds.
+    #[arg(long, default_value_t = 8.0)]
+    pub slow_secs: f64,
+    /// slow: direct messages sent to each stopped reader by other clients
+    /// at once (a conversation bursting while it does not read), so that
+    /// the gateway's queue and the kernel's socket buffers fill within the
+    /// pause.
+    #[arg(long, default_value_t = 500)]
+    pub slow_burst: usize,
+    /// Receive buffer of the proxy's gateway-side sockets, bytes (small, so a
+    /// paused reader fills the gateway's queue soon).
+    #[arg(long, default_value_t = 4096)]
+    pub proxy_rcvbuf: u32,
+    /// drain / kill: seconds between restarts (the first after one interval;
+    /// with both faults they alternate).
+    #[arg(long, default_value_t = 20.0)]
+    pub restart_every_secs: f64,
+    /// Client backoff: bound of the first retry's full-jitter sleep, ms.
+    #[arg(long, default_value_t = 100)]
+    pub backoff_base_ms: u64,
+    /// Client backoff: largest bound, ms.
+    #[arg(long, default_value_t = 2000)]
+    pub backoff_cap_ms: u64,
+    /// Connections opened per second during setup.
+    #[arg(long, default_value_t = 500.0)]
+    pub connect_rate: f64,
+    /// Longest wait after the traffic for every client to be back and every
+    /// delivery to arrive, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub settle_secs: f64,
+    /// Random seed (clients, faults, publishers).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// `herd` options.
+#[derive(Args, Debug, Clone)]
+pub struct HerdArgs {
+    /// Shared options (`--transport` ws or tcp: the outage goes through a TCP proxy).
+    #[command(flatten)]
+    pub common: Common,
+    /// Clients, all in the same rooms.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Rooms every client is in.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    /// Messages published to each room while the clients are cut off.
+    #[arg(long, default_value_t = 1000)]
+    pub missed: u64,
+    /// Padding bytes added to each payload.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Client backoff: bound of the first retry's full-jitter sleep, ms
+    /// (the herd comes back within about this long).
+    #[arg(long, default_value_t = 100)]
+    pub backoff_base_ms: u64,
+    /// Connections opened per second during setup.
+    #[arg(long, default_value_t = 500.0)]
+    pub connect_rate: f64,
+    /// Longest wait for the recovery, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub recover_secs: f64,
+    /// Gateway RSS sampling period, ms.
+    #[arg(long, default_value_t = 20)]
+    pub sample_ms: u64,
 }

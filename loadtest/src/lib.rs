@@ -18,6 +18,19 @@
 //!   failures.
 //! - `soak` — idle connections plus pubsub traffic for a duration; RSS and
 //!   latency sampled over time, drift reported.
+//! - `chaos` — reconnecting clients in rooms and direct messages with
+//!   publishers that retry until `ok`, while faults hit them on a schedule
+//!   (connections cut mid-stream, subscribers that stop reading, gateway
+//!   drain and kill): every acked message is accounted for at every
+//!   subscriber — lost, duplicated, reordered, or covered by an explicit
+//!   `recovered: false` — with recovery times per fault.
+//! - `herd` — every client cut off at once while messages are published,
+//!   then back at once: time until all have recovered everything, and the
+//!   gateway's peak RSS.
+//!
+//! The client-side faults go through [`faultproxy`], a TCP proxy that can
+//! reset a connection, stop reading from the gateway, or take the network
+//! down.
 //!
 //! Every scenario can draw its time series (latency, connections, …) to an
 //! SVG chart with `--svg FILE`.
@@ -26,6 +39,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod faultproxy;
 pub mod gateway;
 pub mod ips;
 pub mod pacer;

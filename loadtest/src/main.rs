@@ -15,6 +15,8 @@ fn main() -> Result<()> {
         Scenario::StormWorker(a) => a.common.threads,
         Scenario::Storm(a) => a.common.threads,
         Scenario::Soak(a) => a.common.threads,
+        Scenario::Chaos(a) => a.common.threads,
+        Scenario::Herd(a) => a.common.threads,
     };
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -51,6 +53,14 @@ fn main() -> Result<()> {
             Scenario::Soak(a) => {
                 let o = out(&a.common);
                 (scenario::soak::run(a).await?, o)
+            }
+            Scenario::Chaos(a) => {
+                let o = out(&a.common);
+                (scenario::chaos::run(a).await?, o)
+            }
+            Scenario::Herd(a) => {
+                let o = out(&a.common);
+                (scenario::herd::run(a).await?, o)
             }
         };
         report.emit(json.as_deref(), svg.as_deref())

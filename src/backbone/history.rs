@@ -29,8 +29,15 @@ use crate::config::History as HistoryConfig;
 
 /// Bytes a channel record costs beyond its messages (map entry, ring, name).
 const CHANNEL_OVERHEAD: usize = 160;
-/// Bytes a stored message costs beyond its encoding estimate.
-const MESSAGE_OVERHEAD: usize = 48;
+/// Bytes a stored message costs beyond its payload and names: the shared
+/// envelope (`Arc` header and struct), its slot in the ring, and the
+/// allocator's rounding of its three heap blocks. Measured against the
+/// gateway's RSS (docs/benchmarks.md), so that `history.shard_bytes`
+/// bounds real memory, not a fraction of it.
+const MESSAGE_OVERHEAD: usize = std::mem::size_of::<Envelope>() + 16 + 16 + 3 * 16;
+/// Bytes a dedupe entry costs beyond its key: the `Rc<str>` header, the map
+/// entry and the expiry queue's slot.
+const DEDUPE_OVERHEAD: usize = 16 + 40 + 24 + 16;
 
 /// A position in a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,7 +239,7 @@ impl HistoryStore {
                 && c.dedupe.get(&key).is_some_and(|(_, t)| *t == at)
             {
                 c.dedupe.remove(&key);
-                self.bytes -= key.len() + MESSAGE_OVERHEAD;
+                self.bytes -= key.len() + DEDUPE_OVERHEAD;
             }
         }
     }
@@ -281,7 +288,7 @@ impl HistoryStore {
         let mut added = bytes;
         if let Some(k) = key {
             let k: Rc<str> = Rc::from(k);
-            added += k.len() + MESSAGE_OVERHEAD;
+            added += k.len() + DEDUPE_OVERHEAD;
             c.dedupe.insert(k.clone(), (seq, now_ms));
             c.dedupe_order.push_back((now_ms, k));
         }
@@ -330,7 +337,7 @@ impl HistoryStore {
                         // new generation (a new epoch) if it is used again.
                         Some(c) if c.ring.is_empty() => {
                             let dedupe: usize =
-                                c.dedupe.keys().map(|k| k.len() + MESSAGE_OVERHEAD).sum();
+                                c.dedupe.keys().map(|k| k.len() + DEDUPE_OVERHEAD).sum();
                             self.bytes -= CHANNEL_OVERHEAD + ch.len() + dedupe;
                             self.channels.remove(&ch);
                         }

@@ -605,11 +605,21 @@ fn recovered(
         meta.insert("epoch".into(), (*r.pos.epoch).into());
     }
     let mut replay = Vec::new();
+    // A client with no position yet asks with an empty epoch, for the
+    // position only: its `recovered: false` is not a failed recovery.
+    let count = |k: usize| {
+        if p.since
+            .as_ref()
+            .is_none_or(|s| s.epoch.as_deref() != Some(""))
+        {
+            cx.metrics.recoveries[k].fetch_add(1, Relaxed);
+        }
+    };
     if p.since.is_some() {
         match r.replay {
             Ok(list) => {
                 meta.insert("recovered".into(), true.into());
-                cx.metrics.recoveries[0].fetch_add(1, Relaxed);
+                count(0);
                 replay = list;
             }
             Err(why) => {
@@ -624,7 +634,7 @@ fn recovered(
                     Unrecovered::TooMany => 3,
                     Unrecovered::Unavailable => 4,
                 };
-                cx.metrics.recoveries[k].fetch_add(1, Relaxed);
+                count(k);
             }
         }
     }

@@ -867,7 +867,28 @@ fn recovery_refusals_say_why_and_replay_nothing() {
             vec![51],
             "live messages after top still come"
         );
+        assert_eq!(recoveries_counted(&s), 1);
     }
+}
+
+#[test]
+fn asking_for_the_position_only_is_not_counted_as_a_failed_recovery() {
+    let mut s = T::welcomed("alice");
+    s.client(r#"{"t":"sub","id":2,"ch":"room:r","meta":{"since":{"seq":0,"epoch":""}}}"#);
+    s.run(Input::SubReady(Some(2)));
+    let out = s.run(Input::History(
+        Some(2),
+        position("e-2", 50, Err(Unrecovered::EpochChanged)),
+    ));
+    let ok = reply(&out);
+    assert_eq!((ok.t, ok.seq), (Type::Ok, Some(50)));
+    assert!(ok.meta.as_deref().unwrap_or("").contains("epoch_changed"));
+    assert_eq!(recoveries_counted(&s), 0);
+}
+
+/// Recoveries counted in the metrics, every outcome.
+fn recoveries_counted(s: &T) -> u64 {
+    s.metrics.recoveries.iter().map(|c| c.load(Relaxed)).sum()
 }
 
 #[test]

@@ -227,7 +227,7 @@ impl Shard {
             }
             Action::Deliver(list) => {
                 for env in list {
-                    conn.push_unbounded(crate::conn::Out::Shared(Delivery::new(env)));
+                    conn.push_replay(crate::conn::Out::Shared(Delivery::new(env)));
                 }
             }
             Action::Publish {

@@ -1,6 +1,8 @@
 //! The scenarios.
 
+pub mod chaos;
 pub mod fanout;
+pub mod herd;
 pub mod idle;
 pub mod pubsub;
 pub mod soak;
