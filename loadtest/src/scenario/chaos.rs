@@ -457,15 +457,7 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
     if a.rooms == 0 || a.rooms_per_client == 0 || a.rooms_per_client > a.rooms {
         bail!("need 1 <= --rooms-per-client <= --rooms");
     }
-    if let Some(limit) = procfs::open_files_limit()
-        && (3 * a.clients) as u64 + 64 > limit
-    {
-        bail!(
-            "{} clients need {} open files here (client, proxy and upstream sockets), over the limit {limit}",
-            a.clients,
-            3 * a.clients
-        );
-    }
+    crate::scenario::check_proxied_files(a.clients)?;
     let restarts_wanted: Vec<Fault> = a
         .faults
         .iter()

@@ -100,15 +100,7 @@ pub async fn run(a: HerdArgs) -> Result<Report> {
     if a.clients == 0 || a.clients > MAX_CLIENTS || a.rooms == 0 {
         bail!("--clients must be within 1..={MAX_CLIENTS} and --rooms at least 1");
     }
-    if let Some(limit) = procfs::open_files_limit()
-        && (3 * a.clients) as u64 + 64 > limit
-    {
-        bail!(
-            "{} clients need {} open files here, over the limit {limit}",
-            a.clients,
-            3 * a.clients
-        );
-    }
+    crate::scenario::check_proxied_files(a.clients)?;
     let gw = crate::scenario::gateway_pid(c.gateway_pid);
     let target = c.target();
     let proxy = FaultProxy::start(&target, None).await?;

@@ -28,6 +28,18 @@ pub fn gateway_pid(flag: Option<u32>) -> Option<u32> {
     }
 }
 
+/// Fails when `clients` going through the fault proxy (a client socket,
+/// the proxy's two) would pass this process's open-files limit.
+pub fn check_proxied_files(clients: usize) -> anyhow::Result<()> {
+    let need = 3 * clients as u64 + 64;
+    match crate::procfs::open_files_limit() {
+        Some(limit) if need > limit => anyhow::bail!(
+            "{clients} clients need about {need} open files here (client, proxy and upstream sockets), over the limit {limit}"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Waits until `done()` or `limit` elapsed, polling every 20 ms; returns the time waited.
 pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
