@@ -131,6 +131,10 @@ struct Live {
     subscribed: AtomicU32,
     /// A fault the harness injected on this client: cause code << 56 | deadline (ms).
     pending: AtomicU64,
+    /// When its last `msg` arrived, ms since the run's start.
+    last_rx_ms: AtomicU32,
+    /// When its oldest unanswered publish was sent (ms since the start, 0: none).
+    oldest_unanswered_ms: AtomicU32,
 }
 
 /// Totals every client adds to, for progress and the settle logic.
@@ -178,6 +182,10 @@ struct Tally {
     redeliveries_dropped: u64,
     publishes_resent: u64,
     stopped: Option<String>,
+    /// When the last `msg` arrived, ms since the run's start.
+    last_rx_ms: u32,
+    /// The same per channel.
+    last_rx_by_ch: HashMap<Ch, u32>,
 }
 
 /// The message key: publisher and its sequence.
@@ -238,6 +246,8 @@ async fn run_client(
         redeliveries_dropped: 0,
         publishes_resent: 0,
         stopped: None,
+        last_rx_ms: 0,
+        last_rx_by_ch: HashMap::new(),
     };
     let mut last: HashMap<(Ch, u64), u64> = HashMap::new();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
@@ -256,6 +266,8 @@ async fn run_client(
                     let id = handle.send(env.clone());
                     env.id = Some(id);
                     pending.insert(id, Pending { key: key(st.p, st.s), ch, sent_ms: ctx.ms(), env, attempts: 1 });
+                    let oldest = pending.values().map(|p| p.sent_ms).min().unwrap_or(0);
+                    me.oldest_unanswered_ms.store(oldest.max(1), Relaxed);
                     ctx.totals.sent.fetch_add(1, Relaxed);
                 }
                 None => {
@@ -315,6 +327,9 @@ async fn run_client(
                                 continue;
                             };
                             ctx.totals.received.fetch_add(1, Relaxed);
+                            t.last_rx_ms = now;
+                            me.last_rx_ms.store(now, Relaxed);
+                            t.last_rx_by_ch.insert(ch, now);
                             let _ = t.latency.record(crate::peer::now_ns().saturating_sub(st.t) / 1000);
                             if !t.received.insert(key(st.p, st.s)) {
                                 t.dups += 1;
@@ -332,6 +347,8 @@ async fn run_client(
                                     t.dup_acks += 1;
                                 }
                                 ctx.totals.acked.fetch_add(1, Relaxed);
+                                let oldest = pending.values().map(|p| p.sent_ms.max(1)).min().unwrap_or(0);
+                                me.oldest_unanswered_ms.store(oldest, Relaxed);
                                 t.acks.push(Ack { key: p.key, ch: p.ch, sent_ms: p.sent_ms });
                             }
                         }
@@ -578,6 +595,9 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
     let mut room_pacer = Pacer::new(a.rate, None);
     let mut dm_pacer = Pacer::new(a.dm_rate, None);
     let mut injected: BTreeMap<Fault, u64> = BTreeMap::new();
+    // What the harness did to each client, (ms, fault), for post-mortems.
+    let mut done_to: Vec<Vec<(u32, Fault)>> = vec![Vec::new(); a.clients];
+    let mut stuck = vec![false; a.clients];
     let has = |f: Fault| a.faults.contains(&f);
     let tp = Instant::now();
     let dur = Duration::from_secs_f64(a.duration);
@@ -631,6 +651,7 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
                     );
                     if proxy.cut(client_ip(k)) {
                         *injected.entry(Fault::Cut).or_default() += 1;
+                        done_to[k].push((now_ms(t0) as u32, Fault::Cut));
                     } else {
                         live[k].pending.store(0, Relaxed);
                     }
@@ -650,6 +671,7 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
                     );
                     if proxy.pause(client_ip(k), d) {
                         *injected.entry(Fault::Slow).or_default() += 1;
+                        done_to[k].push((now_ms(t0) as u32, Fault::Slow));
                         for _ in 0..a.slow_burst {
                             let mut from = rng.usize(..a.clients - 1);
                             if from >= k {
@@ -699,6 +721,27 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
                 (rec - last_sample.1) as f64 / secs,
             );
             last_sample = (Instant::now(), rec);
+            // A client that is connected, has no fault pending and has
+            // heard nothing for 5 s while its rooms get ~10 messages/s.
+            let now = now_ms(t0);
+            for (k, l) in live.iter().enumerate() {
+                let quiet = now.saturating_sub(l.last_rx_ms.load(Relaxed) as u64);
+                let p = l.pending.load(Relaxed);
+                let o = l.oldest_unanswered_ms.load(Relaxed) as u64;
+                let unanswered = if o > 0 { now.saturating_sub(o) } else { 0 };
+                if (quiet > 5_000 || unanswered > 5_000)
+                    && l.connected.load(Relaxed)
+                    && (p == 0 || (p & 0xff_ffff_ffff_ffff) < now)
+                    && !stuck[k]
+                {
+                    stuck[k] = true;
+                    eprintln!(
+                        "chaos: client {k} ({}) connected, silent for {quiet} ms, a publish unanswered for {unanswered} ms (harness did {:?})",
+                        client_ip(k),
+                        done_to[k]
+                    );
+                }
+            }
             let up = live.iter().filter(|l| l.connected.load(Relaxed)).count();
             chart.push(panel::CONNECTIONS, "clients connected", up as f64);
             if let Some(r) = gw_pid.and_then(procfs::rss_kib) {
@@ -848,10 +891,21 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
                     lost += 1;
                     pf.lost += 1;
                     if lost_examples.len() < 5 {
+                        // What that subscriber's client went through, for the post-mortem.
+                        let tail: Vec<String> = rt
+                            .life
+                            .iter()
+                            .rev()
+                            .take(6)
+                            .map(|(ms, k)| format!("{ms} ms {k:?}"))
+                            .collect();
                         lost_examples.push(format!(
-                            "{} from client {pi} (sent at {} ms) never reached client {j}",
+                            "{} from client {pi} (sent at {} ms) never reached client {j} (its last events: {tail:?}; last delivery at {} ms, on this channel at {:?} ms; the harness did {:?})",
                             names.ch(ack.ch),
-                            ack.sent_ms
+                            ack.sent_ms,
+                            rt.last_rx_ms,
+                            rt.last_rx_by_ch.get(&ack.ch),
+                            done_to[j as usize]
                         ));
                     }
                 }
@@ -1020,6 +1074,7 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
     r.set("gateway_rss_before_kib", rss0);
     r.set("gateway_rss_end_kib", rss_end);
     if let Some(body) = &admin_after {
+        r.set("gateway_metrics_text_end", body.as_str());
         let m = |n: &str| crate::admin::metric_sum(body, n);
         r.set(
             "gateway_metrics_end",
