@@ -188,6 +188,12 @@ async fn connect_upstream(i: &Inner, ip: IpAddr) -> std::io::Result<TcpStream> {
     };
     if let Some(n) = i.rcvbuf {
         s.set_recv_buffer_size(n)?;
+        // Loopback's MSS is 64 KiB: a receive buffer smaller than one
+        // segment never reopens a usable window once it closed (the sender
+        // sits in zero-window probes, a few KB/s), which is a stall of the
+        // harness, not a slow consumer. Segments well under the buffer keep
+        // the window working.
+        socket2::SockRef::from(&s).set_tcp_mss(n / 4)?;
     }
     if ip.is_ipv4() == i.upstream.is_ipv4() {
         s.bind(SocketAddr::new(ip, 0))?;

@@ -450,6 +450,34 @@ async fn restart(
     r
 }
 
+/// Warns (once per client) about a client that is connected but has heard
+/// nothing, or had a publish unanswered, for longer than any pause lasts:
+/// a connection that is stuck, for a post-mortem while it still is.
+fn warn_stuck(
+    live: &[Live],
+    stuck: &mut [bool],
+    done_to: &[Vec<(u32, Fault)>],
+    now: u64,
+    traffic: bool,
+) {
+    const STUCK_MS: u64 = 12_000;
+    for (k, l) in live.iter().enumerate() {
+        let quiet = now.saturating_sub(l.last_rx_ms.load(Relaxed) as u64);
+        let o = l.oldest_unanswered_ms.load(Relaxed) as u64;
+        let unanswered = if o > 0 { now.saturating_sub(o) } else { 0 };
+        // Silence only means something while messages flow.
+        let silent = traffic && quiet > STUCK_MS;
+        if (silent || unanswered > STUCK_MS) && l.connected.load(Relaxed) && !stuck[k] {
+            stuck[k] = true;
+            eprintln!(
+                "chaos: client {k} ({}) connected, silent for {quiet} ms, a publish unanswered for {unanswered} ms (harness did {:?})",
+                client_ip(k),
+                done_to[k]
+            );
+        }
+    }
+}
+
 /// Per-fault figures.
 #[derive(Default)]
 struct PerFault {
@@ -721,27 +749,7 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
                 (rec - last_sample.1) as f64 / secs,
             );
             last_sample = (Instant::now(), rec);
-            // A client that is connected, has no fault pending and has
-            // heard nothing for 5 s while its rooms get ~10 messages/s.
-            let now = now_ms(t0);
-            for (k, l) in live.iter().enumerate() {
-                let quiet = now.saturating_sub(l.last_rx_ms.load(Relaxed) as u64);
-                let p = l.pending.load(Relaxed);
-                let o = l.oldest_unanswered_ms.load(Relaxed) as u64;
-                let unanswered = if o > 0 { now.saturating_sub(o) } else { 0 };
-                if (quiet > 5_000 || unanswered > 5_000)
-                    && l.connected.load(Relaxed)
-                    && (p == 0 || (p & 0xff_ffff_ffff_ffff) < now)
-                    && !stuck[k]
-                {
-                    stuck[k] = true;
-                    eprintln!(
-                        "chaos: client {k} ({}) connected, silent for {quiet} ms, a publish unanswered for {unanswered} ms (harness did {:?})",
-                        client_ip(k),
-                        done_to[k]
-                    );
-                }
-            }
+            warn_stuck(&live, &mut stuck, &done_to, now_ms(t0), true);
             let up = live.iter().filter(|l| l.connected.load(Relaxed)).count();
             chart.push(panel::CONNECTIONS, "clients connected", up as f64);
             if let Some(r) = gw_pid.and_then(procfs::rss_kib) {
