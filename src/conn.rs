@@ -188,9 +188,10 @@ pub struct Conn {
     close: Cell<Option<CloseReq>>,
     out: RefCell<VecDeque<Out>>,
     out_bytes: Cell<usize>,
-    /// Bytes of `out_bytes` queued by [`Conn::push_replay`] and not yet written: live messages are bounded on top of
-    /// them, so a recovery's replay does not make its own subscriber look
-    /// slow. Approximate (FIFO is assumed); exact once the queue is empty.
+    /// Bytes of `out_bytes` queued by [`Conn::push_replay`] and not yet
+    /// written: live messages are bounded on top of them, so a recovery's
+    /// replay does not make its own subscriber look slow. Approximate
+    /// (FIFO is assumed); exact once the queue is empty.
     grace: Cell<u32>,
     waker: Cell<Option<Waker>>,
 }

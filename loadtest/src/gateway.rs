@@ -88,6 +88,25 @@ impl Gateway {
         Ok(pid)
     }
 
+    /// Starts the gateway and waits up to `limit` for it to be ready
+    /// ([`wait_ready`]); one that is not ready is killed and named with its log.
+    pub async fn start_ready(
+        &mut self,
+        target: &str,
+        admin: Option<&str>,
+        limit: Duration,
+    ) -> Result<u32> {
+        let pid = self.start()?;
+        if wait_ready(target, admin, limit).await.is_none() {
+            let _ = self.signal("KILL");
+            bail!(
+                "the gateway (pid {pid}) did not become ready within {limit:?}; see {}",
+                self.log_path().display()
+            );
+        }
+        Ok(pid)
+    }
+
     /// Sends `kill -<sig>` to the gateway.
     pub fn signal(&self, sig: &str) -> Result<()> {
         let Some(pid) = self.pid else {

@@ -518,17 +518,7 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
     let limit = Duration::from_secs_f64(a.gateway.exit_timeout_secs);
     let target = c.target();
     if gw.can_start() {
-        gw.start()?;
-        if wait_ready(&target, c.admin.as_deref(), limit)
-            .await
-            .is_none()
-        {
-            let _ = gw.signal("KILL");
-            bail!(
-                "the gateway did not become ready within {limit:?} (log: {})",
-                gw.log_path().display()
-            );
-        }
+        gw.start_ready(&target, c.admin.as_deref(), limit).await?;
     } else if !restarts_wanted.is_empty() {
         bail!("the drain and kill faults need --gateway-cmd (the harness restarts the gateway)");
     }

@@ -118,17 +118,8 @@ pub async fn run(a: StormArgs) -> Result<Report> {
         None,
     )?;
     if gw.can_start() {
-        let pid = gw.start()?;
-        if wait_ready(&target, admin.as_deref(), Duration::from_secs(15))
-            .await
-            .is_none()
-        {
-            let _ = gw.signal("KILL");
-            bail!(
-                "the gateway (pid {pid}) did not become ready in 15 s; see {}",
-                gw.log_path().display()
-            );
-        }
+        gw.start_ready(&target, admin.as_deref(), Duration::from_secs(15))
+            .await?;
     } else {
         let pid = gateway_pid(c.gateway_pid)
             .context("storm needs --gateway-cmd, or a gateway pid (--gateway-pid)")?;
