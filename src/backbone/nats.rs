@@ -57,6 +57,9 @@ use crate::metrics::BackboneStats as NatsState;
 pub const BRIDGE_COMMANDS: usize = 64 * 1024;
 /// Deliveries waiting for one shard.
 pub const BRIDGE_DELIVERIES: usize = 64 * 1024;
+/// How long a new subscription waits for the server's round trip before it
+/// is reported live anyway (the backbone is then down, and says so).
+const ROUND_TRIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Shard → backbone.
 #[derive(Debug)]
@@ -628,6 +631,7 @@ fn change_interest(
                 state.clone(),
                 channel,
                 subject,
+                format!("{prefix}.sys.round_trip"),
             )));
         }
     } else if let Some(entry) = t.get_mut(&channel) {
@@ -657,6 +661,7 @@ async fn subscription(
     state: Arc<NatsState>,
     channel: String,
     subject: String,
+    round_trip: String,
 ) {
     let mut sub = match client.subscribe(subject.clone()).await {
         Ok(s) => s,
@@ -665,9 +670,12 @@ async fn subscription(
             return;
         }
     };
-    // The SUB is on its way; a flush makes sure the server has it before
-    // anyone is told the subscription is live.
-    let _ = client.flush().await;
+    // The SUB is on its way. A flush only writes it to the socket; a
+    // request nobody answers comes back (as "no responders") only after the
+    // server has processed everything before it, the SUB included, so no
+    // one is told the subscription is live before it is.
+    let probe = async_nats::Request::new().timeout(Some(ROUND_TRIP_TIMEOUT));
+    let _ = client.send_request(round_trip, probe).await;
     let waiting = {
         let mut t = table.borrow_mut();
         match t.get_mut(&channel) {
