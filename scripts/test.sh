@@ -8,12 +8,15 @@
 #      scripts/modcycles.py (no import cycle in src/), cargo build --workspace,
 #      cargo test --workspace
 #   4. pytest tests/python (the real binary over real sockets)
-#   5. Autobahn|Testsuite against the WebSocket echo endpoint (scripts/autobahn.sh)
+#   5. the TypeScript SDK (client-js/): npm ci, tsc, its size budget, and
+#      node --test against the real binary
+#   6. Autobahn|Testsuite against the WebSocket echo endpoint (scripts/autobahn.sh)
 # Exits non-zero on the first failure. Changes no tracked file (reports go
 # under target/).
 #
 # Environment:
-#   EG_SKIP_AUTOBAHN=1   skip step 5
+#   EG_SKIP_AUTOBAHN=1   skip step 6
+#   EG_SKIP_JS=1         skip step 5
 #   EG_PYTEST_ARGS=...   extra pytest arguments (e.g. "-k routing -x")
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +46,8 @@ need_apt() {
 # package (2.9.10) also works: uncomment to prefer it.
 # need_apt nats-server nats-server
 need_apt systemd-analyze systemd      # tests/python/test_systemd.py (unit file verify)
+need_apt node nodejs                  # client-js/ (the TypeScript SDK), Node >= 20
+need_apt npm npm
 # <<< system packages <<<
 
 # ---------------------------------------------------------------- 2. Python venv
@@ -82,7 +87,16 @@ failed=()
 # shellcheck disable=SC2086
 .venv/bin/python -m pytest tests/python -q ${EG_PYTEST_ARGS:-} || failed+=("pytest")
 
-# ---------------------------------------------------------------- 5. Autobahn
+# ---------------------------------------------------------------- 5. client-js
+# (runs even when pytest failed). npm ci installs the committed lockfile's
+# dev dependencies only: the SDK has no runtime dependency.
+if [ "${EG_SKIP_JS:-0}" != "1" ]; then
+    step "client-js: npm ci, tsc, size, node --test"
+    ( cd client-js && npm ci --no-audit --no-fund --loglevel=error && npm run -s build \
+        && npm run -s size && npm test ) || failed+=("client-js")
+fi
+
+# ---------------------------------------------------------------- 6. Autobahn
 # (runs even when pytest failed: independent evidence; about 25 s, plus ~30 s
 # the first time to build its Python 2 virtualenv)
 if [ "${EG_SKIP_AUTOBAHN:-0}" != "1" ]; then
