@@ -21,7 +21,7 @@
 
 import { type BackoffOptions, classify, delay } from "./backoff.js";
 import {
-  decodeBinaryBatch, decodeJsonBatch, encodeBinary, encodeJson, type Envelope, type Type,
+  decodeBinaryBatch, decodeJsonBatch, encodeBinaryBatch, encodeJson, type Envelope, type Type,
 } from "./codec.js";
 
 /** What the client needs of a WebSocket: the browser's, or `ws`'s in Node. */
@@ -448,15 +448,7 @@ export class Client {
         let item: string | Uint8Array;
         let n: number;
         if (bin) {
-          const body = encodeBinary(e);
-          const len: number[] = [];
-          for (let v = body.length; ; v = Math.floor(v / 128)) {
-            len.push(v >= 128 ? (v % 128) | 128 : v);
-            if (v < 128) break;
-          }
-          item = new Uint8Array(len.length + body.length);
-          item.set(len);
-          item.set(body, len.length);
+          item = encodeBinaryBatch([e]); // a batch of one: LEB128 length + envelope
           n = item.length;
         } else {
           item = encodeJson(e);
