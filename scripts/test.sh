@@ -9,7 +9,7 @@
 #      cargo test --workspace
 #   4. pytest tests/python (the real binary over real sockets)
 #   5. the TypeScript SDK (client-js/): npm ci, tsc, its size budget, and
-#      node --test against the real binary
+#      node --test against the real binary, in Node and in headless Chromium
 #   6. Autobahn|Testsuite against the WebSocket echo endpoint (scripts/autobahn.sh)
 # Exits non-zero on the first failure. Changes no tracked file (reports go
 # under target/).
@@ -48,6 +48,7 @@ need_apt() {
 need_apt systemd-analyze systemd      # tests/python/test_systemd.py (unit file verify)
 need_apt node nodejs                  # client-js/ (the TypeScript SDK), Node >= 20
 need_apt npm npm
+need_apt chromium chromium            # client-js/test/browser.test.mjs (puppeteer-core drives it; nothing downloads a browser)
 # <<< system packages <<<
 
 # ---------------------------------------------------------------- 2. Python venv
@@ -93,7 +94,7 @@ failed=()
 if [ "${EG_SKIP_JS:-0}" != "1" ]; then
     step "client-js: npm ci, tsc, size, node --test"
     ( cd client-js && npm ci --no-audit --no-fund --loglevel=error && npm run -s build \
-        && npm run -s size && npm test ) || failed+=("client-js")
+        && npm run -s size && EG_REQUIRE_BROWSER=1 npm test ) || failed+=("client-js")
 fi
 
 # ---------------------------------------------------------------- 6. Autobahn

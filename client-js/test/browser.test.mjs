@@ -1,0 +1,177 @@
+// The SDK and the demo page in a real browser: Debian's chromium, headless,
+// driven by puppeteer-core (nothing downloads a browser). Skipped where no
+// chromium is installed, unless EG_REQUIRE_BROWSER=1 (scripts/test.sh).
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, mkdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { Gateway, newUser, sleep } from "./helpers.mjs";
+import { serve } from "../../examples/chat/serve.mjs";
+
+const CHROMIUM = process.env.CHROMIUM_BIN ?? ["/usr/bin/chromium", "/usr/bin/chromium-browser"].find(existsSync);
+const skip = !CHROMIUM && process.env.EG_REQUIRE_BROWSER !== "1" && "no chromium (apt-get install chromium)";
+const SHOT = fileURLToPath(new URL("../../target/chat-demo.png", import.meta.url));
+
+let gw, http, browser, base;
+before(async () => {
+  if (skip) return;
+  const puppeteer = (await import("puppeteer-core")).default;
+  gw = await Gateway.start({ EDGEGATE_LIMITS__RETRY_MS: "300" });
+  http = await serve(0);
+  base = `http://127.0.0.1:${http.address().port}`;
+  browser = await puppeteer.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    // Two pages chat side by side: a background tab must not be throttled
+    // (puppeteer's click waits on the page's frames).
+    args: [
+      "--no-sandbox",
+      "--disable-dev-shm-usage",
+      "--disable-gpu",
+      "--disable-background-timer-throttling",
+      "--disable-backgrounding-occluded-windows",
+      "--disable-renderer-backgrounding",
+    ],
+    protocolTimeout: 20_000,
+  });
+});
+after(async () => {
+  await browser?.close();
+  http?.close();
+  await gw?.stop();
+});
+
+async function demo(user) {
+  const page = await browser.newPage();
+  await page.setViewport({ width: 900, height: 520 });
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e));
+  await page.goto(`${base}/examples/chat/?gw=${encodeURIComponent(gw.url)}&user=${user}`);
+  await page.click("#connect");
+  await page.waitForFunction(() => document.getElementById("state").textContent === "connected");
+  page.errors = errors;
+  return page;
+}
+
+const logText = (page) => page.$eval("#log", (el) => el.innerText);
+async function waitLog(page, text) {
+  try {
+    await page.waitForFunction((t) => document.getElementById("log").innerText.includes(t), { timeout: 10_000 }, text);
+  } catch (err) {
+    throw new Error(`${JSON.stringify(text)} never showed in the log: ${JSON.stringify(await logText(page))}`, { cause: err });
+  }
+}
+
+async function say(page, text) {
+  await page.bringToFront();
+  await page.type("#text", text);
+  await page.keyboard.press("Enter");
+}
+
+test("two pages chat through the gateway in a room and by direct message, through the demo's UI", { skip }, async () => {
+  const [an, bn] = [newUser("ann"), newUser("ben")];
+  const room = newUser("lobby");
+  const [a, b] = [await demo(an), await demo(bn)];
+  for (const p of [a, b]) {
+    await p.bringToFront();
+    await p.type("#room", room);
+    await p.click("#join");
+    await p.waitForFunction((r) => document.getElementById("target").textContent === `room:${r}`, {}, room);
+  }
+  await say(a, "hello from ann");
+  await waitLog(b, "hello from ann");
+  await say(b, "hi ann, ben here");
+  await waitLog(a, "hi ann, ben here");
+  // A direct message: ann opens ben, ben's page opens ann's conversation by itself.
+  await a.bringToFront();
+  await a.type("#dmto", bn);
+  await a.click("#dm");
+  await say(a, "a secret for ben");
+  await waitLog(b, "a secret for ben");
+  assert.match(await logText(b), new RegExp(`@${an}`));
+  assert.ok(await b.$eval("#dms", (el, u) => el.innerText.includes(u), an), "the conversation is listed");
+  assert.equal(await b.$eval("#target", (el) => el.textContent), `user:${an}`, "and selected: a reply goes to ann");
+  await say(b, "got it, ann");
+  await waitLog(a, "got it, ann");
+  assert.ok(!(await logText(a)).includes("disconnected"));
+  mkdirSync(fileURLToPath(new URL("../../target", import.meta.url)), { recursive: true });
+  await b.screenshot({ path: SHOT });
+  assert.deepEqual([...a.errors, ...b.errors], []);
+  await a.close();
+  await b.close();
+});
+
+/** Runs the SDK inside the page (imported as the browser loads it). */
+async function sdkPage() {
+  const page = await browser.newPage();
+  await page.goto(`${base}/examples/chat/`);
+  await page.evaluate(async () => {
+    const sdk = await import("/client-js/dist/index.js");
+    window.sdk = sdk;
+    window.events = [];
+    window.make = (opts) => {
+      const c = new sdk.Client(opts);
+      for (const ev of ["state", "connected", "disconnected", "message", "subscribed", "unrecovered", "stopped"]) {
+        c.on(ev, (v) => window.events.push([ev, JSON.parse(JSON.stringify(v ?? null, (k, x) => (x instanceof Uint8Array ? [...x] : x)))]));
+      }
+      c.connect();
+      return c;
+    };
+  });
+  return page;
+}
+
+test("a page keeps working across a gateway restart and reports the honest recovery outcome", { skip }, async () => {
+  const page = await sdkPage();
+  const room = `room:${newUser("r")}`;
+  await page.evaluate(async (url, user, room) => {
+    window.c = window.make({ url, user, backoff: { baseMs: 50, capMs: 500 } });
+    await window.c.subscribe(room);
+    await window.c.publish(room, { text: "before" });
+  }, gw.url, newUser("page"), room);
+  await gw.kill();
+  await sleep(700);
+  await gw.run();
+  await page.waitForFunction(() => window.events.filter(([e]) => e === "connected").length === 2, { timeout: 15_000 });
+  await page.waitForFunction((room) => window.events.some(([e, u]) => e === "unrecovered" && u.ch === room), { timeout: 5000 }, room);
+  const un = await page.evaluate(() => window.events.filter(([e]) => e === "unrecovered").map(([, u]) => u));
+  // An embedded gateway's restart lost its history, and says so: for the
+  // room and for the user's own stream.
+  assert.deepEqual(un.map((u) => u.reason), ["epoch_changed", "epoch_changed"]);
+  assert.ok(un.some((u) => u.ch.startsWith("user:")));
+  const got = await page.evaluate(async (room) => {
+    const ack = await window.c.publish(room, { text: "after" });
+    await new Promise((r) => setTimeout(r, 200));
+    return { ack, texts: window.events.filter(([e]) => e === "message").map(([, m]) => m.data.text) };
+  }, room);
+  assert.equal(got.ack.seq, 1, "the new epoch starts over");
+  assert.deepEqual(got.texts, ["before", "after"]);
+  const disc = await page.evaluate(() => window.events.filter(([e]) => e === "disconnected").map(([, d]) => d));
+  assert.ok(disc.length >= 1 && disc.every((d) => d.retryInMs !== undefined), "it kept retrying by itself");
+  await page.evaluate(() => window.c.close());
+  await page.close();
+});
+
+test("the binary encoding works in the browser", { skip }, async () => {
+  const page = await sdkPage();
+  const room = `room:${newUser("bin")}`;
+  const out = await page.evaluate(async (url, room) => {
+    const a = window.make({ url, user: "binA", encoding: "binary" });
+    const b = window.make({ url, user: "binB", encoding: "binary" });
+    await Promise.all([a.subscribe(room), b.subscribe(room)]);
+    await a.publish(room, { text: "json in binary" });
+    await a.publish(room, new Uint8Array([0, 255, 7]));
+    const echo = await b.request("svc:echo", new Uint8Array([1, 2, 3]));
+    await new Promise((r) => setTimeout(r, 300));
+    const msgs = window.events.filter(([e]) => e === "message").map(([, m]) => m);
+    a.close();
+    b.close();
+    return { msgs, echo: [...echo], protocol: "edgegate.v1.bin" };
+  }, gw.url, room);
+  const seen = out.msgs.filter((m) => m.from === "binA");
+  assert.equal(seen.length, 4, "both messages reached both pages");
+  assert.deepEqual(seen[0].data, { text: "json in binary" });
+  assert.deepEqual(seen.find((m) => m.bytes).bytes, [0, 255, 7]);
+  assert.deepEqual(out.echo, [1, 2, 3]);
+  await page.close();
+});
