@@ -145,6 +145,28 @@ pub struct Ws {
     /// (the default) = any. Requests without `Origin` (native clients, not
     /// browsers) are not affected.
     pub allowed_origins: Vec<String>,
+    /// permessage-deflate (RFC 7692): `"negotiate"` (the default) accepts a
+    /// client's offer, with no context takeover both ways, so compression
+    /// costs no memory per connection; `"off"` never accepts one.
+    pub compression: WsCompression,
+    /// Messages shorter than this go uncompressed even where compression
+    /// was negotiated: deflate cannot shrink a tiny message.
+    pub compression_min_bytes: usize,
+    /// `true` (the default): a message fanned out is compressed once per
+    /// shard, and its subscribers get the same bytes. `false` compresses it
+    /// for each connection instead, only to measure what sharing saves.
+    pub compression_shared: bool,
+}
+
+/// Value of `ws.compression`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WsCompression {
+    /// `"off"`: no permessage-deflate.
+    Off,
+    /// `"negotiate"`: permessage-deflate for clients that offer it.
+    #[default]
+    Negotiate,
 }
 
 impl Default for Ws {
@@ -155,6 +177,9 @@ impl Default for Ws {
             echo_path: None,
             tls: false,
             allowed_origins: Vec::new(),
+            compression: WsCompression::Negotiate,
+            compression_min_bytes: 128,
+            compression_shared: true,
         }
     }
 }
@@ -844,6 +869,17 @@ impl Config {
                 format!(
                     "{} is outside {MIN_FRAME_BYTES}..={MAX_FRAME_BYTES}",
                     limits.max_frame_bytes
+                ),
+            );
+        }
+        // Above the largest frame any configuration allows, nothing could
+        // ever be compressed: a typo, not a choice.
+        if self.ws.compression_min_bytes > MAX_FRAME_BYTES {
+            return fail(
+                "ws.compression_min_bytes",
+                format!(
+                    "{} is more than the largest frame ({MAX_FRAME_BYTES}); set ws.compression = \"off\" to turn compression off",
+                    self.ws.compression_min_bytes
                 ),
             );
         }
@@ -1990,6 +2026,36 @@ mod tests {
                 ("EDGEGATE_LIMITS__OUTBOUND_QUEUE_BYTES", "999999999"),
             ],
             "limits.max_frame_bytes",
+        );
+    }
+
+    #[test]
+    fn ws_compression_keys_are_checked() {
+        let c = accepts(&[]);
+        assert_eq!(c.ws.compression, WsCompression::Negotiate);
+        assert_eq!(
+            (c.ws.compression_min_bytes, c.ws.compression_shared),
+            (128, true)
+        );
+        let c = accepts(&[
+            ("EDGEGATE_WS__COMPRESSION", "off"),
+            ("EDGEGATE_WS__COMPRESSION_MIN_BYTES", "0"),
+            ("EDGEGATE_WS__COMPRESSION_SHARED", "false"),
+        ]);
+        assert_eq!(c.ws.compression, WsCompression::Off);
+        assert_eq!(
+            (c.ws.compression_min_bytes, c.ws.compression_shared),
+            (0, false)
+        );
+        let err = rejects(&[("EDGEGATE_WS__COMPRESSION", "gzip")], "ws.compression");
+        assert!(err.to_string().contains("negotiate"), "{err}");
+        rejects(
+            &[("EDGEGATE_WS__COMPRESSION_MIN_BYTES", "16777217")],
+            "ws.compression_min_bytes",
+        );
+        rejects(
+            &[("EDGEGATE_WS__COMPRESSION_MIN_BYTES", "-1")],
+            "ws.compression_min_bytes",
         );
     }
 

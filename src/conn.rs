@@ -16,7 +16,8 @@ use std::task::Waker;
 use bytes::Bytes;
 use edgegate_proto::{Envelope, Payload, binary, frame, json, leb128};
 
-use crate::metrics::Transport;
+use crate::compress::ShardDeflate;
+use crate::metrics::{ShardMetrics, Transport};
 use crate::ratelimit::{Bucket, Rate};
 use crate::session::{CloseReq, SessionState, UserId};
 
@@ -64,6 +65,10 @@ pub struct Delivery {
     env: Arc<Envelope>,
     json: OnceCell<Bytes>,
     bin: OnceCell<Bytes>,
+    /// permessage-deflate payloads of the message alone, per WebSocket
+    /// encoding (`None`: too short, or it did not shrink).
+    json_z: OnceCell<Option<Bytes>>,
+    bin_z: OnceCell<Option<Bytes>>,
 }
 
 impl Delivery {
@@ -73,7 +78,65 @@ impl Delivery {
             env,
             json: OnceCell::new(),
             bin: OnceCell::new(),
+            json_z: OnceCell::new(),
+            bin_z: OnceCell::new(),
         })
+    }
+
+    /// The message as one compressed WebSocket message in `framing`,
+    /// compressed on first use: once per shard and encoding, however many
+    /// subscribers it goes to. `None` for a message under `min` bytes, one
+    /// that did not shrink, and non-WebSocket framing.
+    pub fn deflated(
+        &self,
+        framing: Framing,
+        z: &ShardDeflate,
+        min: usize,
+        m: &ShardMetrics,
+    ) -> Option<&[u8]> {
+        let (cell, len) = match framing {
+            Framing::WsJson => (&self.json_z, self.json().len()),
+            Framing::WsBinary => (&self.bin_z, self.bin().len()),
+            Framing::Stream => return None,
+        };
+        if len < min {
+            return None;
+        }
+        cell.get_or_init(|| {
+            let z = match framing {
+                Framing::WsJson => z.compress(&[self.json()], m),
+                _ => {
+                    // A binary WebSocket message is a batch: LEB128 length, envelope.
+                    let mut prefix = Vec::with_capacity(10);
+                    leb128::write_u64(len as u64, &mut prefix);
+                    z.compress(&[&prefix, self.bin()], m)
+                }
+            };
+            z.map(Bytes::from)
+        })
+        .as_deref()
+    }
+
+    /// True when the message was compressed for `framing` already (its
+    /// compressed bytes cost nothing more to send).
+    pub fn is_deflated(&self, framing: Framing) -> bool {
+        match framing {
+            Framing::WsJson => self.json_z.get().is_some(),
+            Framing::WsBinary => self.bin_z.get().is_some(),
+            Framing::Stream => false,
+        }
+    }
+
+    /// Bytes of the message alone as one WebSocket message in `framing`.
+    pub fn ws_len(&self, framing: Framing) -> usize {
+        match framing {
+            Framing::WsJson => self.json().len(),
+            _ => {
+                let n = self.bin().len();
+                // The LEB128 prefix: 7 bits a byte.
+                (u64::BITS - (n as u64 | 1).leading_zeros()).div_ceil(7) as usize + n
+            }
+        }
     }
 
     fn json(&self) -> &[u8] {
@@ -324,10 +387,21 @@ impl Conn {
     /// `max` bytes (at least one item). Returns the number of envelopes.
     pub fn drain_into(&self, buf: &mut Vec<u8>, max: usize) -> usize {
         let framing = self.framing.get();
+        self.drain_each(max, |item| {
+            let before = buf.len();
+            item.write(framing, buf);
+            buf.len() - before
+        })
+    }
+
+    /// Takes queued items, in order, while about `max` bytes have not been
+    /// written (at least one); `write` writes one and says how many bytes it
+    /// wrote. Returns how many it took.
+    pub fn drain_each(&self, max: usize, mut write: impl FnMut(&Out) -> usize) -> usize {
         let mut q = self.out.borrow_mut();
-        let mut n = 0;
+        let (mut n, mut written) = (0, 0);
         while let Some(len) = q.front().map(Out::approx_len) {
-            if n > 0 && buf.len() + len > max {
+            if n > 0 && written + len > max {
                 break;
             }
             let Some(item) = q.pop_front() else { break };
@@ -337,7 +411,7 @@ impl Conn {
                     .get()
                     .saturating_sub(u32::try_from(len).unwrap_or(u32::MAX)),
             );
-            item.write(framing, buf);
+            written += write(&item);
             n += 1;
         }
         if q.is_empty() {

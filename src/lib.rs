@@ -49,6 +49,7 @@ pub(crate) mod admin;
 pub(crate) mod admission;
 pub(crate) mod auth;
 pub mod backbone;
+pub mod compress;
 pub mod config;
 pub mod conn;
 pub(crate) mod listener;

@@ -306,7 +306,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
             return None;
         }
     };
-    let wire = WsWire::new(stream, up.route, up.rest, shard.cfg.max_frame);
+    let wire = WsWire::new(stream, up.route, up.rest, up.deflate, shard.cfg.max_frame);
     match up.route {
         Route::Echo => {
             ws::echo(shard, wire).await;
@@ -393,7 +393,8 @@ async fn say_bye<S: AsyncRead + AsyncWrite + Unpin>(
                     };
                     let mut last = Vec::new();
                     Out::Own(Box::new(bye)).write(framing, &mut last);
-                    let mut wire = WsWire::new(stream, up.route, up.rest, shard.cfg.max_frame);
+                    let mut wire =
+                        WsWire::new(stream, up.route, up.rest, up.deflate, shard.cfg.max_frame);
                     wire.close(last, code, reason).await;
                 }
             }

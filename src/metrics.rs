@@ -63,6 +63,14 @@ pub struct ShardMetrics {
     pub bytes_in: AtomicU64,
     /// Bytes sent to clients.
     pub bytes_out: AtomicU64,
+    /// WebSocket messages sent compressed (permessage-deflate): bytes before
+    /// and after compression, `[uncompressed, compressed]`.
+    pub deflate_out: [AtomicU64; 2],
+    /// WebSocket messages received compressed: `[uncompressed, compressed]`.
+    pub deflate_in: [AtomicU64; 2],
+    /// Times the shard's compressor ran (a message fanned out to many
+    /// subscribers of the shard counts once).
+    pub deflate_runs: AtomicU64,
     /// `bye`/close codes sent, indexed like [`CLOSE_CODES`]; the last slot
     /// counts anything else.
     pub closes: [AtomicU64; CLOSE_CODES.len() + 1],
@@ -229,6 +237,28 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "counter",
         "Envelope bytes sent.",
         &mut per_shard(|m| &m.bytes_out),
+    );
+    family(
+        "edgegate_ws_deflate_bytes_total",
+        "counter",
+        "WebSocket messages sent (dir=out) or received (dir=in) compressed with permessage-deflate: their bytes uncompressed and compressed.",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            [("out", &m.deflate_out), ("in", &m.deflate_in)]
+                .into_iter()
+                .flat_map(move |(dir, c)| {
+                    [("uncompressed", get(&c[0])), ("compressed", get(&c[1]))]
+                        .into_iter()
+                        .map(move |(form, v)| {
+                            (format!("shard=\"{i}\",dir=\"{dir}\",form=\"{form}\""), v)
+                        })
+                })
+        }),
+    );
+    family(
+        "edgegate_ws_deflate_compressions_total",
+        "counter",
+        "Times a shard's compressor ran (once per message per shard when shared, however many subscribers).",
+        &mut per_shard(|m| &m.deflate_runs),
     );
     family(
         "edgegate_closes_total",

@@ -42,6 +42,12 @@ pub struct ShardConfig {
     pub ws_path: String,
     /// WebSocket echo path (conformance testing), if on.
     pub echo_path: Option<String>,
+    /// permessage-deflate is accepted (`ws.compression = "negotiate"`).
+    pub ws_deflate: bool,
+    /// `ws.compression_min_bytes`.
+    pub ws_deflate_min: usize,
+    /// `ws.compression_shared`.
+    pub ws_deflate_shared: bool,
     /// Spread closes over this window on drain.
     pub drain_window_ms: u64,
     /// Hard bound for a drain.
@@ -91,6 +97,9 @@ impl ShardConfig {
             room_policy: cfg.rooms.policy,
             ws_path: cfg.ws.path.clone(),
             echo_path: cfg.ws.echo_path.clone(),
+            ws_deflate: cfg.ws.compression == crate::config::WsCompression::Negotiate,
+            ws_deflate_min: cfg.ws.compression_min_bytes,
+            ws_deflate_shared: cfg.ws.compression_shared,
             drain_window_ms: cfg.drain.window_ms,
             drain_timeout_ms: cfg.drain.timeout_ms,
             auth: None,

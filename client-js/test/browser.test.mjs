@@ -175,3 +175,31 @@ test("the binary encoding works in the browser", { skip }, async () => {
   assert.deepEqual(out.echo, [1, 2, 3]);
   await page.close();
 });
+
+/** Sum of a Prometheus metric's series whose labels include `labels`. */
+async function metric(name, labels = "") {
+  let sum = 0;
+  for (const line of (await gw.metrics()).split("\n")) {
+    if (line.startsWith(`${name}{`) && line.includes(labels)) sum += Number(line.split(" ").pop());
+  }
+  return sum;
+}
+
+test("the browser negotiates permessage-deflate: long messages travel compressed both ways", { skip }, async () => {
+  const page = await sdkPage();
+  const room = `room:${newUser("z")}`;
+  const [outZ, inZ] = [await metric("edgegate_ws_deflate_bytes_total", 'dir="out",form="compressed"'), await metric("edgegate_ws_deflate_bytes_total", 'dir="in",form="compressed"')];
+  const text = "a chat message long enough to be worth compressing, ".repeat(8);
+  const got = await page.evaluate(async (url, room, text) => {
+    const c = window.make({ url, user: "zpage" });
+    await c.subscribe(room);
+    await c.publish(room, { text });
+    await new Promise((r) => setTimeout(r, 300));
+    c.close();
+    return window.events.filter(([e]) => e === "message").map(([, m]) => m.data.text);
+  }, gw.url, room, text);
+  assert.deepEqual(got, [text], "inflated by the browser to the same text");
+  assert.ok((await metric("edgegate_ws_deflate_bytes_total", 'dir="in",form="compressed"')) > inZ, "Chromium compressed its publish");
+  assert.ok((await metric("edgegate_ws_deflate_bytes_total", 'dir="out",form="compressed"')) > outZ, "the gateway compressed the message to it");
+  await page.close();
+});

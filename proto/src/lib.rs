@@ -73,6 +73,7 @@ pub mod backoff;
 pub mod binary;
 pub mod channel;
 pub mod codes;
+pub mod deflate;
 pub mod envelope;
 mod error;
 pub mod frame;

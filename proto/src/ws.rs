@@ -5,10 +5,16 @@
 //! rules, close codes and UTF-8, reassembles fragments (the only state it
 //! keeps, and only while a fragmented message is in flight), and bounds a
 //! message's size. Every breach is a [`Violation`] with the close code the
-//! RFC asks for. [`write_frame`] and [`write_close`] write server frames
-//! (unmasked). No socket, no allocation while idle; fuzzed
+//! RFC asks for. With permessage-deflate negotiated (RFC 7692, see
+//! [`crate::deflate`]) it also takes RSV1 on a message's first frame and
+//! inflates that message with the caller's [`Inflater`] before the UTF-8
+//! and size checks. [`write_frame`] and [`write_close`] write server frames
+//! (unmasked; [`write_frame_deflated`] with RSV1). No socket, no allocation
+//! while idle; fuzzed
 //! (`fuzz/fuzz_targets/ws_frames.rs`) and checked by the
 //! Autobahn|Testsuite through the gateway's echo endpoint.
+
+use crate::deflate::Inflater;
 
 /// Opcode: Continuation frame.
 pub const OP_CONT: u8 = 0x0;
@@ -25,8 +31,21 @@ pub const OP_PONG: u8 = 0xA;
 
 /// Appends one unmasked, final frame.
 pub fn write_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    write_frame_bits(0x80 | opcode, payload, out);
+}
+
+/// Appends one unmasked, final frame of a compressed message (RSV1 set):
+/// `payload` is what [`crate::deflate::Deflater::compress`] made.
+pub fn write_frame_deflated(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    write_frame_bits(0x80 | RSV1 | opcode, payload, out);
+}
+
+/// RSV1: "this message is compressed" under permessage-deflate.
+const RSV1: u8 = 0x40;
+
+fn write_frame_bits(b0: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(payload.len() + 10);
-    out.push(0x80 | opcode);
+    out.push(b0);
     let n = payload.len();
     if n < 126 {
         out.push(n as u8);
@@ -70,6 +89,8 @@ const fn violation(code: u16, reason: &'static str) -> Violation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Header {
     fin: bool,
+    /// RSV1: a compressed message (checked against the negotiation by the caller).
+    rsv1: bool,
     opcode: u8,
     mask: [u8; 4],
     len: usize,
@@ -79,11 +100,8 @@ struct Header {
 /// Parses a client frame header. `Ok(None)`: need more bytes.
 fn parse_header(buf: &[u8], max: usize) -> Result<Option<Header>, Violation> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
-    if b0 & 0x70 != 0 {
-        return Err(violation(
-            1002,
-            "reserved bits set (no extension was negotiated)",
-        ));
+    if b0 & 0x30 != 0 {
+        return Err(violation(1002, "reserved bits RSV2/RSV3 set"));
     }
     let opcode = b0 & 0x0F;
     let fin = b0 & 0x80 != 0;
@@ -125,6 +143,7 @@ fn parse_header(buf: &[u8], max: usize) -> Result<Option<Header>, Violation> {
     };
     Ok(Some(Header {
         fin,
+        rsv1: b0 & RSV1 != 0,
         opcode,
         mask: [m[0], m[1], m[2], m[3]],
         len: len as usize,
@@ -161,22 +180,33 @@ pub enum Event<'a> {
     Close(Option<(u16, &'a str)>),
 }
 
+/// A message being reassembled from fragments.
+#[derive(Debug)]
+struct Fragments {
+    opcode: u8,
+    /// RSV1 was set on the first frame: inflate once complete.
+    deflated: bool,
+    data: Vec<u8>,
+}
+
 /// Frame and message reassembly state: empty (no allocation) while idle.
 #[derive(Default, Debug)]
 pub struct Reader {
-    /// A message being reassembled from fragments: opcode and data.
-    frag: Option<(u8, Vec<u8>)>,
+    frag: Option<Fragments>,
 }
 
 impl Reader {
     /// Consumes whole frames from `data` (unmasking them in place), calling
-    /// `on` for each message or control event; `max` bounds a message.
+    /// `on` for each message or control event; `max` bounds a message
+    /// (inflated, for a compressed one). `inflater` is given when
+    /// permessage-deflate was negotiated: without one, RSV1 is a violation.
     /// Returns the bytes used: a partial frame is left for the next call.
     /// Nothing after a close frame is read.
     pub fn process<E>(
         &mut self,
         data: &mut [u8],
         max: usize,
+        mut inflater: Option<&mut Inflater>,
         on: &mut dyn FnMut(Event<'_>) -> Result<(), E>,
     ) -> Result<usize, ReadError<E>> {
         let mut pos = 0;
@@ -186,6 +216,14 @@ impl Reader {
                 Ok(None) => return Ok(pos),
                 Err(v) => return Err(ReadError::Ws(v)),
             };
+            // RFC 7692 §6.1: RSV1 only on the first frame of a data message,
+            // and only when the extension is in use.
+            if h.rsv1 && (inflater.is_none() || !matches!(h.opcode, OP_TEXT | OP_BINARY)) {
+                return Err(ReadError::Ws(violation(
+                    1002,
+                    "RSV1 set outside a compressed message's first frame",
+                )));
+            }
             let start = pos + h.header_len;
             if data.len() - start < h.len {
                 return Ok(pos);
@@ -225,27 +263,32 @@ impl Reader {
                         )));
                     }
                     if h.fin {
-                        Self::message(h.opcode, payload, on)?;
+                        Self::message(h.opcode, h.rsv1, payload, max, inflater.as_deref_mut(), on)?;
                     } else {
-                        self.frag = Some((h.opcode, payload.to_vec()));
+                        self.frag = Some(Fragments {
+                            opcode: h.opcode,
+                            deflated: h.rsv1,
+                            data: payload.to_vec(),
+                        });
                     }
                 }
                 _ => {
                     // OP_CONT
-                    let Some((_, buf)) = self.frag.as_mut() else {
+                    let Some(f) = self.frag.as_mut() else {
                         return Err(ReadError::Ws(violation(
                             1002,
                             "continuation without a message",
                         )));
                     };
-                    if buf.len() + payload.len() > max {
+                    if f.data.len() + payload.len() > max {
                         return Err(ReadError::Ws(violation(1009, "message too big")));
                     }
-                    buf.extend_from_slice(payload);
+                    f.data.extend_from_slice(payload);
                     if h.fin
-                        && let Some((op, buf)) = self.frag.take()
+                        && let Some(f) = self.frag.take()
                     {
-                        Self::message(op, &buf, on)?;
+                        let inf = inflater.as_deref_mut();
+                        Self::message(f.opcode, f.deflated, &f.data, max, inf, on)?;
                     }
                 }
             }
@@ -254,9 +297,16 @@ impl Reader {
 
     fn message<E>(
         opcode: u8,
+        deflated: bool,
         payload: &[u8],
+        max: usize,
+        inflater: Option<&mut Inflater>,
         on: &mut dyn FnMut(Event<'_>) -> Result<(), E>,
     ) -> Result<(), ReadError<E>> {
+        let payload = match inflater {
+            Some(inf) if deflated => inf.inflate(payload, max).map_err(ReadError::Ws)?,
+            _ => payload,
+        };
         if opcode == OP_TEXT {
             if std::str::from_utf8(payload).is_err() {
                 return Err(ReadError::Ws(violation(
@@ -304,10 +354,18 @@ mod tests {
     }
 
     fn run(bytes: &[u8]) -> (Result<usize, u16>, Vec<String>) {
+        run_with(bytes, 1 << 20, None)
+    }
+
+    fn run_with(
+        bytes: &[u8],
+        max: usize,
+        inflater: Option<&mut Inflater>,
+    ) -> (Result<usize, u16>, Vec<String>) {
         let mut r = Reader::default();
         let mut data = bytes.to_vec();
         let mut seen = Vec::new();
-        let res = r.process(&mut data, 1 << 20, &mut |ev| -> Result<(), ()> {
+        let res = r.process(&mut data, max, inflater, &mut |ev| -> Result<(), ()> {
             seen.push(match ev {
                 Event::Text(t) => format!("text:{}", String::from_utf8_lossy(t)),
                 Event::Binary(b) => format!("bin:{}", b.len()),
@@ -403,6 +461,83 @@ mod tests {
             run(&two).0,
             Err(1002),
             "new message inside a fragmented one"
+        );
+    }
+
+    fn run_deflated(bytes: &[u8], max: usize) -> (Result<usize, u16>, Vec<String>) {
+        run_with(bytes, max, Some(&mut Inflater::default()))
+    }
+
+    fn deflated(opcode: u8, fin: bool, msg: &[u8]) -> Vec<u8> {
+        let mut z = Vec::new();
+        assert!(crate::deflate::Deflater::default().compress(&[msg], &mut z));
+        let mut f = masked(opcode, fin, &z);
+        f[0] |= RSV1;
+        f
+    }
+
+    #[test]
+    fn compressed_messages_inflate_when_negotiated() {
+        let mut b = deflated(OP_TEXT, true, "héllo héllo héllo".as_bytes());
+        b.extend(masked(OP_TEXT, true, b"plain"));
+        b.extend(deflated(OP_BINARY, true, &[9; 1000]));
+        let (r, seen) = run_deflated(&b, 1 << 20);
+        assert_eq!(r, Ok(b.len()));
+        assert_eq!(
+            seen,
+            vec!["text:héllo héllo héllo", "text:plain", "bin:1000"]
+        );
+        // Fragmented: RSV1 on the first frame only, a ping between.
+        let mut z = Vec::new();
+        assert!(
+            crate::deflate::Deflater::default().compress(&[b"fragmented and compressed"], &mut z)
+        );
+        let mut first = masked(OP_TEXT, false, &z[..3]);
+        first[0] |= RSV1;
+        first.extend(masked(OP_PING, true, b""));
+        first.extend(masked(OP_CONT, true, &z[3..]));
+        assert_eq!(
+            run_deflated(&first, 100).1,
+            vec!["ping:0", "text:fragmented and compressed"]
+        );
+    }
+
+    #[test]
+    fn compressed_message_violations_get_the_rfc_codes() {
+        let with_rsv1 = |mut f: Vec<u8>| {
+            f[0] |= RSV1;
+            f
+        };
+        // Not negotiated.
+        assert_eq!(run(&deflated(OP_TEXT, true, b"x")).0, Err(1002));
+        // On a control frame, or a continuation.
+        assert_eq!(
+            run_deflated(&with_rsv1(masked(OP_PING, true, b"")), 100).0,
+            Err(1002)
+        );
+        let mut cont = masked(OP_TEXT, false, b"a");
+        cont.extend(with_rsv1(masked(OP_CONT, true, b"b")));
+        assert_eq!(run_deflated(&cont, 100).0, Err(1002));
+        // RSV2 and RSV3 are never ours.
+        let mut rsv2 = masked(OP_TEXT, true, b"x");
+        rsv2[0] |= 0x20;
+        assert_eq!(run_deflated(&rsv2, 100).0, Err(1002));
+        // Inflated text that is not UTF-8; inflated past max; not deflate.
+        assert_eq!(
+            run_deflated(&deflated(OP_TEXT, true, &[0xff, 0xfe]), 100).0,
+            Err(1007)
+        );
+        assert_eq!(
+            run_deflated(&deflated(OP_BINARY, true, &[0; 101]), 100).0,
+            Err(1009)
+        );
+        assert_eq!(
+            run_deflated(&deflated(OP_BINARY, true, &[0; 100]), 100).1,
+            vec!["bin:100"]
+        );
+        assert_eq!(
+            run_deflated(&with_rsv1(masked(OP_BINARY, true, &[0xff; 8])), 100).0,
+            Err(1007)
         );
     }
 

@@ -35,6 +35,7 @@ use edgegate_proto::Envelope;
 use tracing::{debug, info, warn};
 
 use crate::backbone::{self, Ack, Backbone, Event};
+use crate::compress::ShardDeflate;
 use crate::conn::{Conn, Delivery};
 use crate::metrics::{ShardMetrics, Transport};
 use crate::node::{AdminReq, ConnInfo, ConnzPage, Node};
@@ -72,6 +73,9 @@ pub struct Shard {
     /// read buffer (glommio reads readiness-first, so the buffer is only
     /// borrowed during a poll).
     pub scratch: RefCell<Box<[u8]>>,
+    /// permessage-deflate, shared by the shard's WebSocket connections
+    /// (`None` with `ws.compression = "off"`).
+    pub deflate: Option<ShardDeflate>,
     /// Upgrades and TLS handshakes in progress at once: a connect storm
     /// waits in the kernel's accept queue instead of piling up handshake
     /// buffers here.
@@ -91,6 +95,7 @@ impl Shard {
     /// A shard with no connections.
     pub fn new(id: usize, cfg: ShardConfig, node: Arc<Node>, backbone: Rc<dyn Backbone>) -> Self {
         let metrics = node.metrics[id].clone();
+        let deflate = cfg.ws_deflate.then(ShardDeflate::default);
         Shard {
             id,
             cfg,
@@ -101,6 +106,7 @@ impl Shard {
             liveness: Liveness::default(),
             backbone,
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            deflate,
             handshakes: Rc::new(glommio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: Rc::new(glommio::sync::Semaphore::new(0)),
             actions: Cell::new(Vec::new()),

@@ -83,6 +83,17 @@ pub trait Wire {
     /// `poll_flush` was ready).
     fn send(&mut self, batch: Vec<u8>) -> Result<(), WireError>;
 
+    /// Hands what `conn` has queued (about [`BATCH_BYTES`] at most) to the
+    /// transport and counts it (call only after `poll_flush` was ready).
+    /// One batch through [`Wire::send`]; a compressing WebSocket frames
+    /// routed messages on their own, to send their shared compressed bytes.
+    fn send_queued(&mut self, shard: &Shard, conn: &Conn) -> Result<(), WireError> {
+        let mut batch = Vec::new();
+        let n = conn.drain_into(&mut batch, BATCH_BYTES);
+        count_out(shard, n, batch.len());
+        self.send(batch)
+    }
+
     /// Sends a transport-level ping. Returns false when the transport has
     /// none (TCP, QUIC): the caller queues a `ping` envelope instead.
     fn send_ping(&mut self) -> Result<bool, WireError>;
@@ -224,6 +235,12 @@ impl TxBuf {
     }
 }
 
+/// Counts `n` envelopes sent in `bytes` bytes.
+pub fn count_out(shard: &Shard, n: usize, bytes: usize) {
+    shard.metrics.messages_out.fetch_add(n as u64, Relaxed);
+    shard.metrics.bytes_out.fetch_add(bytes as u64, Relaxed);
+}
+
 /// How a session ended.
 enum End {
     /// We close with this code and reason.
@@ -309,14 +326,7 @@ fn turn<W: Wire>(
                     }
                 }
                 if conn.has_output() {
-                    let mut batch = Vec::new();
-                    let n = conn.drain_into(&mut batch, BATCH_BYTES);
-                    shard.metrics.messages_out.fetch_add(n as u64, Relaxed);
-                    shard
-                        .metrics
-                        .bytes_out
-                        .fetch_add(batch.len() as u64, Relaxed);
-                    if let Err(e) = wire.send(batch) {
+                    if let Err(e) = wire.send_queued(shard, conn) {
                         return Poll::Ready(end_of(e));
                     }
                     progress = true;

@@ -10,20 +10,29 @@
 //! 1 KB more per idle connection, measured: `docs/benchmarks.md`). The echo
 //! endpoint runs the same code, so the Autobahn|Testsuite checks what
 //! carries real traffic.
+//!
+//! permessage-deflate (RFC 7692) is accepted only with no context takeover
+//! both ways, so it adds no per-connection state either: messages inflate
+//! and compress with the shard's [`ShardDeflate`], and a routed message's
+//! compressed bytes are made once per shard and framed on their own for
+//! each subscriber ([`WsWire::send_queued`]).
 
+use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 
+use edgegate_proto::deflate;
 use edgegate_proto::ws::{
     Event, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, ReadError, Reader, write_close,
-    write_frame,
+    write_frame, write_frame_deflated,
 };
 use edgegate_proto::{Envelope, binary, frame, json};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use super::{LINGER, RxCarry, TxBuf, Wire, WireError, poll_read_scratch};
+use super::{BATCH_BYTES, LINGER, RxCarry, TxBuf, Wire, WireError, count_out, poll_read_scratch};
+use crate::compress::{self, ShardDeflate};
 use crate::config::TokenSource;
-use crate::conn::Framing;
+use crate::conn::{Conn, Framing, Out};
 use crate::settings::ShardConfig;
 use crate::shard::Shard;
 
@@ -46,6 +55,18 @@ pub enum Route {
     Session(Framing),
     /// The conformance echo endpoint.
     Echo,
+}
+
+/// permessage-deflate on one connection, as negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflate {
+    /// Not negotiated: RSV1 from the peer is a protocol error.
+    Off,
+    /// Negotiated, but the peer limited the server's window: its messages
+    /// inflate, ours go uncompressed.
+    Inbound,
+    /// Both ways.
+    Both,
 }
 
 /// Why an upgrade failed (the HTTP answer was already sent where useful).
@@ -80,6 +101,8 @@ pub struct Upgrade {
     /// `auth.token_sources` accepts them; verified by the caller, so that
     /// a bad token is answered with `bye` 4001 like one sent in `hello`.
     pub token: Option<String>,
+    /// permessage-deflate, as agreed in `response`.
+    pub deflate: Deflate,
 }
 
 fn header<'a>(req: &'a httparse::Request<'_, '_>, name: &str) -> Option<&'a str> {
@@ -188,12 +211,36 @@ pub fn parse_upgrade(buf: &[u8], cfg: &ShardConfig) -> Result<Option<Upgrade>, U
         response.push_str(p);
         response.push_str("\r\n");
     }
+    let agreed = if cfg.ws_deflate {
+        deflate::negotiate(
+            req.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+                .filter_map(|h| std::str::from_utf8(h.value).ok()),
+        )
+    } else {
+        None
+    };
+    let deflate = match &agreed {
+        None => Deflate::Off,
+        Some(a) => {
+            response.push_str("Sec-WebSocket-Extensions: ");
+            response.push_str(&a.response);
+            response.push_str("\r\n");
+            if a.compress {
+                Deflate::Both
+            } else {
+                Deflate::Inbound
+            }
+        }
+    };
     response.push_str("\r\n");
     Ok(Some(Upgrade {
         route,
         response,
         rest: buf[head_len..].to_vec(),
         token,
+        deflate,
     }))
 }
 
@@ -276,11 +323,12 @@ pub struct WsWire<S = TcpStream> {
     peer_closed: bool,
     /// `rx` holds bytes that came with the upgrade request, not yet read.
     early: bool,
+    deflate: Deflate,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
     /// Wraps an upgraded stream; `rest` are bytes read past the request.
-    pub fn new(stream: S, route: Route, rest: Vec<u8>, max_frame: usize) -> Self {
+    pub fn new(stream: S, route: Route, rest: Vec<u8>, deflate: Deflate, max_frame: usize) -> Self {
         let (json, echo) = match route {
             Route::Session(f) => (f == Framing::WsJson, false),
             Route::Echo => (false, true),
@@ -295,12 +343,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
             echo,
             max_message: if echo { ECHO_MAX } else { max_frame },
             peer_closed: false,
+            deflate,
         }
     }
 
+    /// The shard's compression state, where this connection compresses
+    /// what it sends.
+    fn compressor<'s>(&self, shard: &'s Shard) -> Option<&'s ShardDeflate> {
+        shard
+            .deflate
+            .as_ref()
+            .filter(|_| self.deflate == Deflate::Both)
+    }
+
     /// Runs `data` through the frame reader, answering control frames.
-    fn consume(&mut self, data: &mut [u8], inbox: &mut Vec<Envelope>) -> Result<usize, WireError> {
+    fn consume(
+        &mut self,
+        shard: &Shard,
+        data: &mut [u8],
+        inbox: &mut Vec<Envelope>,
+    ) -> Result<usize, WireError> {
         let (echo, max) = (self.echo, self.max_message);
+        // The echo endpoint compresses every reply it can (Autobahn 12.*, 13.*).
+        let echo_z = self.compressor(shard).filter(|_| echo);
         let txb = &mut self.tx;
         let peer_closed = &mut self.peer_closed;
         let mut on = |ev: Event<'_>| -> Result<(), WireError> {
@@ -320,8 +385,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
                     }
                     *peer_closed = true;
                 }
-                Event::Text(t) if echo => write_frame(OP_TEXT, t, tx),
-                Event::Binary(b) if echo => write_frame(OP_BINARY, b, tx),
+                Event::Text(t) if echo => match echo_z {
+                    Some(z) => z.write_message(OP_TEXT, t, tx, &shard.metrics),
+                    None => write_frame(OP_TEXT, t, tx),
+                },
+                Event::Binary(b) if echo => match echo_z {
+                    Some(z) => z.write_message(OP_BINARY, b, tx, &shard.metrics),
+                    None => write_frame(OP_BINARY, b, tx),
+                },
                 Event::Text(t) => {
                     for env in json::decode_batch(t) {
                         inbox.push(env?);
@@ -335,7 +406,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
             }
             Ok(())
         };
-        match self.reader.process(data, max, &mut on) {
+        let mut inflater = match (&shard.deflate, self.deflate) {
+            (Some(z), Deflate::Inbound | Deflate::Both) => Some(z.inflater.borrow_mut()),
+            _ => None,
+        };
+        let r = self
+            .reader
+            .process(data, max, inflater.as_deref_mut(), &mut on);
+        if let Some(inf) = inflater.as_deref_mut() {
+            compress::count_in(inf, &shard.metrics);
+        }
+        match r {
             Ok(n) => Ok(n),
             Err(ReadError::Callback(e)) => Err(e),
             Err(ReadError::Ws(v)) if self.echo => {
@@ -371,7 +452,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
             fresh = &mut scratch.insert((buf, n)).0[..n];
         }
         let mut rx = std::mem::take(&mut self.rx);
-        let r = rx.feed(fresh, |d| self.consume(d, inbox));
+        let r = rx.feed(fresh, |d| self.consume(shard, d, inbox));
         self.rx = rx;
         drop(scratch);
         r?;
@@ -388,6 +469,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
         }
         let opcode = if self.json { OP_TEXT } else { OP_BINARY };
         write_frame(opcode, &batch, self.tx.bytes_mut());
+        Ok(())
+    }
+
+    /// With compression, a routed message big enough to gain, and queued
+    /// for other connections too, goes as a frame of its own carrying the
+    /// bytes compressed once for the shard
+    /// ([`crate::conn::Delivery::deflated`]); the items between are batched
+    /// as usual and compressed for this connection when big enough.
+    fn send_queued(&mut self, shard: &Shard, conn: &Conn) -> Result<(), WireError> {
+        let Some(z) = self.compressor(shard) else {
+            let mut batch = Vec::new();
+            let n = conn.drain_into(&mut batch, BATCH_BYTES);
+            count_out(shard, n, batch.len());
+            return self.send(batch);
+        };
+        let (framing, m) = (conn.framing.get(), &*shard.metrics);
+        let (min, shared) = (shard.cfg.ws_deflate_min, shard.cfg.ws_deflate_shared);
+        let opcode = if self.json { OP_TEXT } else { OP_BINARY };
+        let tx = self.tx.bytes_mut();
+        let start = tx.len();
+        let mut plain = Vec::new();
+        let end_plain = |plain: &mut Vec<u8>, tx: &mut Vec<u8>| {
+            if plain.len() >= min {
+                z.write_message(opcode, plain, tx, m);
+            } else if !plain.is_empty() {
+                write_frame(opcode, plain, tx);
+            }
+            plain.clear();
+        };
+        let n = conn.drain_each(BATCH_BYTES, |item| {
+            // Shared bytes pay when another subscriber uses them too (or they
+            // exist already); a message for this connection alone, such as a
+            // recovery's replay, compresses better batched with its neighbours.
+            if let (true, Out::Shared(d)) = (shared, item)
+                && (Rc::strong_count(d) > 1 || d.is_deflated(framing))
+                && let Some(bytes) = d.deflated(framing, z, min, m)
+            {
+                end_plain(&mut plain, tx);
+                write_frame_deflated(opcode, bytes, tx);
+                compress::count_out(m, d.ws_len(framing), bytes.len());
+                return bytes.len();
+            }
+            let before = plain.len();
+            item.write(framing, &mut plain);
+            plain.len() - before
+        });
+        end_plain(&mut plain, tx);
+        count_out(shard, n, tx.len() - start);
         Ok(())
     }
 

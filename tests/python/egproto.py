@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import struct
+import zlib
 from typing import Any
 
 # --------------------------------------------------------------------------
@@ -446,14 +447,17 @@ class WsClient(_Base):
 
     @classmethod
     async def connect(cls, url: str, enc: str = "json", subprotocol: str | None | bool = True,
-                      timeout: float = DEFAULT_TIMEOUT, **kw: Any) -> "WsClient":
+                      timeout: float = DEFAULT_TIMEOUT, compression: str | None = None,
+                      **kw: Any) -> "WsClient":
+        """``compression="deflate"``: offer permessage-deflate (off by default,
+        so that most tests see the frames as sent)."""
         from websockets.asyncio.client import connect
         if subprotocol is True:
             subprotocol = SUBPROTO_JSON if enc == "json" else SUBPROTO_BIN
         subs = [subprotocol] if subprotocol else None
         ws = await asyncio.wait_for(connect(
             url, subprotocols=subs, max_size=None, ping_interval=None,
-            close_timeout=2, open_timeout=timeout, compression=None, **kw), timeout)
+            close_timeout=2, open_timeout=timeout, compression=compression, **kw), timeout)
         return cls(ws, enc)
 
     async def _send_envs(self, envs: list) -> None:
@@ -581,11 +585,16 @@ class RawWs(_Base):
         self.ws_pings: list[bytes] = []
         self.answer_pings = False
         self.status = 101
+        # permessage-deflate, inflated here with Python's zlib (an
+        # implementation independent of the gateway's).
+        self.deflate = "permessage-deflate" in headers.get("sec-websocket-extensions", "")
+        self.data_frames: list[tuple[bool, int]] = []   # (RSV1, payload bytes) per message
+        self.last_rsv1 = False
 
     @classmethod
     async def connect(cls, host: str, port: int, path: str = "/ws", enc: str = "json",
                       subprotocol: str | None | bool = True, timeout: float = DEFAULT_TIMEOUT,
-                      expect_status: int = 101) -> "RawWs":
+                      expect_status: int = 101, extensions: str | None = None) -> "RawWs":
         r, w = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 24), timeout)
         key = base64.b64encode(os.urandom(16)).decode()
         if subprotocol is True:
@@ -594,6 +603,8 @@ class RawWs(_Base):
                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n")
         if subprotocol:
             req += f"Sec-WebSocket-Protocol: {subprotocol}\r\n"
+        if extensions:
+            req += f"Sec-WebSocket-Extensions: {extensions}\r\n"
         w.write((req + "\r\n").encode())
         await w.drain()
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), timeout)
@@ -637,6 +648,9 @@ class RawWs(_Base):
         except (asyncio.IncompleteReadError, ConnectionResetError):
             raise Closed(None, "EOF without close frame") from None
         fin = bool(h[0] & 0x80)
+        self.last_rsv1 = bool(h[0] & 0x40)
+        assert not h[0] & 0x30, "RSV2/RSV3 set by the server"
+        assert not self.last_rsv1 or self.deflate, "RSV1 without permessage-deflate"
         op = h[0] & 0x0F
         n = h[1] & 0x7F
         assert not h[1] & 0x80, "server frames must not be masked"
@@ -668,13 +682,29 @@ class RawWs(_Base):
                     pass
                 raise Closed(code, reason)
             if first_op is None:
-                first_op = op
+                first_op, rsv1 = op, self.last_rsv1
             data += payload
             if fin:
                 break
+        self.data_frames.append((rsv1, len(data)))
+        if rsv1:
+            # A fresh inflater per message: the server promised no context takeover.
+            data = zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff")
         if first_op == 0x1:
             return [decode_json(x) for x in split_json_batch(data.decode("utf-8"))]
         return [decode_bin(x) for x in split_bin_batch(data)]
+
+    @staticmethod
+    def deflate_payload(data: bytes) -> bytes:
+        """One message compressed as permessage-deflate wants it (a stream of
+        its own, sync-flushed, the 00 00 ff ff tail removed)."""
+        c = zlib.compressobj(6, zlib.DEFLATED, -15)
+        z = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+        assert z.endswith(b"\x00\x00\xff\xff")
+        return z[:-4]
+
+    async def send_deflated(self, opcode: int, data: bytes) -> None:
+        await self.send_frame(opcode, self.deflate_payload(data), rsv=4)
 
     async def _send_envs(self, envs: list) -> None:
         if self.enc == "json":
