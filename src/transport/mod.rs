@@ -87,11 +87,11 @@ pub trait Wire {
     /// transport and counts it (call only after `poll_flush` was ready).
     /// One batch through [`Wire::send`]; a compressing WebSocket frames
     /// routed messages on their own, to send their shared compressed bytes.
-    fn send_queued(&mut self, shard: &Shard, conn: &Conn) -> Result<(), WireError> {
-        let mut batch = Vec::new();
-        let n = conn.drain_into(&mut batch, BATCH_BYTES);
-        count_out(shard, n, batch.len());
-        self.send(batch)
+    fn send_queued(&mut self, shard: &Shard, conn: &Conn) -> Result<(), WireError>
+    where
+        Self: Sized,
+    {
+        send_batch(self, shard, conn)
     }
 
     /// Sends a transport-level ping. Returns false when the transport has
@@ -233,6 +233,15 @@ impl TxBuf {
         std::task::ready!(std::pin::Pin::new(stream).poll_flush(cx))?;
         Poll::Ready(Ok(()))
     }
+}
+
+/// [`Wire::send_queued`] as one batch: what every wire does without
+/// compression.
+pub fn send_batch<W: Wire>(wire: &mut W, shard: &Shard, conn: &Conn) -> Result<(), WireError> {
+    let mut batch = Vec::new();
+    let n = conn.drain_into(&mut batch, BATCH_BYTES);
+    count_out(shard, n, batch.len());
+    wire.send(batch)
 }
 
 /// Counts `n` envelopes sent in `bytes` bytes.

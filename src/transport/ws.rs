@@ -479,10 +479,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
     /// as usual and compressed for this connection when big enough.
     fn send_queued(&mut self, shard: &Shard, conn: &Conn) -> Result<(), WireError> {
         let Some(z) = self.compressor(shard) else {
-            let mut batch = Vec::new();
-            let n = conn.drain_into(&mut batch, BATCH_BYTES);
-            count_out(shard, n, batch.len());
-            return self.send(batch);
+            return super::send_batch(self, shard, conn);
         };
         let (framing, m) = (conn.framing.get(), &*shard.metrics);
         let (min, shared) = (shard.cfg.ws_deflate_min, shard.cfg.ws_deflate_shared);
