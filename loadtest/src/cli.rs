@@ -225,6 +225,20 @@ pub struct FanoutArgs {
     /// Room id (default: a fresh one per run).
     #[arg(long)]
     pub room: Option<String>,
+    /// How subscribers read: `lean` (own socket, deliveries counted in
+    /// place; plain ws and tcp) or `client` (the client library, as an
+    /// application would). TLS and QUIC always use `client`.
+    #[arg(long, default_value = "lean")]
+    pub receiver: Receiver,
+}
+
+/// How a scenario's subscribers read their deliveries.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Receiver {
+    /// [`crate::lean::LeanSub`]: a few hundred nanoseconds per delivery.
+    Lean,
+    /// [`edgegate_client::Connection`], every delivery decoded in full.
+    Client,
 }
 
 /// Internal worker options (the parent passes them).

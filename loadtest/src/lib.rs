@@ -42,6 +42,7 @@ pub mod cli;
 pub mod faultproxy;
 pub mod gateway;
 pub mod ips;
+pub mod lean;
 pub mod pacer;
 pub mod payload;
 pub mod peer;

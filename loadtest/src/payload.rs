@@ -48,33 +48,58 @@ pub fn encode(enc: Encoding, st: Stamp, pad: usize) -> Payload {
 /// Decodes a stamp from either form.
 pub fn decode(p: &Payload) -> Option<Stamp> {
     match p {
-        Payload::Binary(b) if b.len() >= 24 => {
-            let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
-            Some(Stamp {
-                p: u(0),
-                s: u(8),
-                t: u(16),
-            })
-        }
-        Payload::Json(b) => {
-            // Fast path over our own format, without a JSON parser.
-            let txt = std::str::from_utf8(b).ok()?;
-            let field = |k: &str| -> Option<u64> {
-                let i = txt.find(k)? + k.len();
-                let rest = &txt[i..];
-                let end = rest
-                    .find(|c: char| !c.is_ascii_digit())
-                    .unwrap_or(rest.len());
-                rest[..end].parse().ok()
-            };
-            Some(Stamp {
-                p: field("\"p\":")?,
-                s: field("\"s\":")?,
-                t: field("\"t\":")?,
-            })
-        }
+        Payload::Binary(b) => decode_binary(b),
+        Payload::Json(b) => decode_json(b),
         _ => None,
     }
+}
+
+/// Decodes a binary stamp (24 bytes little-endian, then padding).
+pub fn decode_binary(b: &[u8]) -> Option<Stamp> {
+    let u = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
+    Some(Stamp {
+        p: u(0)?,
+        s: u(8)?,
+        t: u(16)?,
+    })
+}
+
+/// Decodes a JSON stamp: our own format read straight through, and any
+/// other order of the three fields found by search.
+pub fn decode_json(b: &[u8]) -> Option<Stamp> {
+    exact_json(b).or_else(|| searched_json(b))
+}
+
+/// `{"p":<n>,"s":<n>,"t":<n>` as [`encode`] writes it, in one pass.
+fn exact_json(b: &[u8]) -> Option<Stamp> {
+    let (p, b) = digits(b.strip_prefix(b"{\"p\":")?)?;
+    let (s, b) = digits(b.strip_prefix(b",\"s\":")?)?;
+    let (t, _) = digits(b.strip_prefix(b",\"t\":")?)?;
+    Some(Stamp { p, s, t })
+}
+
+/// The decimal number at the start of `b` and what follows it.
+fn digits(b: &[u8]) -> Option<(u64, &[u8])> {
+    let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    if n == 0 || n > 19 {
+        return None;
+    }
+    let v = b[..n]
+        .iter()
+        .fold(0u64, |v, c| v * 10 + u64::from(c - b'0'));
+    Some((v, &b[n..]))
+}
+
+fn searched_json(b: &[u8]) -> Option<Stamp> {
+    let field = |k: &[u8]| -> Option<u64> {
+        let i = memchr::memmem::find(b, k)? + k.len();
+        Some(digits(&b[i..])?.0)
+    };
+    Some(Stamp {
+        p: field(b"\"p\":")?,
+        s: field(b"\"s\":")?,
+        t: field(b"\"t\":")?,
+    })
 }
 
 #[cfg(test)]
@@ -95,6 +120,13 @@ mod tests {
             }
         }
         assert_eq!(decode(&Payload::None), None);
+        assert_eq!(
+            decode_json(br#"{"t":3,"x":"","s":2,"p":1}"#),
+            Some(Stamp { p: 1, s: 2, t: 3 }),
+            "any order"
+        );
+        assert_eq!(decode_json(br#"{"p":1,"s":,"t":3}"#), None);
+        assert_eq!(decode_binary(&[0; 23]), None);
         assert_eq!(decode(&Payload::Json(Bytes::from_static(b"{}"))), None);
     }
 }

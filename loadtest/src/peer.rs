@@ -66,6 +66,33 @@ where
     F: Fn(Connection) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = edgegate_client::Result<Connection>> + Send,
 {
+    connect_paced(common, users, rate, progress, move |cfg| {
+        let setup = setup.clone();
+        async move {
+            match Connection::connect(&cfg).await {
+                Ok(c) => setup(c).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+}
+
+/// Runs `open` once per user at `rate` per second, each with the session
+/// config of that user (source address and target chosen round robin);
+/// returns what they opened in user order, or fails if any failed.
+pub async fn connect_paced<T, F, Fut>(
+    common: &Common,
+    users: Vec<String>,
+    rate: f64,
+    progress: &indicatif::ProgressBar,
+    open: F,
+) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(ClientConfig) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, String>> + Send + 'static,
+{
     let ips = match &common.source_ips {
         Some(s) => crate::ips::parse_range(s)?,
         None => Vec::new(),
@@ -86,24 +113,18 @@ where
             if let Some(t) = common.target_for(i) {
                 cfg.addr = t;
             }
-            let setup = setup.clone();
-            set.spawn(async move {
-                let r = match Connection::connect(&cfg).await {
-                    Ok(c) => setup(c).await,
-                    Err(e) => Err(e),
-                };
-                (i, r)
-            });
+            let fut = open(cfg);
+            set.spawn(async move { (i, fut.await) });
         }
         tokio::time::sleep(pacer.tick()).await;
     }
-    let mut out: Vec<Option<Connection>> = (0..n).map(|_| None).collect();
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
     let mut failures: HashMap<String, u64> = HashMap::new();
     while let Some(r) = set.join_next().await {
         progress.inc(1);
         match r {
             Ok((i, Ok(c))) => out[i] = Some(c),
-            Ok((_, Err(e))) => *failures.entry(e.to_string()).or_default() += 1,
+            Ok((_, Err(e))) => *failures.entry(e).or_default() += 1,
             Err(e) => *failures.entry(e.to_string()).or_default() += 1,
         }
     }

@@ -144,6 +144,12 @@ impl Timeline {
 
     /// Records a latency of `us` microseconds observed at `now_ns`.
     pub fn record(&self, now_ns: u64, us: u64) {
+        self.record_all(now_ns, &[us]);
+    }
+
+    /// Records latencies (µs) all observed at `now_ns`, such as one read's
+    /// deliveries, under one lock.
+    pub fn record_all(&self, now_ns: u64, us: &[u64]) {
         let b = now_ns / self.bucket_ns;
         let Ok(mut g) = self.buckets.lock() else {
             return;
@@ -159,7 +165,9 @@ impl Timeline {
                 g.iter().rposition(|(k, _)| *k == b).unwrap_or(0)
             }
         };
-        let _ = g[i].1.record(us.max(1));
+        for &v in us {
+            let _ = g[i].1.record(v.max(1));
+        }
     }
 
     /// Per bucket: (bucket end in `now_ns` nanoseconds, count, p50, p99, max in ms).

@@ -176,6 +176,67 @@ fn trim_json_ws(s: &str) -> &str {
     s.trim_matches([' ', '\t', '\r', '\n'])
 }
 
+/// One binary envelope read in place: the fields borrowed from the buffer,
+/// nothing allocated and nothing checked beyond the framing (UTF-8 of the
+/// strings included). [`decode`] is this plus the JSON checks and owned
+/// copies; a reader that needs only a few fields of many envelopes (a load
+/// generator counting deliveries, a relay) reads the view alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View<'a> {
+    /// Envelope type.
+    pub t: Type,
+    /// Field bits as written (see the `BIT_*` constants).
+    pub bits: u8,
+    /// `id`.
+    pub id: Option<u64>,
+    /// `ch`.
+    pub ch: Option<&'a str>,
+    /// `seq`.
+    pub seq: Option<u64>,
+    /// `from`.
+    pub from: Option<&'a str>,
+    /// `code` and `reason` (possibly empty).
+    pub code: Option<(u64, &'a str)>,
+    /// `meta`, as written (not checked to be JSON).
+    pub meta: Option<&'a str>,
+    /// Every byte after the fields.
+    pub payload: &'a [u8],
+}
+
+/// Reads the fields of one binary envelope that fills all of `buf`, borrowed.
+///
+/// # Errors
+/// Truncated fields, an unknown type code, the reserved bit set, LEB128
+/// overflow, strings that are not UTF-8.
+pub fn view(buf: &[u8]) -> Result<View<'_>, DecodeError> {
+    let mut r = Reader { buf };
+    let code = r.u8()?;
+    let t = Type::from_code(code).ok_or(DecodeError::BadType(code))?;
+    let bits = r.u8()?;
+    if bits & BIT_RESERVED != 0 {
+        return Err(DecodeError::ReservedBit);
+    }
+    let id = (bits & BIT_ID != 0).then(|| r.u64()).transpose()?;
+    let ch = (bits & BIT_CH != 0).then(|| r.str("ch")).transpose()?;
+    let seq = (bits & BIT_SEQ != 0).then(|| r.u64()).transpose()?;
+    let from = (bits & BIT_FROM != 0).then(|| r.str("from")).transpose()?;
+    let code = (bits & BIT_CODE != 0)
+        .then(|| Ok::<_, DecodeError>((r.u64()?, r.str("reason")?)))
+        .transpose()?;
+    let meta = (bits & BIT_META != 0).then(|| r.str("meta")).transpose()?;
+    Ok(View {
+        t,
+        bits,
+        id,
+        ch,
+        seq,
+        from,
+        code,
+        meta,
+        payload: r.buf,
+    })
+}
+
 /// Decodes one binary envelope that fills all of `buf`.
 ///
 /// `meta` and a JSON payload are kept without surrounding whitespace, as the
@@ -187,43 +248,27 @@ fn trim_json_ws(s: &str) -> &str {
 /// a JSON object, or bit 0x40 set with a payload that is not JSON text (an
 /// empty one included).
 pub fn decode(buf: &[u8]) -> Result<Envelope, DecodeError> {
-    let mut r = Reader { buf };
-    let code = r.u8()?;
-    let t = Type::from_code(code).ok_or(DecodeError::BadType(code))?;
-    let bits = r.u8()?;
-    if bits & BIT_RESERVED != 0 {
-        return Err(DecodeError::ReservedBit);
-    }
-    let mut env = Envelope::new(t);
-    if bits & BIT_ID != 0 {
-        env.id = Some(r.u64()?);
-    }
-    if bits & BIT_CH != 0 {
-        env.ch = Some(r.str("ch")?.to_owned());
-    }
-    if bits & BIT_SEQ != 0 {
-        env.seq = Some(r.u64()?);
-    }
-    if bits & BIT_FROM != 0 {
-        env.from = Some(r.str("from")?.to_owned());
-    }
-    if bits & BIT_CODE != 0 {
-        let code = r.u64()?;
+    let v = view(buf)?;
+    let mut env = Envelope::new(v.t);
+    env.id = v.id;
+    env.ch = v.ch.map(str::to_owned);
+    env.seq = v.seq;
+    env.from = v.from.map(str::to_owned);
+    if let Some((code, reason)) = v.code {
         env.code = Some(u32::try_from(code).map_err(|_| DecodeError::OutOfRange("code"))?);
-        let reason = r.str("reason")?;
         if !reason.is_empty() {
             env.reason = Some(reason.to_owned());
         }
     }
-    if bits & BIT_META != 0 {
-        let meta = trim_json_ws(r.str("meta")?);
+    if let Some(meta) = v.meta {
+        let meta = trim_json_ws(meta);
         if !meta.starts_with('{') || !is_json_text(meta) {
             return Err(DecodeError::BadMeta);
         }
         env.meta = Some(meta.to_owned());
     }
-    let rest = r.buf;
-    env.payload = if bits & BIT_JSON != 0 {
+    let rest = v.payload;
+    env.payload = if v.bits & BIT_JSON != 0 {
         let text = std::str::from_utf8(rest).map_err(|_| DecodeError::BadPayload)?;
         if !is_json_text(text) {
             return Err(DecodeError::BadPayload);
@@ -247,6 +292,38 @@ mod tests {
         encode(env, &mut out);
         assert_eq!(out.len(), encoded_len(env));
         out
+    }
+
+    #[test]
+    fn view_borrows_every_field() {
+        let e = Envelope {
+            t: Type::Msg,
+            id: Some(9),
+            ch: Some("room:a".into()),
+            seq: Some(77),
+            from: Some("bob".into()),
+            code: Some(4),
+            reason: Some("r".into()),
+            meta: Some(r#"{"k":1}"#.into()),
+            payload: Payload::Binary(Bytes::from_static(b"\x01\x02")),
+        };
+        let b = enc(&e);
+        let v = view(&b).expect("view");
+        assert_eq!(
+            (v.t, v.id, v.ch, v.seq, v.from, v.code, v.meta, v.payload),
+            (
+                Type::Msg,
+                Some(9),
+                Some("room:a"),
+                Some(77),
+                Some("bob"),
+                Some((4, "r")),
+                Some(r#"{"k":1}"#),
+                &b"\x01\x02"[..]
+            )
+        );
+        assert_eq!(v.bits & BIT_JSON, 0);
+        assert_eq!(view(&b[..b.len() - 3]).err(), Some(DecodeError::Truncated));
     }
 
     #[test]

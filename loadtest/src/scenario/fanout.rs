@@ -12,11 +12,17 @@ use anyhow::Result;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::cli::FanoutArgs;
+use crate::cli::{FanoutArgs, Receiver};
 use crate::pacer::Pacer;
 use crate::peer::{self, Counters};
 use crate::report::Report;
 use crate::scenario::{gateway_pid, status_line, wait_until};
+
+/// The subscribers, as the chosen receiver opened them.
+enum Subs {
+    Lean(Vec<crate::lean::LeanSub>),
+    Client(Vec<edgegate_client::Connection>),
+}
 
 /// Runs the scenario.
 pub async fn run(a: FanoutArgs) -> Result<Report> {
@@ -36,11 +42,21 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     crate::scenario::sample_basic(&mut chart, gw, 0);
     let t_setup = Instant::now();
     let subs_users: Vec<String> = (0..k).map(|i| format!("lt-fs-{i}")).collect();
+    let lean = a.receiver == Receiver::Lean && crate::lean::serves(c);
     let r2 = room.clone();
-    let subs = peer::connect_all(c, subs_users, a.connect_rate, &pb, move |conn| {
-        peer::subscribe_and_wait(conn, r2.clone())
-    })
-    .await?;
+    let subs = if lean {
+        let lean_subs = peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
+            crate::lean::LeanSub::subscribed(cfg, r2.clone())
+        })
+        .await?;
+        Subs::Lean(lean_subs)
+    } else {
+        let conns = peer::connect_all(c, subs_users, a.connect_rate, &pb, move |conn| {
+            peer::subscribe_and_wait(conn, r2.clone())
+        })
+        .await?;
+        Subs::Client(conns)
+    };
     let pub_users: Vec<String> = (0..p).map(|i| format!("lt-fp-{i}")).collect();
     let pubs =
         peer::connect_all(c, pub_users, a.connect_rate, &pb, |c| async move { Ok(c) }).await?;
@@ -51,10 +67,17 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
 
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut sub_tasks = Vec::new();
-    for (i, conn) in subs.into_iter().enumerate() {
-        sub_tasks.push(peer::spawn_receiver(conn, i as u64, &counters, &stop_rx));
-    }
+    let sub_tasks: Vec<_> = match subs {
+        Subs::Lean(v) => v
+            .into_iter()
+            .map(|s| crate::lean::spawn(s, &counters, &stop_rx))
+            .collect(),
+        Subs::Client(v) => v
+            .into_iter()
+            .enumerate()
+            .map(|(i, conn)| peer::spawn_receiver(conn, i as u64, &counters, &stop_rx))
+            .collect(),
+    };
     let mut senders = Vec::new();
     let mut pub_tasks = Vec::new();
     for (i, conn) in pubs.into_iter().enumerate() {
@@ -121,6 +144,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             "subscribers": k, "publishers": p, "rate": a.rate, "duration": a.duration,
             "size": a.size, "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "threads": c.threads, "room": room,
+            "receiver": if lean { "lean" } else { "client" },
         }),
     );
     let deliv_rate = received as f64 / total_secs;
@@ -138,7 +162,10 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     );
     r.row(
         "subscribers / publishers",
-        format!("{k} / {p}, setup {setup_secs:.2} s"),
+        format!(
+            "{k} / {p} ({} receivers), setup {setup_secs:.2} s",
+            if lean { "lean" } else { "client" }
+        ),
     );
     r.row(
         "offered / achieved",
@@ -157,6 +184,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     );
     g.report(&mut r, lost);
     measured.report(&mut r, gw);
+    measured.report_per_delivery(&mut r, received, c.threads);
     counters.timeline.chart_into(&mut chart, chart_ns0, "");
     r.set_chart(chart);
     Ok(r)

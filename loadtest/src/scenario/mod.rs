@@ -77,6 +77,7 @@ pub struct Meters {
     before: Option<crate::admin::Snapshot>,
     gw: crate::procfs::CpuMeter,
     me: crate::procfs::CpuMeter,
+    t0: std::time::Instant,
 }
 
 /// What [`Meters`] measured.
@@ -89,6 +90,8 @@ pub struct Measured {
     pub gw_pct: Option<f64>,
     /// Harness CPU, % of one core, over the phase.
     pub me_pct: Option<f64>,
+    /// Length of the phase, seconds.
+    pub secs: f64,
 }
 
 async fn snapshot(admin: Option<&str>) -> Option<crate::admin::Snapshot> {
@@ -106,6 +109,7 @@ impl Meters {
             before,
             gw: crate::procfs::CpuMeter::start(gw),
             me: crate::procfs::CpuMeter::start(None),
+            t0: std::time::Instant::now(),
         }
     }
 
@@ -117,6 +121,7 @@ impl Meters {
             after: snapshot(admin).await,
             gw_pct,
             me_pct,
+            secs: self.t0.elapsed().as_secs_f64(),
         }
     }
 }
@@ -132,6 +137,44 @@ impl Measured {
         r.set("metrics_after", serde_json::json!(self.after));
         r.row("gateway CPU", opt(self.gw_pct, 1, " % of one core"));
         r.row("harness CPU", opt(self.me_pct, 1, " % of one core"));
+    }
+
+    /// CPU per delivery of the gateway and of the harness (µs), and a
+    /// warning when the harness ran near the limit of its `threads`: then
+    /// latency and loss describe the harness as much as the gateway.
+    pub fn report_per_delivery(
+        &self,
+        r: &mut crate::report::Report,
+        deliveries: u64,
+        threads: usize,
+    ) {
+        use crate::report::opt;
+        let per = |pct: Option<f64>| {
+            pct.filter(|_| deliveries > 0)
+                .map(|p| p / 100.0 * self.secs * 1e6 / deliveries as f64)
+        };
+        let (gw, me) = (per(self.gw_pct), per(self.me_pct));
+        r.set("gateway_cpu_us_per_delivery", gw);
+        r.set("harness_cpu_us_per_delivery", me);
+        r.row(
+            "CPU per delivery",
+            format!(
+                "gateway {} / harness {}",
+                opt(gw, 3, " µs"),
+                opt(me, 3, " µs")
+            ),
+        );
+        let limit = 90.0 * threads.max(1) as f64;
+        let saturated = self.me_pct.is_some_and(|p| p >= limit);
+        r.set("harness_saturated", saturated);
+        if saturated {
+            let msg = format!(
+                "the harness used {:.0} % of one core with {threads} thread(s): it may be the bottleneck (raise --threads, run it on more cores, or lower the rate)",
+                self.me_pct.unwrap_or(0.0)
+            );
+            eprintln!("warning: {msg}");
+            r.row("WARNING", msg);
+        }
     }
 }
 
@@ -181,6 +224,11 @@ impl Gathered {
         r.set("malformed", self.d.malformed);
         r.set("latency", lat.clone());
         r.set("disconnects", self.lost_conns.len());
+        let mut reasons = std::collections::BTreeMap::<&str, u64>::new();
+        for l in &self.lost_conns {
+            *reasons.entry(l.as_str()).or_default() += 1;
+        }
+        r.set("disconnect_reasons", serde_json::json!(reasons));
         r.row(
             "lost / dup / reordered",
             format!("{lost} / {} / {}", self.d.dups, self.d.reordered),

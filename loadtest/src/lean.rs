@@ -1,0 +1,658 @@
+//! Lean subscribers: the receive side of a fan-out without the client
+//! library's work per message, so that the harness measures the gateway.
+//!
+//! The client library ([`edgegate_client::Connection`]) turns every delivery
+//! into an owned [`edgegate_client::Envelope`] (a WebSocket message, strings
+//! and payload copied, a queue) and the old receiver then took a shared lock
+//! per message for the time series. At 200 000 deliveries/s that cost the
+//! harness ≈ 3.4 µs per delivery, more than the gateway spent making it.
+//!
+//! A lean subscriber owns its socket and reads it in 64 KiB gulps. Whole
+//! frames are found with tungstenite's frame header parser (WebSocket) or
+//! [`edgegate_proto::frame::peek_frame`] (raw TCP); in each frame only what
+//! the accounting needs is read in place: for JSON the `"t":"msg"` prefix
+//! and the stamp after `"d":` (our encoder writes both where the fast
+//! path looks; anything else goes through the full decoder), for binary a
+//! borrowed [`edgegate_proto::binary::view`]. All deliveries of one read share
+//! one clock reading (they left the kernel in the same call), one update of
+//! the shared counters and one lock of the time series.
+//!
+//! The handshake, `hello` and `sub` are done here too (the library's socket
+//! cannot be taken over with tungstenite's buffer), with tungstenite's key
+//! helpers and httparse. Plain WebSocket (JSON or binary) and raw TCP;
+//! TLS and QUIC subscribers use the client library.
+
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use anyhow::{Context, Result, anyhow, bail};
+use edgegate_proto::{Envelope, Type, binary, frame, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::{Frame, FrameHeader};
+
+use crate::cli::Common;
+use crate::payload;
+use crate::peer::{Counters, PeerStats, now_ns};
+use crate::track::SeqTrack;
+use crate::{Encoding, Transport};
+use edgegate_client::ClientConfig;
+
+/// Bytes read per call (and the buffer's starting size).
+const READ_CHUNK: usize = 64 * 1024;
+/// Largest frame accepted (the buffer grows up to this).
+const MAX_FRAME: usize = 16 << 20;
+
+/// True when [`LeanSub`] can serve this transport (plain WebSocket or raw TCP).
+pub fn serves(c: &Common) -> bool {
+    !c.tls && matches!(c.transport, Transport::Ws | Transport::Tcp)
+}
+
+/// One subscriber connection read without the client library.
+pub struct LeanSub {
+    stream: TcpStream,
+    ws: bool,
+    enc: Encoding,
+    buf: Vec<u8>,
+    /// `buf[start..end]` holds bytes not yet parsed.
+    start: usize,
+    end: usize,
+    next_id: u64,
+    /// Envelopes decoded during setup behind the one it waited for.
+    pending: std::collections::VecDeque<Envelope>,
+}
+
+impl LeanSub {
+    /// Connects as `cfg` says (plain WebSocket on `/ws` or raw TCP; address,
+    /// source, user, encoding), says `hello` and waits for `welcome`, all
+    /// within `cfg.connect_timeout`.
+    pub async fn connect(cfg: &ClientConfig) -> Result<Self> {
+        let t = cfg.connect_timeout;
+        let addr = cfg.addr.as_str();
+        tokio::time::timeout(t, Self::connect_inner(cfg))
+            .await
+            .map_err(|_| anyhow!("{addr}: connect + hello timed out after {t:?}"))?
+    }
+
+    /// Connects as `cfg` says and subscribes to `ch`.
+    pub async fn subscribed(cfg: ClientConfig, ch: String) -> std::result::Result<Self, String> {
+        let mut s = Self::connect(&cfg).await.map_err(|e| format!("{e:#}"))?;
+        s.subscribe(&ch).await.map_err(|e| format!("{e:#}"))?;
+        Ok(s)
+    }
+
+    async fn connect_inner(cfg: &ClientConfig) -> Result<Self> {
+        let (user, src) = (cfg.user.as_str(), cfg.source_addr);
+        let rest = cfg.addr.strip_prefix("ws://").unwrap_or(&cfg.addr);
+        let (addr, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/ws"),
+        };
+        if cfg.tls || !matches!(cfg.transport, Transport::Ws | Transport::Tcp) {
+            bail!("the lean reader takes plain ws and tcp only");
+        }
+        let target: SocketAddr = match addr.parse() {
+            Ok(a) => a,
+            Err(_) => tokio::net::lookup_host(addr)
+                .await?
+                .next()
+                .ok_or_else(|| anyhow!("{addr}: no address"))?,
+        };
+        let sock = if target.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = src {
+            sock.bind(SocketAddr::new(ip, 0))
+                .with_context(|| format!("bind {ip}"))?;
+        }
+        let stream = sock
+            .connect(target)
+            .await
+            .with_context(|| format!("connect {target}"))?;
+        stream.set_nodelay(true)?;
+        let mut s = LeanSub {
+            stream,
+            ws: cfg.transport == Transport::Ws,
+            enc: if cfg.transport == Transport::Ws {
+                cfg.encoding
+            } else {
+                Encoding::Binary
+            },
+            buf: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+            next_id: 1,
+            pending: Default::default(),
+        };
+        if s.ws {
+            s.upgrade(addr, path).await?;
+        } else {
+            s.stream.write_all(&frame::PREFACE).await?;
+        }
+        let mut hello = Envelope::new(Type::Hello);
+        hello.id = Some(s.id());
+        hello.meta =
+            Some(serde_json::json!({"user": user, "client": "edgegate-loadtest-lean"}).to_string());
+        s.send(&hello).await?;
+        match s.recv_setup().await? {
+            e if e.t == Type::Welcome => Ok(s),
+            e => bail!("{addr}: expected welcome, got {:?} {:?}", e.t, e.reason),
+        }
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
+    /// The HTTP/1.1 upgrade, checked as RFC 6455 §4.1 asks.
+    async fn upgrade(&mut self, addr: &str, path: &str) -> Result<()> {
+        let key = tungstenite::handshake::client::generate_key();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: {}\r\n\r\n",
+            self.enc.subprotocol()
+        );
+        self.stream.write_all(req.as_bytes()).await?;
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.buf[..self.end])? {
+                httparse::Status::Complete(n) => {
+                    if resp.code != Some(101) {
+                        bail!("{addr}: upgrade answered {:?} {:?}", resp.code, resp.reason);
+                    }
+                    let want = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                    let got = resp
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+                        .map(|h| h.value);
+                    if got != Some(want.as_bytes()) {
+                        bail!("{addr}: bad Sec-WebSocket-Accept");
+                    }
+                    self.start = n;
+                    return Ok(());
+                }
+                httparse::Status::Partial => {
+                    if self.fill().await? == 0 {
+                        bail!("{addr}: closed during the upgrade");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads more bytes after `end` (compacting and growing the buffer as
+    /// needed); 0 at end of stream.
+    async fn fill(&mut self) -> Result<usize> {
+        if self.start > 0 && self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        if self.buf.len() - self.end < READ_CHUNK / 4 {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
+            } else if self.buf.len() < MAX_FRAME {
+                let n = self.buf.len() * 2;
+                self.buf.resize(n, 0);
+            } else {
+                bail!("frame over {MAX_FRAME} bytes");
+            }
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Sends one envelope (a masked text or binary frame, or a TCP frame).
+    async fn send(&mut self, env: &Envelope) -> Result<()> {
+        let mut body = Vec::new();
+        let mut out = Vec::new();
+        if !self.ws {
+            frame::encode_frame(env, &mut out);
+        } else {
+            let op = match self.enc {
+                Encoding::Json => {
+                    json::encode(env, &mut body);
+                    Data::Text
+                }
+                Encoding::Binary => {
+                    frame::encode_ws_binary(env, &mut body);
+                    Data::Binary
+                }
+            };
+            let mut f = Frame::message(body, OpCode::Data(op), true);
+            f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
+            f.format(&mut out)?;
+        }
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// The next whole frame in the buffer: (opcode or `None` for a raw TCP
+    /// frame, payload range); advances past it.
+    fn next_frame(&mut self) -> Result<Option<(Option<OpCode>, std::ops::Range<usize>)>> {
+        let avail = &self.buf[self.start..self.end];
+        if self.ws {
+            let mut cur = Cursor::new(avail);
+            let Some((h, len)) = FrameHeader::parse(&mut cur)? else {
+                return Ok(None);
+            };
+            let hl = cur.position() as usize;
+            let len = usize::try_from(len).ok().filter(|&l| l <= MAX_FRAME);
+            let len = len.ok_or_else(|| anyhow!("frame over {MAX_FRAME} bytes"))?;
+            if avail.len() < hl + len {
+                return Ok(None);
+            }
+            if !h.is_final || h.rsv1 || h.mask.is_some() {
+                bail!(
+                    "frame the lean reader does not take: fin={} rsv1={}",
+                    h.is_final,
+                    h.rsv1
+                );
+            }
+            let r = self.start + hl..self.start + hl + len;
+            self.start = r.end;
+            Ok(Some((Some(h.opcode), r)))
+        } else {
+            let n = match frame::peek_frame(avail, MAX_FRAME as u32) {
+                Ok(Some(n)) => n,
+                Ok(None) => return Ok(None),
+                Err(e) => bail!("bad frame: {e:?}"),
+            };
+            let r = self.start + frame::LEN_BYTES..self.start + frame::LEN_BYTES + n;
+            self.start = r.end;
+            Ok(Some((None, r)))
+        }
+    }
+
+    /// Setup-time receive: the next envelope, fully decoded (pings answered).
+    async fn recv_setup(&mut self) -> Result<Envelope> {
+        loop {
+            while let Some(e) = self.pending.pop_front() {
+                match e.t {
+                    Type::Ping => self.send(&Envelope::pong(e.id)).await?,
+                    Type::Bye => bail!("bye {:?} {:?}", e.code, e.reason),
+                    _ => return Ok(e),
+                }
+            }
+            match self.next_frame()? {
+                Some((Some(OpCode::Control(Control::Ping)), r)) => {
+                    let body = self.buf[r].to_vec();
+                    self.pong(&body).await?;
+                }
+                Some((Some(OpCode::Control(Control::Close)), r)) => {
+                    bail!("closed: {}", close_text(&self.buf[r]))
+                }
+                Some((Some(OpCode::Control(_)), _)) => {}
+                Some((_, r)) => {
+                    let envs = decode_all(self.ws, self.enc, &self.buf[r])?;
+                    self.pending.extend(envs);
+                }
+                None => {
+                    if self.fill().await? == 0 {
+                        bail!("closed by the gateway during setup");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn pong(&mut self, body: &[u8]) -> Result<()> {
+        let mut f = Frame::pong(body.to_vec());
+        f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
+        let mut out = Vec::new();
+        f.format(&mut out)?;
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Subscribes to `ch` and waits for its `ok`.
+    pub async fn subscribe(&mut self, ch: &str) -> Result<()> {
+        let id = self.id();
+        let mut e = Envelope::new(Type::Sub);
+        e.id = Some(id);
+        e.ch = Some(ch.to_string());
+        self.send(&e).await?;
+        loop {
+            let e = self.recv_setup().await?;
+            match (e.id == Some(id), e.t) {
+                (true, Type::Ok) => return Ok(()),
+                (true, Type::Err) => bail!("sub {ch} refused: {:?} {:?}", e.code, e.reason),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn close_text(body: &[u8]) -> String {
+    match body {
+        [a, b, rest @ ..] => format!(
+            "{} {}",
+            u16::from_be_bytes([*a, *b]),
+            String::from_utf8_lossy(rest)
+        ),
+        _ => "1005".into(),
+    }
+}
+
+/// Every envelope of one frame, fully decoded.
+fn decode_all(ws: bool, enc: Encoding, body: &[u8]) -> Result<Vec<Envelope>> {
+    let r: std::result::Result<Vec<Envelope>, _> = if !ws {
+        binary::decode(body).map(|e| vec![e])
+    } else if enc == Encoding::Json {
+        json::decode_batch(body).collect()
+    } else {
+        frame::split_ws_binary(body)
+            .map(|p| p.and_then(binary::decode))
+            .collect()
+    };
+    r.map_err(|e| anyhow!("undecodable envelope: {e:?}"))
+}
+
+/// The JSON payload's key.
+const PAYLOAD_KEY: &[u8] = br#""d":"#;
+
+/// What one read's deliveries add up to, before they are published to the
+/// shared counters in one step.
+#[derive(Default)]
+struct Batch {
+    n: u64,
+    /// Send times of the stamps read (ns), converted to latency at the end of the read.
+    sent_at: Vec<u64>,
+    /// Pings to answer, bye seen.
+    pings: Vec<Option<u64>>,
+    bye: Option<String>,
+}
+
+/// Per-subscriber accounting.
+struct Books {
+    /// Sequence tracking per publisher index (indices are small and dense).
+    tracks: Vec<SeqTrack>,
+    stats: PeerStats,
+    /// Finds `"d":` (a key: inside a JSON string the quote would be escaped).
+    payload_key: memchr::memmem::Finder<'static>,
+}
+
+impl Books {
+    fn stamp(&mut self, b: &mut Batch, st: Option<payload::Stamp>) {
+        b.n += 1;
+        let Some(st) = st.filter(|s| s.p < 1 << 16) else {
+            self.stats.deliveries.malformed += 1;
+            return;
+        };
+        let p = st.p as usize;
+        if self.tracks.len() <= p {
+            self.tracks.resize_with(p + 1, SeqTrack::default);
+        }
+        self.tracks[p].record(st.s);
+        b.sent_at.push(st.t);
+    }
+
+    /// One envelope of the wire form: the fast path for `msg`, the full
+    /// decoder for the rest.
+    fn envelope(&mut self, b: &mut Batch, ws: bool, enc: Encoding, e: &[u8]) {
+        const JSON_MSG: &[u8] = br#"{"t":"msg","#;
+        if ws && enc == Encoding::Json {
+            // The payload follows the short fields (ch, seq, from); a `"d"`
+            // key inside `meta` would come first and fail the stamp, and
+            // then the full decoder decides.
+            if let Some(rest) = e.strip_prefix(JSON_MSG)
+                && let Some(i) = self.payload_key.find(rest)
+                && let Some(st) = payload::decode_json(&rest[i + PAYLOAD_KEY.len()..])
+            {
+                return self.stamp(b, Some(st));
+            }
+            match json::decode(e) {
+                Ok(env) => self.other(b, env),
+                Err(_) => self.stats.deliveries.malformed += 1,
+            }
+            return;
+        }
+        match binary::view(e) {
+            Ok(v) if v.t == Type::Msg => {
+                let st = if v.bits & binary::BIT_JSON != 0 {
+                    payload::decode_json(v.payload)
+                } else {
+                    payload::decode_binary(v.payload)
+                };
+                self.stamp(b, st)
+            }
+            Ok(_) => match binary::decode(e) {
+                Ok(env) => self.other(b, env),
+                Err(_) => self.stats.deliveries.malformed += 1,
+            },
+            Err(_) => self.stats.deliveries.malformed += 1,
+        }
+    }
+
+    fn other(&mut self, b: &mut Batch, env: Envelope) {
+        match env.t {
+            Type::Msg => {
+                let st = payload::decode(&env.payload);
+                self.stamp(b, st)
+            }
+            Type::Ping => b.pings.push(env.id),
+            Type::Bye => {
+                b.bye = Some(format!(
+                    "closed by server: {} ({})",
+                    env.code.unwrap_or(0),
+                    env.reason.unwrap_or_default()
+                ))
+            }
+            Type::Err => {
+                let code = env
+                    .code
+                    .and_then(edgegate_proto::ErrCode::from_number)
+                    .map(|c| c.name().to_string())
+                    .unwrap_or_else(|| format!("{:?}", env.code));
+                *self.stats.errs.entry(code).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Starts the receive loop of `sub` (records deliveries until `stop` flips).
+pub fn spawn(
+    sub: LeanSub,
+    counters: &Arc<Counters>,
+    stop: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<PeerStats> {
+    tokio::spawn(run(sub, counters.clone(), stop.clone()))
+}
+
+async fn run(
+    mut s: LeanSub,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) -> PeerStats {
+    let mut books = Books {
+        tracks: Vec::new(),
+        stats: PeerStats::default(),
+        payload_key: memchr::memmem::Finder::new(PAYLOAD_KEY),
+    };
+    let mut batch = Batch::default();
+    let mut lat_us: Vec<u64> = Vec::new();
+    let (ws, enc) = (s.ws, s.enc);
+    for env in std::mem::take(&mut s.pending) {
+        books.other(&mut batch, env);
+    }
+    let end = loop {
+        // Whatever is buffered first (setup may have read ahead).
+        let parsed = loop {
+            match s.next_frame() {
+                Ok(Some((op, r))) => match op {
+                    None | Some(OpCode::Data(Data::Text | Data::Binary)) => {
+                        let body = &s.buf[r];
+                        if !ws {
+                            books.envelope(&mut batch, ws, enc, body);
+                        } else if enc == Encoding::Json {
+                            let mut from = 0;
+                            for nl in memchr::memchr_iter(b'\n', body).chain([body.len()]) {
+                                if nl > from {
+                                    books.envelope(&mut batch, ws, enc, &body[from..nl]);
+                                }
+                                from = nl + 1;
+                            }
+                        } else {
+                            for part in frame::split_ws_binary(body) {
+                                match part {
+                                    Ok(p) => books.envelope(&mut batch, ws, enc, p),
+                                    Err(_) => books.stats.deliveries.malformed += 1,
+                                }
+                            }
+                        }
+                    }
+                    Some(OpCode::Control(Control::Ping)) => {
+                        let body = s.buf[r].to_vec();
+                        if let Err(e) = s.pong(&body).await {
+                            break Err(e);
+                        }
+                    }
+                    Some(OpCode::Control(Control::Close)) => {
+                        break Err(anyhow!("closed by server: {}", close_text(&s.buf[r])));
+                    }
+                    Some(_) => {}
+                },
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        if batch.n > 0 {
+            let now = now_ns();
+            lat_us.clear();
+            lat_us.extend(
+                batch
+                    .sent_at
+                    .drain(..)
+                    .map(|t| (now.saturating_sub(t) / 1000).max(1)),
+            );
+            for &us in &lat_us {
+                let _ = books.stats.deliveries.latency.record(us);
+            }
+            counters.timeline.record_all(now, &lat_us);
+            counters.received.fetch_add(batch.n, Relaxed);
+            books.stats.deliveries.received += batch.n;
+            batch.n = 0;
+        }
+        let mut answered = Ok(());
+        for id in std::mem::take(&mut batch.pings) {
+            answered = s.send(&Envelope::pong(id)).await;
+            if answered.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = answered {
+            break Err(e);
+        }
+        if let Some(bye) = batch.bye.take() {
+            break Err(anyhow!(bye));
+        }
+        if let Err(e) = parsed {
+            break Err(e);
+        }
+        tokio::select! {
+            r = s.fill() => match r {
+                Ok(0) => break Err(anyhow!("connection closed by the gateway")),
+                Ok(_) => {}
+                Err(e) => break Err(e),
+            },
+            _ = stop.changed() => break Ok(()),
+        }
+    };
+    if let Err(e) = end {
+        counters.disconnects.fetch_add(1, Relaxed);
+        books.stats.lost = Some(e.to_string());
+    }
+    for t in &books.tracks {
+        books.stats.deliveries.absorb(t);
+    }
+    books.stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::Stamp;
+
+    fn books() -> Books {
+        Books {
+            tracks: Vec::new(),
+            stats: PeerStats::default(),
+            payload_key: memchr::memmem::Finder::new(PAYLOAD_KEY),
+        }
+    }
+
+    /// A `msg` as the gateway's encoders write it, carrying `st`.
+    fn msg(enc: Encoding, st: Stamp) -> Vec<u8> {
+        let mut e = Envelope::new(Type::Msg);
+        e.ch = Some("room:a".into());
+        e.seq = Some(st.s);
+        e.from = Some("u".into());
+        e.payload = payload::encode(enc, st, 3);
+        let mut out = Vec::new();
+        match enc {
+            Encoding::Json => json::encode(&e, &mut out),
+            Encoding::Binary => binary::encode(&e, &mut out),
+        }
+        out
+    }
+
+    #[test]
+    fn reads_stamps_in_place_in_both_encodings() {
+        for enc in [Encoding::Json, Encoding::Binary] {
+            let (mut b, mut batch) = (books(), Batch::default());
+            for s in [1, 2, 2, 4, 3] {
+                let st = Stamp {
+                    p: 1,
+                    s,
+                    t: 1000 * s,
+                };
+                b.envelope(&mut batch, true, enc, &msg(enc, st));
+            }
+            assert_eq!(batch.n, 5, "{enc:?}");
+            assert_eq!(batch.sent_at, [1000, 2000, 2000, 4000, 3000], "{enc:?}");
+            let t = &b.tracks[1];
+            assert_eq!((t.unique, t.dups, t.reordered), (4, 1, 1), "{enc:?}");
+            assert_eq!(b.stats.deliveries.malformed, 0);
+        }
+    }
+
+    #[test]
+    fn other_envelopes_take_the_full_decoder() {
+        let (mut b, mut batch) = (books(), Batch::default());
+        let mut ping = Envelope::new(Type::Ping);
+        ping.id = Some(7);
+        let mut bye = Envelope::new(Type::Bye);
+        bye.code = Some(4003);
+        bye.reason = Some("slow consumer".into());
+        let mut err = Envelope::new(Type::Err);
+        err.code = Some(edgegate_proto::ErrCode::RateLimited.number());
+        for e in [&ping, &bye, &err] {
+            let mut out = Vec::new();
+            json::encode(e, &mut out);
+            b.envelope(&mut batch, true, Encoding::Json, &out);
+        }
+        // A msg whose fields are in another order still counts.
+        let odd = br#"{"t":"msg","d":{"s":1,"t":5,"p":0},"ch":"room:a"}"#;
+        b.envelope(&mut batch, true, Encoding::Json, odd);
+        b.envelope(&mut batch, true, Encoding::Json, b"{not json");
+        assert_eq!(batch.pings, [Some(7)]);
+        assert_eq!(
+            batch.bye.as_deref(),
+            Some("closed by server: 4003 (slow consumer)")
+        );
+        assert_eq!(b.stats.errs.get("rate_limited"), Some(&1));
+        assert_eq!((batch.n, batch.sent_at.as_slice()), (1, &[5][..]));
+        assert_eq!(b.stats.deliveries.malformed, 1);
+    }
+}

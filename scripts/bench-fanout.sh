@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Fan-out on one core: the gateway pinned to CPU 0 with one shard, the
+# harness pinned to CPU 1. Recorded in docs/benchmarks.md ("The harness
+# outruns the gateway (issue 13)").
+# usage: scripts/bench-fanout.sh LABEL GATEWAY_BIN RECEIVER K P RATE [EXTRA LOADTEST ARGS...]
+#   e.g. scripts/bench-fanout.sh new target/release/edgegate lean 100 10 2000
+# env: LT (loadtest binary, default target/release/loadtest), OUT (default /tmp/bench),
+#      SECS (publishing seconds, default 10)
+set -u
+label=$1; bin=$2; recv=$3; k=$4; p=$5; rate=$6; shift 6
+LT=${LT:-target/release/loadtest}
+OUT=${OUT:-/tmp/bench}
+mkdir -p "$OUT"
+out=$OUT/$label-$recv-k$k-p$p-r$rate
+EDGEGATE_WS__LISTEN=127.0.0.1:18580 EDGEGATE_TCP__LISTEN=127.0.0.1:17500 \
+EDGEGATE_ADMIN__LISTEN=127.0.0.1:19590 EDGEGATE_QUIC__LISTEN= \
+EDGEGATE_SHARDS__COUNT=1 EDGEGATE_SHARDS__CPUS=0 RUST_LOG=warn \
+    taskset -c 0 "$bin" run > "$out.gw.log" 2>&1 &
+GW=$!
+for _ in $(seq 100); do curl -sf 127.0.0.1:19590/readyz >/dev/null && break; sleep 0.1; done
+taskset -c 1 "$LT" fanout --subscribers "$k" --publishers "$p" --rate "$rate" \
+    --duration "${SECS:-10}" --size 64 --receiver "$recv" --target 127.0.0.1:18580 \
+    --admin 127.0.0.1:19590 --gateway-pid $GW --source-ips 127.0.0.2-127.0.0.50 \
+    --quiet --json "$out.json" "$@" > "$out.txt" 2>&1
+kill -TERM $GW; wait $GW 2>/dev/null
+python3 - "$out.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+l = r["latency"]
+print(f'{r["params"]["receiver"]:6} K={r["params"]["subscribers"]} P={r["params"]["publishers"]} '
+      f'{r["deliveries_per_sec"]:>10.0f} deliv/s  lost {r["lost"]}  disc {r["disconnects"]}  '
+      f'p50 {l["p50_ms"]:.3f} p99 {l["p99_ms"]:.3f} p99.9 {l["p999_ms"]:.3f} ms  '
+      f'gw {r["gateway_cpu_pct"]:.1f}% {r["gateway_cpu_us_per_delivery"]:.3f} us/d  '
+      f'harness {r["harness_cpu_pct"]:.1f}% {r["harness_cpu_us_per_delivery"]:.3f} us/d')
+PY
+sleep 1

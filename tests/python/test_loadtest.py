@@ -1,0 +1,75 @@
+"""The bundled harness against the real gateway: its fan-out scenario with
+lean receivers (own socket, deliveries counted in place) must account for
+every delivery exactly as the client-library receivers do, on each plain
+transport and encoding, and report its own CPU per delivery."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+LT = Path(os.environ.get("EDGEGATE_LOADTEST_BIN", REPO / "target" / "debug" / "loadtest"))
+
+
+def fanout(gw, tmp_path, *args: str) -> dict:
+    assert LT.exists(), f"loadtest binary not found at {LT} (cargo build --workspace)"
+    out = tmp_path / "fanout.json"
+    p = subprocess.run(
+        [str(LT), "fanout", "--subscribers", "30", "--publishers", "3", "--rate", "300",
+         "--duration", "2", "--size", "40", "--admin", f"127.0.0.1:{gw.admin_port}",
+         "--gateway-pid", str(gw.proc.pid), "--quiet", "--json", str(out), *args],
+        capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"loadtest failed:\n{p.stdout}\n{p.stderr}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("transport,encoding,receiver", [
+    ("ws", "json", "lean"), ("ws", "bin", "lean"), ("tcp", "bin", "lean"),
+    ("ws", "json", "client"),
+])
+def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encoding, receiver):
+    gw = gateway()
+    port = gw.ws_port if transport == "ws" else gw.tcp_port
+    r = fanout(gw, tmp_path, "--transport", transport, "--encoding", encoding,
+               "--target", f"127.0.0.1:{port}", "--receiver", receiver)
+    assert r["params"]["receiver"] == receiver
+    assert r["sent"] == 600 and r["expected_deliveries"] == 30 * 600
+    assert (r["received"], r["unique"], r["lost"]) == (18000, 18000, 0), r
+    assert (r["duplicates"], r["order_violations"], r["malformed"]) == (0, 0, 0), r
+    assert r["latency"]["count"] == 18000
+    # The gateway sent at least what the harness counted (welcome, ok and
+    # heartbeat envelopes besides).
+    assert gw.metric("edgegate_messages_out_total") >= 18000 + 600 + 30 + 33
+    assert r["harness_cpu_us_per_delivery"] > 0
+    assert r["gateway_cpu_us_per_delivery"] > 0
+
+
+def test_lean_receivers_report_a_drain(gateway, tmp_path):
+    """A gateway drained mid-run (SIGTERM) says goodbye to every lean
+    subscriber: the harness reports each close with the gateway's code
+    instead of hanging or counting what never came."""
+    gw = gateway(EDGEGATE_DRAIN__WINDOW_MS=500)
+    out = tmp_path / "fanout.json"
+    p = subprocess.Popen(
+        [str(LT), "fanout", "--subscribers", "20", "--publishers", "1", "--rate", "200",
+         "--duration", "6", "--drain-secs", "1", "--target", f"127.0.0.1:{gw.ws_port}",
+         "--gateway-pid", str(gw.proc.pid), "--quiet", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while gw.metric("edgegate_messages_out_total") < 20 * 100 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gw.expect_exit()
+    gw.sigterm()
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, f"loadtest failed:\n{stdout}\n{stderr}"
+    r = json.loads(out.read_text())
+    assert r["params"]["receiver"] == "lean"
+    assert 0 < r["received"] < r["expected_deliveries"]
+    assert r["disconnects"] == 21, r["disconnect_reasons"]
+    lean = {k: v for k, v in r["disconnect_reasons"].items() if "1001" in k}
+    assert sum(lean.values()) >= 20, r["disconnect_reasons"]
