@@ -5,7 +5,7 @@
 # usage: scripts/bench-fanout.sh LABEL GATEWAY_BIN RECEIVER K P RATE [EXTRA LOADTEST ARGS...]
 #   e.g. scripts/bench-fanout.sh new target/release/edgegate lean 100 10 2000
 # env: LT (loadtest binary, default target/release/loadtest), OUT (default /tmp/bench),
-#      SECS (publishing seconds, default 10)
+#      SECS (publishing seconds, default 10), SIZE (payload padding bytes, default 64)
 set -u
 label=$1; bin=$2; recv=$3; k=$4; p=$5; rate=$6; shift 6
 LT=${LT:-target/release/loadtest}
@@ -19,7 +19,7 @@ EDGEGATE_SHARDS__COUNT=1 EDGEGATE_SHARDS__CPUS=0 RUST_LOG=warn \
 GW=$!
 for _ in $(seq 100); do curl -sf 127.0.0.1:19590/readyz >/dev/null && break; sleep 0.1; done
 taskset -c 1 "$LT" fanout --subscribers "$k" --publishers "$p" --rate "$rate" \
-    --duration "${SECS:-10}" --size 64 --receiver "$recv" --target 127.0.0.1:18580 \
+    --duration "${SECS:-10}" --size "${SIZE:-64}" --receiver "$recv" --target 127.0.0.1:18580 \
     --admin 127.0.0.1:19590 --gateway-pid $GW --source-ips 127.0.0.2-127.0.0.50 \
     --quiet --json "$out.json" "$@" > "$out.txt" 2>&1
 kill -TERM $GW; wait $GW 2>/dev/null

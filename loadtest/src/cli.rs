@@ -230,6 +230,10 @@ pub struct FanoutArgs {
     /// application would). TLS and QUIC always use `client`.
     #[arg(long, default_value = "lean")]
     pub receiver: Receiver,
+    /// Lean WebSocket subscribers ask for permessage-deflate (no context
+    /// takeover) and inflate what comes compressed.
+    #[arg(long)]
+    pub deflate: bool,
 }
 
 /// How a scenario's subscribers read their deliveries.

@@ -57,6 +57,8 @@ pub struct LeanSub {
     stream: TcpStream,
     ws: bool,
     enc: Encoding,
+    /// permessage-deflate agreed (no context takeover either way).
+    deflate: bool,
     buf: Vec<u8>,
     /// `buf[start..end]` holds bytes not yet parsed.
     start: usize,
@@ -70,22 +72,30 @@ impl LeanSub {
     /// Connects as `cfg` says (plain WebSocket on `/ws` or raw TCP; address,
     /// source, user, encoding), says `hello` and waits for `welcome`, all
     /// within `cfg.connect_timeout`.
-    pub async fn connect(cfg: &ClientConfig) -> Result<Self> {
+    /// With `deflate`, permessage-deflate is asked for (no context takeover
+    /// either way) and a gateway that does not agree is an error.
+    pub async fn connect(cfg: &ClientConfig, deflate: bool) -> Result<Self> {
         let t = cfg.connect_timeout;
         let addr = cfg.addr.as_str();
-        tokio::time::timeout(t, Self::connect_inner(cfg))
+        tokio::time::timeout(t, Self::connect_inner(cfg, deflate))
             .await
             .map_err(|_| anyhow!("{addr}: connect + hello timed out after {t:?}"))?
     }
 
     /// Connects as `cfg` says and subscribes to `ch`.
-    pub async fn subscribed(cfg: ClientConfig, ch: String) -> std::result::Result<Self, String> {
-        let mut s = Self::connect(&cfg).await.map_err(|e| format!("{e:#}"))?;
+    pub async fn subscribed(
+        cfg: ClientConfig,
+        ch: String,
+        deflate: bool,
+    ) -> std::result::Result<Self, String> {
+        let mut s = Self::connect(&cfg, deflate)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
         s.subscribe(&ch).await.map_err(|e| format!("{e:#}"))?;
         Ok(s)
     }
 
-    async fn connect_inner(cfg: &ClientConfig) -> Result<Self> {
+    async fn connect_inner(cfg: &ClientConfig, deflate: bool) -> Result<Self> {
         let (user, src) = (cfg.user.as_str(), cfg.source_addr);
         let rest = cfg.addr.strip_prefix("ws://").unwrap_or(&cfg.addr);
         let (addr, path) = match rest.find('/') {
@@ -124,6 +134,7 @@ impl LeanSub {
             } else {
                 Encoding::Binary
             },
+            deflate: false,
             buf: vec![0; READ_CHUNK],
             start: 0,
             end: 0,
@@ -131,7 +142,7 @@ impl LeanSub {
             pending: Default::default(),
         };
         if s.ws {
-            s.upgrade(addr, path).await?;
+            s.upgrade(addr, path, deflate).await?;
         } else {
             s.stream.write_all(&frame::PREFACE).await?;
         }
@@ -152,12 +163,17 @@ impl LeanSub {
     }
 
     /// The HTTP/1.1 upgrade, checked as RFC 6455 §4.1 asks.
-    async fn upgrade(&mut self, addr: &str, path: &str) -> Result<()> {
+    async fn upgrade(&mut self, addr: &str, path: &str, deflate: bool) -> Result<()> {
         let key = tungstenite::handshake::client::generate_key();
+        let ext = if deflate {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; server_no_context_takeover\r\n"
+        } else {
+            ""
+        };
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Protocol: {}\r\n\r\n",
+             Sec-WebSocket-Protocol: {}\r\n{ext}\r\n",
             self.enc.subprotocol()
         );
         self.stream.write_all(req.as_bytes()).await?;
@@ -177,6 +193,13 @@ impl LeanSub {
                         .map(|h| h.value);
                     if got != Some(want.as_bytes()) {
                         bail!("{addr}: bad Sec-WebSocket-Accept");
+                    }
+                    self.deflate = resp.headers.iter().any(|h| {
+                        h.name.eq_ignore_ascii_case("sec-websocket-extensions")
+                            && memchr::memmem::find(h.value, b"permessage-deflate").is_some()
+                    });
+                    if deflate && !self.deflate {
+                        bail!("{addr}: permessage-deflate asked for, not agreed");
                     }
                     self.start = n;
                     return Ok(());
@@ -239,7 +262,7 @@ impl LeanSub {
 
     /// The next whole frame in the buffer: (opcode or `None` for a raw TCP
     /// frame, payload range); advances past it.
-    fn next_frame(&mut self) -> Result<Option<(Option<OpCode>, std::ops::Range<usize>)>> {
+    fn next_frame(&mut self) -> Result<Option<Next>> {
         let avail = &self.buf[self.start..self.end];
         if self.ws {
             let mut cur = Cursor::new(avail);
@@ -252,7 +275,7 @@ impl LeanSub {
             if avail.len() < hl + len {
                 return Ok(None);
             }
-            if !h.is_final || h.rsv1 || h.mask.is_some() {
+            if !h.is_final || (h.rsv1 && !self.deflate) || h.mask.is_some() {
                 bail!(
                     "frame the lean reader does not take: fin={} rsv1={}",
                     h.is_final,
@@ -261,7 +284,11 @@ impl LeanSub {
             }
             let r = self.start + hl..self.start + hl + len;
             self.start = r.end;
-            Ok(Some((Some(h.opcode), r)))
+            Ok(Some(Next {
+                op: Some(h.opcode),
+                body: r,
+                deflated: h.rsv1,
+            }))
         } else {
             let n = match frame::peek_frame(avail, MAX_FRAME as u32) {
                 Ok(Some(n)) => n,
@@ -270,7 +297,11 @@ impl LeanSub {
             };
             let r = self.start + frame::LEN_BYTES..self.start + frame::LEN_BYTES + n;
             self.start = r.end;
-            Ok(Some((None, r)))
+            Ok(Some(Next {
+                op: None,
+                body: r,
+                deflated: false,
+            }))
         }
     }
 
@@ -285,16 +316,22 @@ impl LeanSub {
                 }
             }
             match self.next_frame()? {
-                Some((Some(OpCode::Control(Control::Ping)), r)) => {
-                    let body = self.buf[r].to_vec();
-                    self.pong(&body).await?;
-                }
-                Some((Some(OpCode::Control(Control::Close)), r)) => {
-                    bail!("closed: {}", close_text(&self.buf[r]))
-                }
-                Some((Some(OpCode::Control(_)), _)) => {}
-                Some((_, r)) => {
-                    let envs = decode_all(self.ws, self.enc, &self.buf[r])?;
+                Some(Next {
+                    op: Some(OpCode::Control(c)),
+                    body,
+                    ..
+                }) => match c {
+                    Control::Ping => {
+                        let body = self.buf[body].to_vec();
+                        self.pong(&body).await?;
+                    }
+                    Control::Close => bail!("closed: {}", close_text(&self.buf[body])),
+                    _ => {}
+                },
+                Some(n) => {
+                    let (ws, enc) = (self.ws, self.enc);
+                    let envs =
+                        with_body(&self.buf[n.body], n.deflated, |m| decode_all(ws, enc, m))??;
                     self.pending.extend(envs);
                 }
                 None => {
@@ -331,6 +368,63 @@ impl LeanSub {
             }
         }
     }
+}
+
+/// One whole frame found in the buffer.
+struct Next {
+    /// WebSocket opcode; `None` for a raw TCP frame.
+    op: Option<OpCode>,
+    /// Where its payload lies in the buffer.
+    body: std::ops::Range<usize>,
+    /// RSV1: a compressed message (permessage-deflate).
+    deflated: bool,
+}
+
+thread_local! {
+    /// One inflater per harness thread, as the gateway has one per shard
+    /// (no context takeover: nothing is kept between messages).
+    static INFLATER: std::cell::RefCell<Inflated> = Default::default();
+}
+
+/// The inflater and what it inflated lately. A fanned-out message is
+/// compressed once per gateway shard, so its subscribers receive the same
+/// bytes: a message seen before (the same compressed bytes, compared in
+/// full) is not inflated again, as the gateway does not compress it again.
+#[derive(Default)]
+struct Inflated {
+    inflater: edgegate_proto::deflate::Inflater,
+    /// Hash of the compressed bytes → (compressed, inflated).
+    seen: std::collections::HashMap<u64, (Vec<u8>, Vec<u8>)>,
+    keys: std::hash::RandomState,
+}
+
+/// Messages remembered per thread (a few in flight per publisher).
+const SEEN_MAX: usize = 256;
+
+/// Runs `f` on a frame's message: `body` itself, or inflated.
+fn with_body<R>(body: &[u8], deflated: bool, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    use std::hash::BuildHasher;
+    if !deflated {
+        return Ok(f(body));
+    }
+    INFLATER.with_borrow_mut(|z| {
+        let h = z.keys.hash_one(body);
+        if let Some((c, m)) = z.seen.get(&h)
+            && c == body
+        {
+            return Ok(f(m));
+        }
+        let m = match z.inflater.inflate(body, MAX_FRAME) {
+            Ok(m) => m.to_vec(),
+            Err(v) => bail!("bad compressed message: {} {}", v.code, v.reason),
+        };
+        let r = f(&m);
+        if z.seen.len() >= SEEN_MAX {
+            z.seen.clear();
+        }
+        z.seen.insert(h, (body.to_vec(), m));
+        Ok(r)
+    })
 }
 
 fn close_text(body: &[u8]) -> String {
@@ -395,6 +489,28 @@ impl Books {
         }
         self.tracks[p].record(st.s);
         b.sent_at.push(st.t);
+    }
+
+    /// Every envelope of one message (a TCP frame, a WebSocket message).
+    fn frame(&mut self, b: &mut Batch, ws: bool, enc: Encoding, body: &[u8]) {
+        if !ws {
+            self.envelope(b, ws, enc, body);
+        } else if enc == Encoding::Json {
+            let mut from = 0;
+            for nl in memchr::memchr_iter(b'\n', body).chain([body.len()]) {
+                if nl > from {
+                    self.envelope(b, ws, enc, &body[from..nl]);
+                }
+                from = nl + 1;
+            }
+        } else {
+            for part in frame::split_ws_binary(body) {
+                match part {
+                    Ok(p) => self.envelope(b, ws, enc, p),
+                    Err(_) => self.stats.deliveries.malformed += 1,
+                }
+            }
+        }
     }
 
     /// One envelope of the wire form: the fast path for `msg`, the full
@@ -490,36 +606,23 @@ async fn run(
         // Whatever is buffered first (setup may have read ahead).
         let parsed = loop {
             match s.next_frame() {
-                Ok(Some((op, r))) => match op {
+                Ok(Some(n)) => match n.op {
                     None | Some(OpCode::Data(Data::Text | Data::Binary)) => {
-                        let body = &s.buf[r];
-                        if !ws {
-                            books.envelope(&mut batch, ws, enc, body);
-                        } else if enc == Encoding::Json {
-                            let mut from = 0;
-                            for nl in memchr::memchr_iter(b'\n', body).chain([body.len()]) {
-                                if nl > from {
-                                    books.envelope(&mut batch, ws, enc, &body[from..nl]);
-                                }
-                                from = nl + 1;
-                            }
-                        } else {
-                            for part in frame::split_ws_binary(body) {
-                                match part {
-                                    Ok(p) => books.envelope(&mut batch, ws, enc, p),
-                                    Err(_) => books.stats.deliveries.malformed += 1,
-                                }
-                            }
+                        let r = with_body(&s.buf[n.body], n.deflated, |m| {
+                            books.frame(&mut batch, ws, enc, m)
+                        });
+                        if let Err(e) = r {
+                            break Err(e);
                         }
                     }
                     Some(OpCode::Control(Control::Ping)) => {
-                        let body = s.buf[r].to_vec();
+                        let body = s.buf[n.body].to_vec();
                         if let Err(e) = s.pong(&body).await {
                             break Err(e);
                         }
                     }
                     Some(OpCode::Control(Control::Close)) => {
-                        break Err(anyhow!("closed by server: {}", close_text(&s.buf[r])));
+                        break Err(anyhow!("closed by server: {}", close_text(&s.buf[n.body])));
                     }
                     Some(_) => {}
                 },
@@ -654,5 +757,26 @@ mod tests {
         assert_eq!(b.stats.errs.get("rate_limited"), Some(&1));
         assert_eq!((batch.n, batch.sent_at.as_slice()), (1, &[5][..]));
         assert_eq!(b.stats.deliveries.malformed, 1);
+    }
+
+    #[test]
+    fn compressed_messages_inflate_once_and_read_the_same() {
+        let mut z = edgegate_proto::deflate::Deflater::new(edgegate_proto::deflate::LEVEL);
+        let (a, b) = (vec![b'a'; 500], vec![b'b'; 500]);
+        let (mut za, mut zb) = (Vec::new(), Vec::new());
+        assert!(z.compress(&[&a], &mut za) && z.compress(&[&b], &mut zb));
+        for _ in 0..3 {
+            assert_eq!(with_body(&za, true, <[u8]>::to_vec).expect("a"), a);
+            assert_eq!(with_body(&zb, true, <[u8]>::to_vec).expect("b"), b);
+        }
+        assert_eq!(INFLATER.with_borrow(|z| z.seen.len()), 2);
+        assert_eq!(
+            with_body(b"plain", false, <[u8]>::to_vec).expect("plain"),
+            b"plain"
+        );
+        assert!(
+            with_body(&[0xff, 0xff, 0xff], true, |_| ()).is_err(),
+            "not deflate data"
+        );
     }
 }

@@ -49,6 +49,22 @@ def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encodi
     assert r["gateway_cpu_us_per_delivery"] > 0
 
 
+def test_lean_receivers_inflate_compressed_deliveries(gateway, tmp_path):
+    """With --deflate the lean subscribers negotiate permessage-deflate and
+    inflate what the gateway compressed once per shard: every delivery is
+    still accounted for, and the gateway did compress."""
+    gw = gateway(EDGEGATE_WS__COMPRESSION_MIN_BYTES=64)
+    r = fanout(gw, tmp_path, "--target", f"127.0.0.1:{gw.ws_port}", "--deflate")
+    assert r["params"]["deflate"] is True
+    assert (r["received"], r["unique"], r["lost"], r["malformed"]) == (18000, 18000, 0, 0), r
+    assert (r["duplicates"], r["order_violations"]) == (0, 0)
+    compressions = gw.metric("edgegate_ws_deflate_compressions_total")
+    # Once per message and shard (2 shards), not once per subscriber.
+    assert 600 <= compressions <= 2 * 600 + 100, compressions
+    out = gw.metric("edgegate_ws_deflate_bytes_total", dir="out", form="compressed")
+    assert out > 0
+
+
 def test_lean_receivers_report_a_drain(gateway, tmp_path):
     """A gateway drained mid-run (SIGTERM) says goodbye to every lean
     subscriber: the harness reports each close with the gateway's code

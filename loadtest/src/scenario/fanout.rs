@@ -43,10 +43,14 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let t_setup = Instant::now();
     let subs_users: Vec<String> = (0..k).map(|i| format!("lt-fs-{i}")).collect();
     let lean = a.receiver == Receiver::Lean && crate::lean::serves(c);
+    if a.deflate && !(lean && c.transport == crate::Transport::Ws) {
+        anyhow::bail!("--deflate takes lean receivers over plain ws");
+    }
+    let deflate = a.deflate;
     let r2 = room.clone();
     let subs = if lean {
         let lean_subs = peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
-            crate::lean::LeanSub::subscribed(cfg, r2.clone())
+            crate::lean::LeanSub::subscribed(cfg, r2.clone(), deflate)
         })
         .await?;
         Subs::Lean(lean_subs)
@@ -144,7 +148,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             "subscribers": k, "publishers": p, "rate": a.rate, "duration": a.duration,
             "size": a.size, "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "threads": c.threads, "room": room,
-            "receiver": if lean { "lean" } else { "client" },
+            "receiver": if lean { "lean" } else { "client" }, "deflate": deflate,
         }),
     );
     let deliv_rate = received as f64 / total_secs;
