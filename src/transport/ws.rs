@@ -350,10 +350,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
     /// The shard's compression state, where this connection compresses
     /// what it sends.
     fn compressor<'s>(&self, shard: &'s Shard) -> Option<&'s ShardDeflate> {
-        shard
-            .deflate
-            .as_ref()
-            .filter(|_| self.deflate == Deflate::Both)
+        match self.deflate {
+            Deflate::Both => shard.deflate(),
+            Deflate::Off | Deflate::Inbound => None,
+        }
     }
 
     /// Runs `data` through the frame reader, answering control frames.
@@ -406,9 +406,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
             }
             Ok(())
         };
-        let mut inflater = match (&shard.deflate, self.deflate) {
-            (Some(z), Deflate::Inbound | Deflate::Both) => Some(z.inflater.borrow_mut()),
-            _ => None,
+        let mut inflater = match self.deflate {
+            Deflate::Inbound | Deflate::Both => shard.deflate().map(|z| z.inflater.borrow_mut()),
+            Deflate::Off => None,
         };
         let r = self
             .reader
