@@ -4,6 +4,9 @@
 # outruns the gateway (issue 13)").
 # usage: scripts/bench-fanout.sh LABEL GATEWAY_BIN RECEIVER K P RATE [EXTRA LOADTEST ARGS...]
 #   e.g. scripts/bench-fanout.sh new target/release/edgegate lean 100 10 2000
+# A GATEWAY_BIN named nats-server runs the same fan-out against its WebSocket
+# listener (pinned the same way; the harness speaks --dialect nats):
+#   scripts/bench-fanout.sh nats .venv/bin/nats-server lean 100 10 2000
 # env: LT (loadtest binary, default target/release/loadtest), OUT (default /tmp/bench),
 #      SECS (publishing seconds, default 10), SIZE (payload padding bytes, default 64)
 set -u
@@ -12,22 +15,31 @@ LT=${LT:-target/release/loadtest}
 OUT=${OUT:-/tmp/bench}
 mkdir -p "$OUT"
 out=$OUT/$label-$recv-k$k-p$p-r$rate
-EDGEGATE_WS__LISTEN=127.0.0.1:18580 EDGEGATE_TCP__LISTEN=127.0.0.1:17500 \
-EDGEGATE_ADMIN__LISTEN=127.0.0.1:19590 EDGEGATE_QUIC__LISTEN= \
-EDGEGATE_SHARDS__COUNT=1 EDGEGATE_SHARDS__CPUS=0 RUST_LOG=warn \
-    taskset -c 0 "$bin" run > "$out.gw.log" 2>&1 &
-GW=$!
-for _ in $(seq 100); do curl -sf 127.0.0.1:19590/readyz >/dev/null && break; sleep 0.1; done
+if [ "$(basename "$bin")" = nats-server ]; then
+    printf 'port: 14222\nwebsocket {\n  port: 18880\n  no_tls: true\n}\n' > "$out.nats.conf"
+    taskset -c 0 "$bin" -c "$out.nats.conf" > "$out.gw.log" 2>&1 &
+    GW=$!
+    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18880) 2>/dev/null && break; sleep 0.1; done
+    server=(--dialect nats --target 127.0.0.1:18880)
+else
+    EDGEGATE_WS__LISTEN=127.0.0.1:18580 EDGEGATE_TCP__LISTEN=127.0.0.1:17500 \
+    EDGEGATE_ADMIN__LISTEN=127.0.0.1:19590 EDGEGATE_QUIC__LISTEN= \
+    EDGEGATE_SHARDS__COUNT=1 EDGEGATE_SHARDS__CPUS=0 RUST_LOG=warn \
+        taskset -c 0 "$bin" run > "$out.gw.log" 2>&1 &
+    GW=$!
+    for _ in $(seq 100); do curl -sf 127.0.0.1:19590/readyz >/dev/null && break; sleep 0.1; done
+    server=(--target 127.0.0.1:18580 --admin 127.0.0.1:19590)
+fi
 taskset -c 1 "$LT" fanout --subscribers "$k" --publishers "$p" --rate "$rate" \
-    --duration "${SECS:-10}" --size "${SIZE:-64}" --receiver "$recv" --target 127.0.0.1:18580 \
-    --admin 127.0.0.1:19590 --gateway-pid $GW --source-ips 127.0.0.2-127.0.0.50 \
+    --duration "${SECS:-10}" --size "${SIZE:-64}" --receiver "$recv" "${server[@]}" \
+    --gateway-pid $GW --source-ips 127.0.0.2-127.0.0.50 \
     --quiet --json "$out.json" "$@" > "$out.txt" 2>&1
 kill -TERM $GW; wait $GW 2>/dev/null
 python3 - "$out.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 l = r["latency"]
-print(f'{r["params"]["receiver"]:6} K={r["params"]["subscribers"]} P={r["params"]["publishers"]} '
+print(f'{r["params"].get("dialect", "edgegate"):8} {r["params"]["receiver"]:6} K={r["params"]["subscribers"]} P={r["params"]["publishers"]} '
       f'{r["deliveries_per_sec"]:>10.0f} deliv/s  lost {r["lost"]}  disc {r["disconnects"]}  '
       f'p50 {l["p50_ms"]:.3f} p99 {l["p99_ms"]:.3f} p99.9 {l["p999_ms"]:.3f} ms  '
       f'gw {r["gateway_cpu_pct"]:.1f}% {r["gateway_cpu_us_per_delivery"]:.3f} us/d  '

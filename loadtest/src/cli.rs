@@ -234,6 +234,20 @@ pub struct FanoutArgs {
     /// takeover) and inflate what comes compressed.
     #[arg(long)]
     pub deflate: bool,
+    /// The server's protocol: `edgegate`, or `nats` to run the same
+    /// scenario against nats-server's WebSocket listener (`--target` its
+    /// `websocket` port; subject = room with `:` as `.`).
+    #[arg(long, default_value = "edgegate")]
+    pub dialect: Dialect,
+}
+
+/// Whose protocol the fan-out speaks.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// edgegate's (docs/protocol.md).
+    Edgegate,
+    /// NATS over WebSocket, for a side-by-side with nats-server.
+    Nats,
 }
 
 /// How a scenario's subscribers read their deliveries.

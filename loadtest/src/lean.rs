@@ -54,15 +54,15 @@ pub fn serves(c: &Common) -> bool {
 
 /// One subscriber connection read without the client library.
 pub struct LeanSub {
-    stream: TcpStream,
+    pub(crate) stream: TcpStream,
     ws: bool,
     enc: Encoding,
     /// permessage-deflate agreed (no context takeover either way).
     deflate: bool,
-    buf: Vec<u8>,
+    pub(crate) buf: Vec<u8>,
     /// `buf[start..end]` holds bytes not yet parsed.
-    start: usize,
-    end: usize,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
     next_id: u64,
     /// Envelopes decoded during setup behind the one it waited for.
     pending: std::collections::VecDeque<Envelope>,
@@ -96,11 +96,37 @@ impl LeanSub {
     }
 
     async fn connect_inner(cfg: &ClientConfig, deflate: bool) -> Result<Self> {
-        let (user, src) = (cfg.user.as_str(), cfg.source_addr);
+        let mut s = Self::open(cfg, deflate, Some(cfg.encoding.subprotocol()), "/ws").await?;
+        let mut hello = Envelope::new(Type::Hello);
+        hello.id = Some(s.id());
+        hello.meta = Some(
+            serde_json::json!({"user": cfg.user, "client": "edgegate-loadtest-lean"}).to_string(),
+        );
+        s.send(&hello).await?;
+        match s.recv_setup().await? {
+            e if e.t == Type::Welcome => Ok(s),
+            e => bail!(
+                "{}: expected welcome, got {:?} {:?}",
+                cfg.addr,
+                e.t,
+                e.reason
+            ),
+        }
+    }
+
+    /// Opens the TCP connection and, for WebSocket, upgrades it (asking for
+    /// `subprotocol`, on `default_path` unless the address names one).
+    pub(crate) async fn open(
+        cfg: &ClientConfig,
+        deflate: bool,
+        subprotocol: Option<&str>,
+        default_path: &str,
+    ) -> Result<Self> {
+        let src = cfg.source_addr;
         let rest = cfg.addr.strip_prefix("ws://").unwrap_or(&cfg.addr);
         let (addr, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/ws"),
+            None => (rest, default_path),
         };
         if cfg.tls || !matches!(cfg.transport, Transport::Ws | Transport::Tcp) {
             bail!("the lean reader takes plain ws and tcp only");
@@ -142,19 +168,11 @@ impl LeanSub {
             pending: Default::default(),
         };
         if s.ws {
-            s.upgrade(addr, path, deflate).await?;
+            s.upgrade(addr, path, deflate, subprotocol).await?;
         } else {
             s.stream.write_all(&frame::PREFACE).await?;
         }
-        let mut hello = Envelope::new(Type::Hello);
-        hello.id = Some(s.id());
-        hello.meta =
-            Some(serde_json::json!({"user": user, "client": "edgegate-loadtest-lean"}).to_string());
-        s.send(&hello).await?;
-        match s.recv_setup().await? {
-            e if e.t == Type::Welcome => Ok(s),
-            e => bail!("{addr}: expected welcome, got {:?} {:?}", e.t, e.reason),
-        }
+        Ok(s)
     }
 
     fn id(&mut self) -> u64 {
@@ -163,18 +181,25 @@ impl LeanSub {
     }
 
     /// The HTTP/1.1 upgrade, checked as RFC 6455 §4.1 asks.
-    async fn upgrade(&mut self, addr: &str, path: &str, deflate: bool) -> Result<()> {
+    async fn upgrade(
+        &mut self,
+        addr: &str,
+        path: &str,
+        deflate: bool,
+        subprotocol: Option<&str>,
+    ) -> Result<()> {
         let key = tungstenite::handshake::client::generate_key();
         let ext = if deflate {
             "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; server_no_context_takeover\r\n"
         } else {
             ""
         };
+        let proto = subprotocol
+            .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+            .unwrap_or_default();
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Protocol: {}\r\n{ext}\r\n",
-            self.enc.subprotocol()
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{proto}{ext}\r\n"
         );
         self.stream.write_all(req.as_bytes()).await?;
         loop {
@@ -215,7 +240,7 @@ impl LeanSub {
 
     /// Reads more bytes after `end` (compacting and growing the buffer as
     /// needed); 0 at end of stream.
-    async fn fill(&mut self) -> Result<usize> {
+    pub(crate) async fn fill(&mut self) -> Result<usize> {
         if self.start > 0 && self.start == self.end {
             (self.start, self.end) = (0, 0);
         }
@@ -233,6 +258,16 @@ impl LeanSub {
         let n = self.stream.read(&mut self.buf[self.end..]).await?;
         self.end += n;
         Ok(n)
+    }
+
+    /// Sends `data` as one masked binary WebSocket frame.
+    pub(crate) async fn send_frame(&mut self, data: Vec<u8>) -> Result<()> {
+        let mut f = Frame::message(data, OpCode::Data(Data::Binary), true);
+        f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
+        let mut out = Vec::new();
+        f.format(&mut out)?;
+        self.stream.write_all(&out).await?;
+        Ok(())
     }
 
     /// Sends one envelope (a masked text or binary frame, or a TCP frame).
@@ -262,7 +297,7 @@ impl LeanSub {
 
     /// The next whole frame in the buffer: (opcode or `None` for a raw TCP
     /// frame, payload range); advances past it.
-    fn next_frame(&mut self) -> Result<Option<Next>> {
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Next>> {
         let avail = &self.buf[self.start..self.end];
         if self.ws {
             let mut cur = Cursor::new(avail);
@@ -343,7 +378,7 @@ impl LeanSub {
         }
     }
 
-    async fn pong(&mut self, body: &[u8]) -> Result<()> {
+    pub(crate) async fn pong(&mut self, body: &[u8]) -> Result<()> {
         let mut f = Frame::pong(body.to_vec());
         f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
         let mut out = Vec::new();
@@ -371,13 +406,13 @@ impl LeanSub {
 }
 
 /// One whole frame found in the buffer.
-struct Next {
+pub(crate) struct Next {
     /// WebSocket opcode; `None` for a raw TCP frame.
-    op: Option<OpCode>,
+    pub(crate) op: Option<OpCode>,
     /// Where its payload lies in the buffer.
-    body: std::ops::Range<usize>,
+    pub(crate) body: std::ops::Range<usize>,
     /// RSV1: a compressed message (permessage-deflate).
-    deflated: bool,
+    pub(crate) deflated: bool,
 }
 
 thread_local! {
@@ -427,7 +462,7 @@ fn with_body<R>(body: &[u8], deflated: bool, f: impl FnOnce(&[u8]) -> R) -> Resu
     })
 }
 
-fn close_text(body: &[u8]) -> String {
+pub(crate) fn close_text(body: &[u8]) -> String {
     match body {
         [a, b, rest @ ..] => format!(
             "{} {}",
@@ -458,7 +493,7 @@ const PAYLOAD_KEY: &[u8] = br#""d":"#;
 /// What one read's deliveries add up to, before they are published to the
 /// shared counters in one step.
 #[derive(Default)]
-struct Batch {
+pub(crate) struct Batch {
     n: u64,
     /// Send times of the stamps read (ns), converted to latency at the end of the read.
     sent_at: Vec<u64>,
@@ -467,17 +502,62 @@ struct Batch {
     bye: Option<String>,
 }
 
+impl Batch {
+    /// Publishes one read's deliveries: latency into the subscriber's
+    /// histogram and the shared time series, the shared counters.
+    pub(crate) fn publish(
+        &mut self,
+        books: &mut Books,
+        counters: &Counters,
+        lat_us: &mut Vec<u64>,
+    ) {
+        if self.n == 0 {
+            return;
+        }
+        let now = now_ns();
+        lat_us.clear();
+        lat_us.extend(
+            self.sent_at
+                .drain(..)
+                .map(|t| (now.saturating_sub(t) / 1000).max(1)),
+        );
+        for &us in lat_us.iter() {
+            let _ = books.stats.deliveries.latency.record(us);
+        }
+        counters.timeline.record_all(now, lat_us);
+        counters.received.fetch_add(self.n, Relaxed);
+        books.stats.deliveries.received += self.n;
+        self.n = 0;
+    }
+}
+
 /// Per-subscriber accounting.
-struct Books {
+pub(crate) struct Books {
     /// Sequence tracking per publisher index (indices are small and dense).
     tracks: Vec<SeqTrack>,
-    stats: PeerStats,
+    pub(crate) stats: PeerStats,
     /// Finds `"d":` (a key: inside a JSON string the quote would be escaped).
     payload_key: memchr::memmem::Finder<'static>,
 }
 
 impl Books {
-    fn stamp(&mut self, b: &mut Batch, st: Option<payload::Stamp>) {
+    pub(crate) fn new() -> Books {
+        Books {
+            tracks: Vec::new(),
+            stats: PeerStats::default(),
+            payload_key: memchr::memmem::Finder::new(PAYLOAD_KEY),
+        }
+    }
+
+    /// The final figures, sequence tracks absorbed.
+    pub(crate) fn finish(mut self) -> PeerStats {
+        for t in &self.tracks {
+            self.stats.deliveries.absorb(t);
+        }
+        self.stats
+    }
+
+    pub(crate) fn stamp(&mut self, b: &mut Batch, st: Option<payload::Stamp>) {
         b.n += 1;
         let Some(st) = st.filter(|s| s.p < 1 << 16) else {
             self.stats.deliveries.malformed += 1;
@@ -591,11 +671,7 @@ async fn run(
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) -> PeerStats {
-    let mut books = Books {
-        tracks: Vec::new(),
-        stats: PeerStats::default(),
-        payload_key: memchr::memmem::Finder::new(PAYLOAD_KEY),
-    };
+    let mut books = Books::new();
     let mut batch = Batch::default();
     let mut lat_us: Vec<u64> = Vec::new();
     let (ws, enc) = (s.ws, s.enc);
@@ -630,23 +706,7 @@ async fn run(
                 Err(e) => break Err(e),
             }
         };
-        if batch.n > 0 {
-            let now = now_ns();
-            lat_us.clear();
-            lat_us.extend(
-                batch
-                    .sent_at
-                    .drain(..)
-                    .map(|t| (now.saturating_sub(t) / 1000).max(1)),
-            );
-            for &us in &lat_us {
-                let _ = books.stats.deliveries.latency.record(us);
-            }
-            counters.timeline.record_all(now, &lat_us);
-            counters.received.fetch_add(batch.n, Relaxed);
-            books.stats.deliveries.received += batch.n;
-            batch.n = 0;
-        }
+        batch.publish(&mut books, &counters, &mut lat_us);
         let mut answered = Ok(());
         for id in std::mem::take(&mut batch.pings) {
             answered = s.send(&Envelope::pong(id)).await;
@@ -676,10 +736,7 @@ async fn run(
         counters.disconnects.fetch_add(1, Relaxed);
         books.stats.lost = Some(e.to_string());
     }
-    for t in &books.tracks {
-        books.stats.deliveries.absorb(t);
-    }
-    books.stats
+    books.finish()
 }
 
 #[cfg(test)]
@@ -688,11 +745,7 @@ mod tests {
     use crate::payload::Stamp;
 
     fn books() -> Books {
-        Books {
-            tracks: Vec::new(),
-            stats: PeerStats::default(),
-            payload_key: memchr::memmem::Finder::new(PAYLOAD_KEY),
-        }
+        Books::new()
     }
 
     /// A `msg` as the gateway's encoders write it, carrying `st`.

@@ -46,6 +46,7 @@ pub mod faultproxy;
 pub mod gateway;
 pub mod ips;
 pub mod lean;
+pub mod nats;
 pub mod pacer;
 pub mod payload;
 pub mod peer;

