@@ -85,9 +85,11 @@ pub struct Common {
     /// other curves) to this SVG file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
-    /// Tokio worker threads in this process.
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
+    /// Tokio worker threads in this process (default: 1; for `fanout`, one
+    /// per CPU this process may run on, so that a harness given more cores
+    /// than one uses them).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Per-connection connect + handshake + welcome timeout, seconds.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout_secs: f64,
@@ -128,6 +130,11 @@ impl Common {
             (Transport::Tcp, true) => "tcp+tls",
             (t, _) => t.name(),
         }
+    }
+
+    /// Worker threads: `--threads`, else `default`.
+    pub fn threads_or(&self, default: usize) -> usize {
+        self.threads.unwrap_or(default).max(1)
     }
 
     /// The effective encoding (tcp and quic force bin).

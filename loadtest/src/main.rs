@@ -8,15 +8,15 @@ use edgegate_loadtest::{scenario, storm_worker, worker};
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let threads = match &cli.scenario {
-        Scenario::Idle(a) => a.common.threads,
-        Scenario::Pubsub(a) => a.common.threads,
-        Scenario::Fanout(a) => a.common.threads,
-        Scenario::Worker(a) => a.common.threads,
-        Scenario::StormWorker(a) => a.common.threads,
-        Scenario::Storm(a) => a.common.threads,
-        Scenario::Soak(a) => a.common.threads,
-        Scenario::Chaos(a) => a.common.threads,
-        Scenario::Herd(a) => a.common.threads,
+        Scenario::Idle(a) => a.common.threads_or(1),
+        Scenario::Pubsub(a) => a.common.threads_or(1),
+        Scenario::Fanout(a) => scenario::fanout::fanout_threads(&a.common),
+        Scenario::Worker(a) => a.common.threads_or(1),
+        Scenario::StormWorker(a) => a.common.threads_or(1),
+        Scenario::Storm(a) => a.common.threads_or(1),
+        Scenario::Soak(a) => a.common.threads_or(1),
+        Scenario::Chaos(a) => a.common.threads_or(1),
+        Scenario::Herd(a) => a.common.threads_or(1),
     };
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

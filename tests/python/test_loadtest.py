@@ -86,7 +86,10 @@ def test_lean_receivers_report_a_drain(gateway, tmp_path):
     assert p.returncode == 0, f"loadtest failed:\n{stdout}\n{stderr}"
     r = json.loads(out.read_text())
     assert r["params"]["receiver"] == "lean"
-    assert 0 < r["received"] < r["expected_deliveries"]
+    # Publishing was cut short by the drain (6 s at 200/s would be 1 200),
+    # and what was sent before it was delivered, or counted as lost.
+    assert 0 < r["sent"] < 1200, r["sent"]
+    assert 0 < r["received"] <= r["expected_deliveries"]
     assert r["disconnects"] == 21, r["disconnect_reasons"]
     lean = {k: v for k, v in r["disconnect_reasons"].items() if "1001" in k}
     assert sum(lean.values()) >= 20, r["disconnect_reasons"]

@@ -981,7 +981,7 @@ pub async fn run(a: ChaosArgs) -> Result<Report> {
             "restart_every_secs": a.restart_every_secs, "proxy_rcvbuf": a.proxy_rcvbuf,
             "backoff_base_ms": a.backoff_base_ms, "backoff_cap_ms": a.backoff_cap_ms,
             "transport": c.transport_label(), "encoding": c.encoding().name(),
-            "target": target, "seed": a.seed, "threads": c.threads,
+            "target": target, "seed": a.seed, "threads": c.threads_or(1),
         }),
     );
     let lat = summary(&latency);

@@ -31,6 +31,12 @@ enum Pubs {
     Nats(Vec<crate::nats::NatsConn>),
 }
 
+/// The fan-out's worker threads: `--threads`, else one per CPU this
+/// process may run on (its affinity mask and cgroup quota included).
+pub fn fanout_threads(c: &crate::cli::Common) -> usize {
+    c.threads_or(std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Runs the scenario.
 pub async fn run(a: FanoutArgs) -> Result<Report> {
     let c = &a.common;
@@ -204,7 +210,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         json!({
             "subscribers": k, "publishers": p, "rate": a.rate, "duration": a.duration,
             "size": a.size, "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
-            "target": c.target(), "threads": c.threads, "room": room,
+            "target": c.target(), "threads": fanout_threads(c), "room": room,
             "receiver": if lean { "lean" } else { "client" }, "deflate": deflate,
             "dialect": if nats { "nats" } else { "edgegate" },
         }),
@@ -250,7 +256,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     );
     g.report(&mut r, lost);
     measured.report(&mut r, gw);
-    measured.report_per_delivery(&mut r, received, c.threads);
+    measured.report_per_delivery(&mut r, received, fanout_threads(c));
     counters.timeline.chart_into(&mut chart, chart_ns0, "");
     r.set_chart(chart);
     Ok(r)

@@ -299,7 +299,7 @@ pub async fn run(a: HerdArgs) -> Result<Report> {
         json!({
             "clients": a.clients, "rooms": a.rooms, "missed": a.missed, "size": a.size,
             "backoff_base_ms": a.backoff_base_ms, "transport": c.transport_label(),
-            "encoding": c.encoding().name(), "target": target, "threads": c.threads,
+            "encoding": c.encoding().name(), "target": target, "threads": c.threads_or(1),
         }),
     );
     r.set("setup_secs", setup_secs);

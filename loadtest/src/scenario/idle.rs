@@ -39,7 +39,7 @@ pub(crate) fn worker_args(c: &Common) -> Vec<String> {
         "--target".into(),
         c.target(),
         "--threads".into(),
-        c.threads.to_string(),
+        c.threads_or(1).to_string(),
         "--connect-timeout-secs".into(),
         c.connect_timeout_secs.to_string(),
     ];
@@ -306,7 +306,7 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
         json!({
             "connections": n, "rate": a.rate, "hold_secs": a.hold_secs, "workers": workers,
             "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
-            "target": c.target(), "source_ips": c.source_ips, "threads_per_worker": c.threads,
+            "target": c.target(), "source_ips": c.source_ips, "threads_per_worker": c.threads_or(1),
         }),
     );
     r.set("connected", connected);

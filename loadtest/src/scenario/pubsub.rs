@@ -112,7 +112,7 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
         json!({
             "pairs": a.pairs, "connections": n, "rate": a.rate, "duration": a.duration,
             "size": a.size, "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
-            "target": c.target(), "threads": c.threads,
+            "target": c.target(), "threads": c.threads_or(1),
         }),
     );
     r.set("setup_secs", setup_secs);

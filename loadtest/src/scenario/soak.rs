@@ -217,7 +217,7 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
             "idle": a.idle, "pairs": a.pairs, "connections": total, "rate": a.rate,
             "duration": a.duration, "sample_secs": a.sample_secs, "size": a.size,
             "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
-            "target": c.target(), "threads": c.threads,
+            "target": c.target(), "threads": c.threads_or(1),
         }),
     );
     r.set("setup_secs", setup_secs);
