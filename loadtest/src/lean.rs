@@ -5,7 +5,9 @@
 //! into an owned [`edgegate_client::Envelope`] (a WebSocket message, strings
 //! and payload copied, a queue) and the old receiver then took a shared lock
 //! per message for the time series. At 200 000 deliveries/s that cost the
-//! harness ≈ 3.4 µs per delivery, more than the gateway spent making it.
+//! harness 3.6–4.2 µs per delivery, more than the gateway spent making it,
+//! and at 2 M/s its subscribers fell so far behind that the gateway closed
+//! them all as slow consumers (docs/benchmarks.md).
 //!
 //! A lean subscriber owns its socket and reads it in 64 KiB gulps. Whole
 //! frames are found with tungstenite's frame header parser (WebSocket) or
@@ -19,8 +21,9 @@
 //!
 //! The handshake, `hello` and `sub` are done here too (the library's socket
 //! cannot be taken over with tungstenite's buffer), with tungstenite's key
-//! helpers and httparse. Plain WebSocket (JSON or binary) and raw TCP;
-//! TLS and QUIC subscribers use the client library.
+//! helpers and httparse. Plain WebSocket (JSON or binary, optionally with
+//! permessage-deflate) and raw TCP; TLS and QUIC subscribers use the client
+//! library. [`crate::nats`] speaks NATS over the same WebSocket code.
 
 use std::io::Cursor;
 use std::net::SocketAddr;
