@@ -46,6 +46,7 @@ need_apt() {
 # package (2.9.10) also works: uncomment to prefer it.
 # need_apt nats-server nats-server
 need_apt systemd-analyze systemd      # tests/python/test_systemd.py (unit file verify)
+need_apt curl curl                    # scripts/nats-cluster.sh (health checks)
 need_apt node nodejs                  # client-js/ (the TypeScript SDK), Node >= 20
 need_apt npm npm
 need_apt chromium chromium            # client-js/test/browser.test.mjs (puppeteer-core drives it; nothing downloads a browser)
