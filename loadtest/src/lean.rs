@@ -52,7 +52,11 @@ const MAX_FRAME: usize = 16 << 20;
 
 /// True when [`LeanSub`] can serve this transport (plain WebSocket or raw TCP).
 pub fn serves(c: &Common) -> bool {
-    !c.tls && matches!(c.transport, Transport::Ws | Transport::Tcp)
+    takes(c.transport, c.tls)
+}
+
+fn takes(transport: Transport, tls: bool) -> bool {
+    !tls && matches!(transport, Transport::Ws | Transport::Tcp)
 }
 
 /// One subscriber connection read without the client library.
@@ -131,7 +135,7 @@ impl LeanSub {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, default_path),
         };
-        if cfg.tls || !matches!(cfg.transport, Transport::Ws | Transport::Tcp) {
+        if !takes(cfg.transport, cfg.tls) {
             bail!("the lean reader takes plain ws and tcp only");
         }
         let target: SocketAddr = match addr.parse() {
@@ -265,7 +269,12 @@ impl LeanSub {
 
     /// Sends `data` as one masked binary WebSocket frame.
     pub(crate) async fn send_frame(&mut self, data: Vec<u8>) -> Result<()> {
-        let mut f = Frame::message(data, OpCode::Data(Data::Binary), true);
+        self.send_masked(Frame::message(data, OpCode::Data(Data::Binary), true))
+            .await
+    }
+
+    /// Masks `f` (a client's frames must be) and writes it.
+    async fn send_masked(&mut self, mut f: Frame) -> Result<()> {
         f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
         let mut out = Vec::new();
         f.format(&mut out)?;
@@ -276,26 +285,23 @@ impl LeanSub {
     /// Sends one envelope (a masked text or binary frame, or a TCP frame).
     async fn send(&mut self, env: &Envelope) -> Result<()> {
         let mut body = Vec::new();
-        let mut out = Vec::new();
         if !self.ws {
-            frame::encode_frame(env, &mut out);
-        } else {
-            let op = match self.enc {
-                Encoding::Json => {
-                    json::encode(env, &mut body);
-                    Data::Text
-                }
-                Encoding::Binary => {
-                    frame::encode_ws_binary(env, &mut body);
-                    Data::Binary
-                }
-            };
-            let mut f = Frame::message(body, OpCode::Data(op), true);
-            f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
-            f.format(&mut out)?;
+            frame::encode_frame(env, &mut body);
+            self.stream.write_all(&body).await?;
+            return Ok(());
         }
-        self.stream.write_all(&out).await?;
-        Ok(())
+        let op = match self.enc {
+            Encoding::Json => {
+                json::encode(env, &mut body);
+                Data::Text
+            }
+            Encoding::Binary => {
+                frame::encode_ws_binary(env, &mut body);
+                Data::Binary
+            }
+        };
+        self.send_masked(Frame::message(body, OpCode::Data(op), true))
+            .await
     }
 
     /// The next whole frame in the buffer: (opcode or `None` for a raw TCP
@@ -382,12 +388,7 @@ impl LeanSub {
     }
 
     pub(crate) async fn pong(&mut self, body: &[u8]) -> Result<()> {
-        let mut f = Frame::pong(body.to_vec());
-        f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
-        let mut out = Vec::new();
-        f.format(&mut out)?;
-        self.stream.write_all(&out).await?;
-        Ok(())
+        self.send_masked(Frame::pong(body.to_vec())).await
     }
 
     /// Subscribes to `ch` and waits for its `ok`.

@@ -41,6 +41,7 @@ pub struct NatsConn {
 enum Op {
     Msg(std::ops::Range<usize>),
     Ping,
+    Pong,
     Err(String),
     Other,
 }
@@ -77,7 +78,7 @@ impl NatsConn {
                 pos = next;
                 match op {
                     Op::Err(e) => bail!("{}: {e}", cfg.addr),
-                    Op::Other if c.stream[..pos].ends_with(b"PONG\r\n") => {
+                    Op::Pong => {
                         c.stream.drain(..pos);
                         return Ok(c);
                     }
@@ -142,10 +143,12 @@ fn parse_op(buf: &[u8], pos: usize) -> Result<Option<(Op, usize)>> {
     }
     let op = if line == b"PING" {
         Op::Ping
+    } else if line == b"PONG" {
+        Op::Pong
     } else if line.starts_with(b"-ERR") {
         Op::Err(String::from_utf8_lossy(line).into_owned())
     } else {
-        Op::Other // +OK, PONG, INFO
+        Op::Other // +OK, INFO
     };
     Ok(Some((op, after)))
 }
@@ -204,7 +207,7 @@ async fn run(
                         Op::Msg(r) => books.stamp(&mut batch, payload::decode_json(&c.stream[r])),
                         Op::Ping => pings += 1,
                         Op::Err(e) => break Err(anyhow!("{e}")),
-                        Op::Other => {}
+                        Op::Pong | Op::Other => {}
                     }
                     pos = next;
                 }
@@ -271,13 +274,14 @@ mod tests {
 
     #[test]
     fn parses_msg_ping_and_errors_and_waits_for_whole_messages() {
-        let wire = b"INFO {}\r\nMSG room.a 1 5\r\nhello\r\nPING\r\nMSG room.a 1 _INBOX.x 2\r\nhi\r\n-ERR 'Slow Consumer'\r\n";
+        let wire = b"INFO {}\r\nMSG room.a 1 5\r\nhello\r\nPING\r\nPONG\r\nMSG room.a 1 _INBOX.x 2\r\nhi\r\n-ERR 'Slow Consumer'\r\n";
         let mut pos = 0;
         let mut seen = Vec::new();
         while let Some((op, next)) = parse_op(wire, pos).expect("parse") {
             seen.push(match op {
                 Op::Msg(r) => String::from_utf8_lossy(&wire[r]).into_owned(),
                 Op::Ping => "PING".into(),
+                Op::Pong => "PONG".into(),
                 Op::Err(e) => e,
                 Op::Other => "other".into(),
             });
@@ -285,7 +289,14 @@ mod tests {
         }
         assert_eq!(
             seen,
-            ["other", "hello", "PING", "hi", "-ERR 'Slow Consumer'"]
+            [
+                "other",
+                "hello",
+                "PING",
+                "PONG",
+                "hi",
+                "-ERR 'Slow Consumer'"
+            ]
         );
         assert_eq!(pos, wire.len());
         let cut = b"MSG room.a 1 5\r\nhel";

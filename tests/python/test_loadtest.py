@@ -17,6 +17,15 @@ from natshelp import NatsServer, nats_server_bin
 LT = Path(os.environ.get("EDGEGATE_LOADTEST_BIN", REPO / "target" / "debug" / "loadtest"))
 
 
+def sent_of(r: dict) -> int:
+    """Publishes written: 300/s for 2 s is 600, or a few fewer when the
+    run's clock ends before the pacer's last tick; every check below is
+    exact against the number actually sent."""
+    n = r["sent"]
+    assert 590 <= n <= 600, n
+    return n
+
+
 def fanout(gw, tmp_path, *args: str) -> dict:
     assert LT.exists(), f"loadtest binary not found at {LT} (cargo build --workspace)"
     out = tmp_path / "fanout.json"
@@ -39,13 +48,14 @@ def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encodi
     r = fanout(gw, tmp_path, "--transport", transport, "--encoding", encoding,
                "--target", f"127.0.0.1:{port}", "--receiver", receiver)
     assert r["params"]["receiver"] == receiver
-    assert r["sent"] == 600 and r["expected_deliveries"] == 30 * 600
-    assert (r["received"], r["unique"], r["lost"]) == (18000, 18000, 0), r
+    n = sent_of(r)
+    assert r["expected_deliveries"] == 30 * n
+    assert (r["received"], r["unique"], r["lost"]) == (30 * n, 30 * n, 0), r
     assert (r["duplicates"], r["order_violations"], r["malformed"]) == (0, 0, 0), r
-    assert r["latency"]["count"] == 18000
+    assert r["latency"]["count"] == 30 * n
     # The gateway sent at least what the harness counted (welcome, ok and
     # heartbeat envelopes besides).
-    assert gw.metric("edgegate_messages_out_total") >= 18000 + 600 + 30 + 33
+    assert gw.metric("edgegate_messages_out_total") >= 30 * n + n + 30 + 33
     assert r["harness_cpu_us_per_delivery"] > 0
     assert r["gateway_cpu_us_per_delivery"] > 0
 
@@ -57,11 +67,12 @@ def test_lean_receivers_inflate_compressed_deliveries(gateway, tmp_path):
     gw = gateway(EDGEGATE_WS__COMPRESSION_MIN_BYTES=64)
     r = fanout(gw, tmp_path, "--target", f"127.0.0.1:{gw.ws_port}", "--deflate")
     assert r["params"]["deflate"] is True
-    assert (r["received"], r["unique"], r["lost"], r["malformed"]) == (18000, 18000, 0, 0), r
+    n = sent_of(r)
+    assert (r["received"], r["unique"], r["lost"], r["malformed"]) == (30 * n, 30 * n, 0, 0), r
     assert (r["duplicates"], r["order_violations"]) == (0, 0)
     compressions = gw.metric("edgegate_ws_deflate_compressions_total")
     # Once per message and shard (2 shards), not once per subscriber.
-    assert 600 <= compressions <= 2 * 600 + 100, compressions
+    assert n <= compressions <= 2 * n + 100, compressions
     out = gw.metric("edgegate_ws_deflate_bytes_total", dir="out", form="compressed")
     assert out > 0
 
@@ -114,11 +125,11 @@ def test_nats_dialect_against_nats_server(tmp_path):
         assert p.returncode == 0, f"loadtest failed:\n{p.stdout}\n{p.stderr}"
         r = json.loads(out.read_text())
         assert r["params"]["dialect"] == "nats"
-        assert r["sent"] == 600
-        assert (r["received"], r["unique"], r["lost"], r["malformed"]) == (18000, 18000, 0, 0), r
+        n = sent_of(r)
+        assert (r["received"], r["unique"], r["lost"], r["malformed"]) == (30 * n, 30 * n, 0, 0), r
         assert (r["duplicates"], r["order_violations"]) == (0, 0)
-        # nats-server's own counters agree: 600 published, 30 × 600 delivered.
+        # nats-server's own counters agree: n published, 30 × n delivered.
         varz = ns.monitor("/varz")
-        assert (varz["in_msgs"], varz["out_msgs"]) == (600, 18000), varz
+        assert (varz["in_msgs"], varz["out_msgs"]) == (n, 30 * n), varz
     finally:
         ns.stop()
