@@ -271,7 +271,9 @@ proptest! {
             // (IgnoredAny, not Value: RFC 8259 sets no range on numbers, and
             // Value refuses e.g. -8e318, which a payload may hold)
             prop_assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&again).is_ok());
-            prop_assert_eq!(json::decode(&again), Ok(e));
+            // (in normal form: the encoder writes raw newlines in `meta` and
+            // `d` as spaces, so that a batch splits exactly)
+            prop_assert_eq!(json::decode(&again), Ok(json_normal(&e)));
         }
     }
 
