@@ -353,8 +353,10 @@ async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(move |attempt| {
-            let d = backoff(base, cap, attempt);
-            if attempt > 0 {
+            // async-nats counts the first try of each round as attempt 1: that
+            // one is not a reconnect (at start-up) or is logged as the loss.
+            let d = backoff(base, cap, attempt.saturating_sub(1));
+            if attempt > 1 {
                 warn!(attempt, delay_ms = d.as_millis() as u64, "backbone: reconnecting to NATS (exponential backoff, full jitter)");
             }
             d

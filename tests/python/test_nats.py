@@ -487,30 +487,23 @@ def _host_of(nodes, user):
 
 
 async def test_cluster_failover_moves_gateway(nats_cluster, gateway):
-    """Gateway A is given [n0, n1, n2], gateway B [n1, n2, n0]: its own NATS
-    node first, the others as fallbacks.  Which node a gateway actually uses is
-    read from the nodes' /connz (the node holding the subscription on its
-    user's subject); should B land on A's node (a client that shuffles its
-    server list), B is restarted with the list rotated until it does not."""
+    """Gateway A is given all three NATS nodes; which one it uses is read from
+    the nodes' /connz (the node holding the subscription on its user's
+    subject).  Gateway B is given the two others (its own node first, a
+    fallback second), so the two gateways meet only across the cluster's
+    routes.  (Handing B all three and retrying until it lands elsewhere
+    depended on the client's shuffle of its pool: it failed once in CI.)"""
     nodes = nats_cluster.nodes
-    n0, n1, n2 = nodes
-    ga = gateway(**nats_env([n0.url, n1.url, n2.url], "a"))
+    ga = gateway(**nats_env([s.url for s in nodes], "a"))
     ua = await session(ga, "ws-json", new_user("ca"))
     host_a = await wait_for(lambda: _host_of(nodes, ua.user), 5, what="node of gateway a")
-    ub = gb = host_b = None
-    order = [n1, n2, n0]
-    for attempt in range(6):
-        gb = gateway(**nats_env([s.url for s in order], "b"))
-        ub = await session(gb, "tcp", new_user("cb"))
-        host_b = await wait_for(lambda: _host_of(nodes, ub.user), 5, what="node of gateway b")
-        if host_b is not host_a:
-            break
-        await ub.close()
-        gb.expect_exit()
-        assert gb.stop() == []
-        order = order[1:] + order[:1]
-    assert host_b is not host_a, "gateway b always landed on gateway a's NATS node"
     survivors = [s for s in nodes if s is not host_a]
+    gb = gateway(**nats_env([s.url for s in survivors], "b"))
+    ub = await session(gb, "tcp", new_user("cb"))
+    host_b = await wait_for(lambda: _host_of(nodes, ub.user), 5, what="node of gateway b")
+    assert host_b in survivors, (
+        f"gateway b, given {[s.url for s in survivors]}, is on {host_b.url}; "
+        f"gateway a is on {host_a.url}")
 
     room = f"room:{new_user('cr')}"
     await ua.sub(room)
@@ -546,8 +539,7 @@ async def test_cluster_failover_moves_gateway(nats_cluster, gateway):
     assert_alive([ua, ub])
     assert ga.metric("edgegate_backbone_reconnects_total") > 0
     assert ga.proc.poll() is None and gb.proc.poll() is None
-    print(f"failover of gateway a: {failover_s:.2f}s (a on {host_a.name}, b on {host_b.name}, "
-          f"b started {attempt + 1}x)")
+    print(f"failover of gateway a: {failover_s:.2f}s (a on {host_a.name}, b on {host_b.name})")
 
 
 # --------------------------------------------------------------------------

@@ -7,7 +7,9 @@ with the same data."""
 import asyncio
 import os
 import random
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -25,6 +27,38 @@ def sh(*args: str) -> str:
     return p.stdout.strip()
 
 
+def _free_block(tries: int = 50) -> int:
+    """A base port whose nine ports (clients, routes, monitoring) are all free
+    right now on 127.0.0.1."""
+    for _ in range(tries):
+        base = random.randrange(10000, 20000, 10)
+        ports = [base + off + n for off in (0, 1000, 4000) for n in range(3)]
+        socks = []
+        try:
+            for p in ports:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no free block of cluster ports in 10000..24002")
+
+
+def logs(d) -> str:
+    out = []
+    for n in (1, 2, 3):
+        try:
+            tail = (d / f"n{n}.log").read_text("utf-8", "replace").splitlines()[-15:]
+        except OSError:
+            tail = ["<no log>"]
+        out.append(f"--- n{n}.log (tail)\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
 @pytest.fixture
 def cluster(tmp_path):
     if not nats_server_bin():
@@ -33,44 +67,60 @@ def cluster(tmp_path):
         pytest.skip("nats-server not installed")
     d = tmp_path / "cluster"
     # Ports base..base+2 (clients), +1000 (routes), +4000 (monitoring).
-    base = random.randrange(10000, 20000, 10)
-    urls = sh("start", str(d), str(base))
+    urls = sh("start", str(d), str(_free_block()))
     try:
         yield d, urls.split(",")
     finally:
         sh("stop", str(d))
 
 
+async def until_ok(what: str, d, op, deadline_s: float = 30.0):
+    """``op()`` retried while the cluster elects leaders or the client moves
+    to a live node (timeouts, no responders, 503s): a node was just killed or
+    restarted."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return await op()
+        except nats.errors.Error as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: still {e!r} after {deadline_s}s\n{logs(d)}") from e
+            await asyncio.sleep(0.2)
+
+
 async def replicated_writes(d, urls):
-    nc = await nats.connect(servers=urls, max_reconnect_attempts=20, reconnect_time_wait=0.2)
+    nc = await nats.connect(servers=urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
         js = nc.jetstream()
-        await js.add_stream(name="egtest", subjects=["egtest.>"], num_replicas=3,
-                            duplicate_window=60)
+        await until_ok("add_stream", d, lambda: js.add_stream(
+            name="egtest", subjects=["egtest.>"], num_replicas=3, duplicate_window=60))
+
+        async def write(i):
+            ack = await until_ok(f"publish {i}", d, lambda: js.publish(
+                "egtest.a", f"m{i}".encode(), headers={"Nats-Msg-Id": f"id{i}"}, timeout=1))
+            # A retry after a lost ack is answered as a duplicate of the first.
+            assert ack.seq == i + 1, (i, ack)
+
         for i in range(50):
-            ack = await js.publish("egtest.a", f"m{i}".encode(), headers={"Nats-Msg-Id": f"id{i}"})
-            assert ack.seq == i + 1
+            await write(i)
         sh("kill", str(d), "2")
         # Quorum is 2 of 3: writes still acknowledged (retried across the
-        # pool while the client finds a live node).
+        # pool while the client finds a live node and leaders are elected).
         for i in range(50, 100):
-            for _ in range(50):
-                try:
-                    ack = await js.publish("egtest.a", f"m{i}".encode(),
-                                           headers={"Nats-Msg-Id": f"id{i}"}, timeout=1)
-                    break
-                except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError,
-                        nats.errors.ConnectionClosedError):
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError(f"publish {i} never acknowledged with one node down")
-        dup = await js.publish("egtest.a", b"again", headers={"Nats-Msg-Id": "id7"})
-        assert dup.duplicate and dup.seq == 8
+            await write(i)
+        dup = await until_ok("duplicate publish", d, lambda: js.publish(
+            "egtest.a", b"again", headers={"Nats-Msg-Id": "id7"}, timeout=1))
+        assert dup.duplicate and dup.seq == 8, dup
         sh("restart", str(d), "2")
-        info = await js.stream_info("egtest")
-        assert info.state.messages == 100
+        deadline = time.monotonic() + 30
+        while True:
+            info = await until_ok("stream_info", d, lambda: js.stream_info("egtest"))
+            replicas = info.cluster.replicas or []
+            if info.state.messages == 100 and len(replicas) == 2:
+                break
+            assert time.monotonic() < deadline, f"{info}\n{logs(d)}"
+            await asyncio.sleep(0.2)
         assert info.config.num_replicas == 3
-        assert len(info.cluster.replicas or []) == 2
     finally:
         await nc.close()
 
