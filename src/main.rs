@@ -6,6 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use edgegate::config::Config;
 
+/// mimalloc, unless built with `--features system-alloc` (glibc malloc, so
+/// that heaptrack can see every allocation: docs/benchmarks.md, "What an
+/// idle QUIC connection holds").
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
