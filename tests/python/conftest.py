@@ -34,12 +34,24 @@ BIN = Path(os.environ.get("EDGEGATE_BIN", REPO / "target" / "debug" / "edgegate"
 ASYNC_TEST_TIMEOUT = float(os.environ.get("EG_ASYNC_TEST_TIMEOUT", "90"))
 
 
+_ISSUED: set[int] = set()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    s = socket.socket(socket.AF_INET, kind)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A port free on 127.0.0.1 now and never handed out before in this test
+    run: ports are picked before anything listens on them (a cluster's nine
+    are all picked first), and the kernel may give the same free port to
+    two binds in a row (CI saw a nats-server's client port equal another
+    node's route port)."""
+    for _ in range(1000):
+        s = socket.socket(socket.AF_INET, kind)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port not in _ISSUED:
+            _ISSUED.add(port)
+            return port
+    raise AssertionError("no fresh free port on 127.0.0.1")
 
 
 def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:

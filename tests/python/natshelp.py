@@ -117,6 +117,7 @@ class NatsServer:
             except OSError:
                 pass
             time.sleep(0.05)
+        self.stop()
         raise AssertionError(f"nats-server {self.name} not healthy after {timeout}s:\n{self.log_tail()}")
 
     def running(self) -> bool:
@@ -183,17 +184,23 @@ class NatsCluster:
                       for i in range(n)]
 
     def start(self, timeout: float = 20.0) -> "NatsCluster":
-        for s in self.nodes:
-            s.start()
-        deadline = time.monotonic() + timeout
-        want = len(self.nodes) - 1
-        while time.monotonic() < deadline:
-            # nats-server >= 2.10 pools routes (several per peer): count peers
-            if all(_route_peers(s) >= want for s in self.nodes):
-                return self
-            time.sleep(0.1)
-        raise AssertionError("cluster routes not formed: " +
-                             ", ".join(f"{s.name}={_route_peers(s)}" for s in self.nodes))
+        # A node that fails to start must not leave the others running: the
+        # fixture never reaches its teardown.
+        try:
+            for s in self.nodes:
+                s.start()
+            deadline = time.monotonic() + timeout
+            want = len(self.nodes) - 1
+            while time.monotonic() < deadline:
+                # nats-server >= 2.10 pools routes (several per peer): count peers
+                if all(_route_peers(s) >= want for s in self.nodes):
+                    return self
+                time.sleep(0.1)
+            raise AssertionError("cluster routes not formed: " +
+                                 ", ".join(f"{s.name}={_route_peers(s)}" for s in self.nodes))
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         for s in self.nodes:
