@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use edgegate::config::Config;
 
 /// mimalloc, unless built with `--features system-alloc` (glibc malloc, so
-/// that heaptrack can see every allocation: docs/benchmarks.md, "What an
-/// idle QUIC connection holds").
+/// that heaptrack sees every allocation: `scripts/heap-idle.sh`,
+/// docs/benchmarks.md, "What an idle connection holds").
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
