@@ -482,6 +482,58 @@ pub struct Nats {
     pub reconnect_cap_ms: u64,
     /// Connect timeout per attempt; 2 000 ms by default.
     pub connect_timeout_ms: u64,
+    /// `"off"` (the default: core NATS, no positions) or `"jetstream"`:
+    /// a JetStream stream keeps every `room:`/`user:` channel's history,
+    /// so positions, recovery and publish deduplication work across nodes
+    /// (docs/protocol.md §7, "With JetStream").
+    pub history: NatsHistory,
+    /// The stream's name, `"EG"` by default.
+    pub stream: String,
+    /// The stream's replicas (1–5; 3 on a three-node cluster), 1 by default.
+    pub replicas: usize,
+    /// Where the stream keeps messages, `"file"` (the default) or `"memory"`.
+    pub storage: NatsStorage,
+    /// Messages kept per channel (the stream's `max_msgs_per_subject`),
+    /// 1 000 by default.
+    pub max_msgs_per_subject: u64,
+    /// Age after which a message leaves the stream, 600 000 ms by default.
+    pub max_age_ms: u64,
+    /// How long the stream remembers a `Nats-Msg-Id` (publish
+    /// deduplication), 120 000 ms by default.
+    pub duplicate_window_ms: u64,
+}
+
+/// Value of `backbone.nats.history`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsHistory {
+    /// `"off"`: core NATS only; messages carry no `seq` and every recovery
+    /// is `recovered: false`, `unavailable`.
+    #[default]
+    Off,
+    /// `"jetstream"`: history in a JetStream stream.
+    Jetstream,
+}
+
+/// Value of `backbone.nats.storage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsStorage {
+    /// `"file"`: on disk (survives a NATS restart).
+    #[default]
+    File,
+    /// `"memory"`: in memory (lost when every replica restarts).
+    Memory,
+}
+
+impl NatsStorage {
+    /// The name JetStream uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            NatsStorage::File => "file",
+            NatsStorage::Memory => "memory",
+        }
+    }
 }
 
 impl Default for Nats {
@@ -498,6 +550,13 @@ impl Default for Nats {
             reconnect_base_ms: 100,
             reconnect_cap_ms: 5_000,
             connect_timeout_ms: 2_000,
+            history: NatsHistory::Off,
+            stream: "EG".to_owned(),
+            replicas: 1,
+            storage: NatsStorage::File,
+            max_msgs_per_subject: 1_000,
+            max_age_ms: 600_000,
+            duplicate_window_ms: 120_000,
         }
     }
 }
@@ -1045,6 +1104,59 @@ impl Config {
                     nats.reconnect_cap_ms
                 ),
             );
+        }
+
+        if nats.history == NatsHistory::Jetstream {
+            let valid_name = !nats.stream.is_empty()
+                && nats.stream.len() <= 32
+                && nats
+                    .stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_name {
+                return fail(
+                    "backbone.nats.stream",
+                    format!(
+                        "{:?} is not a stream name (1 to 32 of A-Z a-z 0-9 _ -)",
+                        nats.stream
+                    ),
+                );
+            }
+            if !(1..=5).contains(&nats.replicas) {
+                return fail(
+                    "backbone.nats.replicas",
+                    format!("{} is not 1 to 5 (JetStream's range)", nats.replicas),
+                );
+            }
+            for (key, zero) in [
+                (
+                    "backbone.nats.max_msgs_per_subject",
+                    nats.max_msgs_per_subject == 0,
+                ),
+                ("backbone.nats.max_age_ms", nats.max_age_ms == 0),
+                (
+                    "backbone.nats.duplicate_window_ms",
+                    nats.duplicate_window_ms == 0,
+                ),
+            ] {
+                if zero {
+                    return fail(
+                        key,
+                        "must be more than 0 (set backbone.nats.history = \"off\" to turn history off)"
+                            .to_owned(),
+                    );
+                }
+            }
+            if nats.duplicate_window_ms > nats.max_age_ms {
+                // JetStream refuses it: a key cannot outlive its message.
+                return fail(
+                    "backbone.nats.duplicate_window_ms",
+                    format!(
+                        "{} is more than backbone.nats.max_age_ms ({})",
+                        nats.duplicate_window_ms, nats.max_age_ms
+                    ),
+                );
+            }
         }
 
         // [drain]
@@ -2260,6 +2372,52 @@ mod tests {
         );
         let config = accepts(&[("EDGEGATE_BACKBONE__SUBJECT_PREFIX", "chat-prod_1")]);
         assert_eq!(config.backbone.subject_prefix, "chat-prod_1");
+    }
+
+    #[test]
+    fn jetstream_history_settings_are_checked() {
+        let js = ("EDGEGATE_BACKBONE__NATS__HISTORY", "jetstream");
+        let config = accepts(&[js]);
+        assert_eq!(config.backbone.nats.history, NatsHistory::Jetstream);
+        assert_eq!(config.backbone.nats.stream, "EG");
+        rejects(
+            &[js, ("EDGEGATE_BACKBONE__NATS__STREAM", "a.b")],
+            "backbone.nats.stream",
+        );
+        rejects(
+            &[js, ("EDGEGATE_BACKBONE__NATS__REPLICAS", "0")],
+            "backbone.nats.replicas",
+        );
+        rejects(
+            &[js, ("EDGEGATE_BACKBONE__NATS__REPLICAS", "6")],
+            "backbone.nats.replicas",
+        );
+        rejects(
+            &[js, ("EDGEGATE_BACKBONE__NATS__MAX_MSGS_PER_SUBJECT", "0")],
+            "backbone.nats.max_msgs_per_subject",
+        );
+        rejects(
+            &[
+                js,
+                ("EDGEGATE_BACKBONE__NATS__DUPLICATE_WINDOW_MS", "700000"),
+            ],
+            "backbone.nats.duplicate_window_ms",
+        );
+        rejects(
+            &[("EDGEGATE_BACKBONE__NATS__STORAGE", "tape")],
+            "backbone.nats.storage",
+        );
+        rejects(
+            &[("EDGEGATE_BACKBONE__NATS__HISTORY", "redis")],
+            "backbone.nats.history",
+        );
+        let config = accepts(&[
+            js,
+            ("EDGEGATE_BACKBONE__NATS__STORAGE", "memory"),
+            ("EDGEGATE_BACKBONE__NATS__REPLICAS", "3"),
+        ]);
+        assert_eq!(config.backbone.nats.storage, NatsStorage::Memory);
+        assert_eq!(config.backbone.nats.replicas, 3);
     }
 
     #[test]

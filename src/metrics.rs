@@ -141,6 +141,20 @@ pub struct BackboneStats {
     /// Publishes and requests refused because the bridge to the backbone
     /// thread was full.
     pub bridge_full: AtomicU64,
+    /// With JetStream history: false until the stream is created or
+    /// checked (the node is not ready and refuses publishes meanwhile).
+    /// Always true with history off.
+    pub stream_ok: AtomicBool,
+    /// Live gaps this node detected (a `Nats-Last-Sequence` it had not
+    /// delivered) and filled from the stream before delivering.
+    pub gaps_healed: AtomicU64,
+    /// Messages fetched from the stream to fill gaps.
+    pub healed_messages: AtomicU64,
+    /// Gaps that could not be filled: the channel's local subscribers were
+    /// closed with 4009.
+    pub gaps_unhealed: AtomicU64,
+    /// Replays read from the stream for `since` (each a recovery).
+    pub replays: AtomicU64,
 }
 
 /// Node-wide state the admin endpoint reports beside the shard counters.
@@ -416,6 +430,30 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                 "counter",
                 "Publishes and requests refused (backbone_unavailable) because the bridge to the backbone thread was full.",
                 &n.bridge_full,
+            ),
+            (
+                "edgegate_backbone_gaps_healed_total",
+                "counter",
+                "Live gaps (a message this node missed) filled from the JetStream stream before delivery.",
+                &n.gaps_healed,
+            ),
+            (
+                "edgegate_backbone_healed_messages_total",
+                "counter",
+                "Messages fetched from the JetStream stream to fill live gaps.",
+                &n.healed_messages,
+            ),
+            (
+                "edgegate_backbone_gaps_unhealed_total",
+                "counter",
+                "Live gaps that could not be filled: the channel's subscribers on this node were closed with 4009.",
+                &n.gaps_unhealed,
+            ),
+            (
+                "edgegate_backbone_replays_total",
+                "counter",
+                "Replays for a client's since read from the JetStream stream.",
+                &n.replays,
             ),
         ] {
             let _ = writeln!(

@@ -58,7 +58,9 @@ impl Node {
 
     /// The backbone is connected (the embedded one always is).
     pub fn backbone_up(&self) -> bool {
-        self.backbone.as_ref().is_none_or(|s| s.up.load(Relaxed))
+        self.backbone
+            .as_ref()
+            .is_none_or(|s| s.up.load(Relaxed) && s.stream_ok.load(Relaxed))
     }
 
     /// True once every shard has closed its listeners.

@@ -236,6 +236,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             &cfg.backbone.subject_prefix,
             &node_name,
             n,
+            cfg.history.recovery_limit,
         )
         .map_err(StartError)?;
         (links.into_iter().map(Some).collect::<Vec<_>>(), Some(state))

@@ -88,6 +88,7 @@ impl Recovery {
                 Some(_) => Err(Unrecovered::Unavailable),
                 None => Ok(Vec::new()),
             },
+            contiguous: true,
         }
     }
 }
@@ -112,6 +113,12 @@ pub struct Recovery {
     /// With `since`: the missed messages in order, or why not. Without: an
     /// empty replay.
     pub replay: Result<Vec<Arc<Envelope>>, Unrecovered>,
+    /// The stream's `seq`s are contiguous (1, 2, 3, … : the embedded
+    /// store), so a live message that skips one is a gap the session sees.
+    /// JetStream's are stream-wide: its backbone fills gaps before it
+    /// delivers (or reports them), and the session only drops what the
+    /// replay already holds.
+    pub contiguous: bool,
 }
 
 /// Where a publish was stored.
@@ -383,7 +390,11 @@ impl HistoryStore {
             }
         };
         self.enforce_budget();
-        Recovery { pos, replay }
+        Recovery {
+            pos,
+            replay,
+            contiguous: true,
+        }
     }
 }
 

@@ -20,6 +20,7 @@
 
 pub mod embedded;
 pub mod history;
+pub mod jetstream;
 pub mod nats;
 
 pub use history::{Position, Recovery, Since, Stored, Unrecovered};
@@ -113,6 +114,9 @@ pub enum Event {
     Reply(Ack, Result<Payload, ErrCode>),
     /// Close this user's connections (4005).
     Kick(String),
+    /// Messages of this channel were lost and cannot be recovered: close
+    /// its local subscribers with 4009, so they reconnect and recover.
+    Gap(String),
 }
 
 /// Where asynchronous events go: the shard's event handler.

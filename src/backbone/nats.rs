@@ -29,6 +29,19 @@
 //! everyone else's: all members of a room, on every node, see the order NATS
 //! gives.
 //!
+//! **History** (`history = "jetstream"`, [`super::jetstream`]): publishes
+//! become JetStream publishes (`ok` with the `seq` the stream acknowledged;
+//! a retried `Nats-Msg-Id` is answered with the original `seq`), and the node
+//! subscribes to the stream's republished live subjects instead. One task
+//! per subject keeps the stream position up to which it has delivered: a
+//! live message whose `Nats-Last-Sequence` is past it means this node missed
+//! messages (core NATS is at most once), and the task reads them from the
+//! stream and delivers them first, so no subscriber sees a gap; what cannot
+//! be read back closes the channel's subscribers with 4009. After a NATS
+//! reconnect every task checks the stream for messages it missed at the
+//! tail. Replays for `since` are read from the stream up to the task's
+//! position, so they meet the live messages without a gap or a duplicate.
+//!
 //! **Failure.** Losing NATS never takes the node down: async-nats reconnects
 //! with the exponential backoff and full jitter configured here and restores
 //! every subscription; meanwhile `/readyz` says not ready, publishes are
@@ -39,6 +52,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -49,8 +63,10 @@ use edgegate_proto::{Envelope, ErrCode, Payload, Type};
 use futures_util::StreamExt;
 use tracing::{info, warn};
 
+use super::history::{Position, Recovery, Since, Stored, Unrecovered};
+use super::jetstream::{self, EnsureError, Js, StreamSpec};
 use super::{Ack, Backbone, Event, Publish, Refused, Request, Sink};
-use crate::config::Nats as NatsConfig;
+use crate::config::{Nats as NatsConfig, NatsHistory};
 use crate::metrics::BackboneStats as NatsState;
 
 /// Publishes and requests waiting for the backbone thread, node-wide.
@@ -97,6 +113,16 @@ enum ToNats {
         /// When the subscription is live, answer with [`Event::SubReady`].
         ack: Option<Ack>,
     },
+    /// The position of a channel (and the messages after `since`), from
+    /// the stream; answered with [`Event::History`].
+    History {
+        /// Channel name.
+        channel: String,
+        /// The client's position.
+        since: Option<Since>,
+        /// Who asked.
+        ack: Ack,
+    },
     /// A user's connections on the node changed by `delta`.
     Presence {
         /// User id.
@@ -110,13 +136,14 @@ enum ToNats {
 pub struct NatsBackbone {
     data: tokio::sync::mpsc::Sender<ToNats>,
     control: tokio::sync::mpsc::UnboundedSender<ToNats>,
-    deliveries: crossbeam_channel::Receiver<Event>,
-    answers: crossbeam_channel::Receiver<Event>,
+    events: crossbeam_channel::Receiver<Event>,
+    pending: Arc<AtomicUsize>,
     waker: Arc<AtomicWaker>,
     state: Arc<NatsState>,
     prefix: String,
     node: String,
     shard: usize,
+    history: bool,
 }
 
 impl NatsBackbone {
@@ -142,24 +169,26 @@ impl NatsBackbone {
 impl Backbone for NatsBackbone {
     fn start(self: Rc<Self>, sink: Sink) {
         // Events from the backbone thread: it wakes this task from its own
-        // thread; the executor parks in io_uring meanwhile, no polling.
+        // thread; the executor parks in io_uring meanwhile, no polling. One
+        // queue for deliveries and answers, so an answer comes behind every
+        // delivery sent before it (a recovery's position meets the live
+        // messages in order).
         glommio::spawn_local(async move {
             std::future::poll_fn(|cx| {
                 self.waker.register(cx.waker());
                 loop {
-                    // Answers first: they unblock clients waiting on an `ok`.
-                    let ev = match self.answers.try_recv() {
+                    let ev = match self.events.try_recv() {
                         Ok(ev) => ev,
-                        Err(_) => match self.deliveries.try_recv() {
-                            Ok(ev) => ev,
-                            Err(crossbeam_channel::TryRecvError::Empty) => {
-                                return std::task::Poll::Pending;
-                            }
-                            Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                                return std::task::Poll::Ready(());
-                            }
-                        },
+                        Err(crossbeam_channel::TryRecvError::Empty) => {
+                            return std::task::Poll::Pending;
+                        }
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            return std::task::Poll::Ready(());
+                        }
                     };
+                    if matches!(ev, Event::Deliver(_)) {
+                        self.pending.fetch_sub(1, Relaxed);
+                    }
                     sink(ev);
                 }
             })
@@ -170,7 +199,8 @@ impl Backbone for NatsBackbone {
 
     fn publish(&self, msg: Publish<'_>, ack: Ack, now: &mut Vec<Event>) {
         // Through NATS: the message comes back to local subscribers (the
-        // publisher included) in NATS's order; `ok` once NATS accepted it.
+        // publisher included) in NATS's order; `ok` once NATS accepted it
+        // (with history: once the stream stored it).
         if !self.is_up() {
             return now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
         }
@@ -224,12 +254,21 @@ impl Backbone for NatsBackbone {
         });
     }
 
-    fn history(&self, _ch: &str, since: Option<super::Since>, ack: Ack, now: &mut Vec<Event>) {
-        // Core NATS keeps no history (JetStream history is a later step).
-        now.push(Event::History(
+    fn history(&self, ch: &str, since: Option<Since>, ack: Ack, now: &mut Vec<Event>) {
+        if !self.history {
+            // Core NATS keeps no history.
+            return now.push(Event::History(ack, Recovery::unavailable(since.as_ref())));
+        }
+        let cmd = ToNats::History {
+            channel: ch.to_owned(),
+            since,
             ack,
-            super::Recovery::unavailable(since.as_ref()),
-        ));
+        };
+        if let Err(e) = self.control.send(cmd)
+            && let ToNats::History { since, .. } = e.0
+        {
+            now.push(Event::History(ack, Recovery::unavailable(since.as_ref())));
+        }
     }
 
     fn presence(&self, user: &str, delta: i32) {
@@ -240,14 +279,15 @@ impl Backbone for NatsBackbone {
     }
 
     fn is_up(&self) -> bool {
-        self.state.up.load(Relaxed)
+        self.state.up.load(Relaxed) && self.state.stream_ok.load(Relaxed)
     }
 }
 
-/// The shard side of the event path: senders plus the waker to call.
+/// The shard side of the event path: the sender plus the waker to call.
 struct ShardTx {
-    deliveries: crossbeam_channel::Sender<Event>,
-    answers: crossbeam_channel::Sender<Event>,
+    events: crossbeam_channel::Sender<Event>,
+    /// Deliveries sent and not yet taken by the shard (the bound).
+    pending: Arc<AtomicUsize>,
     waker: Arc<AtomicWaker>,
 }
 
@@ -255,7 +295,7 @@ impl ShardTx {
     /// An answer to one of this shard's commands (never dropped: at most
     /// one per command, and commands are bounded).
     fn answer(&self, ev: Event) {
-        if self.answers.send(ev).is_ok() {
+        if self.events.send(ev).is_ok() {
             self.waker.wake();
         }
     }
@@ -263,17 +303,16 @@ impl ShardTx {
     /// A message for the shard's subscribers; false when the shard is too
     /// far behind to take it.
     fn deliver(&self, ev: Event) -> bool {
-        match self.deliveries.try_send(ev) {
-            Ok(()) => {
-                self.waker.wake();
-                true
-            }
-            Err(crossbeam_channel::TrySendError::Full(_)) => {
-                self.waker.wake();
-                false
-            }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => true,
+        if self.pending.load(Relaxed) >= BRIDGE_DELIVERIES {
+            self.waker.wake();
+            return false;
         }
+        self.pending.fetch_add(1, Relaxed);
+        if self.events.send(ev).is_err() {
+            self.pending.fetch_sub(1, Relaxed);
+        }
+        self.waker.wake();
+        true
     }
 }
 
@@ -289,37 +328,44 @@ pub fn backoff(base_ms: u64, cap_ms: u64, attempt: usize) -> Duration {
 }
 
 /// Starts the backbone thread; returns each shard's end of the bridge and
-/// the node-wide counters.
+/// the node-wide counters. With JetStream history, waits until the stream
+/// is created or checked: a conflicting stream or a NATS without JetStream
+/// is an error here (when NATS cannot be reached in time, the node starts
+/// not ready and checks the stream once it is).
 pub fn start(
     cfg: &NatsConfig,
     prefix: &str,
     node: &str,
     shards: usize,
+    recovery_limit: usize,
 ) -> Result<(Vec<NatsBackbone>, Arc<NatsState>), String> {
+    let history = cfg.history == NatsHistory::Jetstream;
     let state = Arc::new(NatsState::default());
+    state.stream_ok.store(!history, Relaxed);
     let (data_tx, data_rx) = tokio::sync::mpsc::channel(BRIDGE_COMMANDS);
     let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut links = Vec::with_capacity(shards);
     let mut txs = Vec::with_capacity(shards);
     for shard in 0..shards {
-        let (dtx, drx) = crossbeam_channel::bounded(BRIDGE_DELIVERIES);
-        let (atx, arx) = crossbeam_channel::unbounded();
+        let (etx, erx) = crossbeam_channel::unbounded();
         let waker = Arc::new(AtomicWaker::new());
+        let pending = Arc::new(AtomicUsize::new(0));
         txs.push(ShardTx {
-            deliveries: dtx,
-            answers: atx,
+            events: etx,
+            pending: pending.clone(),
             waker: waker.clone(),
         });
         links.push(NatsBackbone {
             data: data_tx.clone(),
             control: ctl_tx.clone(),
-            deliveries: drx,
-            answers: arx,
+            events: erx,
+            pending,
             waker,
             state: state.clone(),
             prefix: prefix.to_owned(),
             node: node.to_owned(),
             shard,
+            history,
         });
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -327,23 +373,46 @@ pub fn start(
         .build()
         .map_err(|e| format!("backbone: cannot start its runtime: {e}"))?;
     let cfg = cfg.clone();
-    let prefix = prefix.to_owned();
-    let node = node.to_owned();
+    let wait = Duration::from_millis(cfg.connect_timeout_ms + 2 * cfg.request_timeout_ms);
+    let setup = Setup {
+        prefix: prefix.to_owned(),
+        node: node.to_owned(),
+        recovery_limit,
+    };
     let st = state.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("backbone".into())
         .spawn(move || {
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, run(cfg, prefix, node, txs, data_rx, ctl_rx, st));
+            local.block_on(&rt, run(cfg, setup, txs, data_rx, ctl_rx, st, ready_tx));
         })
         .map_err(|e| format!("backbone: cannot start its thread: {e}"))?;
+    if history {
+        match ready_rx.recv_timeout(wait) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => warn!(
+                "backbone: NATS not reachable yet; the JetStream stream is checked once it is \
+                 (the node is not ready until then)"
+            ),
+        }
+    }
     Ok((links, state))
+}
+
+/// What the backbone thread needs beside its config.
+struct Setup {
+    prefix: String,
+    node: String,
+    recovery_limit: usize,
 }
 
 async fn connect(
     cfg: &NatsConfig,
     node: &str,
     state: Arc<NatsState>,
+    reconnected: tokio::sync::watch::Sender<u64>,
 ) -> Result<async_nats::Client, String> {
     let (base, cap) = (cfg.reconnect_base_ms, cfg.reconnect_cap_ms);
     let mut opts = async_nats::ConnectOptions::new()
@@ -363,11 +432,15 @@ async fn connect(
         })
         .event_callback(move |ev| {
             let state = state.clone();
+            let reconnected = reconnected.clone();
             async move {
                 match ev {
                     async_nats::Event::Connected => {
                         if !state.up.swap(true, Relaxed) {
                             info!("backbone: connected to NATS");
+                            // Subscriptions are restored; what was published
+                            // meanwhile is looked for in the stream.
+                            reconnected.send_modify(|n| *n += 1);
                         }
                     }
                     async_nats::Event::Disconnected => {
@@ -417,37 +490,147 @@ struct Interest {
     task: Option<tokio::task::JoinHandle<()>>,
     live: bool,
     waiting: Vec<Ack>,
+    /// With history: commands for the subject's task.
+    cmds: Option<tokio::sync::mpsc::UnboundedSender<SubjectCmd>>,
 }
 
 type Table = Rc<RefCell<HashMap<String, Interest>>>;
 
+/// What a subject's task is asked (history on).
+enum SubjectCmd {
+    /// A client's position and replay.
+    History(Option<Since>, Ack),
+    /// NATS came back: the stream's last seq now; deliver what this node
+    /// missed up to it.
+    Tail(u64),
+    /// The stream was made anew (a new epoch): every position is void.
+    Reset(u64),
+}
+
+/// The JetStream side of the backbone thread (history on).
+struct History {
+    js: Js,
+    ctx: async_nats::jetstream::Context,
+    epoch: RefCell<Arc<str>>,
+    /// The most messages one replay, or one gap fill, reads.
+    limit: usize,
+}
+
+/// What every subject task shares.
+#[derive(Clone)]
+struct Hub {
+    client: async_nats::Client,
+    table: Table,
+    shards: Rc<Vec<ShardTx>>,
+    state: Arc<NatsState>,
+    prefix: Rc<str>,
+    history: Option<Rc<History>>,
+}
+
+impl Hub {
+    /// Hands `env` to every shard interested in `channel` now. A shard too
+    /// far behind loses it: counted, and with history its subscribers of the
+    /// channel are told (4009) — never a silent gap.
+    fn deliver(&self, channel: &str, env: Arc<Envelope>) {
+        let t = self.table.borrow();
+        let Some(e) = t.get(channel) else { return };
+        for &s in &e.shards {
+            if let Some(tx) = self.shards.get(s)
+                && !tx.deliver(Event::Deliver(env.clone()))
+            {
+                self.state.dropped.fetch_add(1, Relaxed);
+                if self.history.is_some() {
+                    tx.answer(Event::Gap(channel.to_owned()));
+                }
+            }
+        }
+    }
+
+    /// Closes `channel`'s subscribers on every interested shard with 4009.
+    fn gap(&self, channel: &str) {
+        self.state.gaps_unhealed.fetch_add(1, Relaxed);
+        let t = self.table.borrow();
+        let Some(e) = t.get(channel) else { return };
+        for &s in &e.shards {
+            if let Some(tx) = self.shards.get(s) {
+                tx.answer(Event::Gap(channel.to_owned()));
+            }
+        }
+    }
+
+    fn answer(&self, ack: Ack, ev: Event) {
+        if let Some(s) = self.shards.get(ack.shard) {
+            s.answer(ev);
+        }
+    }
+}
+
 async fn run(
     cfg: NatsConfig,
-    prefix: String,
-    node: String,
+    setup: Setup,
     shards: Vec<ShardTx>,
     mut data: tokio::sync::mpsc::Receiver<ToNats>,
     mut control: tokio::sync::mpsc::UnboundedReceiver<ToNats>,
     state: Arc<NatsState>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
-    let client = match connect(&cfg, &node, state.clone()).await {
+    let Setup {
+        prefix,
+        node,
+        recovery_limit,
+    } = setup;
+    let (reconnected_tx, mut reconnected) = tokio::sync::watch::channel(0u64);
+    let client = match connect(&cfg, &node, state.clone(), reconnected_tx).await {
         Ok(c) => c,
         Err(e) => {
             // Only a malformed setting gets here (connects are retried):
             // the node serves nobody's pubs, and says so.
             tracing::error!(error = %e, "backbone: not started");
+            let _ = ready.send(Err(e));
             return;
         }
     };
-    let shards = Rc::new(shards);
-    let table: Table = Rc::new(RefCell::new(HashMap::new()));
-    let presence: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let history = if cfg.history == NatsHistory::Jetstream {
+        let js = Js::new(client.clone(), timeout, StreamSpec::new(&cfg, &prefix));
+        match ensure_stream(&js, &cfg, &state).await {
+            Ok(epoch) => {
+                let _ = ready.send(Ok(()));
+                let ctx = async_nats::jetstream::ContextBuilder::new()
+                    .timeout(timeout)
+                    .max_ack_inflight(BRIDGE_COMMANDS)
+                    .backpressure_on_inflight(false)
+                    .build(client.clone());
+                Some(Rc::new(History {
+                    js,
+                    ctx,
+                    epoch: RefCell::new(epoch),
+                    limit: recovery_limit,
+                }))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "backbone: JetStream history cannot start; the node stays not ready");
+                let _ = ready.send(Err(e));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let hub = Hub {
+        client: client.clone(),
+        table: Rc::new(RefCell::new(HashMap::new())),
+        shards: Rc::new(shards),
+        state: state.clone(),
+        prefix: Rc::from(prefix.as_str()),
+        history,
+    };
+    let presence: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
 
     // Control: kicks for any user.
     {
         let client = client.clone();
-        let shards = shards.clone();
+        let shards = hub.shards.clone();
         let subject = format!("{prefix}.ctl.kick.*");
         let cut = format!("{prefix}.ctl.kick.");
         tokio::task::spawn_local(async move {
@@ -468,6 +651,44 @@ async fn run(
         });
     }
 
+    // History: after each reconnect, every subject looks for what it missed.
+    if let Some(h) = hub.history.clone() {
+        let hub = hub.clone();
+        let (base, cap) = (cfg.reconnect_base_ms, cfg.reconnect_cap_ms);
+        reconnected.mark_unchanged();
+        tokio::task::spawn_local(async move {
+            while reconnected.changed().await.is_ok() {
+                let mut attempt = 0;
+                let st = loop {
+                    match h.js.state(None).await {
+                        Ok(st) => break st,
+                        Err(e) => {
+                            warn!(error = %e, "backbone: reading the stream after a reconnect failed; retrying");
+                            tokio::time::sleep(backoff(base, cap, attempt)).await;
+                            attempt += 1;
+                        }
+                    }
+                };
+                let epoch: Arc<str> = Arc::from(h.js.spec.epoch(&st.created));
+                let reset = *h.epoch.borrow() != epoch;
+                if reset {
+                    warn!(epoch = %epoch, "backbone: the JetStream stream was made anew; every position is void (4009)");
+                    *h.epoch.borrow_mut() = epoch;
+                }
+                for e in hub.table.borrow().values() {
+                    if let Some(tx) = &e.cmds {
+                        let _ = tx.send(if reset {
+                            SubjectCmd::Reset(st.last_seq)
+                        } else {
+                            SubjectCmd::Tail(st.last_seq)
+                        });
+                    }
+                }
+            }
+        });
+    }
+
+    let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let mut batch = Vec::with_capacity(256);
     let mut more = Vec::with_capacity(256);
     loop {
@@ -494,25 +715,7 @@ async fn run(
                     headers,
                     payload,
                     ack,
-                } => {
-                    let ok = client
-                        .publish_with_headers(Subject::from(subject), headers, payload)
-                        .await
-                        .is_ok();
-                    if ok {
-                        state.published.fetch_add(1, Relaxed);
-                    }
-                    if let Some(s) = shards.get(ack.shard) {
-                        s.answer(Event::Published(
-                            ack,
-                            if ok {
-                                Ok(None)
-                            } else {
-                                Err(Refused::UNAVAILABLE)
-                            },
-                        ));
-                    }
-                }
+                } => publish(&hub, subject, headers, payload, ack).await,
                 ToNats::Request {
                     subject,
                     headers,
@@ -520,7 +723,7 @@ async fn run(
                     ack,
                 } => {
                     let client = client.clone();
-                    let shards = shards.clone();
+                    let hub = hub.clone();
                     tokio::task::spawn_local(async move {
                         let r = tokio::time::timeout(
                             timeout,
@@ -537,9 +740,7 @@ async fn run(
                                 _ => ErrCode::BackboneUnavailable,
                             }),
                         };
-                        if let Some(s) = shards.get(ack.shard) {
-                            s.answer(Event::Reply(ack, result));
-                        }
+                        hub.answer(ack, Event::Reply(ack, result));
                     });
                 }
                 ToNats::Interest {
@@ -549,6 +750,27 @@ async fn run(
                     ack,
                 } => {
                     interest.push((channel, shard, on, ack));
+                }
+                ToNats::History {
+                    channel,
+                    since,
+                    ack,
+                } => {
+                    // Interest changes before it in this batch come first.
+                    for (channel, shard, on, ack) in interest.drain(..) {
+                        change_interest(&hub, channel, shard, on, ack);
+                    }
+                    let t = hub.table.borrow();
+                    match t.get(&channel).and_then(|e| e.cmds.as_ref()) {
+                        Some(tx) => {
+                            let _ = tx.send(SubjectCmd::History(since, ack));
+                        }
+                        // Unsubscribed meanwhile: nobody waits for it.
+                        None => hub.answer(
+                            ack,
+                            Event::History(ack, Recovery::unavailable(since.as_ref())),
+                        ),
+                    }
                 }
                 ToNats::Presence { user, delta } => {
                     let (before, after) = {
@@ -579,62 +801,139 @@ async fn run(
             }
         }
         for (channel, shard, on, ack) in interest {
-            change_interest(
-                &client, &table, &shards, &prefix, &state, channel, shard, on, ack,
-            );
+            change_interest(&hub, channel, shard, on, ack);
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn change_interest(
-    client: &async_nats::Client,
-    table: &Table,
-    shards: &Rc<Vec<ShardTx>>,
-    prefix: &str,
-    state: &Arc<NatsState>,
-    channel: String,
-    shard: usize,
-    on: bool,
-    ack: Option<Ack>,
-) {
-    let mut t = table.borrow_mut();
+/// Creates or checks the stream, retrying while NATS or JetStream cannot
+/// answer yet; a conflict is an error. Returns the stream's epoch.
+async fn ensure_stream(js: &Js, cfg: &NatsConfig, state: &NatsState) -> Result<Arc<str>, String> {
+    let mut attempt = 0;
+    let mut no_responders = 0;
+    loop {
+        while !state.up.load(Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match js.ensure().await {
+            Ok(st) => {
+                let epoch = js.spec.epoch(&st.created);
+                info!(stream = %js.spec.name, epoch, last_seq = st.last_seq, "backbone: JetStream history ready");
+                state.stream_ok.store(true, Relaxed);
+                return Ok(Arc::from(epoch));
+            }
+            // "No responders" right after a connect may be a server still
+            // starting JetStream: believe it the third time.
+            Err(EnsureError::NoJetStream(_)) if no_responders < 2 => no_responders += 1,
+            Err(EnsureError::NoJetStream(why) | EnsureError::Conflict(why)) => return Err(why),
+            Err(EnsureError::Retry(why)) => {
+                warn!(error = %why, "backbone: JetStream not ready; retrying");
+            }
+        }
+        tokio::time::sleep(backoff(
+            cfg.reconnect_base_ms,
+            cfg.reconnect_cap_ms,
+            attempt,
+        ))
+        .await;
+        attempt += 1;
+    }
+}
+
+/// A client's publish: to core NATS, or (history on) to the stream, whose
+/// acknowledgement is the `ok` with its `seq`.
+async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes, ack: Ack) {
+    let refused = Event::Published(ack, Err(Refused::UNAVAILABLE));
+    let Some(h) = &hub.history else {
+        let ok = hub
+            .client
+            .publish_with_headers(Subject::from(subject), headers, payload)
+            .await
+            .is_ok();
+        if ok {
+            hub.state.published.fetch_add(1, Relaxed);
+            return hub.answer(ack, Event::Published(ack, Ok(None)));
+        }
+        return hub.answer(ack, refused);
+    };
+    match h
+        .ctx
+        .publish_with_headers(Subject::from(subject), headers, payload)
+        .await
+    {
+        Ok(stored) => {
+            let hub = hub.clone();
+            tokio::task::spawn_local(async move {
+                let ev = match stored.await {
+                    Ok(a) => {
+                        hub.state.published.fetch_add(1, Relaxed);
+                        Event::Published(
+                            ack,
+                            Ok(Some(Stored {
+                                seq: a.sequence,
+                                duplicate: a.duplicate,
+                            })),
+                        )
+                    }
+                    // Not stored (or not known to be): nothing is acked.
+                    Err(_) => refused,
+                };
+                hub.answer(ack, ev);
+            });
+        }
+        Err(_) => hub.answer(ack, refused),
+    }
+}
+
+fn change_interest(hub: &Hub, channel: String, shard: usize, on: bool, ack: Option<Ack>) {
+    let mut t = hub.table.borrow_mut();
     if on {
         let entry = t.entry(channel.clone()).or_insert_with(|| Interest {
             shards: Vec::new(),
             task: None,
             live: false,
             waiting: Vec::new(),
+            cmds: None,
         });
         if !entry.shards.contains(&shard) {
             entry.shards.push(shard);
         }
         if let Some(a) = ack {
             if entry.live {
-                if let Some(s) = shards.get(a.shard) {
-                    s.answer(Event::SubReady(a));
-                }
+                hub.answer(a, Event::SubReady(a));
             } else {
                 entry.waiting.push(a);
             }
         }
         if entry.task.is_none() {
-            let Some(subject) = edgegate_proto::channel::parse(&channel)
-                .ok()
-                .map(|c| c.subject(prefix))
-            else {
+            let Ok(parsed) = edgegate_proto::channel::parse(&channel) else {
                 return;
             };
-            state.subscriptions.fetch_add(1, Relaxed);
-            entry.task = Some(tokio::task::spawn_local(subscription(
-                client.clone(),
-                table.clone(),
-                shards.clone(),
-                state.clone(),
-                channel,
-                subject,
-                format!("{prefix}.sys.round_trip"),
-            )));
+            hub.state.subscriptions.fetch_add(1, Relaxed);
+            let task = match &hub.history {
+                None => {
+                    let subject = parsed.subject(&hub.prefix);
+                    tokio::task::spawn_local(subscription(hub.clone(), channel, subject))
+                }
+                Some(_) => {
+                    let stored = parsed.subject(&hub.prefix);
+                    let live = format!(
+                        "{}{}",
+                        jetstream::live_prefix(&hub.prefix),
+                        stored.split_once('.').map_or("", |(_, rest)| rest)
+                    );
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    entry.cmds = Some(tx);
+                    tokio::task::spawn_local(live_subscription(
+                        hub.clone(),
+                        channel,
+                        live,
+                        stored,
+                        rx,
+                    ))
+                }
+            };
+            entry.task = Some(task);
         }
     } else if let Some(entry) = t.get_mut(&channel) {
         entry.shards.retain(|&s| s != shard);
@@ -642,45 +941,40 @@ fn change_interest(
             if let Some(task) = entry.task.take() {
                 // Dropping the subscriber inside unsubscribes.
                 task.abort();
-                state.subscriptions.fetch_sub(1, Relaxed);
+                hub.state.subscriptions.fetch_sub(1, Relaxed);
             }
             for a in entry.waiting.drain(..) {
-                if let Some(s) = shards.get(a.shard) {
-                    s.answer(Event::SubReady(a));
-                }
+                hub.answer(a, Event::SubReady(a));
             }
             t.remove(&channel);
         }
     }
 }
 
-/// Holds one subject's subscription: delivers each message to the shards
-/// interested at that moment.
-async fn subscription(
-    client: async_nats::Client,
-    table: Table,
-    shards: Rc<Vec<ShardTx>>,
-    state: Arc<NatsState>,
-    channel: String,
-    subject: String,
-    round_trip: String,
-) {
-    let mut sub = match client.subscribe(subject.clone()).await {
+/// Subscribes to `subject` and waits for the server to have it: a flush
+/// only writes the SUB to the socket; a request nobody answers comes back
+/// (as "no responders") only after the server has processed everything
+/// before it, the SUB included, so no one is told the subscription is live
+/// before it is.
+async fn subscribe_live(hub: &Hub, subject: &str) -> Option<async_nats::Subscriber> {
+    let sub = match hub.client.subscribe(subject.to_owned()).await {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, subject, "backbone: subscribe failed");
-            return;
+            return None;
         }
     };
-    // The SUB is on its way. A flush only writes it to the socket; a
-    // request nobody answers comes back (as "no responders") only after the
-    // server has processed everything before it, the SUB included, so no
-    // one is told the subscription is live before it is.
     let probe = async_nats::Request::new().timeout(Some(ROUND_TRIP_TIMEOUT));
-    let _ = client.send_request(round_trip, probe).await;
+    let round_trip = format!("{}.sys.round_trip", hub.prefix);
+    let _ = hub.client.send_request(round_trip, probe).await;
+    Some(sub)
+}
+
+/// Tells those waiting for `channel`'s subscription that it is live.
+fn went_live(hub: &Hub, channel: &str) {
     let waiting = {
-        let mut t = table.borrow_mut();
-        match t.get_mut(&channel) {
+        let mut t = hub.table.borrow_mut();
+        match t.get_mut(channel) {
             Some(e) => {
                 e.live = true;
                 std::mem::take(&mut e.waiting)
@@ -689,22 +983,208 @@ async fn subscription(
         }
     };
     for a in waiting {
-        if let Some(s) = shards.get(a.shard) {
-            s.answer(Event::SubReady(a));
-        }
+        hub.answer(a, Event::SubReady(a));
     }
+}
+
+/// Holds one subject's subscription (history off): delivers each message
+/// to the shards interested at that moment.
+async fn subscription(hub: Hub, channel: String, subject: String) {
+    let Some(mut sub) = subscribe_live(&hub, &subject).await else {
+        return;
+    };
+    went_live(&hub, &channel);
     while let Some(m) = sub.next().await {
-        state.received.fetch_add(1, Relaxed);
+        hub.state.received.fetch_add(1, Relaxed);
         let env = Arc::new(message(&channel, m.headers.as_ref(), m.payload));
-        let t = table.borrow();
-        if let Some(e) = t.get(&channel) {
-            for &s in &e.shards {
-                if let Some(tx) = shards.get(s)
-                    && !tx.deliver(Event::Deliver(env.clone()))
-                {
-                    state.dropped.fetch_add(1, Relaxed);
+        hub.deliver(&channel, env);
+    }
+}
+
+/// One subject's live messages with history on (module docs): `pos` is the
+/// stream position up to which every message of the subject has been
+/// handed to the shards.
+struct Live {
+    hub: Hub,
+    h: Rc<History>,
+    channel: String,
+    /// The subject in the stream (`P.room.x`).
+    stored: String,
+    pos: Option<u64>,
+}
+
+impl Live {
+    /// Delivers one message read back from the stream.
+    fn deliver_stored(&self, m: jetstream::Stored) {
+        let mut env = message(&self.channel, Some(&m.headers), m.data);
+        env.seq = Some(m.seq);
+        self.hub.deliver(&self.channel, Arc::new(env));
+    }
+
+    /// Delivers what the stream holds of the subject in `(pos, upto]` and
+    /// moves `pos` to `upto`; what it cannot read closes the subscribers
+    /// with 4009.
+    async fn fill(&mut self, upto: u64) {
+        let Some(pos) = self.pos else {
+            self.pos = Some(upto);
+            return;
+        };
+        if upto <= pos {
+            return;
+        }
+        match self.h.js.range(&self.stored, pos, upto, self.h.limit).await {
+            Ok(list) => {
+                if !list.is_empty() {
+                    self.hub.state.gaps_healed.fetch_add(1, Relaxed);
+                    self.hub
+                        .state
+                        .healed_messages
+                        .fetch_add(list.len() as u64, Relaxed);
+                }
+                for m in list {
+                    self.deliver_stored(m);
                 }
             }
+            Err(why) => {
+                warn!(channel = %self.channel, after = pos, upto, reason = why.reason(), "backbone: messages this node missed cannot be read back; closing the channel's subscribers with 4009");
+                self.hub.gap(&self.channel);
+            }
+        }
+        self.pos = Some(upto);
+    }
+
+    /// A live message from the stream's republish.
+    async fn on_live(&mut self, m: async_nats::Message) {
+        self.hub.state.received.fetch_add(1, Relaxed);
+        let num = |name: &str| header(m.headers.as_ref(), name).and_then(|v| v.parse::<u64>().ok());
+        let (seq, prev) = (num("Nats-Sequence"), num("Nats-Last-Sequence"));
+        let mut env = message(&self.channel, m.headers.as_ref(), m.payload);
+        if let (Some(seq), Some(prev)) = (seq, prev) {
+            if self.pos.is_some_and(|p| seq <= p) {
+                return; // delivered already (read back from the stream)
+            }
+            if self.pos.is_some_and(|p| prev > p) {
+                // This node missed the subject's messages up to `prev`.
+                self.fill(prev).await;
+            }
+            self.pos = Some(seq);
+            env.seq = Some(seq);
+        }
+        self.hub.deliver(&self.channel, Arc::new(env));
+    }
+
+    /// A client's position: the stream up to `pos`, and the messages after
+    /// its `since`, read from the stream (in a task of its own: live
+    /// delivery goes on meanwhile, and the session merges by `seq`).
+    async fn history(&mut self, since: Option<Since>, ack: Ack) {
+        let epoch = self.h.epoch.borrow().clone();
+        if let Some(s) = &since
+            && s.epoch.as_deref().is_none_or(|e| *e == *epoch)
+            && self.pos.is_some_and(|p| s.seq > p)
+        {
+            // The client saw more than this node delivered (it came from
+            // another node): catch up with the stream first.
+            if let Ok(st) = self.h.js.state(None).await {
+                self.fill(st.last_seq).await;
+            }
+        }
+        let Some(top) = self.pos else {
+            let r = Recovery::unavailable(since.as_ref());
+            return self.hub.answer(ack, Event::History(ack, r));
+        };
+        let at = epoch.clone();
+        let answer = move |replay| Recovery {
+            pos: Position {
+                epoch: at.clone(),
+                top,
+            },
+            replay,
+            contiguous: false,
+        };
+        let s = match since {
+            None => {
+                return self
+                    .hub
+                    .answer(ack, Event::History(ack, answer(Ok(Vec::new()))));
+            }
+            Some(s) => s,
+        };
+        let quick = match s.epoch.as_deref() {
+            Some(e) if *e != *epoch => Some(Err(Unrecovered::EpochChanged)),
+            // A position ahead of the stream: not this stream.
+            _ if s.seq > top => Some(Err(Unrecovered::EpochChanged)),
+            _ if s.seq == top => Some(Ok(Vec::new())),
+            _ => None,
+        };
+        if let Some(r) = quick {
+            return self.hub.answer(ack, Event::History(ack, answer(r)));
+        }
+        let (hub, h, stored, channel) = (
+            self.hub.clone(),
+            self.h.clone(),
+            self.stored.clone(),
+            self.channel.clone(),
+        );
+        tokio::task::spawn_local(async move {
+            hub.state.replays.fetch_add(1, Relaxed);
+            let replay = h.js.range(&stored, s.seq, top, h.limit).await.map(|list| {
+                list.into_iter()
+                    .map(|m| {
+                        let mut env = message(&channel, Some(&m.headers), m.data);
+                        env.seq = Some(m.seq);
+                        Arc::new(env)
+                    })
+                    .collect()
+            });
+            hub.answer(ack, Event::History(ack, answer(replay)));
+        });
+    }
+}
+
+/// Holds one subject's live subscription with history on.
+async fn live_subscription(
+    hub: Hub,
+    channel: String,
+    live: String,
+    stored: String,
+    mut cmds: tokio::sync::mpsc::UnboundedReceiver<SubjectCmd>,
+) {
+    let Some(h) = hub.history.clone() else { return };
+    let Some(mut sub) = subscribe_live(&hub, &live).await else {
+        return;
+    };
+    // Every message stored after this position reaches the subscription
+    // (or is found missing by its successor's Nats-Last-Sequence).
+    let pos = match h.js.state(None).await {
+        Ok(st) => Some(st.last_seq),
+        Err(e) => {
+            warn!(error = %e, channel, "backbone: the stream's position is unknown; positions start at the next message");
+            None
+        }
+    };
+    let mut s = Live {
+        hub,
+        h,
+        channel,
+        stored,
+        pos,
+    };
+    went_live(&s.hub, &s.channel);
+    loop {
+        tokio::select! {
+            m = sub.next() => match m {
+                Some(m) => s.on_live(m).await,
+                None => return,
+            },
+            c = cmds.recv() => match c {
+                Some(SubjectCmd::History(since, ack)) => s.history(since, ack).await,
+                Some(SubjectCmd::Tail(last)) => s.fill(last).await,
+                Some(SubjectCmd::Reset(last)) => {
+                    s.hub.gap(&s.channel);
+                    s.pos = Some(last);
+                }
+                None => return,
+            },
         }
     }
 }

@@ -244,6 +244,9 @@ pub enum Input {
     },
     /// A core service asked to kick this connection's user.
     Kick,
+    /// The backbone lost messages of a subscribed channel that it cannot
+    /// recover: the client must reconnect and recover (4009).
+    Gap,
 }
 
 /// What the shard must do.
@@ -405,6 +408,11 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
             pinged_ms,
         } => on_check(st, cx, check, last_rx_ms, pinged_ms, out),
         Input::Kick => close(out, CloseCode::KICKED, "kicked"),
+        Input::Gap => close(
+            out,
+            CloseCode::INSUFFICIENT_STATE,
+            "messages lost on a subscribed channel: reconnect and recover",
+        ),
     }
 }
 
@@ -662,7 +670,7 @@ fn recovered(
             out.push(Action::Reply(ok));
         }
     }
-    match merge(r.pos.top, replay, p.held) {
+    match merge(r.pos.top, replay, p.held, r.contiguous) {
         Ok(list) if list.is_empty() => {}
         Ok(list) => out.push(Action::Deliver(list)),
         Err(Gap) => close(
@@ -676,20 +684,22 @@ fn recovered(
 /// The replay (every message after the client's position up to `top`, in
 /// order) followed by the live messages held meanwhile that come after
 /// `top`: a held message at or below `top` is in the replay already (or
-/// came before the client's `ok`), so it is dropped; a held message that
-/// skips a `seq` is a gap nobody can fill here (`Err`). Messages without a
-/// `seq` (a backbone without history) all pass, in order.
+/// came before the client's `ok`), so it is dropped. With `contiguous`
+/// seqs, a held message that skips one is a gap nobody can fill here
+/// (`Err`); otherwise the backbone vouches that none is skipped. Messages
+/// without a `seq` (a backbone without history) all pass, in order.
 pub fn merge(
     top: u64,
     mut replay: Vec<Arc<Envelope>>,
     held: Vec<Arc<Envelope>>,
+    contiguous: bool,
 ) -> Result<Vec<Arc<Envelope>>, Gap> {
     let mut last = top;
     for env in held {
         match env.seq {
             None => replay.push(env),
             Some(s) if s <= last => {} // a duplicate
-            Some(s) if s == last + 1 => {
+            Some(s) if !contiguous || s == last + 1 => {
                 last = s;
                 replay.push(env);
             }

@@ -774,6 +774,7 @@ fn position(
             top,
         },
         replay,
+        contiguous: true,
     }
 }
 
@@ -920,9 +921,41 @@ fn a_gap_between_replay_and_live_closes_4009() {
     let out = s.run(Input::History(Some(2), position("e", 6, Ok(vec![]))));
     assert_close(&out, CloseCode::INSUFFICIENT_STATE);
     assert_eq!(
-        merge(6, vec![], vec![m(5), m(7), m(8)]).map(|l| l.len()),
+        merge(6, vec![], vec![m(5), m(7), m(8)], true).map(|l| l.len()),
         Ok(2)
     );
+}
+
+#[test]
+fn stream_wide_seqs_merge_without_a_contiguity_check() {
+    // JetStream: seqs of one channel skip (other channels share the
+    // stream); the backbone fills gaps, the merge only drops what the
+    // replay holds.
+    assert_eq!(
+        merge(6, vec![m(4), m(6)], vec![m(5), m(6), m(9), m(12)], false)
+            .map(|l| l.iter().filter_map(|e| e.seq).collect::<Vec<_>>()),
+        Ok(vec![4, 6, 9, 12])
+    );
+    let mut s = T::welcomed("alice");
+    s.client(r#"{"t":"sub","id":2,"ch":"room:r"}"#);
+    s.run(Input::SubReady(Some(2)));
+    assert_eq!(s.st.hold(&m(9), 100), Ok(true));
+    let mut r = position("e", 6, Ok(vec![]));
+    r.contiguous = false;
+    let out = s.run(Input::History(Some(2), r));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Deliver(l) if l.len() == 1)),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_gap_the_backbone_cannot_fill_closes_4009() {
+    let mut s = T::welcomed("alice");
+    s.client(r#"{"t":"sub","id":2,"ch":"room:r"}"#);
+    let out = s.run(Input::Gap);
+    assert_close(&out, CloseCode::INSUFFICIENT_STATE);
 }
 
 #[test]

@@ -324,16 +324,19 @@ impl Shard {
                     self.input(&c, Input::Reply(ack.id, r));
                 }
             }
-            Event::Kick(user) => {
-                // Every welcomed connection is subscribed to its user channel.
-                let ch = format!("user:{user}");
-                let keys = self.router.borrow().keys(&ch).to_vec();
-                let mut kicked = Vec::new();
-                self.conns.for_each_key(&keys, |c| kicked.push(c.clone()));
-                for c in kicked {
-                    self.input(&c, Input::Kick);
-                }
-            }
+            // Every welcomed connection is subscribed to its user channel.
+            Event::Kick(user) => self.tell_subscribers(&format!("user:{user}"), || Input::Kick),
+            Event::Gap(ch) => self.tell_subscribers(&ch, || Input::Gap),
+        }
+    }
+
+    /// Hands `input()` to the session of every local subscriber of `ch`.
+    fn tell_subscribers(&self, ch: &str, input: impl Fn() -> Input) {
+        let keys = self.router.borrow().keys(ch).to_vec();
+        let mut found = Vec::new();
+        self.conns.for_each_key(&keys, |c| found.push(c.clone()));
+        for c in found {
+            self.input(&c, input());
         }
     }
 

