@@ -30,7 +30,7 @@ trap cleanup EXIT
 
 case $mode in
 off | r1)
-    "$NATS" -a 127.0.0.1 -p 14222 -js -sd "$dir/js" > "$dir/nats.log" 2>&1 &
+    "$NATS" -a 127.0.0.1 -p 14222 -m 18222 -js -sd "$dir/js" > "$dir/nats.log" 2>&1 &
     pids+=($!)
     urls=nats://127.0.0.1:14222
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/14222) 2>/dev/null && break; sleep 0.1; done
@@ -52,7 +52,7 @@ for n in a:18580:17500:19590 b:18680:17600:19690; do
     EDGEGATE_BACKBONE__NATS__HISTORY=$history EDGEGATE_BACKBONE__NATS__REPLICAS=$replicas \
     EDGEGATE_BACKBONE__NODE_ID=$id EDGEGATE_WS__LISTEN=127.0.0.1:$ws \
     EDGEGATE_TCP__LISTEN=127.0.0.1:$tcp EDGEGATE_ADMIN__LISTEN=127.0.0.1:$adm \
-    EDGEGATE_LOG__LEVEL=warn "$GWBIN" run > "$dir/gw-$id.log" 2>&1 &
+    EDGEGATE_LOG__LEVEL=${GWLOG:-warn} "$GWBIN" run > "$dir/gw-$id.log" 2>&1 &
     pids+=($!)
     gw_pids+=($!)
 done
@@ -68,9 +68,18 @@ cpu() {  # utime + stime of $1, clock ticks
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
 a0=$(cpu "${gw_pids[0]}") b0=$(cpu "${gw_pids[1]}")
-"$LT" pubsub --transport ws --pairs 100 --rate "$rate" --duration "$dur" --quiet \
+"$LT" pubsub --transport ws --pairs 100 --rate "$rate" --duration "$dur" --drain-secs "${DRAIN:-3}" --quiet \
     --target 127.0.0.1:18580,127.0.0.1:18680 --json "$dir/pubsub.json" | tee "$dir/pubsub.txt"
 a1=$(cpu "${gw_pids[0]}") b1=$(cpu "${gw_pids[1]}")
+[ "${SUBS:-0}" = 1 ] && curl -s "http://127.0.0.1:18222/connz?subs=1&limit=100" | python3 -c '
+import json, sys
+for c in json.load(sys.stdin)["connections"]:
+    subs = c.get("subscriptions_list") or []
+    print(c.get("name"), len(subs), sum(s.startswith("eg.live.") for s in subs), "in", c.get("in_msgs"), "out", c.get("out_msgs"))
+'
+for adm in 19590 19690; do
+    echo "gateway :$adm $(curl -s "http://127.0.0.1:$adm/metrics" | grep -E '^edgegate_backbone_(received|published|dropped|gaps|healed|replays)' | tr '\n' ' ')"
+done
 python3 - "$dir/pubsub.json" "$((a1 - a0))" "$((b1 - b0))" "$(getconf CLK_TCK)" "$mode" "$rate" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))

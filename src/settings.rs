@@ -29,6 +29,10 @@ pub struct ShardConfig {
     pub max_subscriptions: usize,
     /// Live messages held per recovery in flight (`history.recovery_buffer`).
     pub recovery_buffer: usize,
+    /// `welcome` waits until the user's own channel is live on the backbone
+    /// (NATS: its subscription takes a round trip), so a direct message
+    /// sent after the `welcome` reaches the connection.
+    pub welcome_after_live: bool,
     /// `[history]`, for the owner shards' stores.
     pub history: crate::config::History,
     /// This process's random epoch prefix: every stream's epoch changes
@@ -91,6 +95,7 @@ impl ShardConfig {
             outbound_queue_bytes: cfg.limits.outbound_queue_bytes,
             max_subscriptions: 1024,
             recovery_buffer: cfg.history.recovery_buffer,
+            welcome_after_live: cfg.backbone.kind == crate::config::BackboneKind::Nats,
             history: cfg.history.clone(),
             epoch_prefix: format!("{:016x}", fastrand::u64(..)),
             retry_ms: cfg.limits.retry_ms,

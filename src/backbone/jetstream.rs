@@ -247,6 +247,33 @@ impl Js {
         parse_stored(&v).map(Some)
     }
 
+    /// At most `max` messages of `subject` with seq in `(after, upto]`, in
+    /// order, one leader read each.
+    async fn read(
+        &self,
+        subject: &str,
+        after: u64,
+        upto: u64,
+        max: usize,
+    ) -> Result<Vec<Stored>, Unrecovered> {
+        let mut out = Vec::new();
+        let mut from = after + 1;
+        while from <= upto && out.len() < max {
+            match self
+                .next(subject, from)
+                .await
+                .map_err(unavailable(subject))?
+            {
+                Some(m) if m.seq <= upto => {
+                    from = m.seq + 1;
+                    out.push(m);
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// The messages of `subject` with seq in `(after, upto]`, in order, if
     /// the stream still holds all of them and they are at most `limit`
     /// (docs at the top of this file).
@@ -257,41 +284,28 @@ impl Js {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<Stored>, Unrecovered> {
-        let unavailable = |e: JsError| {
-            tracing::debug!(error = %e, subject, "backbone: reading the stream failed");
-            Unrecovered::Unavailable
-        };
-        let mut out = Vec::new();
-        let mut from = after + 1;
-        while from <= upto && out.len() <= limit {
-            match self.next(subject, from).await.map_err(unavailable)? {
-                Some(m) if m.seq <= upto => {
-                    from = m.seq + 1;
-                    out.push(m);
-                }
-                _ => break,
-            }
-        }
+        let unavailable = unavailable(subject);
+        let out = self.read(subject, after, upto, limit + 1).await?;
         // Was anything after `after` deleted? Only the front goes, so not
         // when the subject still holds a message at or before `after`.
         let first_kept = match out.first() {
             Some(m) if m.seq > after + 1 => self
                 .next(subject, 1)
                 .await
-                .map_err(unavailable)?
+                .map_err(&unavailable)?
                 .map(|m| m.seq),
             Some(m) => Some(m.seq),
             None if upto > after => self
                 .next(subject, 1)
                 .await
-                .map_err(unavailable)?
+                .map_err(&unavailable)?
                 .map(|m| m.seq),
             None => None,
         };
         let state = if first_kept.is_some_and(|f| f <= after + 1) {
             None
         } else {
-            Some(self.state(Some(subject)).await.map_err(unavailable)?)
+            Some(self.state(Some(subject)).await.map_err(&unavailable)?)
         };
         let seqs: Vec<u64> = out.iter().map(|m| m.seq).collect();
         judge(
@@ -303,6 +317,36 @@ impl Js {
             self.spec.max_msgs_per_subject,
             limit,
         )?;
+        Ok(out)
+    }
+
+    /// What a node missed of `subject` in `(after, upto]` (a gap it found
+    /// on the live subject, or the tail after a reconnect), in order.
+    /// Those messages are recent — stored while this node was subscribed,
+    /// and the node treats an outage longer than `max_age` as a loss of
+    /// its own — so age cannot have deleted them; the per-subject bound
+    /// can, when the channel is at it and the first message read is not
+    /// the one right after `after`: then `Err` (the caller closes the
+    /// channel's subscribers with 4009).
+    pub async fn fill(
+        &self,
+        subject: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Stored>, Unrecovered> {
+        let unavailable = unavailable(subject);
+        let out = self.read(subject, after, upto, limit + 1).await?;
+        if out.len() > limit {
+            return Err(Unrecovered::TooMany);
+        }
+        if out.first().is_some_and(|m| m.seq > after + 1) {
+            let st = self.state(Some(subject)).await.map_err(&unavailable)?;
+            if st.subject_msgs >= self.spec.max_msgs_per_subject {
+                let oldest = out.first().map_or(upto + 1, |m| m.seq);
+                return Err(Unrecovered::Expired { oldest });
+            }
+        }
         Ok(out)
     }
 
@@ -376,6 +420,15 @@ impl Js {
             "allow_direct": true,
             "republish": { "src": s.republish.0, "dest": s.republish.1 },
         })
+    }
+}
+
+/// A read of the stream that failed: the recovery (or fill) is
+/// `unavailable`.
+fn unavailable(subject: &str) -> impl Fn(JsError) -> Unrecovered + '_ {
+    move |e| {
+        tracing::debug!(error = %e, subject, "backbone: reading the stream failed");
+        Unrecovered::Unavailable
     }
 }
 

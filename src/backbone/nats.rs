@@ -413,6 +413,7 @@ async fn connect(
     node: &str,
     state: Arc<NatsState>,
     reconnected: tokio::sync::watch::Sender<u64>,
+    down_since: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<async_nats::Client, String> {
     let (base, cap) = (cfg.reconnect_base_ms, cfg.reconnect_cap_ms);
     let mut opts = async_nats::ConnectOptions::new()
@@ -433,6 +434,7 @@ async fn connect(
         .event_callback(move |ev| {
             let state = state.clone();
             let reconnected = reconnected.clone();
+            let down_since = down_since.clone();
             async move {
                 match ev {
                     async_nats::Event::Connected => {
@@ -445,6 +447,7 @@ async fn connect(
                     }
                     async_nats::Event::Disconnected => {
                         if state.up.swap(false, Relaxed) {
+                            down_since.store(crate::auth::unix_ms(), Relaxed);
                             state.reconnects.fetch_add(1, Relaxed);
                             warn!("backbone: lost NATS; clients stay connected, publishes get backbone_unavailable until it is back");
                         }
@@ -514,6 +517,45 @@ struct History {
     epoch: RefCell<Arc<str>>,
     /// The most messages one replay, or one gap fill, reads.
     limit: usize,
+    baseline: Baseline,
+}
+
+/// The stream's last seq for subscriptions that just went live, read once
+/// for all of them: a connect burst makes one `STREAM.INFO`, not one per
+/// subject (JetStream answers its API one request at a time).
+#[derive(Default)]
+struct Baseline {
+    waiting: RefCell<Vec<tokio::sync::oneshot::Sender<Option<u64>>>>,
+    reading: std::cell::Cell<bool>,
+}
+
+impl Baseline {
+    /// The stream's last seq, read after this call began (so after the
+    /// caller's subscription was live); `None` when it cannot be read.
+    async fn position(h: &Rc<History>) -> Option<u64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        h.baseline.waiting.borrow_mut().push(tx);
+        if !h.baseline.reading.replace(true) {
+            // A task of its own (not the caller's, which may be aborted):
+            // reads until nobody waits, each read serving those who asked
+            // before it was sent.
+            let h = h.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    let batch = std::mem::take(&mut *h.baseline.waiting.borrow_mut());
+                    if batch.is_empty() {
+                        break;
+                    }
+                    let last = h.js.state(None).await.ok().map(|s| s.last_seq);
+                    for tx in batch {
+                        let _ = tx.send(last);
+                    }
+                }
+                h.baseline.reading.set(false);
+            });
+        }
+        rx.await.ok().flatten()
+    }
 }
 
 /// What every subject task shares.
@@ -580,7 +622,16 @@ async fn run(
         recovery_limit,
     } = setup;
     let (reconnected_tx, mut reconnected) = tokio::sync::watch::channel(0u64);
-    let client = match connect(&cfg, &node, state.clone(), reconnected_tx).await {
+    let down_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let client = match connect(
+        &cfg,
+        &node,
+        state.clone(),
+        reconnected_tx,
+        down_since.clone(),
+    )
+    .await
+    {
         Ok(c) => c,
         Err(e) => {
             // Only a malformed setting gets here (connects are retried):
@@ -606,6 +657,7 @@ async fn run(
                     ctx,
                     epoch: RefCell::new(epoch),
                     limit: recovery_limit,
+                    baseline: Baseline::default(),
                 }))
             }
             Err(e) => {
@@ -655,6 +707,7 @@ async fn run(
     if let Some(h) = hub.history.clone() {
         let hub = hub.clone();
         let (base, cap) = (cfg.reconnect_base_ms, cfg.reconnect_cap_ms);
+        let max_age_ms = cfg.max_age_ms;
         reconnected.mark_unchanged();
         tokio::task::spawn_local(async move {
             while reconnected.changed().await.is_ok() {
@@ -670,10 +723,21 @@ async fn run(
                     }
                 };
                 let epoch: Arc<str> = Arc::from(h.js.spec.epoch(&st.created));
-                let reset = *h.epoch.borrow() != epoch;
+                let mut reset = *h.epoch.borrow() != epoch;
                 if reset {
                     warn!(epoch = %epoch, "backbone: the JetStream stream was made anew; every position is void (4009)");
                     *h.epoch.borrow_mut() = epoch;
+                }
+                // Away longer than the stream keeps messages: what this node
+                // missed may be gone, and nothing says which.
+                let down = down_since.swap(0, Relaxed);
+                let away_ms = crate::auth::unix_ms().saturating_sub(down);
+                if down > 0 && away_ms >= max_age_ms {
+                    warn!(
+                        away_ms,
+                        "backbone: NATS was away longer than the stream's max_age; subscribers are told to recover (4009)"
+                    );
+                    reset = true;
                 }
                 for e in hub.table.borrow().values() {
                     if let Some(tx) = &e.cmds {
@@ -1032,7 +1096,7 @@ impl Live {
         if upto <= pos {
             return;
         }
-        match self.h.js.range(&self.stored, pos, upto, self.h.limit).await {
+        match self.h.js.fill(&self.stored, pos, upto, self.h.limit).await {
             Ok(list) => {
                 if !list.is_empty() {
                     self.hub.state.gaps_healed.fetch_add(1, Relaxed);
@@ -1080,12 +1144,13 @@ impl Live {
         let epoch = self.h.epoch.borrow().clone();
         if let Some(s) = &since
             && s.epoch.as_deref().is_none_or(|e| *e == *epoch)
-            && self.pos.is_some_and(|p| s.seq > p)
         {
-            // The client saw more than this node delivered (it came from
-            // another node): catch up with the stream first.
-            if let Ok(st) = self.h.js.state(None).await {
-                self.fill(st.last_seq).await;
+            // Catch up with the stream first: the client may have seen more
+            // than this node delivered (it came from another node), and a
+            // message stored just before this subscription went live must
+            // be in its replay, not wait for its successor.
+            if let Some(last) = Baseline::position(&self.h).await {
+                self.fill(last).await;
             }
         }
         let Some(top) = self.pos else {
@@ -1150,17 +1215,19 @@ async fn live_subscription(
     mut cmds: tokio::sync::mpsc::UnboundedReceiver<SubjectCmd>,
 ) {
     let Some(h) = hub.history.clone() else { return };
+    // The position is read before the subscription is live: every live
+    // message is then past it (none is mistaken for one from before), and
+    // one stored between the two is found missing by its successor's
+    // Nats-Last-Sequence (or, for a `since`, read before the answer).
+    let pos = Baseline::position(&h).await;
+    if pos.is_none() {
+        warn!(
+            channel,
+            "backbone: the stream's position is unknown; positions start at the next message"
+        );
+    }
     let Some(mut sub) = subscribe_live(&hub, &live).await else {
         return;
-    };
-    // Every message stored after this position reaches the subscription
-    // (or is found missing by its successor's Nats-Last-Sequence).
-    let pos = match h.js.state(None).await {
-        Ok(st) => Some(st.last_seq),
-        Err(e) => {
-            warn!(error = %e, channel, "backbone: the stream's position is unknown; positions start at the next message");
-            None
-        }
     };
     let mut s = Live {
         hub,

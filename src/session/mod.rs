@@ -372,10 +372,12 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
                 x.recovering
                     .iter()
                     .find(|r| r.id == id)
-                    .map(|r| (r.ch.clone(), r.since.clone()))
+                    .map(|r| (r.ch.clone(), r.since.clone(), r.welcome.is_some()))
             });
             match pending {
-                Some((ch, since)) => out.push(Action::History { ch, since, id }),
+                // The user's own channel is live: the welcome waited for it.
+                Some((_, None, true)) => welcome_live(st, id, out),
+                Some((ch, since, _)) => out.push(Action::History { ch, since, id }),
                 None => out.push(Action::Reply(Envelope::ok(id))),
             }
         }
@@ -585,10 +587,47 @@ fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Actio
                 ok: Some(env.id),
             });
         }
+        _ if cx.cfg.welcome_after_live => {
+            st.extra().recovering.push(Recovering {
+                ch: own.clone(),
+                id: env.id,
+                since: None,
+                held: Vec::new(),
+                welcome: Some(Box::new(welcome)),
+            });
+            out.push(Action::Subscribe {
+                ch: own,
+                ok: Some(env.id),
+            });
+        }
         _ => {
             out.push(Action::Subscribe { ch: own, ok: None });
             out.push(Action::Reply(welcome));
         }
+    }
+}
+
+/// The user's own channel is live (no `since`): the `welcome` that waited
+/// for it, then whatever arrived meanwhile.
+fn welcome_live(st: &mut SessionState, id: Option<u64>, out: &mut Vec<Action>) {
+    let Some(x) = st.extra.as_mut() else { return };
+    let Some(i) = x
+        .recovering
+        .iter()
+        .position(|r| r.id == id && r.welcome.is_some())
+    else {
+        return;
+    };
+    let p = x.recovering.swap_remove(i);
+    if x.instance.is_none() && x.recovering.is_empty() {
+        // An idle connection keeps no `Extra`.
+        st.extra = None;
+    }
+    if let Some(welcome) = p.welcome {
+        out.push(Action::Reply(*welcome));
+    }
+    if !p.held.is_empty() {
+        out.push(Action::Deliver(p.held));
     }
 }
 

@@ -1041,3 +1041,36 @@ fn hello_since_recovers_the_own_stream_before_welcome() {
         "missed direct messages follow welcome"
     );
 }
+
+#[test]
+fn welcome_waits_for_the_own_channel_where_the_backbone_needs_a_round_trip() {
+    let mut s = T::open();
+    s.cfg.welcome_after_live = true;
+    let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"alice"}}"#);
+    assert!(
+        out.iter().any(
+            |a| matches!(a, Action::Subscribe { ch, ok: Some(Some(1)) } if &**ch == "user:alice")
+        ),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Reply(e) if e.t == Type::Welcome)),
+        "no welcome before the channel is live: {out:?}"
+    );
+    // A direct message arriving meanwhile is held, and follows the welcome.
+    let mut dm = Envelope::new(Type::Msg);
+    dm.ch = Some("user:alice".into());
+    assert_eq!(s.st.hold(&std::sync::Arc::new(dm), 100), Ok(true));
+    let out = s.run(Input::SubReady(Some(1)));
+    let kinds: Vec<&str> = out
+        .iter()
+        .map(|a| match a {
+            Action::Reply(e) if e.t == Type::Welcome => "welcome",
+            Action::Deliver(l) if l.len() == 1 => "held",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["welcome", "held"]);
+    assert!(s.st.extra.is_none(), "an idle session keeps no Extra");
+}

@@ -14,10 +14,23 @@ use crate::conn::Conn;
 use crate::metrics::Transport;
 
 /// The shard's connections.
-#[derive(Default)]
 pub struct ConnTable {
     slab: RefCell<Slab<Rc<Conn>>>,
     serial: Cell<u64>,
+}
+
+impl Default for ConnTable {
+    /// Serials start at the process's start time (Unix ms × 1024): a
+    /// connection's name (`node-shard-serial`) is never given again by a
+    /// restarted node, so the publish-deduplication key scoped to it
+    /// (`user:conn:id`, a JetStream `Nats-Msg-Id`) cannot make the stream
+    /// drop a new client's message as a retry of an old one.
+    fn default() -> Self {
+        ConnTable {
+            slab: RefCell::new(Slab::new()),
+            serial: Cell::new(crate::auth::unix_ms() << 10),
+        }
+    }
 }
 
 impl ConnTable {

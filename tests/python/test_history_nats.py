@@ -324,3 +324,31 @@ async def test_a_gap_on_the_live_subject_is_healed_from_the_stream(js_cluster, g
                    what="a healed gap counted")
     assert ga.metric("edgegate_backbone_healed_messages_total") >= 5
     assert ga.metric("edgegate_backbone_gaps_unhealed_total") == 0
+
+
+async def test_a_restarted_gateway_never_reuses_a_connection_scoped_publish_id(js_server, gateway):
+    """Without hello.meta.instance, publish ids are scoped to the connection
+    (Nats-Msg-Id = user:conn:id). A restarted node must not name a new
+    connection like an old one: the stream would drop the new client's
+    first messages as retries (seen by the benchmark before the fix)."""
+    user = new_user("re")
+    room = f"room:{new_user('re')}"
+    gw = gateway(**js_env(js_server.url, "same-node"))
+    a = await session(gw, "tcp", user)
+    first = await a.call("pub", ch=room, d={"run": 1})
+    assert first["t"] == "ok", first
+    conn1 = a.welcome["meta"]["conn"]
+    await a.close()
+    gw.expect_exit()
+    gw.sigterm()
+    assert gw.wait_exit(15) == 0
+    gw2 = gateway(**js_env(js_server.url, "same-node"))
+    w = await session(gw2, "ws-json")
+    await sub_pos(w, room)
+    b = await session(gw2, "tcp", user)
+    assert b.welcome["meta"]["conn"] != conn1
+    await b.send("pub", id=first["id"], ch=room, d={"run": 2})
+    again = await b.expect("ok")
+    assert "meta" not in again and again["seq"] > first["seq"], again
+    got = await msgs(w, room, 1)
+    assert got[0]["d"] == {"run": 2}
