@@ -308,8 +308,12 @@ impl Conn {
     pub fn push(&self, item: Out, limit: usize, held_max: usize) -> bool {
         {
             let mut st = self.session.borrow_mut();
-            if st.phase == crate::session::Phase::Closing {
-                return true; // closing: silently nothing more, the close is already decided
+            // Closing, or a close decided and not yet carried out: nothing
+            // more is queued. A message queued after a 4009 was decided
+            // would reach the client before its `bye` and move its position
+            // past the gap it is told to recover.
+            if st.phase == crate::session::Phase::Closing || self.close.get().is_some() {
+                return true;
             }
             if let Out::Shared(d) = &item {
                 match st.hold(d.env(), held_max) {

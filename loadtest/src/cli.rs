@@ -17,6 +17,8 @@ pub struct Cli {
 
 /// Scenarios. Each is bounded in count and time and stops by itself.
 #[derive(Subcommand, Debug)]
+// Parsed once at start: the size of the largest options struct does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Scenario {
     /// Open many idle connections at a given rate, hold them, measure the
     /// gateway's memory per connection and CPU while idle.
@@ -447,6 +449,9 @@ pub enum Fault {
     Drain,
     /// (d) SIGKILL: the gateway dies at once; then it is restarted.
     Kill,
+    /// (e) SIGKILL of the NATS server a gateway is connected to
+    /// (`--nats-kill-cmd`), started again `--nats-down-secs` later.
+    NatsKill,
 }
 
 impl Fault {
@@ -457,6 +462,7 @@ impl Fault {
             Fault::Slow => "slow",
             Fault::Drain => "drain",
             Fault::Kill => "kill",
+            Fault::NatsKill => "nats-kill",
         }
     }
 }
@@ -557,6 +563,37 @@ pub struct ChaosArgs {
     /// Random seed (clients, faults, publishers).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// A second gateway node: the same `--gateway-cmd` with `--gateway-env`
+    /// and then these KEY=VALUE (repeatable; its ports and node id). The
+    /// proxy spreads clients over both, a client reconnects to either, and
+    /// drain / kill / nats-kill take turns between them.
+    #[arg(long = "gateway2-env")]
+    pub gateway2_env: Vec<String>,
+    /// The second gateway's client address (HOST:PORT).
+    #[arg(long)]
+    pub target2: Option<String>,
+    /// The second gateway's admin address (readiness after a restart).
+    #[arg(long)]
+    pub admin2: Option<String>,
+    /// nats-kill: the command that SIGKILLs NATS node {n} (1-based), e.g.
+    /// `scripts/nats-cluster.sh kill DIR {n}`.
+    #[arg(long)]
+    pub nats_kill_cmd: Option<String>,
+    /// nats-kill: the command that starts node {n} again.
+    #[arg(long)]
+    pub nats_restart_cmd: Option<String>,
+    /// The NATS nodes' monitoring addresses (HOST:PORT), in node order
+    /// (repeatable): the node killed is the one the gateway is connected to.
+    #[arg(long = "nats-mon")]
+    pub nats_mon: Vec<String>,
+    /// nats-kill: seconds the node stays down.
+    #[arg(long, default_value_t = 3.0)]
+    pub nats_down_secs: f64,
+    /// History outlives a gateway (the NATS backbone with JetStream): no
+    /// `epoch_changed` is expected after a restart, and every
+    /// `recovered: false` is counted as a failure.
+    #[arg(long)]
+    pub persistent_history: bool,
 }
 
 /// `herd` options.

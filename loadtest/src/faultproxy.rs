@@ -52,7 +52,9 @@ struct Link {
 }
 
 struct Inner {
-    upstream: SocketAddr,
+    /// The gateways, tried in turn (the next link starts at the next one).
+    upstreams: Vec<SocketAddr>,
+    turn: AtomicU64,
     rcvbuf: Option<u32>,
     links: Mutex<HashMap<IpAddr, Arc<Link>>>,
     down: AtomicBool,
@@ -77,17 +79,34 @@ impl FaultProxy {
     /// connection to `upstream`. `rcvbuf` bounds the receive buffer of the
     /// gateway side (so a paused link fills the gateway's queue quickly).
     pub async fn start(upstream: &str, rcvbuf: Option<u32>) -> Result<FaultProxy> {
-        let upstream: SocketAddr = tokio::net::lookup_host(upstream)
-            .await
-            .with_context(|| format!("resolve gateway address {upstream}"))?
-            .next()
-            .with_context(|| format!("gateway address {upstream}: no address"))?;
+        FaultProxy::start_many(&[upstream.to_owned()], rcvbuf).await
+    }
+
+    /// As [`FaultProxy::start`], spreading the links over several gateways:
+    /// each new link goes to the next one in turn, or to the one after it
+    /// when that one does not answer (restarting, drained) — what a load
+    /// balancer in front of a fleet does.
+    pub async fn start_many(upstreams: &[String], rcvbuf: Option<u32>) -> Result<FaultProxy> {
+        let mut addrs = Vec::with_capacity(upstreams.len());
+        for upstream in upstreams {
+            addrs.push(
+                tokio::net::lookup_host(upstream.as_str())
+                    .await
+                    .with_context(|| format!("resolve gateway address {upstream}"))?
+                    .next()
+                    .with_context(|| format!("gateway address {upstream}: no address"))?,
+            );
+        }
+        if addrs.is_empty() {
+            anyhow::bail!("fault proxy: no gateway address");
+        }
         let l = TcpListener::bind("127.0.0.1:0")
             .await
             .context("fault proxy: bind 127.0.0.1:0")?;
         let addr = l.local_addr()?;
         let inner = Arc::new(Inner {
-            upstream,
+            upstreams: addrs,
+            turn: AtomicU64::new(0),
             rcvbuf,
             links: Mutex::new(HashMap::new()),
             down: AtomicBool::new(false),
@@ -181,8 +200,23 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
+/// Connects to the next gateway in turn, or the one after it when that
+/// one refuses.
 async fn connect_upstream(i: &Inner, ip: IpAddr) -> std::io::Result<TcpStream> {
-    let s = match i.upstream {
+    let n = i.upstreams.len();
+    let first = i.turn.fetch_add(1, Relaxed) as usize;
+    let mut last = std::io::Error::from(std::io::ErrorKind::NotConnected);
+    for k in 0..n {
+        match connect_to(i, i.upstreams[(first + k) % n], ip).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn connect_to(i: &Inner, upstream: SocketAddr, ip: IpAddr) -> std::io::Result<TcpStream> {
+    let s = match upstream {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
@@ -195,10 +229,10 @@ async fn connect_upstream(i: &Inner, ip: IpAddr) -> std::io::Result<TcpStream> {
         // the window working.
         socket2::SockRef::from(&s).set_tcp_mss(n / 4)?;
     }
-    if ip.is_ipv4() == i.upstream.is_ipv4() {
+    if ip.is_ipv4() == upstream.is_ipv4() {
         s.bind(SocketAddr::new(ip, 0))?;
     }
-    let up = tokio::time::timeout(Duration::from_secs(5), s.connect(i.upstream))
+    let up = tokio::time::timeout(Duration::from_secs(5), s.connect(upstream))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     up.set_nodelay(true)?;

@@ -1089,10 +1089,11 @@ impl Live {
     /// moves `pos` to `upto`; what it cannot read closes the subscribers
     /// with 4009.
     async fn fill(&mut self, upto: u64) {
-        let Some(pos) = self.pos else {
-            self.pos = Some(upto);
-            return;
-        };
+        // Without a position (the stream could not be read when the
+        // subscription began, and nothing came since) there is nothing to
+        // fill from: the first live message sets it. Moving it here would
+        // drop live messages still on their way as if they were delivered.
+        let Some(pos) = self.pos else { return };
         if upto <= pos {
             return;
         }
