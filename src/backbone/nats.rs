@@ -530,8 +530,9 @@ struct Baseline {
 }
 
 impl Baseline {
-    /// The stream's last seq, read after this call began (so after the
-    /// caller's subscription was live); `None` when it cannot be read.
+    /// The stream's last seq, read after this call began (a reader that
+    /// started earlier serves only those who asked before it sent its
+    /// request); `None` when it cannot be read.
     async fn position(h: &Rc<History>) -> Option<u64> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         h.baseline.waiting.borrow_mut().push(tx);
@@ -752,7 +753,6 @@ async fn run(
         });
     }
 
-    let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let mut batch = Vec::with_capacity(256);
     let mut more = Vec::with_capacity(256);
     loop {
@@ -1080,9 +1080,8 @@ struct Live {
 impl Live {
     /// Delivers one message read back from the stream.
     fn deliver_stored(&self, m: jetstream::Stored) {
-        let mut env = message(&self.channel, Some(&m.headers), m.data);
-        env.seq = Some(m.seq);
-        self.hub.deliver(&self.channel, Arc::new(env));
+        let env = stored_message(&self.channel, m);
+        self.hub.deliver(&self.channel, env);
     }
 
     /// Delivers what the stream holds of the subject in `(pos, upto]` and
@@ -1195,11 +1194,7 @@ impl Live {
             hub.state.replays.fetch_add(1, Relaxed);
             let replay = h.js.range(&stored, s.seq, top, h.limit).await.map(|list| {
                 list.into_iter()
-                    .map(|m| {
-                        let mut env = message(&channel, Some(&m.headers), m.data);
-                        env.seq = Some(m.seq);
-                        Arc::new(env)
-                    })
+                    .map(|m| stored_message(&channel, m))
                     .collect()
             });
             hub.answer(ack, Event::History(ack, answer(replay)));
@@ -1283,6 +1278,13 @@ fn message(channel: &str, h: Option<&HeaderMap>, body: Bytes) -> Envelope {
     env.id = header(h, "Eg-Id").and_then(|v| v.parse().ok());
     env.payload = payload_of(h, body);
     env
+}
+
+/// The `msg` envelope for a message read back from the stream.
+fn stored_message(channel: &str, m: jetstream::Stored) -> Arc<Envelope> {
+    let mut env = message(channel, Some(&m.headers), m.data);
+    env.seq = Some(m.seq);
+    Arc::new(env)
 }
 
 /// Headers of a client publish (docs/protocol.md, "Backbone subjects").

@@ -440,6 +440,18 @@ struct Restart {
     gateway: usize,
 }
 
+impl Restart {
+    /// A restart of `gateway` by `fault`, beginning now.
+    fn begin(fault: Fault, gateway: usize, t0: Instant) -> Restart {
+        Restart {
+            fault: Some(fault),
+            signal_ms: t0.elapsed().as_millis() as u32,
+            gateway,
+            ..Restart::default()
+        }
+    }
+}
+
 /// Runs `cmd` (`sh -c`) with `{n}` replaced by `n`.
 async fn shell(cmd: &str, n: usize) -> Result<()> {
     let cmd = cmd.replace("{n}", &n.to_string());
@@ -491,12 +503,7 @@ async fn nats_kill(
     totals: Arc<Totals>,
 ) -> Restart {
     let ms = || t0.elapsed().as_millis() as u32;
-    let mut r = Restart {
-        fault: Some(Fault::NatsKill),
-        signal_ms: ms(),
-        gateway,
-        ..Restart::default()
-    };
+    let mut r = Restart::begin(Fault::NatsKill, gateway, t0);
     let (Some(kill), Some(start)) = (&a.nats_kill_cmd, &a.nats_restart_cmd) else {
         r.error = Some("nats-kill needs --nats-kill-cmd and --nats-restart-cmd".into());
         return r;
@@ -560,12 +567,7 @@ async fn restart(
     totals: Arc<Totals>,
 ) -> Restart {
     let ms = || t0.elapsed().as_millis() as u32;
-    let mut r = Restart {
-        fault: Some(fault),
-        signal_ms: ms(),
-        gateway,
-        ..Restart::default()
-    };
+    let mut r = Restart::begin(fault, gateway, t0);
     let mut g = gw.lock().await;
     totals.restarting.store(Cause::Fault(fault).code(), Relaxed);
     let sig = if fault == Fault::Kill { "KILL" } else { "TERM" };
