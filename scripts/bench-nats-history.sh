@@ -48,8 +48,10 @@ history=jetstream replicas=1
 gw_pids=()
 for n in a:18580:17500:19590 b:18680:17600:19690; do
     IFS=: read -r id ws tcp adm <<<"$n"
-    EDGEGATE_BACKBONE__KIND=nats EDGEGATE_BACKBONE__NATS__URLS=$urls \
-    EDGEGATE_BACKBONE__NATS__HISTORY=$history EDGEGATE_BACKBONE__NATS__REPLICAS=$replicas \
+    # (history off sets no history key: a build from before them runs too)
+    hist_env=()
+    [ "$history" = off ] || hist_env=(EDGEGATE_BACKBONE__NATS__HISTORY=$history EDGEGATE_BACKBONE__NATS__REPLICAS=$replicas)
+    env "${hist_env[@]}" EDGEGATE_BACKBONE__KIND=nats EDGEGATE_BACKBONE__NATS__URLS=$urls \
     EDGEGATE_BACKBONE__NODE_ID=$id EDGEGATE_WS__LISTEN=127.0.0.1:$ws \
     EDGEGATE_TCP__LISTEN=127.0.0.1:$tcp EDGEGATE_ADMIN__LISTEN=127.0.0.1:$adm \
     EDGEGATE_LOG__LEVEL=${GWLOG:-warn} "$GWBIN" run > "$dir/gw-$id.log" 2>&1 &
