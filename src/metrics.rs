@@ -155,6 +155,9 @@ pub struct BackboneStats {
     pub gaps_unhealed: AtomicU64,
     /// Replays read from the stream for `since` (each a recovery).
     pub replays: AtomicU64,
+    /// JetStream publishes sent again (same `Nats-Msg-Id`) after a try
+    /// that was not acknowledged.
+    pub publish_retries: AtomicU64,
 }
 
 /// Node-wide state the admin endpoint reports beside the shard counters.
@@ -448,6 +451,12 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                 "counter",
                 "Live gaps that could not be filled: the channel's subscribers on this node were closed with 4009.",
                 &n.gaps_unhealed,
+            ),
+            (
+                "edgegate_backbone_publish_retries_total",
+                "counter",
+                "JetStream publishes sent again with the same Nats-Msg-Id after a try the stream did not acknowledge (a NATS failover).",
+                &n.publish_retries,
             ),
             (
                 "edgegate_backbone_replays_total",

@@ -33,6 +33,13 @@ pub struct ShardConfig {
     /// (NATS: its subscription takes a round trip), so a direct message
     /// sent after the `welcome` reaches the connection.
     pub welcome_after_live: bool,
+    /// A connection's publishes go to the backbone one at a time, each
+    /// after the answer to the one before (`[backbone.nats] history =
+    /// "jetstream"`): a publish lost with a NATS connection is then never
+    /// overtaken by the next one, and when one is refused the ones behind
+    /// it are refused too, so a client that sends them again keeps its
+    /// order (docs/protocol.md §4).
+    pub ordered_publishes: bool,
     /// `[history]`, for the owner shards' stores.
     pub history: crate::config::History,
     /// This process's random epoch prefix: every stream's epoch changes
@@ -96,6 +103,8 @@ impl ShardConfig {
             max_subscriptions: 1024,
             recovery_buffer: cfg.history.recovery_buffer,
             welcome_after_live: cfg.backbone.kind == crate::config::BackboneKind::Nats,
+            ordered_publishes: cfg.backbone.kind == crate::config::BackboneKind::Nats
+                && cfg.backbone.nats.history == crate::config::NatsHistory::Jetstream,
             history: cfg.history.clone(),
             epoch_prefix: format!("{:016x}", fastrand::u64(..)),
             retry_ms: cfg.limits.retry_ms,

@@ -200,8 +200,16 @@ impl Backbone for NatsBackbone {
     fn publish(&self, msg: Publish<'_>, ack: Ack, now: &mut Vec<Event>) {
         // Through NATS: the message comes back to local subscribers (the
         // publisher included) in NATS's order; `ok` once NATS accepted it
-        // (with history: once the stream stored it).
-        if !self.is_up() {
+        // (with history: once the stream stored it). With history, a
+        // publish made while NATS is away waits for it on the backbone
+        // thread, tried again for a while (`publish` there): refused here,
+        // it could be overtaken by the connection's next one.
+        let down = if self.history {
+            !self.state.stream_ok.load(Relaxed)
+        } else {
+            !self.is_up()
+        };
+        if down {
             return now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
         }
         let Some(subject) = self.subject(msg.ch) else {
@@ -518,6 +526,9 @@ struct History {
     /// The most messages one replay, or one gap fill, reads.
     limit: usize,
     baseline: Baseline,
+    /// How long a publish with a `Nats-Msg-Id` is tried again before it
+    /// is refused (see [`publish`]).
+    retry_for: Duration,
 }
 
 /// The stream's last seq for subscriptions that just went live, read once
@@ -568,6 +579,10 @@ struct Hub {
     state: Arc<NatsState>,
     prefix: Rc<str>,
     history: Option<Rc<History>>,
+    /// Counts NATS reconnects: a publish on the wire when the connection
+    /// broke is never acknowledged, so it is sent again at the reconnect
+    /// instead of after the acknowledgement's timeout.
+    reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Hub {
@@ -659,6 +674,7 @@ async fn run(
                     epoch: RefCell::new(epoch),
                     limit: recovery_limit,
                     baseline: Baseline::default(),
+                    retry_for: publish_retry_for(&cfg),
                 }))
             }
             Err(e) => {
@@ -677,6 +693,7 @@ async fn run(
         state: state.clone(),
         prefix: Rc::from(prefix.as_str()),
         history,
+        reconnects: reconnected.clone(),
     };
     let presence: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
 
@@ -906,6 +923,15 @@ async fn ensure_stream(js: &Js, cfg: &NatsConfig, state: &NatsState) -> Result<A
 
 /// A client's publish: to core NATS, or (history on) to the stream, whose
 /// acknowledgement is the `ok` with its `seq`.
+///
+/// A stream publish that is not acknowledged (its NATS server died with it
+/// on the wire, a leader election, a timeout) is sent again with the same
+/// `Nats-Msg-Id` — the stream stores it once either way — for up to
+/// `History::retry_for`, before the client is told `backbone_unavailable`.
+/// With the session's one-publish-at-a-time order (`ordered_publishes`) a
+/// NATS failover costs the client latency instead of an `err`, and no later
+/// message of the connection is stored ahead of it. Publishes without an id
+/// (no `Nats-Msg-Id`) are not sent twice: they could be stored twice.
 async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes, ack: Ack) {
     let refused = Event::Published(ack, Err(Refused::UNAVAILABLE));
     let Some(h) = &hub.history else {
@@ -920,33 +946,90 @@ async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes,
         }
         return hub.answer(ack, refused);
     };
-    match h
-        .ctx
-        .publish_with_headers(Subject::from(subject), headers, payload)
-        .await
-    {
-        Ok(stored) => {
-            let hub = hub.clone();
-            tokio::task::spawn_local(async move {
-                let ev = match stored.await {
-                    Ok(a) => {
-                        hub.state.published.fetch_add(1, Relaxed);
-                        Event::Published(
-                            ack,
-                            Ok(Some(Stored {
-                                seq: a.sequence,
-                                duplicate: a.duplicate,
-                            })),
-                        )
-                    }
-                    // Not stored (or not known to be): nothing is acked.
-                    Err(_) => refused,
-                };
-                hub.answer(ack, ev);
-            });
-        }
-        Err(_) => hub.answer(ack, refused),
+    let subject = Subject::from(subject);
+    let again = headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .is_some()
+        .then(|| (subject.clone(), headers.clone(), payload.clone()));
+    let up = hub.state.up.load(Relaxed);
+    if !up && again.is_none() {
+        return hub.answer(ack, refused);
     }
+    // Sent here, in the order the commands came (while NATS is away, not
+    // at all: the retries below wait for it); acknowledged in a task.
+    let mut reconnects = hub.reconnects.clone();
+    reconnects.mark_unchanged();
+    let first = match up {
+        true => Some(h.ctx.publish_with_headers(subject, headers, payload).await),
+        false => None,
+    };
+    let hub = hub.clone();
+    tokio::task::spawn_local(async move {
+        let mut r = match first {
+            Some(Ok(stored)) => acked(stored, &mut reconnects).await,
+            _ => None,
+        };
+        if let (None, Some((subject, headers, payload)), Some(h)) = (&r, again, &hub.history) {
+            let until = tokio::time::Instant::now() + h.retry_for;
+            let mut pause = Duration::from_millis(50);
+            while r.is_none() && tokio::time::Instant::now() < until {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+                if !hub.state.up.load(Relaxed) {
+                    continue;
+                }
+                hub.state.publish_retries.fetch_add(1, Relaxed);
+                reconnects.mark_unchanged();
+                r = match h
+                    .ctx
+                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                    .await
+                {
+                    Ok(stored) => acked(stored, &mut reconnects).await,
+                    Err(_) => None,
+                };
+            }
+        }
+        let ev = match r {
+            Some(a) => {
+                hub.state.published.fetch_add(1, Relaxed);
+                Event::Published(
+                    ack,
+                    Ok(Some(Stored {
+                        seq: a.sequence,
+                        duplicate: a.duplicate,
+                    })),
+                )
+            }
+            // Not stored (or not known to be): nothing is acked.
+            None => refused,
+        };
+        hub.answer(ack, ev);
+    });
+}
+
+/// The stream's acknowledgement of a publish; `None` when it failed, timed
+/// out, or NATS reconnected meanwhile (it may have been lost with the old
+/// connection: the caller sends it again, and the stream keeps it once).
+async fn acked(
+    stored: async_nats::jetstream::context::PublishAckFuture,
+    reconnects: &mut tokio::sync::watch::Receiver<u64>,
+) -> Option<async_nats::jetstream::publish::PublishAck> {
+    tokio::select! {
+        r = stored.into_future() => r.ok(),
+        _ = reconnects.changed() => None,
+    }
+}
+
+/// How long a stream publish is tried again: up to 10 s, and short enough
+/// that the last try, with its own wait for the acknowledgement, ends well
+/// inside the stream's duplicate window (a late first try is then still
+/// recognised as the same message).
+fn publish_retry_for(cfg: &NatsConfig) -> Duration {
+    let ms = (cfg.duplicate_window_ms / 2)
+        .saturating_sub(cfg.request_timeout_ms)
+        .min(10_000);
+    Duration::from_millis(ms)
 }
 
 fn change_interest(hub: &Hub, channel: String, shard: usize, on: bool, ack: Option<Ack>) {

@@ -16,6 +16,7 @@
 //! (one encoding per shard, queued on every subscriber), and a session only
 //! decides who may subscribe.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -122,7 +123,29 @@ pub struct Extra {
     pub instance: Option<Rc<str>>,
     /// Subscriptions whose position (and replay) is being fetched.
     pub recovering: Vec<Recovering>,
+    /// With `ordered_publishes`: a publish is with the backbone.
+    pub publishing: bool,
+    /// With `ordered_publishes`: publishes waiting for it, in order.
+    pub queued: VecDeque<Pub>,
+    /// Their size ([`Pub::size`]), bounded by `outbound_queue_bytes`.
+    pub queued_bytes: usize,
 }
+
+impl Extra {
+    /// Holds nothing: an idle connection keeps no `Extra`.
+    fn is_empty(&self) -> bool {
+        self.instance.is_none()
+            && self.recovering.is_empty()
+            && !self.publishing
+            && self.queued.is_empty()
+    }
+}
+
+/// Publishes a connection may have waiting behind the one with the
+/// backbone (`ordered_publishes`); one more, or one that would take their
+/// size past `outbound_queue_bytes`, is refused `rate_limited`. A NATS
+/// failover holds them for about a reconnect.
+pub const MAX_QUEUED_PUBLISHES: usize = 1024;
 
 /// A subscription waiting for its position: live messages of `ch` are
 /// held here meanwhile, and merged with the replay by `seq` when it comes.
@@ -277,19 +300,8 @@ pub enum Action {
     /// Queue these messages for the client, in order (a replay, then the
     /// live messages held during it).
     Deliver(Vec<Arc<Envelope>>),
-    /// Publish on `ch`; answer [`Input::Published`].
-    Publish {
-        /// Channel, checked.
-        ch: String,
-        /// Publisher.
-        from: UserId,
-        /// The client's id.
-        id: Option<u64>,
-        /// The payload.
-        payload: Payload,
-        /// Deduplication key (`user:instance:id`, `user:conn:id`).
-        key: Option<String>,
-    },
+    /// Publish; answer [`Input::Published`].
+    Publish(Pub),
     /// Send a request to service `service`; answer [`Input::Reply`].
     Request {
         /// Service name (after `svc:`).
@@ -309,6 +321,28 @@ pub enum Action {
     Ping,
     /// Close the connection with this `bye`.
     Close(CloseReq),
+}
+
+/// A client's message to publish.
+#[derive(Debug)]
+pub struct Pub {
+    /// Channel, checked.
+    pub ch: String,
+    /// Publisher.
+    pub from: UserId,
+    /// The client's id.
+    pub id: Option<u64>,
+    /// The payload.
+    pub payload: Payload,
+    /// Deduplication key (`user:instance:id`, `user:conn:id`).
+    pub key: Option<String>,
+}
+
+impl Pub {
+    /// What it holds while it waits, roughly.
+    pub fn size(&self) -> usize {
+        std::mem::size_of::<Pub>() + self.ch.len() + self.payload.bytes().len()
+    }
 }
 
 /// `hello.meta` (docs/protocol.md §2, §7).
@@ -382,18 +416,7 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
             }
         }
         Input::History(id, r) => recovered(st, cx, id, r, out),
-        Input::Published(id, r) => out.push(Action::Reply(match r {
-            Ok(None) => Envelope::ok(id),
-            Ok(Some(stored)) => {
-                let mut ok = Envelope::ok(id);
-                ok.seq = Some(stored.seq);
-                if stored.duplicate {
-                    ok.meta = Some(r#"{"duplicate":true}"#.to_owned());
-                }
-                ok
-            }
-            Err(refused) => Envelope::err(id, refused.code, refused.reason),
-        })),
+        Input::Published(id, r) => published(st, cx, id, r, out),
         Input::Reply(id, r) => out.push(Action::Reply(match r {
             Ok(payload) => {
                 let mut reply = Envelope::new(Type::Reply);
@@ -619,7 +642,7 @@ fn welcome_live(st: &mut SessionState, id: Option<u64>, out: &mut Vec<Action>) {
         return;
     };
     let p = x.recovering.swap_remove(i);
-    if x.instance.is_none() && x.recovering.is_empty() {
+    if x.is_empty() {
         // An idle connection keeps no `Extra`.
         st.extra = None;
     }
@@ -628,6 +651,85 @@ fn welcome_live(st: &mut SessionState, id: Option<u64>, out: &mut Vec<Action>) {
     }
     if !p.held.is_empty() {
         out.push(Action::Deliver(p.held));
+    }
+}
+
+/// A checked `pub`: to the backbone, or (`ordered_publishes`) behind the
+/// one that is with it.
+fn publish(st: &mut SessionState, cx: &Ctx<'_>, p: Pub, out: &mut Vec<Action>) {
+    if !cx.cfg.ordered_publishes {
+        return out.push(Action::Publish(p));
+    }
+    let x = st.extra();
+    if !x.publishing {
+        x.publishing = true;
+        out.push(Action::Publish(p));
+    } else if x.queued.len() < MAX_QUEUED_PUBLISHES
+        && x.queued_bytes + p.size() <= cx.cfg.outbound_queue_bytes
+    {
+        x.queued_bytes += p.size();
+        x.queued.push_back(p);
+    } else {
+        err(
+            out,
+            p.id,
+            ErrCode::RateLimited,
+            "too many publishes waiting for the stream",
+        );
+    }
+}
+
+/// The backbone's answer to a publish: `ok` (with the stored `seq`) or
+/// `err`; then, with `ordered_publishes`, the next one goes — or, if this
+/// one was refused, every one waiting behind it is refused too: sent
+/// after a refused one, it would be stored before the client's retry of
+/// that one, out of the client's order.
+fn published(
+    st: &mut SessionState,
+    cx: &Ctx<'_>,
+    id: Option<u64>,
+    r: Result<Option<Stored>, Refused>,
+    out: &mut Vec<Action>,
+) {
+    let refused = r.as_ref().err().copied();
+    out.push(Action::Reply(match r {
+        Ok(None) => Envelope::ok(id),
+        Ok(Some(stored)) => {
+            let mut ok = Envelope::ok(id);
+            ok.seq = Some(stored.seq);
+            if stored.duplicate {
+                ok.meta = Some(r#"{"duplicate":true}"#.to_owned());
+            }
+            ok
+        }
+        Err(refused) => Envelope::err(id, refused.code, refused.reason),
+    }));
+    if !cx.cfg.ordered_publishes {
+        return;
+    }
+    let Some(x) = st.extra.as_mut() else { return };
+    match refused {
+        Some(refused) => {
+            x.queued_bytes = 0;
+            for p in x.queued.drain(..) {
+                out.push(Action::Reply(Envelope::err(
+                    p.id,
+                    refused.code,
+                    refused.reason,
+                )));
+            }
+            x.publishing = false;
+        }
+        None => match x.queued.pop_front() {
+            Some(p) => {
+                x.queued_bytes -= p.size();
+                out.push(Action::Publish(p));
+            }
+            None => x.publishing = false,
+        },
+    }
+    if x.is_empty() {
+        st.extra = None;
     }
 }
 
@@ -867,13 +969,14 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                                 None => format!("{}:{}:{id}", &*user, cx.conn_name()),
                             }
                         });
-                        out.push(Action::Publish {
+                        let p = Pub {
                             ch,
                             from: user,
                             id,
                             payload: env.payload,
                             key,
-                        })
+                        };
+                        publish(st, cx, p, out)
                     }
                 },
                 _ => match parsed {

@@ -546,7 +546,7 @@ fn claims_policy_forbids_rooms_outside_the_token() {
     );
     assert!(matches!(
         s.client(r#"{"t":"pub","id":4,"ch":"room:team-1","d":1}"#)[..],
-        [Action::Publish { .. }]
+        [Action::Publish(..)]
     ));
 }
 
@@ -592,13 +592,13 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
     let out = s.client(r#"{"t":"pub","id":8,"ch":"room:lobby","d":{"text":"hi"}}"#);
     match &out[..] {
         [
-            Action::Publish {
+            Action::Publish(Pub {
                 ch,
                 from,
                 id,
                 payload,
                 key,
-            },
+            }),
         ] => {
             assert_eq!(
                 key.as_deref(),
@@ -648,8 +648,98 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
     // A direct message to another user is allowed.
     assert!(matches!(
         s.client(r#"{"t":"pub","id":11,"ch":"user:bob","d":1}"#)[..],
-        [Action::Publish { .. }]
+        [Action::Publish(..)]
     ));
+}
+
+/// The ids of the publishes in `out`.
+fn published_ids(out: &[Action]) -> Vec<Option<u64>> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Publish(p) => Some(p.id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn ordered_publishes_go_one_at_a_time_and_a_refusal_refuses_those_behind_it() {
+    let mut s = T::welcomed("alice");
+    s.cfg.ordered_publishes = true;
+    let pub_ =
+        |s: &mut T, id: u64| s.client(&format!(r#"{{"t":"pub","id":{id},"ch":"room:a","d":1}}"#));
+    assert_eq!(
+        published_ids(&pub_(&mut s, 1)),
+        [Some(1)],
+        "the first goes at once"
+    );
+    for id in 2..=4 {
+        let out = pub_(&mut s, id);
+        assert!(out.is_empty(), "{id} waits behind 1: {out:?}");
+    }
+    // 1 stored: its ok, then 2 goes.
+    let stored = |seq| {
+        Ok(Some(Stored {
+            seq,
+            duplicate: false,
+        }))
+    };
+    let out = s.run(Input::Published(Some(1), stored(10)));
+    assert_eq!(
+        replies(&out)
+            .iter()
+            .map(|e| (e.t, e.id))
+            .collect::<Vec<_>>(),
+        [(Type::Ok, Some(1))]
+    );
+    assert_eq!(published_ids(&out), [Some(2)]);
+    // 2 refused: 3 and 4 are refused with it, in order, and never sent.
+    let out = s.run(Input::Published(Some(2), Err(Refused::UNAVAILABLE)));
+    assert!(published_ids(&out).is_empty(), "{out:?}");
+    assert_eq!(
+        replies(&out)
+            .iter()
+            .map(|e| (e.t, e.id, e.err_code()))
+            .collect::<Vec<_>>(),
+        [2, 3, 4].map(|id| (Type::Err, Some(id), Some(ErrCode::BackboneUnavailable)))
+    );
+    assert!(s.st.extra.is_none(), "nothing waits: no Extra kept");
+    // The client sends them again: the first goes at once, the rest wait.
+    assert_eq!(published_ids(&pub_(&mut s, 2)), [Some(2)]);
+    assert!(pub_(&mut s, 3).is_empty());
+    let out = s.run(Input::Published(Some(2), stored(11)));
+    assert_eq!(published_ids(&out), [Some(3)]);
+    assert_ok(&s.run(Input::Published(Some(3), stored(12))), 3);
+    assert!(s.st.extra.is_none());
+    // A bounded queue: one with the backbone, MAX_QUEUED_PUBLISHES behind it
+    // (their size within outbound_queue_bytes)...
+    assert_eq!(published_ids(&pub_(&mut s, 100)), [Some(100)]);
+    for id in 0..MAX_QUEUED_PUBLISHES as u64 {
+        assert!(pub_(&mut s, 101 + id).is_empty());
+    }
+    assert_err(&pub_(&mut s, 9999), 9999, ErrCode::RateLimited);
+    // ...and once it drains, room again.
+    let out = s.run(Input::Published(Some(100), stored(13)));
+    assert_eq!(published_ids(&out), [Some(101)]);
+    assert!(pub_(&mut s, 10_000).is_empty());
+    // The bytes bound: a small outbound_queue_bytes fits two of these.
+    let mut s = T::welcomed("carol");
+    s.cfg.ordered_publishes = true;
+    let big = |s: &mut T, id: u64| {
+        let d = "x".repeat(400);
+        s.client(&format!(
+            r#"{{"t":"pub","id":{id},"ch":"room:a","d":"{d}"}}"#
+        ))
+    };
+    s.cfg.outbound_queue_bytes = 1_200;
+    assert_eq!(published_ids(&big(&mut s, 1)), [Some(1)]);
+    assert!(big(&mut s, 2).is_empty());
+    assert!(big(&mut s, 3).is_empty());
+    assert_err(&big(&mut s, 4), 4, ErrCode::RateLimited);
+    // Without the setting (embedded, NATS without history) nothing waits.
+    let mut s = T::welcomed("bob");
+    assert_eq!(published_ids(&pub_(&mut s, 1)), [Some(1)]);
+    assert_eq!(published_ids(&pub_(&mut s, 2)), [Some(2)]);
 }
 
 #[test]
@@ -657,7 +747,7 @@ fn binary_payload_from_a_json_client_is_kept_binary() {
     let mut s = T::welcomed("alice");
     let out = s.client(r#"{"t":"pub","id":1,"ch":"room:a","db":"AAEC"}"#);
     assert!(
-        matches!(&out[..], [Action::Publish { payload: Payload::Binary(b), .. }] if b[..] == [0, 1, 2]),
+        matches!(&out[..], [Action::Publish(Pub { payload: Payload::Binary(b), .. })] if b[..] == [0, 1, 2]),
         "{out:?}"
     );
 }
@@ -996,7 +1086,7 @@ fn instance_scopes_publish_ids_and_must_be_valid() {
     assert!(welcome(&out).is_some());
     let out = s.client(r#"{"t":"pub","id":9,"ch":"room:a","d":1}"#);
     assert!(
-        matches!(&out[..], [Action::Publish { key: Some(k), .. }] if k == "alice:tab-1:9"),
+        matches!(&out[..], [Action::Publish(Pub { key: Some(k), .. })] if k == "alice:tab-1:9"),
         "{out:?}"
     );
     for bad in ["has space", "", &"x".repeat(65)] {

@@ -247,13 +247,13 @@ impl Shard {
                     conn.push_replay(crate::conn::Out::Shared(Delivery::new(env)));
                 }
             }
-            Action::Publish {
+            Action::Publish(session::Pub {
                 ch,
                 from,
                 id,
                 payload,
                 key,
-            } => {
+            }) => {
                 let name = self.conn_name(conn);
                 let msg = backbone::Publish {
                     ch: &ch,
