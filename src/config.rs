@@ -501,6 +501,12 @@ pub struct Nats {
     /// How long the stream remembers a `Nats-Msg-Id` (publish
     /// deduplication), 120 000 ms by default.
     pub duplicate_window_ms: u64,
+    /// With history: a connection's publishes go to the stream one at a
+    /// time, so they are stored in its order through NATS failovers (true,
+    /// the default); false pipelines them (more publishes per connection
+    /// per stream round trip, but one lost with a NATS connection can be
+    /// stored after the next).
+    pub ordered_publishes: bool,
 }
 
 /// Value of `backbone.nats.history`.
@@ -557,6 +563,7 @@ impl Default for Nats {
             max_msgs_per_subject: 1_000,
             max_age_ms: 600_000,
             duplicate_window_ms: 120_000,
+            ordered_publishes: true,
         }
     }
 }

@@ -35,7 +35,7 @@ pub struct ShardConfig {
     pub welcome_after_live: bool,
     /// A connection's publishes go to the backbone one at a time, each
     /// after the answer to the one before (`[backbone.nats] history =
-    /// "jetstream"`): a publish lost with a NATS connection is then never
+    /// "jetstream"` with `ordered_publishes`): a publish lost with a NATS connection is then never
     /// overtaken by the next one, and when one is refused the ones behind
     /// it are refused too, so a client that sends them again keeps its
     /// order (docs/protocol.md §4).
@@ -104,7 +104,8 @@ impl ShardConfig {
             recovery_buffer: cfg.history.recovery_buffer,
             welcome_after_live: cfg.backbone.kind == crate::config::BackboneKind::Nats,
             ordered_publishes: cfg.backbone.kind == crate::config::BackboneKind::Nats
-                && cfg.backbone.nats.history == crate::config::NatsHistory::Jetstream,
+                && cfg.backbone.nats.history == crate::config::NatsHistory::Jetstream
+                && cfg.backbone.nats.ordered_publishes,
             history: cfg.history.clone(),
             epoch_prefix: format!("{:016x}", fastrand::u64(..)),
             retry_ms: cfg.limits.retry_ms,

@@ -325,9 +325,8 @@ impl Js {
     /// Those messages are recent — stored while this node was subscribed,
     /// and the node treats an outage longer than `max_age` as a loss of
     /// its own — so age cannot have deleted them; the per-subject bound
-    /// can, when the channel is at it and the first message read is not
-    /// the one right after `after`: then `Err` (the caller closes the
-    /// channel's subscribers with 4009).
+    /// can (the rule: [`judge_fill`]). `Err`: the caller closes the
+    /// channel's subscribers with 4009.
     pub async fn fill(
         &self,
         subject: &str,
@@ -340,13 +339,25 @@ impl Js {
         if out.len() > limit {
             return Err(Unrecovered::TooMany);
         }
-        if out.first().is_some_and(|m| m.seq > after + 1) {
-            let st = self.state(Some(subject)).await.map_err(&unavailable)?;
-            if st.subject_msgs >= self.spec.max_msgs_per_subject {
-                let oldest = out.first().map_or(upto + 1, |m| m.seq);
-                return Err(Unrecovered::Expired { oldest });
-            }
+        let Some(first) = out.first().map(|m| m.seq).filter(|&f| f > after + 1) else {
+            return Ok(out);
+        };
+        let first_kept = self
+            .next(subject, 1)
+            .await
+            .map_err(&unavailable)?
+            .map(|m| m.seq);
+        if first_kept.is_some_and(|k| k <= after + 1) {
+            return Ok(out);
         }
+        let st = self.state(Some(subject)).await.map_err(&unavailable)?;
+        judge_fill(
+            after,
+            first,
+            first_kept,
+            st.subject_msgs,
+            self.spec.max_msgs_per_subject,
+        )?;
         Ok(out)
     }
 
@@ -567,6 +578,33 @@ pub fn judge(
     Ok(())
 }
 
+/// Whether a fill of `(after, …]` whose first message is `first` can have
+/// lost messages to the per-subject bound (the only deletion that reaches
+/// recent messages). Seqs are stream-wide, so `first > after + 1` says
+/// nothing by itself: other subjects' messages sit in between. The bound
+/// deletes a subject's oldest first, so nothing after `after` went while
+/// the subject keeps a message at or before `after + 1` (`first_kept`),
+/// nor while it is under the bound. (A rule that looked only at the bound
+/// closed every gap of a busy room with 4009 "expired" once the room held
+/// `max_msgs_per_subject`: the cluster chaos run.)
+pub fn judge_fill(
+    after: u64,
+    first: u64,
+    first_kept: Option<u64>,
+    subject_msgs: u64,
+    max_msgs_per_subject: u64,
+) -> Result<(), Unrecovered> {
+    if first <= after + 1
+        || first_kept.is_some_and(|k| k <= after + 1)
+        || subject_msgs < max_msgs_per_subject
+    {
+        return Ok(());
+    }
+    Err(Unrecovered::Expired {
+        oldest: first_kept.unwrap_or(first),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,6 +616,23 @@ mod tests {
             last_seq: 1_000,
             subject_msgs,
         }
+    }
+
+    #[test]
+    fn a_fill_is_whole_unless_the_bound_may_have_reached_past_the_position() {
+        // The next message right after the position: nothing between.
+        assert_eq!(judge_fill(40, 41, Some(30), 5, 5), Ok(()));
+        // Other subjects' seqs in between; the room at its bound still
+        // keeps what was delivered last (40) or older: whole.
+        assert_eq!(judge_fill(40, 55, Some(40), 5, 5), Ok(()));
+        assert_eq!(judge_fill(40, 55, Some(12), 5, 5), Ok(()));
+        // Under the bound nothing was deleted, however the seqs skip.
+        assert_eq!(judge_fill(40, 55, Some(55), 4, 5), Ok(()));
+        // At the bound with its oldest past the position: some may be gone.
+        assert_eq!(
+            judge_fill(40, 55, Some(55), 5, 5),
+            Err(Unrecovered::Expired { oldest: 55 })
+        );
     }
 
     #[test]

@@ -56,6 +56,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::{HeaderMap, Subject};
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
@@ -931,7 +932,8 @@ async fn ensure_stream(js: &Js, cfg: &NatsConfig, state: &NatsState) -> Result<A
 /// With the session's one-publish-at-a-time order (`ordered_publishes`) a
 /// NATS failover costs the client latency instead of an `err`, and no later
 /// message of the connection is stored ahead of it. Publishes without an id
-/// (no `Nats-Msg-Id`) are not sent twice: they could be stored twice.
+/// (no `Nats-Msg-Id`) are not sent twice: they could be stored twice; nor
+/// are pipelined ones (`ordered_publishes = false`).
 async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes, ack: Ack) {
     let refused = Event::Published(ack, Err(Refused::UNAVAILABLE));
     let Some(h) = &hub.history else {
@@ -947,9 +949,7 @@ async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes,
         return hub.answer(ack, refused);
     };
     let subject = Subject::from(subject);
-    let again = headers
-        .get(async_nats::header::NATS_MESSAGE_ID)
-        .is_some()
+    let again = (!h.retry_for.is_zero() && headers.get(NATS_MESSAGE_ID).is_some())
         .then(|| (subject.clone(), headers.clone(), payload.clone()));
     let up = hub.state.up.load(Relaxed);
     if !up && again.is_none() {
@@ -1024,8 +1024,14 @@ async fn acked(
 /// How long a stream publish is tried again: up to 10 s, and short enough
 /// that the last try, with its own wait for the acknowledgement, ends well
 /// inside the stream's duplicate window (a late first try is then still
-/// recognised as the same message).
+/// recognised as the same message). Not at all when a connection's
+/// publishes are pipelined (`ordered_publishes = false`): a resend would
+/// be stored after the ones sent behind it (the chaos run measured it),
+/// where a refusal lets the client resend in its order.
 fn publish_retry_for(cfg: &NatsConfig) -> Duration {
+    if !cfg.ordered_publishes {
+        return Duration::ZERO;
+    }
     let ms = (cfg.duplicate_window_ms / 2)
         .saturating_sub(cfg.request_timeout_ms)
         .min(10_000);
@@ -1387,7 +1393,7 @@ fn publish_headers(
     if let Some(key) = key {
         // `user:instance:id` (or `user:conn:id`): JetStream drops a retry
         // of the same client message, and never confuses two devices.
-        h.insert("Nats-Msg-Id", key);
+        h.insert(NATS_MESSAGE_ID, key);
     }
     h.insert("Eg-Node", node);
     h.insert("Eg-Conn", conn);

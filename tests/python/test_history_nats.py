@@ -293,13 +293,13 @@ def js_cluster(tmp_path):
     c.stop()
 
 
-def split_gateways(cluster, gateway):
+def split_gateways(cluster, gateway, **env):
     """Gateway A on the cluster's first node only, B on the other two
     (replicas 3): killing the first node cuts A off and leaves B running."""
     n0, n1, n2 = cluster.nodes
-    ga = gateway(_wait_ready=False, **js_env(n0.url, "ga", EDGEGATE_BACKBONE__NATS__REPLICAS=3))
-    gb = gateway(_wait_ready=False, **js_env([n1.url, n2.url], "gb",
-                                             EDGEGATE_BACKBONE__NATS__REPLICAS=3))
+    env["EDGEGATE_BACKBONE__NATS__REPLICAS"] = 3
+    ga = gateway(_wait_ready=False, **js_env(n0.url, "ga", **env))
+    gb = gateway(_wait_ready=False, **js_env([n1.url, n2.url], "gb", **env))
     ga.wait_ready(60)
     gb.wait_ready(60)
     return ga, gb
@@ -319,14 +319,20 @@ async def test_a_gap_on_the_live_subject_is_healed_from_the_stream(js_cluster, g
     through the others (gateway B): they are stored (2 of 3 replicas), A
     misses their live copies; when its server is back, A reads them from
     the stream and its subscriber gets every one, in order, no gap — and A
-    counts the healed gap."""
+    counts the healed gap. The room is at its per-subject bound (7) when A
+    fills, and another room's message sits between what A delivered and
+    what it missed: stream-wide seqs skip, and the room still keeps what A
+    delivered last, so nothing A missed was deleted (this was taken for
+    "expired" and closed the room's members with 4009)."""
     n0 = js_cluster.nodes[0]
-    ga, gb = split_gateways(js_cluster, gateway)
+    ga, gb = split_gateways(js_cluster, gateway,
+                            EDGEGATE_BACKBONE__NATS__MAX_MSGS_PER_SUBJECT=7)
     room, sub, p = await across(ga, gb, "heal")
     before = await publish(p, room, 2, retry_for=20)
     assert [m["seq"] for m in await msgs(sub, room, 2)] == before
     n0.kill()
     await wait_for(lambda: ga.metric("edgegate_backbone_up") == 0, 10, what="A lost NATS")
+    await publish(p, f"room:{new_user('other')}", 1, retry_for=30)
     missed = await publish(p, room, 5, start=2, retry_for=30)
     assert ga.metric("edgegate_backbone_up") == 0, "A must miss them live"
     n0.start()
