@@ -77,6 +77,10 @@ pub const BRIDGE_DELIVERIES: usize = 64 * 1024;
 /// How long a new subscription waits for the server's round trip before it
 /// is reported live anyway (the backbone is then down, and says so).
 const ROUND_TRIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a read of the stream (a replay, a new subscription's position)
+/// is tried again while the stream cannot be read: a NATS failover delays
+/// a recovery instead of answering it `recovered: false`.
+const STREAM_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// Shard → backbone.
 #[derive(Debug)]
@@ -970,11 +974,8 @@ async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes,
             _ => None,
         };
         if let (None, Some((subject, headers, payload)), Some(h)) = (&r, again, &hub.history) {
-            let until = tokio::time::Instant::now() + h.retry_for;
-            let mut pause = Duration::from_millis(50);
-            while r.is_none() && tokio::time::Instant::now() < until {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+            let mut retry = Retry::new(h.retry_for, Duration::from_millis(50));
+            while r.is_none() && retry.wait().await {
                 if !hub.state.up.load(Relaxed) {
                     continue;
                 }
@@ -1006,6 +1007,32 @@ async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes,
         };
         hub.answer(ack, ev);
     });
+}
+
+/// Pauses between tries of an operation on the stream: doubling from the
+/// first, at most 1 s, until a deadline.
+struct Retry {
+    until: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl Retry {
+    fn new(within: Duration, first: Duration) -> Self {
+        Retry {
+            until: tokio::time::Instant::now() + within,
+            pause: first,
+        }
+    }
+
+    /// Waits before the next try; false (at once) when the time is up.
+    async fn wait(&mut self) -> bool {
+        if tokio::time::Instant::now() >= self.until {
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        true
+    }
 }
 
 /// The stream's acknowledgement of a publish; `None` when it failed, timed
@@ -1281,7 +1308,17 @@ impl Live {
         );
         tokio::task::spawn_local(async move {
             hub.state.replays.fetch_add(1, Relaxed);
-            let replay = h.js.range(&stored, s.seq, top, h.limit).await.map(|list| {
+            // The stream out of reach (NATS away, a leader election): tried
+            // again for a while (the live messages meanwhile wait in the
+            // session's bounded hold).
+            let mut retry = Retry::new(STREAM_RETRY_FOR, Duration::from_millis(100));
+            let replay = loop {
+                let r = h.js.range(&stored, s.seq, top, h.limit).await;
+                if !matches!(r, Err(Unrecovered::Unavailable)) || !retry.wait().await {
+                    break r;
+                }
+            };
+            let replay = replay.map(|list| {
                 list.into_iter()
                     .map(|m| stored_message(&channel, m))
                     .collect()
@@ -1304,7 +1341,13 @@ async fn live_subscription(
     // message is then past it (none is mistaken for one from before), and
     // one stored between the two is found missing by its successor's
     // Nats-Last-Sequence (or, for a `since`, read before the answer).
-    let pos = Baseline::position(&h).await;
+    let mut pos = Baseline::position(&h).await;
+    let mut retry = Retry::new(STREAM_RETRY_FOR, Duration::from_millis(100));
+    // NATS away: the subscription cannot go live before it is back anyway,
+    // and without a position a recovery is `unavailable`.
+    while pos.is_none() && retry.wait().await {
+        pos = Baseline::position(&h).await;
+    }
     if pos.is_none() {
         warn!(
             channel,

@@ -240,6 +240,41 @@ async def test_a_client_moving_between_gateways_recovers_exactly_what_it_missed(
     await no_message(c)
 
 
+async def test_a_recovery_during_a_nats_outage_waits_for_nats(js_server, gateway):
+    """A client comes back and asks to recover while the gateway's NATS
+    server is down: the gateway cannot read the stream, so it keeps trying
+    (bounded), and the client gets its replay once NATS is back — not
+    ``recovered: false``, ``unavailable`` for a failover of a few seconds."""
+    gw = gateway(**js_env(js_server.url, "a"))
+    room = f"room:{new_user('wait')}"
+    user = new_user("back")
+    keeper = await session(gw, "tcp", user)  # the user's channel stays live
+    c = await session(gw, "ws-json", user)
+    ok = await sub_pos(c, room)
+    epoch = ok["meta"]["epoch"]
+    p = await session(gw, "tcp")
+    await publish(p, room, 2)
+    seen = await msgs(c, room, 2)
+    await c.close()
+    missed = await publish(p, room, 3, start=2)
+    js_server.kill()
+    await wait_for(lambda: gw.metric("edgegate_backbone_up") == 0, 10, what="NATS lost")
+
+    async def come_back():
+        c2 = await session(gw, "ws-json", user)
+        return c2, await sub_pos(c2, room, {"seq": seen[-1]["seq"], "epoch": epoch})
+
+    back = asyncio.create_task(come_back())
+    await asyncio.sleep(1.5)
+    assert not back.done(), "the recovery waits for NATS"
+    js_server.start()
+    c2, ok = await asyncio.wait_for(back, 40)
+    assert ok["meta"] == {"epoch": epoch, "recovered": True}, ok
+    got = await msgs(c2, room, 3, timeout=20)
+    assert [m["seq"] for m in got] == missed
+    await keeper.close()
+
+
 def _start_error(env: dict, workdir) -> str:
     r = subprocess.run([str(BIN), "run"], env=make_env(**env), capture_output=True,
                        timeout=60, cwd=workdir)
