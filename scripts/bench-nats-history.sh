@@ -8,7 +8,8 @@
 #   off  one nats-server with JetStream, history = "off" (core NATS)
 #   r1   the same server, history = "jetstream", replicas 1
 #   r3   a three-node JetStream cluster (scripts/nats-cluster.sh), replicas 3
-# Env: LT (loadtest binary), GWBIN (edgegate binary), KEEP=1 keeps the work dir.
+# Env: LT (loadtest binary), GWBIN (edgegate binary), KEEP=1 keeps the work dir,
+# ORDERED=false pipelines publishes ([backbone.nats] ordered_publishes).
 # Everything it starts it stops, by PID; ports 14222.. and 18580.. on loopback.
 set -euo pipefail
 mode=${1:?usage: bench-nats-history.sh off|r1|r3 RATE [DURATION_S]}
@@ -51,6 +52,8 @@ for n in a:18580:17500:19590 b:18680:17600:19690; do
     # (history off sets no history key: a build from before them runs too)
     hist_env=()
     [ "$history" = off ] || hist_env=(EDGEGATE_BACKBONE__NATS__HISTORY=$history EDGEGATE_BACKBONE__NATS__REPLICAS=$replicas)
+    # ORDERED=false: pipelined publishes ([backbone.nats] ordered_publishes)
+    [ -n "${ORDERED:-}" ] && hist_env+=(EDGEGATE_BACKBONE__NATS__ORDERED_PUBLISHES=$ORDERED)
     env "${hist_env[@]}" EDGEGATE_BACKBONE__KIND=nats EDGEGATE_BACKBONE__NATS__URLS=$urls \
     EDGEGATE_BACKBONE__NODE_ID=$id EDGEGATE_WS__LISTEN=127.0.0.1:$ws \
     EDGEGATE_TCP__LISTEN=127.0.0.1:$tcp EDGEGATE_ADMIN__LISTEN=127.0.0.1:$adm \
