@@ -123,21 +123,25 @@ pub struct Extra {
     pub instance: Option<Rc<str>>,
     /// Subscriptions whose position (and replay) is being fetched.
     pub recovering: Vec<Recovering>,
-    /// With `ordered_publishes`: a publish is with the backbone.
-    pub publishing: bool,
-    /// With `ordered_publishes`: publishes waiting for it, in order.
+    /// With `ordered_publishes`, while a publish is with the backbone:
+    /// the ones waiting for it (boxed: an idle client that names its
+    /// instance keeps an `Extra`, and pays one pointer for this).
+    pub publishing: Option<Box<Publishing>>,
+}
+
+/// Publishes waiting for the one with the backbone, in order.
+#[derive(Debug, Default)]
+pub struct Publishing {
+    /// The publishes.
     pub queued: VecDeque<Pub>,
     /// Their size ([`Pub::size`]), bounded by `outbound_queue_bytes`.
-    pub queued_bytes: usize,
+    pub bytes: usize,
 }
 
 impl Extra {
     /// Holds nothing: an idle connection keeps no `Extra`.
     fn is_empty(&self) -> bool {
-        self.instance.is_none()
-            && self.recovering.is_empty()
-            && !self.publishing
-            && self.queued.is_empty()
+        self.instance.is_none() && self.recovering.is_empty() && self.publishing.is_none()
     }
 }
 
@@ -660,22 +664,24 @@ fn publish(st: &mut SessionState, cx: &Ctx<'_>, p: Pub, out: &mut Vec<Action>) {
     if !cx.cfg.ordered_publishes {
         return out.push(Action::Publish(p));
     }
-    let x = st.extra();
-    if !x.publishing {
-        x.publishing = true;
-        out.push(Action::Publish(p));
-    } else if x.queued.len() < MAX_QUEUED_PUBLISHES
-        && x.queued_bytes + p.size() <= cx.cfg.outbound_queue_bytes
-    {
-        x.queued_bytes += p.size();
-        x.queued.push_back(p);
-    } else {
-        err(
+    match &mut st.extra().publishing {
+        w @ None => {
+            *w = Some(Box::default());
+            out.push(Action::Publish(p));
+        }
+        Some(w)
+            if w.queued.len() < MAX_QUEUED_PUBLISHES
+                && w.bytes + p.size() <= cx.cfg.outbound_queue_bytes =>
+        {
+            w.bytes += p.size();
+            w.queued.push_back(p);
+        }
+        Some(_) => err(
             out,
             p.id,
             ErrCode::RateLimited,
             "too many publishes waiting for the stream",
-        );
+        ),
     }
 }
 
@@ -708,25 +714,26 @@ fn published(
         return;
     }
     let Some(x) = st.extra.as_mut() else { return };
+    let Some(mut w) = x.publishing.take() else {
+        return;
+    };
     match refused {
         Some(refused) => {
-            x.queued_bytes = 0;
-            for p in x.queued.drain(..) {
+            for p in w.queued.drain(..) {
                 out.push(Action::Reply(Envelope::err(
                     p.id,
                     refused.code,
                     refused.reason,
                 )));
             }
-            x.publishing = false;
         }
-        None => match x.queued.pop_front() {
-            Some(p) => {
-                x.queued_bytes -= p.size();
+        None => {
+            if let Some(p) = w.queued.pop_front() {
+                w.bytes -= p.size();
                 out.push(Action::Publish(p));
+                x.publishing = Some(w);
             }
-            None => x.publishing = false,
-        },
+        }
     }
     if x.is_empty() {
         st.extra = None;

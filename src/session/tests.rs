@@ -704,6 +704,9 @@ fn ordered_publishes_go_one_at_a_time_and_a_refusal_refuses_those_behind_it() {
         [2, 3, 4].map(|id| (Type::Err, Some(id), Some(ErrCode::BackboneUnavailable)))
     );
     assert!(s.st.extra.is_none(), "nothing waits: no Extra kept");
+    // What an idle client that names its instance keeps (Extra for life):
+    // the publish queue costs it one pointer.
+    assert_eq!(std::mem::size_of::<Extra>(), 48);
     // The client sends them again: the first goes at once, the rest wait.
     assert_eq!(published_ids(&pub_(&mut s, 2)), [Some(2)]);
     assert!(pub_(&mut s, 3).is_empty());
