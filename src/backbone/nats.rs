@@ -89,8 +89,8 @@ enum ToNats {
     Publish {
         /// Full subject.
         subject: String,
-        /// `Eg-*` and `Nats-Msg-Id` headers.
-        headers: HeaderMap,
+        /// What its `Eg-*` and `Nats-Msg-Id` headers say.
+        headers: PubHeaders,
         /// Body.
         payload: Bytes,
         /// Answered with [`Event::Published`].
@@ -146,7 +146,6 @@ pub struct NatsBackbone {
     waker: Arc<AtomicWaker>,
     state: Arc<NatsState>,
     prefix: String,
-    node: String,
     shard: usize,
     history: bool,
 }
@@ -220,15 +219,13 @@ impl Backbone for NatsBackbone {
         let Some(subject) = self.subject(msg.ch) else {
             return now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
         };
-        let json = msg.payload.is_json();
-        let headers = publish_headers(
-            msg.from,
-            msg.id,
-            &self.node,
-            msg.conn,
-            json,
-            msg.key.as_deref(),
-        );
+        let headers = PubHeaders {
+            user: msg.from.to_owned(),
+            id: msg.id,
+            conn: msg.conn.to_owned(),
+            json: msg.payload.is_json(),
+            key: msg.key,
+        };
         let cmd = ToNats::Publish {
             subject,
             headers,
@@ -376,7 +373,6 @@ pub fn start(
             waker,
             state: state.clone(),
             prefix: prefix.to_owned(),
-            node: node.to_owned(),
             shard,
             history,
         });
@@ -583,6 +579,8 @@ struct Hub {
     shards: Rc<Vec<ShardTx>>,
     state: Arc<NatsState>,
     prefix: Rc<str>,
+    /// This node's id (`Eg-Node`).
+    node: Rc<str>,
     history: Option<Rc<History>>,
     /// Counts NATS reconnects: a publish on the wire when the connection
     /// broke is never acknowledged, so it is sent again at the reconnect
@@ -697,6 +695,7 @@ async fn run(
         shards: Rc::new(shards),
         state: state.clone(),
         prefix: Rc::from(prefix.as_str()),
+        node: Rc::from(node.as_str()),
         history,
         reconnects: reconnected.clone(),
     };
@@ -938,12 +937,12 @@ async fn ensure_stream(js: &Js, cfg: &NatsConfig, state: &NatsState) -> Result<A
 /// message of the connection is stored ahead of it. Publishes without an id
 /// (no `Nats-Msg-Id`) are not sent twice: they could be stored twice; nor
 /// are pipelined ones (`ordered_publishes = false`).
-async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes, ack: Ack) {
+async fn publish(hub: &Hub, subject: String, headers: PubHeaders, payload: Bytes, ack: Ack) {
     let refused = Event::Published(ack, Err(Refused::UNAVAILABLE));
     let Some(h) = &hub.history else {
         let ok = hub
             .client
-            .publish_with_headers(Subject::from(subject), headers, payload)
+            .publish_with_headers(Subject::from(subject), headers.map(&hub.node), payload)
             .await
             .is_ok();
         if ok {
@@ -953,8 +952,9 @@ async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes,
         return hub.answer(ack, refused);
     };
     let subject = Subject::from(subject);
-    let again = (!h.retry_for.is_zero() && headers.get(NATS_MESSAGE_ID).is_some())
-        .then(|| (subject.clone(), headers.clone(), payload.clone()));
+    let map = headers.map(&hub.node);
+    let again = (!h.retry_for.is_zero() && headers.key.is_some())
+        .then(|| (subject.clone(), headers, payload.clone()));
     let up = hub.state.up.load(Relaxed);
     if !up && again.is_none() {
         return hub.answer(ack, refused);
@@ -964,7 +964,7 @@ async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes,
     let mut reconnects = hub.reconnects.clone();
     reconnects.mark_unchanged();
     let first = match up {
-        true => Some(h.ctx.publish_with_headers(subject, headers, payload).await),
+        true => Some(h.ctx.publish_with_headers(subject, map, payload).await),
         false => None,
     };
     let hub = hub.clone();
@@ -983,7 +983,7 @@ async fn publish(hub: &Hub, subject: String, headers: HeaderMap, payload: Bytes,
                 reconnects.mark_unchanged();
                 r = match h
                     .ctx
-                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                    .publish_with_headers(subject.clone(), headers.map(&hub.node), payload.clone())
                     .await
                 {
                     Ok(stored) => acked(stored, &mut reconnects).await,
@@ -1419,29 +1419,35 @@ fn stored_message(channel: &str, m: jetstream::Stored) -> Arc<Envelope> {
     Arc::new(env)
 }
 
-/// Headers of a client publish (docs/protocol.md, "Backbone subjects").
-fn publish_headers(
-    user: &str,
+/// What the headers of a client publish say (docs/protocol.md, "Backbone
+/// subjects"): made into a `HeaderMap` on the NATS thread, once per try (a
+/// resend needs them again, and this is cheaper to keep than the map).
+#[derive(Debug)]
+struct PubHeaders {
+    user: String,
     id: Option<u64>,
-    node: &str,
-    conn: &str,
+    conn: String,
     json: bool,
-    key: Option<&str>,
-) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("Eg-From", user);
-    if let Some(id) = id {
-        h.insert("Eg-Id", id.to_string().as_str());
+    /// `user:instance:id` (or `user:conn:id`): JetStream drops a retry of
+    /// the same client message, and never confuses two devices.
+    key: Option<String>,
+}
+
+impl PubHeaders {
+    fn map(&self, node: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("Eg-From", self.user.as_str());
+        if let Some(id) = self.id {
+            h.insert("Eg-Id", id.to_string().as_str());
+        }
+        if let Some(key) = &self.key {
+            h.insert(NATS_MESSAGE_ID, key.as_str());
+        }
+        h.insert("Eg-Node", node);
+        h.insert("Eg-Conn", self.conn.as_str());
+        h.insert("Eg-Enc", if self.json { "json" } else { "bin" });
+        h
     }
-    if let Some(key) = key {
-        // `user:instance:id` (or `user:conn:id`): JetStream drops a retry
-        // of the same client message, and never confuses two devices.
-        h.insert(NATS_MESSAGE_ID, key);
-    }
-    h.insert("Eg-Node", node);
-    h.insert("Eg-Conn", conn);
-    h.insert("Eg-Enc", if json { "json" } else { "bin" });
-    h
 }
 
 #[cfg(test)]
@@ -1489,7 +1495,14 @@ mod tests {
 
     #[test]
     fn messages_carry_sender_and_id_from_headers() {
-        let h = publish_headers("alice", Some(7), "n1", "n1-0-1", true, Some("alice:tab1:7"));
+        let h = PubHeaders {
+            user: "alice".into(),
+            id: Some(7),
+            conn: "n1-0-1".into(),
+            json: true,
+            key: Some("alice:tab1:7".into()),
+        }
+        .map("n1");
         let env = message("room:x", Some(&h), Bytes::from_static(b"1"));
         assert_eq!(env.from.as_deref(), Some("alice"));
         assert_eq!(env.id, Some(7));

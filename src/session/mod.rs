@@ -114,6 +114,9 @@ pub struct SessionState {
     /// What few sessions need (an instance, recoveries in flight): boxed,
     /// so an idle connection pays one pointer for it.
     pub extra: Option<Box<Extra>>,
+    /// With `ordered_publishes`: a publish is with the backbone (those
+    /// behind it wait in [`Extra::waiting`]). In the struct's padding.
+    pub publishing: bool,
 }
 
 /// The rarely used part of a session's state.
@@ -123,10 +126,10 @@ pub struct Extra {
     pub instance: Option<Rc<str>>,
     /// Subscriptions whose position (and replay) is being fetched.
     pub recovering: Vec<Recovering>,
-    /// With `ordered_publishes`, while a publish is with the backbone:
-    /// the ones waiting for it (boxed: an idle client that names its
-    /// instance keeps an `Extra`, and pays one pointer for this).
-    pub publishing: Option<Box<Publishing>>,
+    /// With `ordered_publishes`: the publishes waiting for the one with
+    /// the backbone (boxed: an idle client that names its instance keeps
+    /// an `Extra`, and pays one pointer for this).
+    pub waiting: Option<Box<Publishing>>,
 }
 
 /// Publishes waiting for the one with the backbone, in order.
@@ -141,7 +144,7 @@ pub struct Publishing {
 impl Extra {
     /// Holds nothing: an idle connection keeps no `Extra`.
     fn is_empty(&self) -> bool {
-        self.instance.is_none() && self.recovering.is_empty() && self.publishing.is_none()
+        self.instance.is_none() && self.recovering.is_empty() && self.waiting.is_none()
     }
 }
 
@@ -175,6 +178,7 @@ impl Default for SessionState {
             claims: None,
             subs: Vec::new(),
             extra: None,
+            publishing: false,
         }
     }
 }
@@ -664,19 +668,19 @@ fn publish(st: &mut SessionState, cx: &Ctx<'_>, p: Pub, out: &mut Vec<Action>) {
     if !cx.cfg.ordered_publishes {
         return out.push(Action::Publish(p));
     }
-    match &mut st.extra().publishing {
-        w @ None => {
-            *w = Some(Box::default());
-            out.push(Action::Publish(p));
-        }
-        Some(w)
-            if w.queued.len() < MAX_QUEUED_PUBLISHES
-                && w.bytes + p.size() <= cx.cfg.outbound_queue_bytes =>
+    if !st.publishing {
+        st.publishing = true;
+        return out.push(Action::Publish(p));
+    }
+    let w = st.extra().waiting.get_or_insert_with(Box::default);
+    match w {
+        w if w.queued.len() < MAX_QUEUED_PUBLISHES
+            && w.bytes + p.size() <= cx.cfg.outbound_queue_bytes =>
         {
             w.bytes += p.size();
             w.queued.push_back(p);
         }
-        Some(_) => err(
+        _ => err(
             out,
             p.id,
             ErrCode::RateLimited,
@@ -713,8 +717,9 @@ fn published(
     if !cx.cfg.ordered_publishes {
         return;
     }
+    st.publishing = false;
     let Some(x) = st.extra.as_mut() else { return };
-    let Some(mut w) = x.publishing.take() else {
+    let Some(mut w) = x.waiting.take() else {
         return;
     };
     match refused {
@@ -731,7 +736,10 @@ fn published(
             if let Some(p) = w.queued.pop_front() {
                 w.bytes -= p.size();
                 out.push(Action::Publish(p));
-                x.publishing = Some(w);
+                st.publishing = true;
+                if !w.queued.is_empty() {
+                    x.waiting = Some(w);
+                }
             }
         }
     }

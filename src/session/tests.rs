@@ -673,10 +673,18 @@ fn ordered_publishes_go_one_at_a_time_and_a_refusal_refuses_those_behind_it() {
         [Some(1)],
         "the first goes at once"
     );
+    assert!(
+        s.st.extra.is_none(),
+        "one in flight, none waiting: nothing allocated"
+    );
     for id in 2..=4 {
         let out = pub_(&mut s, id);
         assert!(out.is_empty(), "{id} waits behind 1: {out:?}");
     }
+    assert!(
+        s.st.extra.as_ref().is_some_and(|x| x.waiting.is_some()),
+        "three wait"
+    );
     // 1 stored: its ok, then 2 goes.
     let stored = |seq| {
         Ok(Some(Stored {
@@ -707,6 +715,8 @@ fn ordered_publishes_go_one_at_a_time_and_a_refusal_refuses_those_behind_it() {
     // What an idle client that names its instance keeps (Extra for life):
     // the publish queue costs it one pointer.
     assert_eq!(std::mem::size_of::<Extra>(), 48);
+    // ...and every connection nothing: the in-flight flag sits in padding.
+    assert_eq!(std::mem::size_of::<SessionState>(), 64);
     // The client sends them again: the first goes at once, the rest wait.
     assert_eq!(published_ids(&pub_(&mut s, 2)), [Some(2)]);
     assert!(pub_(&mut s, 3).is_empty());
