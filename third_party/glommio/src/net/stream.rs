@@ -154,64 +154,96 @@ impl RxBuf for Preallocated {
     }
 }
 
+/// A stream's read or write timeout.
+///
+/// edgegate patch: boxed, and registered with the reactor only once a
+/// timeout is set (8 bytes per stream direction instead of 40): every
+/// connection's task carries two of these, and most streams never set one.
+#[derive(Default)]
+struct Timeout(Cell<Option<Box<TimeoutState>>>);
+
 #[derive(Debug)]
-struct Timeout {
+struct TimeoutState {
     id: u64,
-    timeout: Cell<Option<Duration>>,
-    timer: Cell<Option<Instant>>,
+    timeout: Option<Duration>,
+    timer: Option<Instant>,
+}
+
+impl std::fmt::Debug for Timeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.with(|s| f.debug_tuple("Timeout").field(s).finish())
+    }
 }
 
 impl Timeout {
-    fn new(id: u64) -> Self {
-        Self {
-            id,
-            timeout: Cell::new(None),
-            timer: Cell::new(None),
-        }
+    fn with<R>(&self, f: impl FnOnce(&mut Option<Box<TimeoutState>>) -> R) -> R {
+        let mut state = self.0.take();
+        let r = f(&mut state);
+        self.0.set(state);
+        r
     }
 
     fn get(&self) -> Option<Duration> {
-        self.timeout.get()
+        self.with(|s| s.as_ref().and_then(|s| s.timeout))
     }
 
-    fn set(&self, dur: Option<Duration>) -> Result<()> {
+    fn set(&self, dur: Option<Duration>, reactor: &Weak<Reactor>) -> Result<()> {
         if let Some(dur) = dur.as_ref() {
             if dur.as_nanos() == 0 {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL).into());
             }
         }
-        self.timeout.set(dur);
+        self.with(|s| match s {
+            Some(s) => s.timeout = dur,
+            None if dur.is_some() => {
+                *s = Some(Box::new(TimeoutState {
+                    id: reactor.upgrade().unwrap().register_timer(),
+                    timeout: dur,
+                    timer: None,
+                }))
+            }
+            None => {}
+        });
         Ok(())
     }
 
     fn maybe_set_timer(&self, reactor: &Reactor, waker: &Waker) {
-        if let Some(timeout) = self.timeout.get() {
-            if self.timer.get().is_none() {
-                let deadline = Instant::now() + timeout;
-                reactor.insert_timer(self.id, deadline, waker.clone());
-                self.timer.set(Some(deadline));
+        self.with(|s| {
+            let Some(s) = s else { return };
+            if let Some(timeout) = s.timeout {
+                if s.timer.is_none() {
+                    let deadline = Instant::now() + timeout;
+                    reactor.insert_timer(s.id, deadline, waker.clone());
+                    s.timer = Some(deadline);
+                }
             }
-        }
+        })
     }
 
     fn cancel_timer(&self, reactor: &Reactor) {
-        if self.timer.take().is_some() {
-            reactor.remove_timer(self.id);
-        }
+        self.with(|s| {
+            let Some(s) = s else { return };
+            if s.timer.take().is_some() {
+                reactor.remove_timer(s.id);
+            }
+        })
     }
 
     fn check(&self, reactor: &Reactor) -> io::Result<()> {
-        if let Some(deadline) = self.timer.get() {
-            if !reactor.timer_exists(&(deadline, self.id)) {
-                reactor.remove_timer(self.id);
-                self.timer.take();
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "Operation timed out",
-                ));
+        self.with(|s| {
+            let Some(s) = s else { return Ok(()) };
+            if let Some(deadline) = s.timer {
+                if !reactor.timer_exists(&(deadline, s.id)) {
+                    reactor.remove_timer(s.id);
+                    s.timer = None;
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "Operation timed out",
+                    ));
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -366,8 +398,8 @@ where
             stream: socket.into(),
             source_tx: None,
             source_rx: None,
-            write_timeout: Timeout::new(reactor.register_timer()),
-            read_timeout: Timeout::new(reactor.register_timer()),
+            write_timeout: Timeout::default(),
+            read_timeout: Timeout::default(),
         };
         stream.init();
         GlommioStream {
@@ -478,11 +510,11 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
     }
 
     pub(crate) fn set_write_timeout(&self, dur: Option<Duration>) -> Result<()> {
-        self.stream.write_timeout.set(dur)
+        self.stream.write_timeout.set(dur, &self.stream.reactor)
     }
 
     pub(crate) fn set_read_timeout(&self, dur: Option<Duration>) -> Result<()> {
-        self.stream.read_timeout.set(dur)
+        self.stream.read_timeout.set(dur, &self.stream.reactor)
     }
 
     pub(crate) fn write_timeout(&self) -> Option<Duration> {
