@@ -192,7 +192,9 @@ struct Fragments {
 /// Frame and message reassembly state: empty (no allocation) while idle.
 #[derive(Default, Debug)]
 pub struct Reader {
-    frag: Option<Fragments>,
+    /// Boxed: every idle connection carries a `Reader` (8 bytes, not 32),
+    /// and fragmented messages are rare.
+    frag: Option<Box<Fragments>>,
 }
 
 impl Reader {
@@ -265,11 +267,11 @@ impl Reader {
                     if h.fin {
                         Self::message(h.opcode, h.rsv1, payload, max, inflater.as_deref_mut(), on)?;
                     } else {
-                        self.frag = Some(Fragments {
+                        self.frag = Some(Box::new(Fragments {
                             opcode: h.opcode,
                             deflated: h.rsv1,
                             data: payload.to_vec(),
-                        });
+                        }));
                     }
                 }
                 _ => {

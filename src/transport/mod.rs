@@ -115,15 +115,18 @@ pub trait Wire {
 /// Bytes of a frame split across reads, carried to the next read. Empty,
 /// with no allocation, whenever the connection is between frames: reads go
 /// into the shard's scratch buffer, and only a frame's unfinished tail is
-/// copied here.
+/// copied here. Boxed: every idle connection's task carries one, and 16
+/// bytes less keep the WebSocket task in a smaller allocation class
+/// (docs/architecture.md, "Memory per idle connection").
 #[derive(Default)]
-pub struct RxCarry(Vec<u8>);
+#[allow(clippy::box_collection)] // the point: 8 bytes while empty, not 24
+pub struct RxCarry(Option<Box<Vec<u8>>>);
 
 impl RxCarry {
     /// A carry that starts with `bytes` (read before the wire existed, such
     /// as what followed a WebSocket upgrade request).
     pub fn with(bytes: Vec<u8>) -> Self {
-        RxCarry(bytes)
+        RxCarry((!bytes.is_empty()).then(|| Box::new(bytes)))
     }
 
     /// Runs `parse` over the carried bytes followed by `fresh`, keeping what
@@ -134,18 +137,20 @@ impl RxCarry {
         fresh: &mut [u8],
         parse: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
     ) -> Result<(), WireError> {
-        if self.0.is_empty() {
-            let used = parse(fresh)?;
-            if used < fresh.len() {
-                self.0 = fresh[used..].to_vec();
+        match self.0.take() {
+            None => {
+                let used = parse(fresh)?;
+                if used < fresh.len() {
+                    self.0 = Some(Box::new(fresh[used..].to_vec()));
+                }
             }
-        } else {
-            let mut buf = std::mem::take(&mut self.0);
-            buf.extend_from_slice(fresh);
-            let used = parse(&mut buf)?;
-            if used < buf.len() {
-                buf.drain(..used);
-                self.0 = buf;
+            Some(mut buf) => {
+                buf.extend_from_slice(fresh);
+                let used = parse(&mut buf)?;
+                if used < buf.len() {
+                    buf.drain(..used);
+                    self.0 = Some(buf);
+                }
             }
         }
         Ok(())
@@ -469,5 +474,24 @@ fn end_of(e: WireError) -> End {
         }
         WireError::Protocol(reason) => End::Close(CloseCode::PROTOCOL_ERROR, reason),
         WireError::TooLarge => End::Close(CloseCode::FRAME_TOO_LARGE, "frame too large".into()),
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use std::mem::size_of;
+
+    /// Every idle connection's task carries its wire; these sizes keep the
+    /// plain WebSocket task in mimalloc's 384-byte class
+    /// (docs/architecture.md, "Memory per idle connection"). glommio's
+    /// stream is 56 bytes only with the patched copy in `third_party/`
+    /// (120 upstream): this also fails if the patch stops being used.
+    #[test]
+    fn an_idle_wire_stays_small() {
+        assert_eq!(size_of::<super::RxCarry>(), 8);
+        assert_eq!(size_of::<edgegate_proto::ws::Reader>(), 8);
+        assert_eq!(size_of::<glommio::net::TcpStream>(), 56);
+        let ws = size_of::<super::ws::WsWire<glommio::net::TcpStream>>();
+        assert!(ws <= 120, "WsWire is {ws} bytes");
     }
 }
