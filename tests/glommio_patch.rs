@@ -1,0 +1,75 @@
+//! The patched glommio (`third_party/glommio`, `third_party/README.md`)
+//! behaves as upstream where the patch changed its layout: stream
+//! timeouts (now boxed and registered when first set), `connect` and
+//! `accept` (their socket addresses boxed) and a datagram received through
+//! the ring (`recvmsg`, its header boxed).
+
+use std::future::Future;
+use std::io::ErrorKind;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream, UdpSocket};
+use glommio::{LocalExecutorBuilder, Placement};
+
+fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .io_memory(256 << 10)
+        .spawn(move || async move { f().await })
+        .expect("executor")
+        .join()
+        .expect("test body");
+}
+
+#[test]
+fn timeouts_connect_accept_and_recvmsg_behave_as_upstream() {
+    run(|| async {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = glommio::spawn_local(async move { listener.accept().await.unwrap() });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut server = accepted.await;
+
+        assert_eq!(server.read_timeout(), None);
+        assert!(server.set_read_timeout(Some(Duration::ZERO)).is_err());
+        let wait = Duration::from_millis(50);
+        server.set_read_timeout(Some(wait)).unwrap();
+        assert_eq!(server.read_timeout(), Some(wait));
+        let mut buf = [0u8; 8];
+        let t = Instant::now();
+        let e = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() >= wait, "timed out after {:?}", t.elapsed());
+
+        // The stream still works, and a cleared timeout stays cleared.
+        client.write_all(b"hi").await.unwrap();
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        server.set_read_timeout(None).unwrap();
+        assert_eq!(server.read_timeout(), None);
+        let reading = glommio::spawn_local(async move {
+            let mut buf = [0u8; 8];
+            let n = server.read(&mut buf).await.unwrap();
+            buf[..n].to_vec()
+        });
+        glommio::timer::sleep(wait * 2).await;
+        client.write_all(b"late").await.unwrap();
+        assert_eq!(reading.await, b"late");
+
+        // A receiver already waiting when the datagram comes: the ring's recvmsg.
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx_addr = rx.local_addr().unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx_addr = tx.local_addr().unwrap();
+        let received = glommio::spawn_local(async move {
+            let mut buf = [0u8; 16];
+            let (n, from) = rx.recv_from(&mut buf).await.unwrap();
+            (buf[..n].to_vec(), from)
+        });
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        tx.send_to(b"dgram", rx_addr).await.unwrap();
+        let (got, from) = received.await;
+        assert_eq!(got, b"dgram");
+        assert_eq!(from, tx_addr);
+    });
+}
