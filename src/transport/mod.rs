@@ -494,4 +494,19 @@ mod size_tests {
         let ws = size_of::<super::ws::WsWire<glommio::net::TcpStream>>();
         assert!(ws <= 120, "WsWire is {ws} bytes");
     }
+
+    /// A TLS stream holds rustls' connection, the socket and nothing inline
+    /// for its buffers (they are boxed while in use): with the plain wire
+    /// above, the WSS task stays in mimalloc's 1 536-byte class.
+    #[test]
+    fn an_idle_tls_stream_holds_no_buffer_inline() {
+        type Tls = crate::tls::TlsStream<glommio::net::TcpStream>;
+        let inner = size_of::<rustls::server::UnbufferedServerConnection>()
+            + size_of::<glommio::net::TcpStream>();
+        let tls = size_of::<Tls>();
+        assert!(
+            tls <= inner + 16,
+            "TlsStream is {tls} bytes, its parts {inner}"
+        );
+    }
 }
