@@ -73,3 +73,57 @@ fn timeouts_connect_accept_and_recvmsg_behave_as_upstream() {
         assert_eq!(from, tx_addr);
     });
 }
+
+/// A thread outside the executor wakes a task on it, over and over, while
+/// the executor keeps going to sleep between wake-ups: the sleep/wake
+/// handshake whose barrier the patch changed (a fence on each side instead
+/// of `membarrier` on the sleeping side). A lost wake-up leaves the
+/// executor asleep for good (nothing else would wake it), and the test
+/// fails on its deadline instead of hanging.
+#[test]
+fn wakes_from_another_thread_are_never_lost() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+    const ROUNDS: u64 = 20_000;
+    let ping = Arc::new(AtomicU64::new(0));
+    let pong = Arc::new(AtomicU64::new(0));
+    let waker = Arc::new(atomic_waker::AtomicWaker::new());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+
+    let (p, q, w) = (ping.clone(), pong.clone(), waker.clone());
+    std::thread::spawn(move || {
+        run(move || async move {
+            for i in 1..=ROUNDS {
+                std::future::poll_fn(|cx| {
+                    w.register(cx.waker());
+                    if p.load(SeqCst) >= i {
+                        std::task::Poll::Ready(())
+                    } else {
+                        std::task::Poll::Pending
+                    }
+                })
+                .await;
+                q.store(i, SeqCst);
+            }
+        });
+        let _ = done_tx.send(());
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for i in 1..=ROUNDS {
+        ping.store(i, SeqCst);
+        waker.wake();
+        while pong.load(SeqCst) < i {
+            assert!(
+                Instant::now() < deadline,
+                "round {i}: the executor missed a wake-up (pong {})",
+                pong.load(SeqCst)
+            );
+            std::thread::yield_now();
+        }
+    }
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("executor finished");
+}

@@ -306,6 +306,12 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // edgegate patch: the other half of the fence before the reactor
+        // sleeps (sys/uring.rs): whatever the caller queued for this
+        // executor is ordered before reading `should_notify`, so either the
+        // sleeping side sees the item or this side sees the flag. Upstream
+        // makes the sleeping side pay a process-wide `membarrier` instead.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Stamp, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1866,9 +1866,15 @@ impl Reactor {
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // details. edgegate patch: a SeqCst fence, paired with the one
+            // in `SleepNotifier::notify` that every remote producer runs
+            // after queueing, instead of `sys_membarrier()`
+            // (`MEMBARRIER_CMD_PRIVATE_EXPEDITED`), which interrupts every
+            // CPU running a thread of the process before each sleep: a
+            // system call and IPIs per sleep on a gateway that sleeps
+            // between messages, against one fence per cross-thread
+            // notification.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
