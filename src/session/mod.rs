@@ -673,19 +673,16 @@ fn publish(st: &mut SessionState, cx: &Ctx<'_>, p: Pub, out: &mut Vec<Action>) {
         return out.push(Action::Publish(p));
     }
     let w = st.extra().waiting.get_or_insert_with(Box::default);
-    match w {
-        w if w.queued.len() < MAX_QUEUED_PUBLISHES
-            && w.bytes + p.size() <= cx.cfg.outbound_queue_bytes =>
-        {
-            w.bytes += p.size();
-            w.queued.push_back(p);
-        }
-        _ => err(
+    if w.queued.len() < MAX_QUEUED_PUBLISHES && w.bytes + p.size() <= cx.cfg.outbound_queue_bytes {
+        w.bytes += p.size();
+        w.queued.push_back(p);
+    } else {
+        err(
             out,
             p.id,
             ErrCode::RateLimited,
             "too many publishes waiting for the stream",
-        ),
+        );
     }
 }
 
