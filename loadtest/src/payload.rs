@@ -78,15 +78,22 @@ fn exact_json(b: &[u8]) -> Option<Stamp> {
     Some(Stamp { p, s, t })
 }
 
-/// The decimal number at the start of `b` and what follows it.
+/// The decimal number at the start of `b` and what follows it (1 to 19
+/// digits, read in one pass: it runs once per delivery in the harness).
 fn digits(b: &[u8]) -> Option<(u64, &[u8])> {
-    let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    let mut v = 0u64;
+    let mut n = 0;
+    while let Some(&c) = b.get(n) {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        v = v.wrapping_mul(10).wrapping_add(u64::from(d));
+        n += 1;
+    }
     if n == 0 || n > 19 {
         return None;
     }
-    let v = b[..n]
-        .iter()
-        .fold(0u64, |v, c| v * 10 + u64::from(c - b'0'));
     Some((v, &b[n..]))
 }
 
@@ -126,6 +133,15 @@ mod tests {
             "any order"
         );
         assert_eq!(decode_json(br#"{"p":1,"s":,"t":3}"#), None);
+        assert_eq!(
+            decode_json(br#"{"p":1,"s":2,"t":18446744073709551615}"#),
+            None,
+            "20 digits"
+        );
+        assert_eq!(
+            decode_json(br#"{"p":0,"s":2,"t":9999999999999999999}"#).map(|s| s.t),
+            Some(9_999_999_999_999_999_999)
+        );
         assert_eq!(decode_binary(&[0; 23]), None);
         assert_eq!(decode(&Payload::Json(Bytes::from_static(b"{}"))), None);
     }

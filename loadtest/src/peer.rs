@@ -246,7 +246,6 @@ pub async fn run_peer(
                         match payload::decode(&env.payload) {
                             Some(st) => {
                                 let us = (now.saturating_sub(st.t) / 1000).max(1);
-                                let _ = stats.deliveries.latency.record(us);
                                 counters.timeline.record(now, us);
                                 tracks.entry(st.p).or_default().record(st.s);
                             }

@@ -202,6 +202,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let mut g = crate::scenario::Gathered::default();
     g.join(sub_tasks).await?;
     g.join(pub_tasks).await?;
+    g.latency_from(&counters.timeline);
     let (sent, received) = (g.sent, g.d.received);
     let expected = sent * k;
     let lost = expected.saturating_sub(g.d.unique);

@@ -211,6 +211,12 @@ impl Gathered {
         Ok(())
     }
 
+    /// Takes the run's latency distribution from `t`, where the receivers
+    /// record it (their own [`crate::peer::PeerStats`] carry none).
+    pub fn latency_from(&mut self, t: &crate::series::Timeline) {
+        let _ = self.d.latency.add(t.total());
+    }
+
     /// The delivery keys and rows every traffic report has: `lost` is
     /// what the scenario expected and did not see.
     pub fn report(&self, r: &mut crate::report::Report, lost: u64) -> serde_json::Value {

@@ -105,6 +105,7 @@ pub async fn run(a: PubsubArgs) -> Result<Report> {
 
     let mut g = crate::scenario::Gathered::default();
     g.join(tasks).await?;
+    g.latency_from(&counters.timeline);
     let (sent, received) = (g.sent, g.d.received);
     let loss = sent.saturating_sub(g.d.unique);
     let mut r = Report::new(

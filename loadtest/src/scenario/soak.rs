@@ -169,6 +169,7 @@ pub async fn run(a: SoakArgs) -> Result<Report> {
 
     let mut g = crate::scenario::Gathered::default();
     g.join(tasks).await?;
+    g.latency_from(&counters.timeline);
     let (d, sent, mut lost_conns) = (g.d, g.sent, g.lost_conns);
     let mut idle_lost = 0;
     for t in idle_tasks {
