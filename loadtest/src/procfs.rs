@@ -26,26 +26,31 @@ fn status_field_kib(status: &str, key: &str) -> Option<u64> {
 
 /// User + system CPU seconds consumed so far by `pid` (all threads).
 pub fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_cpu_secs(&s)
+    cpu_split(Some(pid)).map(|(u, s)| u + s)
 }
 
 /// User + system CPU seconds of this process.
 pub fn self_cpu_secs() -> f64 {
-    fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| stat_cpu_secs(&s))
-        .unwrap_or(0.0)
+    cpu_split(None).map_or(0.0, |(u, s)| u + s)
 }
 
-fn stat_cpu_secs(stat: &str) -> Option<f64> {
+/// User and system CPU seconds of `pid` (`None`: this process), apart.
+pub fn cpu_split(pid: Option<u32>) -> Option<(f64, f64)> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    stat_cpu_split(&fs::read_to_string(path).ok()?)
+}
+
+fn stat_cpu_split(stat: &str) -> Option<(f64, f64)> {
     // Fields after the command name (which may contain spaces, inside parens).
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest[0] is field 3 (state); utime is field 14, stime 15.
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / TICKS_PER_SEC)
+    Some((utime as f64 / TICKS_PER_SEC, stime as f64 / TICKS_PER_SEC))
 }
 
 /// Pids of processes whose `comm` is exactly `name`.
@@ -78,7 +83,8 @@ pub fn open_files_limit() -> Option<u64> {
 #[derive(Clone, Copy, Debug)]
 pub struct CpuMeter {
     pid: Option<u32>,
-    cpu0: f64,
+    /// User and system seconds at the start.
+    cpu0: (f64, f64),
     t0: std::time::Instant,
 }
 
@@ -87,27 +93,32 @@ impl CpuMeter {
     pub fn start(pid: Option<u32>) -> CpuMeter {
         CpuMeter {
             pid,
-            cpu0: Self::read(pid).unwrap_or(0.0),
+            cpu0: cpu_split(pid).unwrap_or((0.0, 0.0)),
             t0: std::time::Instant::now(),
         }
     }
 
-    fn read(pid: Option<u32>) -> Option<f64> {
-        match pid {
-            Some(p) => cpu_secs(p),
-            None => Some(self_cpu_secs()),
-        }
+    /// User and system CPU seconds used since start.
+    pub fn split_secs(&self) -> Option<(f64, f64)> {
+        let (u, s) = cpu_split(self.pid)?;
+        Some((u - self.cpu0.0, s - self.cpu0.1))
     }
 
     /// CPU seconds used since start.
     pub fn cpu_secs(&self) -> Option<f64> {
-        Some(Self::read(self.pid)? - self.cpu0)
+        self.split_secs().map(|(u, s)| u + s)
     }
 
     /// Average CPU use since start in percent of one core.
     pub fn percent(&self) -> Option<f64> {
+        self.split_percent().map(|(u, s)| u + s)
+    }
+
+    /// Average user and system CPU use since start, each in percent of one core.
+    pub fn split_percent(&self) -> Option<(f64, f64)> {
         let wall = self.t0.elapsed().as_secs_f64();
-        (wall > 0.0).then(|| self.cpu_secs().map(|c| 100.0 * c / wall))?
+        let (u, s) = self.split_secs()?;
+        (wall > 0.0).then(|| (100.0 * u / wall, 100.0 * s / wall))
     }
 }
 
@@ -118,7 +129,7 @@ mod tests {
     #[test]
     fn parses_stat_with_spaces_in_name() {
         let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194304 100 0 0 0 250 50 0 0 20 0 1 0 100 1000 10";
-        assert_eq!(stat_cpu_secs(stat), Some(3.0));
+        assert_eq!(stat_cpu_split(stat), Some((2.5, 0.5)));
     }
 
     #[test]

@@ -58,6 +58,10 @@ def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encodi
     assert gw.metric("edgegate_messages_out_total") >= 30 * n + n + 30 + 33
     assert r["harness_cpu_us_per_delivery"] > 0
     assert r["gateway_cpu_us_per_delivery"] > 0
+    # The harness's share, user and system apart, adds up to the whole.
+    user, system = r["harness_cpu_user_us_per_delivery"], r["harness_cpu_sys_us_per_delivery"]
+    assert user >= 0 and system >= 0
+    assert user + system == pytest.approx(r["harness_cpu_us_per_delivery"], rel=1e-6)
 
 
 def test_lean_receivers_inflate_compressed_deliveries(gateway, tmp_path):

@@ -90,6 +90,10 @@ pub struct Measured {
     pub gw_pct: Option<f64>,
     /// Harness CPU, % of one core, over the phase.
     pub me_pct: Option<f64>,
+    /// The same, user and system apart (on loopback, the system part also
+    /// carries the kernel's work for the gateway's sockets: the ACKs this
+    /// side's reads send are processed on this side's CPU).
+    pub me_split_pct: Option<(f64, f64)>,
     /// Length of the phase, seconds.
     pub secs: f64,
 }
@@ -115,12 +119,14 @@ impl Meters {
 
     /// Reads the meters, then takes the second snapshot.
     pub async fn stop(self, admin: Option<&str>) -> Measured {
-        let (gw_pct, me_pct) = (self.gw.percent(), self.me.percent());
+        let me_split_pct = self.me.split_percent();
+        let (gw_pct, me_pct) = (self.gw.percent(), me_split_pct.map(|(u, s)| u + s));
         Measured {
             before: self.before,
             after: snapshot(admin).await,
             gw_pct,
             me_pct,
+            me_split_pct,
             secs: self.t0.elapsed().as_secs_f64(),
         }
     }
@@ -154,14 +160,20 @@ impl Measured {
                 .map(|p| p / 100.0 * self.secs * 1e6 / deliveries as f64)
         };
         let (gw, me) = (per(self.gw_pct), per(self.me_pct));
+        let me_user = per(self.me_split_pct.map(|p| p.0));
+        let me_sys = per(self.me_split_pct.map(|p| p.1));
         r.set("gateway_cpu_us_per_delivery", gw);
         r.set("harness_cpu_us_per_delivery", me);
+        r.set("harness_cpu_user_us_per_delivery", me_user);
+        r.set("harness_cpu_sys_us_per_delivery", me_sys);
         r.row(
             "CPU per delivery",
             format!(
-                "gateway {} / harness {}",
+                "gateway {} / harness {} (user {}, system {})",
                 opt(gw, 3, " µs"),
-                opt(me, 3, " µs")
+                opt(me, 3, " µs"),
+                opt(me_user, 3, ""),
+                opt(me_sys, 3, "")
             ),
         );
         let limit = 90.0 * threads.max(1) as f64;
