@@ -176,10 +176,20 @@ async def test_reconnect_storm_is_admitted_at_the_configured_rate(gateway):
     stop = asyncio.Event()
     rtts: list[float] = []
 
-    # (before, after, sessions gauge), server side: the gauge's value is from
-    # some instant between the two (the scrape waits for both shards'
-    # answers, which a loaded machine delays).
-    sessions: list[tuple[float, float, float]] = []
+    # (before, after, admitted so far), server side: the count is from some
+    # instant between the two (the scrape waits for both shards' answers,
+    # which a loaded machine delays). Admitted is what the accept budget
+    # governs: sockets accepted less those refused by a limit. (The
+    # sessions gauge counts welcomes, which trail admission by each
+    # client's hello; 5 000 clients on one event loop send those in bursts.)
+    admitted: list[tuple[float, float, float]] = []
+
+    def admitted_now() -> float:
+        m = gw.metrics()
+        total = sum(v for n, _, v in m if n == "edgegate_connections_accepted_total")
+        refused = sum(v for n, lab, v in m if n == "edgegate_limit_hits_total"
+                      and lab.get("limit") in ("max_connections", "accept_rate", "ip_connect_rate"))
+        return total - refused
 
     def pinger():
         last_sample = 0.0
@@ -188,8 +198,8 @@ async def test_reconnect_storm_is_admitted_at_the_configured_rate(gateway):
             now = time.monotonic()
             if now - last_sample >= 0.2:
                 last_sample = now
-                v = gw.metric("edgegate_sessions")
-                sessions.append((now, time.monotonic(), v))
+                v = admitted_now()
+                admitted.append((now, time.monotonic(), v))
             time.sleep(0.05)
 
     async def client(i: int):
@@ -227,28 +237,25 @@ async def test_reconnect_storm_is_admitted_at_the_configured_rate(gateway):
 
     assert len(admitted_at) == STORM_CLIENTS
     rel = sorted(t - t0 for t in admitted_at)
-    # Admission rate, from the gateway's own sessions gauge (the clients'
-    # event loop bunches welcomes up): over any 2 s window, at most 2 s of
-    # rate plus the burst, plus 25 % for sampling (the gauge counts welcomes,
-    # which trail admission by the client's hello, and the sampler itself is
-    # delayed on a loaded 2-core machine).
-    # A window's length is taken at its longest (from the first scrape's
-    # start to the second's end), so a slow scrape cannot make it look
-    # shorter than it was.
+    # Admission rate, server side: over any 2 s window, at most 2 s of rate
+    # plus the burst. A window's length is taken at its longest (from the
+    # first scrape's start to the second's end), so a slow scrape cannot make
+    # it look shorter than it was; 5 % covers the buckets' millisecond clock
+    # and the shards' clocks being read at slightly different instants.
     worst = 0
-    for i, (t, _, v) in enumerate(sessions):
-        for _, t2_end, v2 in sessions[i:]:
+    for i, (t, _, v) in enumerate(admitted):
+        for _, t2_end, v2 in admitted[i:]:
             if t2_end - t > 2.0:
                 break
             worst = max(worst, v2 - v)
-    limit = (2 * STORM_RATE + STORM_BURST) * 1.25
+    limit = (2 * STORM_RATE + STORM_BURST) * 1.05
     rtts_sorted = sorted(rtts)
     p99 = rtts_sorted[int(len(rtts_sorted) * 0.99) - 1]
     print(f"\nstorm: {STORM_CLIENTS} clients in {took:.1f} s (ideal {(STORM_CLIENTS - STORM_BURST) / STORM_RATE:.1f} s); "
           f"refusals {refusals} (4007), closed without bye {silent_drops}, connect errors {connect_errors}; worst 2 s window {worst:.0f} admitted (server side, limit {limit:.0f}); "
           f"retry_ms median {statistics.median(retry_values) if retry_values else 0:.0f} max {max(retry_values, default=0)}; "
           f"welcomed (client side) by 1/2/4/8 s: {[sum(1 for t in rel if t <= s) for s in (1, 2, 4, 8)]}; "
-          f"server sessions every 1 s: {[int(v) for _, _, v in sessions[::5]]}\n"
+          f"admitted (server side) every 1 s: {[int(v) for _, _, v in admitted[::5]]}\n"
           f"watcher ping before: median {statistics.median(base) * 1000:.1f} ms; during: n={len(rtts)} "
           f"median {statistics.median(rtts) * 1000:.1f} ms p99 {p99 * 1000:.1f} ms max {max(rtts) * 1000:.1f} ms")
     assert worst <= limit, f"{worst} admitted within 2 s (limit {limit:.0f})"
