@@ -249,6 +249,55 @@ async def test_quic_hello_welcome_and_messages(quic_gateway):
     assert await wait_metric(gw, "edgegate_connections", 0, transport="quic") == 0
 
 
+async def test_key_updates_from_either_side(quic_gateway):
+    """Key updates (RFC 9001 §6) keep the session going, whichever side
+    starts them. The gateway's quinn derives a key phase's keys only when a
+    packet needs them (third_party/README.md), so both paths are driven: the
+    gateway's own update (quinn starts one after 10 to 1 000 packets, chosen
+    at random, to exercise it early) and three updates by the client in a
+    row, each confirmed by a round trip in the new phase."""
+    from aioquic import tls
+
+    gw = quic_gateway()
+    c = await quic_session(gw)
+    pair = c.proto._quic._cryptos[tls.Epoch.ONE_RTT]
+    triggers: list[str] = []
+    update = pair._update_key
+
+    def spy(trigger: str) -> None:
+        triggers.append(trigger)
+        update(trigger)
+
+    pair._update_key = spy
+    n = 0
+    while "remote_update" not in triggers and n < 1500:
+        await c.send("ping", id=n)
+        assert (await c.expect("pong"))["id"] == n
+        n += 1
+    assert triggers == ["remote_update"], f"after {n} round trips: {triggers}"
+    # RFC 9001 §6.1: no new update before a packet in the current phase is
+    # acknowledged (until then the gateway reads the other phase as the old
+    # one). One round trip in the phase the gateway started does that.
+    await c.send("ping", id=n)
+    assert (await c.expect("pong"))["id"] == n
+    for k in range(3):
+        phase = pair.key_phase
+        c.proto._quic.request_key_update()
+        for i in range(2):   # the first in the new phase; the second acks the gateway's reply
+            await c.send("ping", id=10_000 + 10 * k + i)
+            assert (await c.expect("pong"))["id"] == 10_000 + 10 * k + i
+        assert pair.key_phase != phase
+    assert triggers == ["remote_update"] + ["local_update"] * 3, triggers
+    room = f"room:ku{time.monotonic_ns()}"
+    await c.sub(room)
+    r = await c.call("pub", ch=room, d={"after": "key updates"})
+    assert r["t"] == "ok", r
+    m = await c.recv_until(lambda e: e["t"] == "msg")
+    assert m["d"] == {"after": "key updates"}
+    await c.close()
+    assert await wait_metric(gw, "edgegate_connections", 0, transport="quic") == 0
+
+
 async def test_quic_and_ws_clients_share_a_room(quic_gateway):
     gw = quic_gateway()
     room = f"room:mix{time.monotonic_ns()}"

@@ -59,7 +59,15 @@ impl Assembler {
     /// Get the the next chunk
     pub(super) fn read(&mut self, max_length: usize, ordered: bool) -> Option<Chunk> {
         loop {
-            let mut chunk = self.data.peek_mut()?;
+            let Some(mut chunk) = self.data.peek_mut() else {
+                // edgegate patch: release the emptied heap's buffer, so that
+                // an idle stream (or a finished handshake's crypto stream)
+                // holds none; the next insert allocates it again.
+                if self.data.capacity() != 0 {
+                    self.data = BinaryHeap::new();
+                }
+                return None;
+            };
 
             if ordered {
                 if chunk.offset > self.bytes_read {

@@ -211,6 +211,12 @@ impl PacketSpace {
             self.unacked_non_ack_eliciting_tail =
                 self.unacked_non_ack_eliciting_tail.checked_sub(1).unwrap();
         }
+        if self.sent_packets.is_empty() {
+            // edgegate patch: a `BTreeMap` keeps its root node (about 1.1 KB
+            // of `SentPacket`s) when its last entry goes; release it, so that
+            // a connection with nothing in flight holds none.
+            self.sent_packets = BTreeMap::new();
+        }
         Some(packet)
     }
 

@@ -39,16 +39,72 @@ pub struct TlsSession {
     version: Version,
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    inner: Tls,
     suite: Suite,
+}
+
+/// edgegate patch: a server's rustls connection is released once its
+/// handshake is over and everything rustls had to send is written.
+///
+/// After that a QUIC server needs from TLS only the secrets of the next key
+/// phases (`next_secrets`, kept beside) and what the application may still
+/// ask for (`Done`); rustls' connection state, its record keys (which QUIC
+/// never uses) and its buffers are about 3 KB per connection. A client's
+/// connection is kept (it may still receive session tickets).
+enum Tls {
+    Live(Box<Connection>),
+    Done(Box<Done>),
+}
+
+/// What a finished server session still answers (see [`Tls`]).
+struct Done {
+    protocol: Option<Vec<u8>>,
+    server_name: Option<String>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
 impl TlsSession {
     fn side(&self) -> Side {
-        match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
+        match &self.inner {
+            Tls::Live(c) => match **c {
+                Connection::Client(_) => Side::Client,
+                Connection::Server(_) => Side::Server,
+            },
+            Tls::Done(_) => Side::Server,
         }
+    }
+
+    /// The rustls connection while it is kept; `None` once released.
+    fn live(&self) -> Option<&Connection> {
+        match &self.inner {
+            Tls::Live(c) => Some(c),
+            Tls::Done(_) => None,
+        }
+    }
+
+    /// Releases a server's rustls connection once its handshake is over and
+    /// nothing is left to write (see [`Tls`]).
+    fn release_if_done(&mut self) {
+        if cfg!(feature = "__rustls-post-quantum-test") {
+            return; // its handshake data names the key exchange group, kept by rustls only
+        }
+        let Tls::Live(conn) = &self.inner else {
+            return;
+        };
+        let Connection::Server(server) = &**conn else {
+            return;
+        };
+        if conn.is_handshaking() || !self.got_handshake_data {
+            return;
+        }
+        let done = Done {
+            protocol: conn.alpn_protocol().map(|x| x.into()),
+            server_name: server.server_name().map(|x| x.into()),
+            peer_certificates: conn
+                .peer_certificates()
+                .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+        };
+        self.inner = Tls::Done(Box::new(done));
     }
 }
 
@@ -61,15 +117,25 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
+        let conn = match &self.inner {
+            Tls::Live(conn) => conn,
+            Tls::Done(done) => {
+                return Some(Box::new(HandshakeData {
+                    protocol: done.protocol.clone(),
+                    server_name: done.server_name.clone(),
+                    #[cfg(feature = "__rustls-post-quantum-test")]
+                    negotiated_key_exchange_group: unreachable!("never released"),
+                }));
+            }
+        };
         Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
+            protocol: conn.alpn_protocol().map(|x| x.into()),
+            server_name: match **conn {
                 Connection::Client(_) => None,
                 Connection::Server(ref session) => session.server_name().map(|x| x.into()),
             },
             #[cfg(feature = "__rustls-post-quantum-test")]
-            negotiated_key_exchange_group: self
-                .inner
+            negotiated_key_exchange_group: conn
                 .negotiated_key_exchange_group()
                 .expect("key exchange group is negotiated")
                 .name(),
@@ -78,7 +144,16 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
+        let conn = match &self.inner {
+            Tls::Live(conn) => conn,
+            Tls::Done(done) => {
+                return done
+                    .peer_certificates
+                    .clone()
+                    .map(|v| -> Box<dyn Any> { Box::new(v) });
+            }
+        };
+        conn.peer_certificates().map(|v| -> Box<dyn Any> {
             Box::new(
                 v.iter()
                     .map(|v| v.clone().into_owned())
@@ -88,24 +163,34 @@ impl crypto::Session for TlsSession {
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let keys = self.live()?.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+        match self.live()? {
+            Connection::Client(session) => Some(session.is_early_data_accepted()),
             _ => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        self.live().is_some_and(|c| c.is_handshaking())
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let Tls::Live(conn) = &mut self.inner else {
+            // A client sends nothing after its Finished in TLS 1.3 over QUIC
+            // (KeyUpdate is forbidden, and this server asks for no
+            // post-handshake authentication): what rustls would refuse too.
+            return Err(TransportError {
+                code: TransportErrorCode::crypto(rustls::AlertDescription::UnexpectedMessage.into()),
+                frame: None,
+                reason: "TLS handshake data after the handshake".into(),
+            });
+        };
+        conn.read_hs(buf).map_err(|e| {
+            if let Some(alert) = conn.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +204,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match **conn {
                 Connection::Client(_) => false,
                 Connection::Server(ref session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if conn.alpn_protocol().is_some() || have_server_name || !conn.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +217,10 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        let Some(conn) = self.live() else {
+            return Ok(None); // asked during the handshake only
+        };
+        match conn.quic_transport_parameters() {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +230,15 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let Tls::Live(conn) = &mut self.inner else {
+            return None;
+        };
+        let Some(change) = conn.write_hs(buf) else {
+            // Everything queued is written and no key change is pending.
+            self.release_if_done();
+            return None;
+        };
+        let keys = match change {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -204,7 +300,9 @@ impl crypto::Session for TlsSession {
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
-        self.inner
+        // Not available once a server's rustls connection is released.
+        self.live()
+            .ok_or(ExportKeyingMaterialError)?
             .export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
@@ -365,7 +463,7 @@ impl crypto::ClientConfig for QuicClientConfig {
             version,
             got_handshake_data: false,
             next_secrets: None,
-            inner: rustls::quic::Connection::Client(
+            inner: Tls::Live(Box::new(rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -375,7 +473,7 @@ impl crypto::ClientConfig for QuicClientConfig {
                     to_vec(params),
                 )
                 .unwrap(),
-            ),
+            ))),
             suite: self.initial,
         }))
     }
@@ -521,10 +619,10 @@ impl crypto::ServerConfig for QuicServerConfig {
             version,
             got_handshake_data: false,
             next_secrets: None,
-            inner: rustls::quic::Connection::Server(
+            inner: Tls::Live(Box::new(rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
-            ),
+            ))),
             suite: self.initial,
         })
     }
