@@ -403,6 +403,7 @@ impl Connection {
         if let Some(x) = self.events.pop_front() {
             return Some(x);
         }
+        release_if_empty(&mut self.events);
 
         if let Some(event) = self.streams.poll() {
             return Some(Event::Stream(event));
@@ -418,7 +419,11 @@ impl Connection {
     /// Return endpoint-facing events
     #[must_use]
     pub fn poll_endpoint_events(&mut self) -> Option<EndpointEvent> {
-        self.endpoint_events.pop_front().map(EndpointEvent)
+        let event = self.endpoint_events.pop_front();
+        if event.is_none() {
+            release_if_empty(&mut self.endpoint_events);
+        }
+        event.map(EndpointEvent)
     }
 
     /// Provide control over streams
@@ -3266,7 +3271,10 @@ impl Connection {
         while buf.len() + frame::Crypto::SIZE_BOUND < max_size && !is_0rtt {
             let mut frame = match space.pending.crypto.pop_front() {
                 Some(x) => x,
-                None => break,
+                None => {
+                    release_if_empty(&mut space.pending.crypto);
+                    break;
+                }
             };
 
             // Calculate the maximum amount of crypto data we can store in the buffer.
@@ -4238,5 +4246,14 @@ mod tests {
             assert_eq!(negotiate_max_idle_timeout(left, right), result);
             assert_eq!(negotiate_max_idle_timeout(right, left), result);
         }
+    }
+}
+
+/// edgegate patch: a drained `VecDeque` keeps its buffer; the queues of
+/// rare events (handshake, connection, endpoint, handshake data to send)
+/// release theirs once empty, so that an idle connection holds none.
+fn release_if_empty<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() != 0 {
+        *queue = VecDeque::new();
     }
 }

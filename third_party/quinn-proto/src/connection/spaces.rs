@@ -39,7 +39,13 @@ pub(super) struct PacketSpace {
     pub(super) unacked_non_ack_eliciting_tail: u64,
     /// Transmitted but not acked
     // We use a BTreeMap here so we can efficiently query by range on ACK and for loss detection
-    pub(super) sent_packets: BTreeMap<u64, SentPacket>,
+    ///
+    /// edgegate patch: each packet boxed, so that the map's nodes are 192
+    /// bytes instead of 1 160 (eleven 96-byte `SentPacket`s inline). A
+    /// connection nearly always has a packet or two here (its last ACK-only
+    /// packet stays until the peer's next ACK), so its first node is paid
+    /// by every idle connection.
+    pub(super) sent_packets: BTreeMap<u64, Box<SentPacket>>,
     /// Number of explicit congestion notification codepoints seen on incoming packets
     pub(super) ecn_counters: frame::EcnCounts,
     /// Recent ECN counters sent by the peer in ACK frames
@@ -206,7 +212,7 @@ impl PacketSpace {
 
     /// Stop tracking sent packet `number`, and return what we knew about it
     pub(super) fn take(&mut self, number: u64) -> Option<SentPacket> {
-        let packet = self.sent_packets.remove(&number)?;
+        let packet = *self.sent_packets.remove(&number)?;
         if !packet.ack_eliciting && number > self.largest_ack_eliciting_sent {
             self.unacked_non_ack_eliciting_tail =
                 self.unacked_non_ack_eliciting_tail.checked_sub(1).unwrap();
@@ -248,7 +254,7 @@ impl PacketSpace {
             // non-ACK-eliciting packets must only contain PADDING, ACK, and CONNECTION_CLOSE
             // frames, which require no special handling on ACK or loss beyond removal from
             // in-flight counters if padded.
-            let packet = self
+            let packet = *self
                 .sent_packets
                 .remove(&oldest_after_ack_eliciting)
                 .unwrap();
@@ -258,7 +264,7 @@ impl PacketSpace {
             self.unacked_non_ack_eliciting_tail += 1;
         }
 
-        self.sent_packets.insert(number, packet);
+        self.sent_packets.insert(number, Box::new(packet));
         forgotten
     }
 
