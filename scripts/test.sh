@@ -6,7 +6,7 @@
 #   2. a venv at .venv with the pinned deps of tests/python/requirements.txt
 #   3. cargo fmt --check, cargo clippy --all-targets -D warnings, python3
 #      scripts/modcycles.py (no import cycle in src/), cargo build --workspace,
-#      cargo test --workspace, the vendored quinn-proto's own tests
+#      cargo test --workspace, the vendored quinn-proto's and quinn's own tests
 #   4. pytest tests/python (the real binary over real sockets)
 #   5. the TypeScript SDK (client-js/): npm ci, tsc, its size budget, and
 #      node --test against the real binary, in Node and in headless Chromium
@@ -79,12 +79,16 @@ step "cargo build --workspace"
 cargo build --workspace
 step "cargo test --workspace"
 cargo test --workspace
-# The vendored quinn-proto carries a patch of ours (third_party/README.md):
-# its own unit and in-memory connection tests (key updates, streams, loss,
-# migration: 300+) run against it. Its own workspace and lockfile.
-step "vendored quinn-proto: its own tests"
+# The vendored quinn and quinn-proto carry patches of ours
+# (third_party/README.md): their own tests run against them (quinn-proto's
+# unit and in-memory connection tests: key updates, streams, loss, migration,
+# 300+; quinn's over loopback UDP, on the patched quinn-proto). Each is its
+# own workspace with its own lockfile.
+step "vendored quinn-proto and quinn: their own tests"
 CARGO_TARGET_DIR=$ROOT/target/quinn-proto cargo test --locked --lib \
     --manifest-path third_party/quinn-proto/Cargo.toml -q
+CARGO_TARGET_DIR=$ROOT/target/quinn cargo test --locked --lib \
+    --manifest-path third_party/quinn/Cargo.toml -q
 
 # ---------------------------------------------------------------- 4. pytest
 step "pytest tests/python"

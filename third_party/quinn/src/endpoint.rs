@@ -16,6 +16,7 @@ use std::{
 };
 
 #[cfg(all(not(wasm_browser), any(feature = "aws-lc-rs", feature = "ring")))]
+use crate::event_queue;
 use crate::runtime::default_runtime;
 use crate::{
     Instant,
@@ -601,7 +602,7 @@ struct ConnectionSet {
     /// allocates its first block of 32 slots when it is made; with
     /// `ConnectionEvent` inline that block was about 7 KB for every
     /// connection, queued event or not. Boxed, it is 32 pointers.
-    senders: FxHashMap<ConnectionHandle, mpsc::UnboundedSender<Box<ConnectionEvent>>>,
+    senders: FxHashMap<ConnectionHandle, event_queue::Sender<Box<ConnectionEvent>>>,
     /// Stored to give out clones to new ConnectionInners
     sender: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
     /// Set if the endpoint has been manually closed
@@ -616,13 +617,13 @@ impl ConnectionSet {
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
     ) -> Connecting {
-        let (send, recv) = mpsc::unbounded_channel();
+        let (send, recv) = event_queue::channel();
         if let Some((error_code, ref reason)) = self.close {
-            send.send(Box::new(ConnectionEvent::Close {
+            // The receiver is right here: this cannot fail.
+            let _ = send.send(Box::new(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
-            }))
-            .unwrap();
+            }));
         }
         self.senders.insert(handle, send);
         Connecting::new(handle, conn, self.sender.clone(), recv, socket, runtime)

@@ -208,15 +208,17 @@ fn export_keying_material() {
         });
         let outgoing_conn = outgoing_conn_fut.await.unwrap();
         let incoming_conn = incoming_conn_fut.await.unwrap();
+        // edgegate patch (third_party/quinn-proto): a server releases its
+        // rustls connection after the handshake, and with it the exporter.
         let mut i_buf = [0u8; 64];
-        incoming_conn
+        assert!(incoming_conn
             .export_keying_material(&mut i_buf, b"asdf", b"qwer")
-            .unwrap();
+            .is_err());
         let mut o_buf = [0u8; 64];
         outgoing_conn
             .export_keying_material(&mut o_buf, b"asdf", b"qwer")
             .unwrap();
-        assert_eq!(&i_buf[..], &o_buf[..]);
+        assert_ne!(&o_buf[..], &[0u8; 64][..]);
     });
 }
 
