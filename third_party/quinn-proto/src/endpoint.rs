@@ -18,7 +18,7 @@ use thiserror::Error;
 use tracing::{debug, error, trace, warn};
 
 use crate::{
-    Duration, INITIAL_MTU, Instant, MAX_CID_SIZE, MIN_INITIAL_SIZE, RESET_TOKEN_SIZE, ResetToken,
+    Duration, INITIAL_MTU, Instant, LOC_CID_COUNT, MAX_CID_SIZE, MIN_INITIAL_SIZE, RESET_TOKEN_SIZE, ResetToken,
     Side, Transmit, TransportConfig, TransportError,
     cid_generator::ConnectionIdGenerator,
     coding::BufMutExt,
@@ -122,7 +122,9 @@ impl Endpoint {
                 }
             }
             RetireConnectionId(now, seq, allow_more_cids) => {
-                if let Some(cid) = self.connections[ch].loc_cids.remove(&seq) {
+                let loc_cids = &mut self.connections[ch].loc_cids;
+                let retired = loc_cids.iter().position(|&(s, _)| s == seq);
+                if let Some(cid) = retired.map(|i| loc_cids.swap_remove(i).1) {
                     trace!("peer retired CID {}: {}", seq, cid);
                     self.index.retire(cid);
                     if allow_more_cids {
@@ -406,7 +408,7 @@ impl Endpoint {
             let meta = &mut self.connections[ch];
             let sequence = meta.cids_issued;
             meta.cids_issued += 1;
-            meta.loc_cids.insert(sequence, id);
+            meta.loc_cids.push((sequence, id));
             ids.push(IssuedCid {
                 sequence,
                 id,
@@ -846,14 +848,14 @@ impl Endpoint {
         );
 
         let mut cids_issued = 0;
-        let mut loc_cids = FxHashMap::default();
+        let mut loc_cids = Vec::with_capacity(LOC_CID_COUNT as usize);
 
-        loc_cids.insert(cids_issued, loc_cid);
+        loc_cids.push((cids_issued, loc_cid));
         cids_issued += 1;
 
         if let Some(cid) = pref_addr_cid {
             debug_assert_eq!(cids_issued, 1, "preferred address cid seq must be 1");
-            loc_cids.insert(cids_issued, cid);
+            loc_cids.push((cids_issued, cid));
             cids_issued += 1;
         }
 
@@ -1084,7 +1086,7 @@ impl ConnectionIndex {
         if conn.side.is_server() {
             self.remove_initial(conn.init_cid);
         }
-        for cid in conn.loc_cids.values() {
+        for (_, cid) in &conn.loc_cids {
             self.connection_ids.remove(cid);
         }
         self.incoming_connection_remotes.remove(&conn.addresses);
@@ -1131,7 +1133,9 @@ pub(crate) struct ConnectionMeta {
     init_cid: ConnectionId,
     /// Number of local connection IDs that have been issued in NEW_CONNECTION_ID frames.
     cids_issued: u64,
-    loc_cids: FxHashMap<u64, ConnectionId>,
+    /// edgegate patch: a `Vec` of (sequence, CID) rather than a hash map
+    /// (a handful of entries, 32 bytes each instead of a 544-byte table).
+    loc_cids: Vec<(u64, ConnectionId)>,
     /// Remote/local addresses the connection began with
     ///
     /// Only needed to support connections with zero-length CIDs, which cannot migrate, so we don't

@@ -324,7 +324,12 @@ pub struct Transmit {
 //
 
 /// The maximum number of CIDs we bother to issue per connection
-const LOC_CID_COUNT: u64 = 8;
+///
+/// edgegate patch: 4 rather than 8. Each one is an entry in the endpoint's
+/// index and in the connection's list for the connection's life; three
+/// spare CIDs let a client migrate three times before it gets new ones
+/// (which it does as it retires the old).
+const LOC_CID_COUNT: u64 = 4;
 const RESET_TOKEN_SIZE: usize = 16;
 const MAX_CID_SIZE: usize = 20;
 const MIN_INITIAL_SIZE: u16 = 1200;

@@ -133,10 +133,17 @@ use timer::{Timer, TimerTable};
 pub struct Connection {
     endpoint_config: Arc<EndpointConfig>,
     config: Arc<TransportConfig>,
-    /// edgegate patch: boxed (320 bytes, used at the start and on a migration
-    /// or a new token only); with `prev_path` boxed too, the connection's
-    /// allocation in quinn falls from mimalloc's 7 KiB size class to 6 KiB.
-    rng: Box<StdRng>,
+    /// edgegate patch: the seed of the connection's random generator rather
+    /// than the generator (320 bytes), which is used at the start and on a
+    /// migration or a new token only: see `rng`. With `prev_path` boxed
+    /// too, the connection's allocation in quinn falls from mimalloc's 7 KiB
+    /// size class to 6 KiB.
+    rng_seed: [u8; 32],
+    /// edgegate patch: the state of a small generator (xorshift) for the
+    /// bits that only have to be unpredictable to the network, drawn for
+    /// every packet: the greased QUIC bit and, without the spin bit, the
+    /// spin bit. See `random_bit`.
+    bits: u64,
     crypto: Box<dyn crypto::Session>,
     /// The CID we initially chose, for use during the handshake
     handshake_cid: ConnectionId,
@@ -207,7 +214,10 @@ pub struct Connection {
     /// Number of packets received which could not be authenticated
     authentication_failures: u64,
     /// Why the connection was lost, if it has been
-    error: Option<ConnectionError>,
+    ///
+    /// edgegate patch: boxed (56 bytes inline, set only as the connection
+    /// fails).
+    error: Option<Box<ConnectionError>>,
     /// Identifies Data-space packet numbers to skip. Not used in earlier spaces.
     packet_number_filter: PacketNumberFilter,
 
@@ -366,7 +376,8 @@ impl Connection {
             datagrams: DatagramState::default(),
             config,
             rem_cids: CidQueue::new(rem_cid),
-            rng: Box::new(rng),
+            bits: rng.random::<u64>() | 1,
+            rng_seed: rng.random(),
             stats: ConnectionStats::default(),
             version,
         };
@@ -410,7 +421,7 @@ impl Connection {
         }
 
         if let Some(err) = self.error.take() {
-            return Some(Event::ConnectionLost { reason: err });
+            return Some(Event::ConnectionLost { reason: *err });
         }
 
         None
@@ -1312,6 +1323,14 @@ impl Connection {
     /// Causes an ACK-eliciting packet to be transmitted.
     pub fn ping(&mut self) {
         self.spaces[self.highest_space].ping_pending = true;
+    }
+
+    /// edgegate patch: a generator for the few random values needed after
+    /// the start, from the stored seed, which it replaces with its own first
+    /// output (so no two uses share a stream, and an old seed does not
+    /// reveal later values).
+    fn rng(&mut self) -> StdRng {
+        rng_from(&mut self.rng_seed)
     }
 
     /// Update traffic keys spontaneously
@@ -2387,7 +2406,7 @@ impl Connection {
 
         // State transitions for error cases
         if let Err(conn_err) = result {
-            self.error = Some(conn_err.clone());
+            self.error = Some(Box::new(conn_err.clone()));
             self.state = match conn_err {
                 ConnectionError::ApplicationClosed(reason) => State::closed(reason),
                 ConnectionError::ConnectionClosed(reason) => State::closed(reason),
@@ -2725,7 +2744,7 @@ impl Connection {
                     self.on_ack_received(now, packet.header.space(), ack)?;
                 }
                 Frame::Close(reason) => {
-                    self.error = Some(reason.into());
+                    self.error = Some(Box::new(reason.into()));
                     self.state = State::Draining;
                     return Ok(());
                 }
@@ -3042,7 +3061,7 @@ impl Connection {
         self.streams.queue_max_stream_id(pending);
 
         if let Some(reason) = close {
-            self.error = Some(reason.into());
+            self.error = Some(Box::new(reason.into()));
             self.state = State::Draining;
             self.close = true;
         }
@@ -3088,7 +3107,7 @@ impl Connection {
                 &self.config,
             )
         };
-        new_path.challenge = Some(self.rng.random());
+        new_path.challenge = Some(self.rng().random());
         new_path.challenge_pending = true;
         let prev_pto = self.pto(SpaceId::Data);
 
@@ -3096,7 +3115,7 @@ impl Connection {
         self.datagrams().drop_oversized();
         // Don't clobber the original path if the previous one hasn't been validated yet
         if prev.challenge.is_none() {
-            prev.challenge = Some(self.rng.random());
+            prev.challenge = Some(self.rng().random());
             prev.challenge_pending = true;
             // We haven't updated the remote CID yet, this captures the remote CID we were using on
             // the previous path.
@@ -3326,7 +3345,13 @@ impl Connection {
         while buf.len() + NewConnectionId::SIZE_BOUND < max_size {
             let issued = match space.pending.new_cids.pop() {
                 Some(x) => x,
-                None => break,
+                None => {
+                    // edgegate patch: as `release_if_empty` (48 bytes per CID)
+                    if space.pending.new_cids.capacity() != 0 {
+                        space.pending.new_cids = Vec::new();
+                    }
+                    break;
+                }
             };
             trace!(
                 sequence = issued.sequence,
@@ -3394,7 +3419,7 @@ impl Connection {
                     ip: remote_addr.ip(),
                     issued: server_config.time_source.now(),
                 },
-                &mut *self.rng,
+                &mut rng_from(&mut self.rng_seed),
             );
             let new_token = NewToken {
                 token: token.encode(&*server_config.token_key).into(),
@@ -3765,7 +3790,7 @@ impl Connection {
     /// Terminate the connection instantly, without sending a close packet
     fn kill(&mut self, reason: ConnectionError) {
         self.close_common();
-        self.error = Some(reason);
+        self.error = Some(Box::new(reason));
         self.state = State::Drained;
         self.endpoint_events.push_back(EndpointEventInner::Drained);
     }
@@ -4256,4 +4281,22 @@ fn release_if_empty<T>(queue: &mut VecDeque<T>) {
     if queue.is_empty() && queue.capacity() != 0 {
         *queue = VecDeque::new();
     }
+}
+
+/// edgegate patch: see `Connection::rng`.
+pub(super) fn rng_from(seed: &mut [u8; 32]) -> StdRng {
+    let mut rng = StdRng::from_seed(*seed);
+    *seed = rng.random();
+    rng
+}
+
+/// edgegate patch: one bit from the small generator of `Connection::bits`.
+pub(super) fn random_bit(state: &mut u64) -> bool {
+    // xorshift64* (Vigna); the top bit is the best of its output.
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 63 == 1
 }

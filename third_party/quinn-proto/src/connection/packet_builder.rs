@@ -1,5 +1,4 @@
 use bytes::Bytes;
-use rand::RngExt;
 use tracing::{debug, trace, trace_span};
 
 use super::{Connection, SentFrames, spaces::SentPacket};
@@ -80,7 +79,7 @@ impl PacketBuilder {
 
         let space = &mut conn.spaces[space_id];
         let exact_number = match space_id {
-            SpaceId::Data => conn.packet_number_filter.allocate(&mut conn.rng, space),
+            SpaceId::Data => conn.packet_number_filter.allocate(&mut conn.rng_seed, space),
             _ => space.get_tx_number(),
         };
 
@@ -94,7 +93,7 @@ impl PacketBuilder {
                 spin: if conn.spin_enabled {
                     conn.spin
                 } else {
-                    conn.rng.random()
+                    super::random_bit(&mut conn.bits) // edgegate patch: see `bits`
                 },
                 key_phase: conn.key_phase,
             },
@@ -124,7 +123,7 @@ impl PacketBuilder {
             }),
         };
         let partial_encode = header.encode(buffer);
-        if conn.peer_params.grease_quic_bit && conn.rng.random() {
+        if conn.peer_params.grease_quic_bit && super::random_bit(&mut conn.bits) {
             buffer[partial_encode.start] ^= FIXED_BIT;
         }
 

@@ -895,11 +895,7 @@ impl PacketNumberFilter {
         n + 1
     }
 
-    pub(super) fn allocate(
-        &mut self,
-        rng: &mut (impl Rng + ?Sized),
-        space: &mut PacketSpace,
-    ) -> u64 {
+    pub(super) fn allocate(&mut self, rng_seed: &mut [u8; 32], space: &mut PacketSpace) -> u64 {
         let n = space.get_tx_number();
         if n != self.next_skipped_packet_number {
             return n;
@@ -909,7 +905,9 @@ impl PacketNumberFilter {
         // Skip this packet number, and choose the next one to skip
         self.prev_skipped_packet_number = Some(self.next_skipped_packet_number);
         let next_exponent = self.exponent.saturating_add(1);
-        self.next_skipped_packet_number = rng
+        // edgegate patch: the generator is made from the connection's seed
+        // when needed (`Connection::rng`), not kept.
+        self.next_skipped_packet_number = super::rng_from(rng_seed)
             .random_range(2u64.saturating_pow(self.exponent)..2u64.saturating_pow(next_exponent));
         self.exponent = next_exponent;
 
