@@ -41,7 +41,9 @@ rm -f "$out/heap-$tr".*
 heaptrack -o "$out/heap-$tr" "$gw" run > "$out/gateway-$tr.log" 2>&1 &
 ht=$!
 for _ in $(seq 100); do curl -sf http://127.0.0.1:29090/readyz >/dev/null && break; sleep 0.2; done
-pid=$(pgrep -P "$ht" -x edgegate || pgrep -x edgegate | head -1)
+# heaptrack's own child, never another edgegate on this machine (a test
+# suite's, say): only what this script started is signalled.
+pid=$(pgrep -P "$ht" -x edgegate) || { echo "heap-idle: no edgegate under heaptrack ($ht)" >&2; kill "$ht"; exit 1; }
 "$lt" idle "${args[@]}" --connections "$n" --rate 300 --hold-secs 6 --quiet \
     --source-ips 127.0.0.2-127.0.0.50 > "$out/harness-$tr.log" 2>&1 &
 h=$!

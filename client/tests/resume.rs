@@ -105,27 +105,41 @@ struct Gw {
     _procs: Procs,
 }
 
+/// Starts a gateway on fresh ports and waits for /readyz (30 s: a loaded
+/// CI box can be slow). Another process may take a port between
+/// `free_tcp_port` and the gateway's bind: then it says "Address already in
+/// use", and it is started again on other ports.
 fn start_gateway() -> Option<Gw> {
     let bin = gateway_bin()?;
-    let (ws, tcp, admin) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
-    let child = Command::new(bin)
-        .arg("run")
-        .env("EDGEGATE_WS__LISTEN", format!("127.0.0.1:{ws}"))
-        .env("EDGEGATE_TCP__LISTEN", format!("127.0.0.1:{tcp}"))
-        .env("EDGEGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn gateway");
-    let procs = Procs(vec![child]);
-    for _ in 0..150 {
-        if ready(admin) {
-            return Some(Gw { tcp, _procs: procs });
+    for _attempt in 0..3 {
+        let (ws, tcp, admin) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+        let log = std::env::temp_dir().join(format!("edgegate-resume-test-{admin}.log"));
+        let child = Command::new(&bin)
+            .arg("run")
+            .env("EDGEGATE_WS__LISTEN", format!("127.0.0.1:{ws}"))
+            .env("EDGEGATE_TCP__LISTEN", format!("127.0.0.1:{tcp}"))
+            .env("EDGEGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("gateway log file"))
+            .spawn()
+            .expect("spawn gateway");
+        let mut procs = Procs(vec![child]);
+        for _ in 0..300 {
+            if ready(admin) {
+                return Some(Gw { tcp, _procs: procs });
+            }
+            if let Ok(Some(_)) = procs.0[0].try_wait() {
+                break; // exited: its log says why
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if !text.contains("Address already in use") {
+            panic!("gateway not ready on admin port {admin}; its log:\n{text}");
+        }
     }
-    panic!("gateway not ready");
+    panic!("gateway not ready: its ports were taken three times");
 }
 
 async fn next(c: &mut Client, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
