@@ -298,6 +298,29 @@ async def test_key_updates_from_either_side(quic_gateway):
     assert await wait_metric(gw, "edgegate_connections", 0, transport="quic") == 0
 
 
+async def test_connection_ids_are_replenished_as_the_client_retires_them(quic_gateway):
+    """The gateway issues three spare connection IDs (third_party/README.md:
+    4 in all rather than quinn's 8), and a new one for each the client
+    retires: eight switches in a row, each followed by a round trip on the
+    new ID, never leave the client without a spare."""
+    gw = quic_gateway()
+    c = await quic_session(gw)
+    quic = c.proto._quic
+    await c.send("ping", id=0)
+    await c.expect("pong")
+    assert len(quic._peer_cid_available) == 3, [x.sequence_number for x in quic._peer_cid_available]
+    seen = {quic._peer_cid.sequence_number}
+    for i in range(1, 9):
+        assert quic._peer_cid_available, f"no spare connection ID after {i - 1} switches"
+        quic.change_connection_id()
+        seen.add(quic._peer_cid.sequence_number)
+        await c.send("ping", id=i)
+        assert (await c.expect("pong"))["id"] == i
+        await asyncio.sleep(0.05)   # the NEW_CONNECTION_ID answering the retirement
+    assert len(seen) == 9, seen
+    await c.close()
+
+
 async def test_quic_and_ws_clients_share_a_room(quic_gateway):
     gw = quic_gateway()
     room = f"room:mix{time.monotonic_ns()}"
