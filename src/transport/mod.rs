@@ -495,6 +495,16 @@ mod size_tests {
         assert!(ws <= 120, "WsWire is {ws} bytes");
     }
 
+    /// Every socket also has glommio's readiness source behind an `Rc`: the
+    /// patched copy keeps it in mimalloc's 224-byte class, apart from the
+    /// short-lived 256-byte blocks of a connection's set-up (472 bytes
+    /// upstream; `third_party/README.md`).
+    #[test]
+    fn a_sockets_readiness_source_stays_in_its_class() {
+        let source = glommio::__edgegate_source_size();
+        assert!(source <= 224, "glommio's source is {source} bytes");
+    }
+
     /// A TLS stream holds rustls' connection, the socket and nothing inline
     /// for its buffers (they are boxed while in use): with the plain wire
     /// above, the WSS task stays in mimalloc's 1 536-byte class.

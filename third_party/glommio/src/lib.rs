@@ -832,3 +832,12 @@ pub(crate) mod test_utils {
         error!("Started tracing..");
     }
 }
+
+/// edgegate patch: the bytes each socket's readiness source takes with its
+/// `Rc` counts (`sys::source::InnerSource` in its `Rc<RefCell<_>>`), for
+/// edgegate's size tests: at most 224 keeps it in mimalloc's 224-byte class.
+#[doc(hidden)]
+pub fn __edgegate_source_size() -> usize {
+    use std::{cell::RefCell, mem::size_of};
+    2 * size_of::<usize>() + size_of::<RefCell<sys::source::InnerSource>>()
+}

@@ -122,6 +122,12 @@ impl TaskQueueHandle {
     pub fn index(&self) -> usize {
         self.index
     }
+
+    /// edgegate patch: the handle of queue `index` (a source keeps only the
+    /// index, see `sys::source::InnerSource::task_queue`).
+    pub(crate) fn from_index(index: usize) -> Self {
+        TaskQueueHandle { index }
+    }
 }
 
 #[derive(Debug)]

@@ -141,12 +141,23 @@ pub(crate) struct InnerSource {
 
     pub(crate) enqueued: Option<EnqueuedSource>,
 
-    pub(crate) stats_collection: Option<StatsCollection>,
+    // edgegate patch: boxed (8 bytes instead of 32): only file I/O and
+    // closes collect statistics, never a socket's reads and writes.
+    pub(crate) stats_collection: Option<Box<StatsCollection>>,
 
-    pub(crate) task_queue: Option<TaskQueueHandle>,
+    // edgegate patch: the queue's index in 4 bytes (`u32::MAX`: none)
+    // instead of an `Option<TaskQueueHandle>` of 16. With the box above, the
+    // source with its `Rc` counts is 216 bytes, in mimalloc's 224-byte
+    // class, out of the 256-byte one where short-lived blocks come and go.
+    pub(crate) task_queue: u32,
 }
 
 impl InnerSource {
+    /// The task queue this source's I/O is accounted to, if any.
+    pub(crate) fn task_queue(&self) -> Option<TaskQueueHandle> {
+        (self.task_queue != u32::MAX).then(|| TaskQueueHandle::from_index(self.task_queue as usize))
+    }
+
     pub(crate) fn update_source_type(&mut self, source_type: SourceType) -> SourceType {
         std::mem::replace(&mut self.source_type, source_type)
     }
@@ -185,8 +196,10 @@ impl Source {
                 io_requirements: ioreq,
                 enqueued: None,
                 timeout: None,
-                stats_collection,
-                task_queue,
+                stats_collection: stats_collection.map(Box::new),
+                task_queue: task_queue.map_or(u32::MAX, |q| {
+                    u32::try_from(q.index()).expect("fewer than 2^32 task queues")
+                }),
             })),
         }
     }
@@ -316,7 +329,7 @@ impl Source {
     }
 
     pub(crate) fn stats_collection(&self) -> Option<StatsCollection> {
-        self.inner.borrow().stats_collection
+        self.inner.borrow().stats_collection.as_deref().copied()
     }
 
     pub(crate) async fn collect_rw(&self) -> io::Result<usize> {
