@@ -46,7 +46,7 @@ impl Connecting {
         handle: ConnectionHandle,
         conn: proto::Connection,
         endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
-        conn_events: event_queue::Receiver<Box<ConnectionEvent>>,
+        conn_events: event_queue::Receiver<ConnectionEvent>,
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
     ) -> Self {
@@ -900,7 +900,7 @@ impl ConnectionRef {
         handle: ConnectionHandle,
         conn: proto::Connection,
         endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
-        conn_events: event_queue::Receiver<Box<ConnectionEvent>>,
+        conn_events: event_queue::Receiver<ConnectionEvent>,
         on_handshake_data: oneshot::Sender<()>,
         on_connected: oneshot::Sender<bool>,
         socket: Arc<dyn AsyncUdpSocket>,
@@ -998,7 +998,7 @@ pub(crate) struct State {
     connected: bool,
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     timer_deadline: Option<Instant>,
-    conn_events: event_queue::Receiver<Box<ConnectionEvent>>,
+    conn_events: event_queue::Receiver<ConnectionEvent>,
     endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
     pub(crate) blocked_writers: FxHashMap<StreamId, Waker>,
     pub(crate) blocked_readers: FxHashMap<StreamId, Waker>,
@@ -1103,7 +1103,7 @@ impl State {
         cx: &mut Context,
     ) -> Result<(), ConnectionError> {
         loop {
-            match self.conn_events.poll_recv(cx).map(|e| e.map(|e| *e)) {
+            match self.conn_events.poll_recv(cx) {
                 Poll::Ready(Some(ConnectionEvent::Rebind(socket))) => {
                     self.socket = socket;
                     self.io_poller = self.socket.clone().create_io_poller();

@@ -260,7 +260,7 @@ impl Endpoint {
         // Update connection socket references
         for sender in inner.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
-            let _ = sender.send(Box::new(ConnectionEvent::Rebind(inner.socket.clone())));
+            let _ = sender.send(ConnectionEvent::Rebind(inner.socket.clone()));
         }
         if let Some(driver) = inner.driver.take() {
             // Ensure the driver can register for wake-ups from the new socket
@@ -303,10 +303,10 @@ impl Endpoint {
         endpoint.recv_state.connections.close = Some((error_code, reason.clone()));
         for sender in endpoint.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
-            let _ = sender.send(Box::new(ConnectionEvent::Close {
+            let _ = sender.send(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
-            }));
+            });
         }
         self.inner.shared.incoming.notify_waiters();
     }
@@ -546,7 +546,7 @@ impl State {
                 .senders
                 .get_mut(&ch)
                 .unwrap()
-                .send(Box::new(ConnectionEvent::Proto(event)));
+                .send(ConnectionEvent::Proto(event));
         }
 
         true
@@ -598,11 +598,10 @@ fn proto_ecn(ecn: udp::EcnCodepoint) -> proto::EcnCodepoint {
 struct ConnectionSet {
     /// Senders for communicating with the endpoint's connections
     ///
-    /// edgegate patch: the events are boxed. A tokio unbounded channel
-    /// allocates its first block of 32 slots when it is made; with
-    /// `ConnectionEvent` inline that block was about 7 KB for every
-    /// connection, queued event or not. Boxed, it is 32 pointers.
-    senders: FxHashMap<ConnectionHandle, event_queue::Sender<Box<ConnectionEvent>>>,
+    /// edgegate patch: `event_queue` instead of tokio's unbounded channel
+    /// (whose first block of 32 slots was about 7 KB per connection with
+    /// the events inline); its buffer exists only while events are queued.
+    senders: FxHashMap<ConnectionHandle, event_queue::Sender<ConnectionEvent>>,
     /// Stored to give out clones to new ConnectionInners
     sender: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
     /// Set if the endpoint has been manually closed
@@ -620,10 +619,10 @@ impl ConnectionSet {
         let (send, recv) = event_queue::channel();
         if let Some((error_code, ref reason)) = self.close {
             // The receiver is right here: this cannot fail.
-            let _ = send.send(Box::new(ConnectionEvent::Close {
+            let _ = send.send(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
-            }));
+            });
         }
         self.senders.insert(handle, send);
         Connecting::new(handle, conn, self.sender.clone(), recv, socket, runtime)
@@ -830,7 +829,7 @@ impl RecvState {
                                         .senders
                                         .get_mut(&handle)
                                         .unwrap()
-                                        .send(Box::new(ConnectionEvent::Proto(event)));
+                                        .send(ConnectionEvent::Proto(event));
                                 }
                                 Some(DatagramEvent::Response(transmit)) => {
                                     respond(transmit, &response_buffer, socket);
