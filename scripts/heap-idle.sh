@@ -17,17 +17,7 @@ tr=${1:?transport}; n=${2:?connections}; out=${3:?outdir}
 gw=${GW_BIN:-$here/target/sysalloc/release/edgegate}
 lt=${LT_BIN:-$here/target/release/loadtest}
 mkdir -p "$out"
-if [ ! -f "$out/leaf.pem" ]; then
-    (cd "$out" &&
-     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem \
-        -days 30 -subj "/CN=heap test CA" -addext "basicConstraints=critical,CA:TRUE" \
-        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null &&
-     openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout leaf.key -out leaf.csr \
-        -subj "/CN=localhost" 2>/dev/null &&
-     printf "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n" > ext.cnf &&
-     openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 30 \
-        -extfile ext.cnf 2>/dev/null)
-fi
+"$here/scripts/test-certs.sh" "$out"
 export EDGEGATE_TLS__CERT_CHAIN=$out/leaf.pem EDGEGATE_TLS__KEY=$out/leaf.key
 export EDGEGATE_WS__LISTEN=127.0.0.1:28080 EDGEGATE_TCP__LISTEN=127.0.0.1:27000 EDGEGATE_ADMIN__LISTEN=127.0.0.1:29090
 case $tr in
