@@ -72,10 +72,14 @@ done
 cpu() {  # utime + stime of $1, clock ticks
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
-a0=$(cpu "${gw_pids[0]}") b0=$(cpu "${gw_pids[1]}")
+nats_pids() {  # the NATS server(s) this run started
+    if [ "$mode" = r3 ]; then cat "$dir"/cluster/n*.pid; else echo "${pids[0]}"; fi
+}
+nats_cpu() { local t=0; for p in $(nats_pids); do t=$((t + $(cpu "$p"))); done; echo $t; }
+a0=$(cpu "${gw_pids[0]}") b0=$(cpu "${gw_pids[1]}") n0=$(nats_cpu)
 "$LT" pubsub --transport ws --pairs 100 --rate "$rate" --duration "$dur" --drain-secs "${DRAIN:-3}" --quiet \
     --target 127.0.0.1:18580,127.0.0.1:18680 --json "$dir/pubsub.json" | tee "$dir/pubsub.txt"
-a1=$(cpu "${gw_pids[0]}") b1=$(cpu "${gw_pids[1]}")
+a1=$(cpu "${gw_pids[0]}") b1=$(cpu "${gw_pids[1]}") n1=$(nats_cpu)
 [ "${SUBS:-0}" = 1 ] && curl -s "http://127.0.0.1:18222/connz?subs=1&limit=100" | python3 -c '
 import json, sys
 for c in json.load(sys.stdin)["connections"]:
@@ -85,13 +89,13 @@ for c in json.load(sys.stdin)["connections"]:
 for adm in 19590 19690; do
     echo "gateway :$adm $(curl -s "http://127.0.0.1:$adm/metrics" | grep -E '^edgegate_backbone_(received|published|dropped|gaps|healed|replays)' | tr '\n' ' ')"
 done
-python3 - "$dir/pubsub.json" "$((a1 - a0))" "$((b1 - b0))" "$(getconf CLK_TCK)" "$mode" "$rate" <<'EOF'
+python3 - "$dir/pubsub.json" "$((a1 - a0))" "$((b1 - b0))" "$(getconf CLK_TCK)" "$mode" "$rate" "$((n1 - n0))" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-ta, tb, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ta, tb, hz, tn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[7])
 sent = r.get("sent", 0)
 us = lambda t: t / hz * 1e6 / max(sent, 1)
 print(f"{sys.argv[5]} at {sys.argv[6]} msg/s: sent {sent}, gateway CPU per message "
       f"a {us(ta):.1f} µs, b {us(tb):.1f} µs (both nodes handle every message: "
-      f"each publishes half and delivers half)")
+      f"each publishes half and delivers half); NATS server(s) {us(tn):.1f} µs")
 EOF
