@@ -16,10 +16,9 @@ use std::{
 };
 
 #[cfg(all(not(wasm_browser), any(feature = "aws-lc-rs", feature = "ring")))]
-use crate::event_queue;
 use crate::runtime::default_runtime;
 use crate::{
-    Instant,
+    Instant, event_queue,
     runtime::{AsyncUdpSocket, Runtime},
     udp_transmit,
 };
