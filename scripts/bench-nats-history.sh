@@ -4,7 +4,11 @@
 # over them, each message published on one node and delivered by the other.
 # Prints the harness's latency line and each gateway's CPU per message.
 #
-# usage: scripts/bench-nats-history.sh off|r1|r3 RATE [DURATION_S]
+# usage: scripts/bench-nats-history.sh off|r1|r3|floor RATE [DURATION_S]
+#   floor  no NATS: ONE gateway on the embedded backbone does both ends of
+#          every message (the client-side work alone, the floor under the
+#          NATS modes: in those each node does half of it, so the line also
+#          prints half of this gateway's CPU per message)
 #   off  one nats-server with JetStream, history = "off" (core NATS)
 #   r1   the same server, history = "jetstream", replicas 1
 #   r3   a three-node JetStream cluster (scripts/nats-cluster.sh), replicas 3
@@ -12,8 +16,8 @@
 # ORDERED=false pipelines publishes ([backbone.nats] ordered_publishes).
 # Everything it starts it stops, by PID; ports 14222.. and 18580.. on loopback.
 set -euo pipefail
-mode=${1:?usage: bench-nats-history.sh off|r1|r3 RATE [DURATION_S]}
-rate=${2:?usage: bench-nats-history.sh off|r1|r3 RATE [DURATION_S]}
+mode=${1:?usage: bench-nats-history.sh off|r1|r3|floor RATE [DURATION_S]}
+rate=${2:?usage: bench-nats-history.sh off|r1|r3|floor RATE [DURATION_S]}
 dur=${3:-10}
 root=$(cd "$(dirname "$0")/.." && pwd)
 LT=${LT:-$root/target/release/loadtest}
@@ -40,28 +44,36 @@ r3)
     "$root/scripts/nats-cluster.sh" start "$dir/cluster" 14222 >/dev/null
     urls=$("$root/scripts/nats-cluster.sh" urls "$dir/cluster")
     ;;
-*) echo "mode must be off, r1 or r3" >&2; exit 2 ;;
+floor) urls= ;;
+*) echo "mode must be off, r1, r3 or floor" >&2; exit 2 ;;
 esac
 
 history=jetstream replicas=1
 [ "$mode" = off ] && history=off
 [ "$mode" = r3 ] && replicas=3
 gw_pids=()
-for n in a:18580:17500:19590 b:18680:17600:19690; do
+nodes=(a:18580:17500:19590 b:18680:17600:19690)
+targets=127.0.0.1:18580,127.0.0.1:18680
+[ "$mode" = floor ] && nodes=(a:18580:17500:19590) targets=127.0.0.1:18580
+for n in "${nodes[@]}"; do
     IFS=: read -r id ws tcp adm <<<"$n"
     # (history off sets no history key: a build from before them runs too)
     hist_env=()
     [ "$history" = off ] || hist_env=(EDGEGATE_BACKBONE__NATS__HISTORY=$history EDGEGATE_BACKBONE__NATS__REPLICAS=$replicas)
     # ORDERED=false: pipelined publishes ([backbone.nats] ordered_publishes)
     [ -n "${ORDERED:-}" ] && hist_env+=(EDGEGATE_BACKBONE__NATS__ORDERED_PUBLISHES=$ORDERED)
-    env "${hist_env[@]}" EDGEGATE_BACKBONE__KIND=nats EDGEGATE_BACKBONE__NATS__URLS=$urls \
+    backbone=(EDGEGATE_BACKBONE__KIND=nats EDGEGATE_BACKBONE__NATS__URLS=$urls)
+    [ "$mode" = floor ] && backbone=(EDGEGATE_BACKBONE__KIND=embedded) hist_env=()
+    env "${hist_env[@]}" "${backbone[@]}" \
     EDGEGATE_BACKBONE__NODE_ID=$id EDGEGATE_WS__LISTEN=127.0.0.1:$ws \
     EDGEGATE_TCP__LISTEN=127.0.0.1:$tcp EDGEGATE_ADMIN__LISTEN=127.0.0.1:$adm \
     EDGEGATE_LOG__LEVEL=${GWLOG:-warn} "$GWBIN" run > "$dir/gw-$id.log" 2>&1 &
     pids+=($!)
     gw_pids+=($!)
 done
-for adm in 19590 19690; do
+admins=(19590 19690)
+[ "$mode" = floor ] && admins=(19590)
+for adm in "${admins[@]}"; do
     for _ in $(seq 300); do
         curl -sf "http://127.0.0.1:$adm/readyz" >/dev/null 2>&1 && break
         sleep 0.1
@@ -73,20 +85,37 @@ cpu() {  # utime + stime of $1, clock ticks
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
 nats_pids() {  # the NATS server(s) this run started
-    if [ "$mode" = r3 ]; then cat "$dir"/cluster/n*.pid; else echo "${pids[0]}"; fi
+    case $mode in r3) cat "$dir"/cluster/n*.pid ;; floor) ;; *) echo "${pids[0]}" ;; esac
 }
 nats_cpu() { local t=0; for p in $(nats_pids); do t=$((t + $(cpu "$p"))); done; echo $t; }
-a0=$(cpu "${gw_pids[0]}") b0=$(cpu "${gw_pids[1]}") n0=$(nats_cpu)
+threads() {  # per thread of gateway $1: name, CPU ticks, context switches
+    for t in /proc/$1/task/*; do
+        printf '%s %s %s\n' "$(tr ' ' _ < "$t/comm")" "$(awk '{print $14 + $15}' "$t/stat")" \
+            "$(awk '/ctxt_switches/ {n += $2} END {print n}' "$t/status")"
+    done
+}
+[ "${THREADS:-0}" = 1 ] && for g in "${gw_pids[@]}"; do threads "$g" > "$dir/threads-$g.0"; done
+b_pid=${gw_pids[1]:-${gw_pids[0]}}  # floor: one gateway, printed once
+a0=$(cpu "${gw_pids[0]}") b0=$(cpu "$b_pid") n0=$(nats_cpu)
 "$LT" pubsub --transport ws --pairs 100 --rate "$rate" --duration "$dur" --drain-secs "${DRAIN:-3}" --quiet \
-    --target 127.0.0.1:18580,127.0.0.1:18680 --json "$dir/pubsub.json" | tee "$dir/pubsub.txt"
-a1=$(cpu "${gw_pids[0]}") b1=$(cpu "${gw_pids[1]}") n1=$(nats_cpu)
+    --target "$targets" --json "$dir/pubsub.json" | tee "$dir/pubsub.txt"
+a1=$(cpu "${gw_pids[0]}") b1=$(cpu "$b_pid") n1=$(nats_cpu)
+if [ "${THREADS:-0}" = 1 ]; then
+    sent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("sent", 1))' "$dir/pubsub.json")
+    for g in "${gw_pids[@]}"; do
+        threads "$g" > "$dir/threads-$g.1"
+        echo "gateway pid $g, per thread: CPU µs and context switches per message sent"
+        paste "$dir/threads-$g.0" "$dir/threads-$g.1" | awk -v s="$sent" -v hz="$(getconf CLK_TCK)" \
+            '{ c = ($5 - $2) / hz * 1e6 / s; x = ($6 - $3) / s; if (c > 0 || x > 0.01) printf "  %-16s %6.1f µs %5.2f switches\n", $1, c, x }'
+    done
+fi
 [ "${SUBS:-0}" = 1 ] && curl -s "http://127.0.0.1:18222/connz?subs=1&limit=100" | python3 -c '
 import json, sys
 for c in json.load(sys.stdin)["connections"]:
     subs = c.get("subscriptions_list") or []
     print(c.get("name"), len(subs), sum(s.startswith("eg.live.") for s in subs), "in", c.get("in_msgs"), "out", c.get("out_msgs"))
 '
-for adm in 19590 19690; do
+for adm in "${admins[@]}"; do
     echo "gateway :$adm $(curl -s "http://127.0.0.1:$adm/metrics" | grep -E '^edgegate_backbone_(received|published|dropped|gaps|healed|replays)' | tr '\n' ' ')"
 done
 python3 - "$dir/pubsub.json" "$((a1 - a0))" "$((b1 - b0))" "$(getconf CLK_TCK)" "$mode" "$rate" "$((n1 - n0))" <<'EOF'
@@ -95,6 +124,11 @@ r = json.load(open(sys.argv[1]))
 ta, tb, hz, tn = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[7])
 sent = r.get("sent", 0)
 us = lambda t: t / hz * 1e6 / max(sent, 1)
+if sys.argv[5] == "floor":
+    print(f"floor at {sys.argv[6]} msg/s: sent {sent}, one gateway on the embedded backbone, "
+          f"both ends of every message: {us(ta):.1f} µs per message; the share of one node "
+          f"of two (half of each end): {us(ta) / 2:.1f} µs")
+    sys.exit(0)
 print(f"{sys.argv[5]} at {sys.argv[6]} msg/s: sent {sent}, gateway CPU per message "
       f"a {us(ta):.1f} µs, b {us(tb):.1f} µs (both nodes handle every message: "
       f"each publishes half and delivers half); NATS server(s) {us(tn):.1f} µs")
