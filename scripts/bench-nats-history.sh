@@ -13,7 +13,9 @@
 #   r1   the same server, history = "jetstream", replicas 1
 #   r3   a three-node JetStream cluster (scripts/nats-cluster.sh), replicas 3
 # Env: LT (loadtest binary), GWBIN (edgegate binary), KEEP=1 keeps the work dir,
-# ORDERED=false pipelines publishes ([backbone.nats] ordered_publishes).
+# ORDERED=false pipelines publishes ([backbone.nats] ordered_publishes),
+# STORAGE=memory keeps the stream in memory, THREADS=1 prints each gateway
+# thread's CPU and context switches per message.
 # Everything it starts it stops, by PID; ports 14222.. and 18580.. on loopback.
 set -euo pipefail
 mode=${1:?usage: bench-nats-history.sh off|r1|r3|floor RATE [DURATION_S]}
@@ -62,6 +64,8 @@ for n in "${nodes[@]}"; do
     [ "$history" = off ] || hist_env=(EDGEGATE_BACKBONE__NATS__HISTORY=$history EDGEGATE_BACKBONE__NATS__REPLICAS=$replicas)
     # ORDERED=false: pipelined publishes ([backbone.nats] ordered_publishes)
     [ -n "${ORDERED:-}" ] && hist_env+=(EDGEGATE_BACKBONE__NATS__ORDERED_PUBLISHES=$ORDERED)
+    # STORAGE=memory: the stream in memory ([backbone.nats] storage)
+    [ -n "${STORAGE:-}" ] && [ "$history" != off ] && hist_env+=(EDGEGATE_BACKBONE__NATS__STORAGE=$STORAGE)
     backbone=(EDGEGATE_BACKBONE__KIND=nats EDGEGATE_BACKBONE__NATS__URLS=$urls)
     [ "$mode" = floor ] && backbone=(EDGEGATE_BACKBONE__KIND=embedded) hist_env=()
     env "${hist_env[@]}" "${backbone[@]}" \
