@@ -51,7 +51,7 @@ floor) urls= ;;
 esac
 
 history=jetstream replicas=1
-[ "$mode" = off ] && history=off
+[ "$mode" = off ] || [ "$mode" = floor ] && history=off
 [ "$mode" = r3 ] && replicas=3
 gw_pids=()
 nodes=(a:18580:17500:19590 b:18680:17600:19690)
@@ -67,7 +67,7 @@ for n in "${nodes[@]}"; do
     # STORAGE=memory: the stream in memory ([backbone.nats] storage)
     [ -n "${STORAGE:-}" ] && [ "$history" != off ] && hist_env+=(EDGEGATE_BACKBONE__NATS__STORAGE=$STORAGE)
     backbone=(EDGEGATE_BACKBONE__KIND=nats EDGEGATE_BACKBONE__NATS__URLS=$urls)
-    [ "$mode" = floor ] && backbone=(EDGEGATE_BACKBONE__KIND=embedded) hist_env=()
+    [ "$mode" = floor ] && backbone=(EDGEGATE_BACKBONE__KIND=embedded)
     env "${hist_env[@]}" "${backbone[@]}" \
     EDGEGATE_BACKBONE__NODE_ID=$id EDGEGATE_WS__LISTEN=127.0.0.1:$ws \
     EDGEGATE_TCP__LISTEN=127.0.0.1:$tcp EDGEGATE_ADMIN__LISTEN=127.0.0.1:$adm \
@@ -85,16 +85,17 @@ for adm in "${admins[@]}"; do
     curl -sf "http://127.0.0.1:$adm/readyz" >/dev/null || { echo "gateway on admin $adm not ready" >&2; tail "$dir"/gw-*.log >&2; exit 1; }
 done
 
-cpu() {  # utime + stime of $1, clock ticks
-    awk '{print $14 + $15}' "/proc/$1/stat"
+ticks() {  # utime + stime of the process or thread at /proc path $1, clock ticks
+    awk '{print $14 + $15}' "$1/stat"
 }
+cpu() { ticks "/proc/$1"; }
 nats_pids() {  # the NATS server(s) this run started
     case $mode in r3) cat "$dir"/cluster/n*.pid ;; floor) ;; *) echo "${pids[0]}" ;; esac
 }
 nats_cpu() { local t=0; for p in $(nats_pids); do t=$((t + $(cpu "$p"))); done; echo $t; }
 threads() {  # per thread of gateway $1: name, CPU ticks, context switches
     for t in /proc/$1/task/*; do
-        printf '%s %s %s\n' "$(tr ' ' _ < "$t/comm")" "$(awk '{print $14 + $15}' "$t/stat")" \
+        printf '%s %s %s\n' "$(tr ' ' _ < "$t/comm")" "$(ticks "$t")" \
             "$(awk '/ctxt_switches/ {n += $2} END {print n}' "$t/status")"
     done
 }
