@@ -103,6 +103,24 @@ pub struct ShardMetrics {
     /// Recoveries (`sub`/`hello` with `since`) by outcome, indexed like
     /// [`RECOVERY_OUTCOMES`].
     pub recoveries: [AtomicU64; 5],
+    /// Ephemeral messages dropped for subscribers that were behind.
+    pub ephemeral_dropped: AtomicU64,
+    /// `members` envelopes queued to connections.
+    pub members_sent: AtomicU64,
+    /// `members` envelopes dropped for connections that were behind.
+    pub members_dropped: AtomicU64,
+    /// `members` batches sent with only the count (more present users
+    /// than `presence.diff_limit`).
+    pub members_suppressed: AtomicU64,
+    /// (room, user) pairs present in the rooms whose presence this shard
+    /// keeps (gauge; with NATS, the node's own users, on shard 0).
+    pub presence_entries: AtomicU64,
+    /// Rooms whose presence this shard keeps (gauge).
+    pub presence_rooms: AtomicU64,
+    /// `presence` queries asked.
+    pub presence_queries: AtomicU64,
+    /// `history` pages asked.
+    pub history_pages: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -158,6 +176,19 @@ pub struct BackboneStats {
     /// JetStream publishes sent again (same `Nats-Msg-Id`) after a try
     /// that was not acknowledged.
     pub publish_retries: AtomicU64,
+    /// Nodes alive as this node hears their presence heartbeats (itself
+    /// included).
+    pub presence_nodes: AtomicU64,
+    /// This node's own present (room, user) pairs.
+    pub presence_entries: AtomicU64,
+    /// Rooms whose cluster-wide presence this node keeps a view of.
+    pub presence_views: AtomicU64,
+    /// Presence syncs asked (views opened, gaps, reconnects).
+    pub presence_syncs: AtomicU64,
+    /// Presence deltas that skipped one (each followed by a sync).
+    pub presence_gaps: AtomicU64,
+    /// `members` batches with the count only (over `diff_limit`).
+    pub members_suppressed: AtomicU64,
 }
 
 /// Node-wide state the admin endpoint reports beside the shard counters.
@@ -381,6 +412,54 @@ pub fn render(node: &NodeInfo<'_>) -> String {
             })
         }),
     );
+    family(
+        "edgegate_ephemeral_dropped_total",
+        "counter",
+        "Ephemeral messages dropped for subscribers that were behind (their queue over half its bound).",
+        &mut per_shard(|m| &m.ephemeral_dropped),
+    );
+    family(
+        "edgegate_members_sent_total",
+        "counter",
+        "Presence members envelopes queued to connections.",
+        &mut per_shard(|m| &m.members_sent),
+    );
+    family(
+        "edgegate_members_dropped_total",
+        "counter",
+        "Presence members envelopes dropped for connections that were behind.",
+        &mut per_shard(|m| &m.members_dropped),
+    );
+    family(
+        "edgegate_members_suppressed_total",
+        "counter",
+        "Presence batches sent with the count only (more present users than presence.diff_limit).",
+        &mut per_shard(|m| &m.members_suppressed),
+    );
+    family(
+        "edgegate_presence_entries",
+        "gauge",
+        "Present (room, user) pairs whose presence this shard keeps.",
+        &mut per_shard(|m| &m.presence_entries),
+    );
+    family(
+        "edgegate_presence_rooms",
+        "gauge",
+        "Rooms whose presence this shard keeps.",
+        &mut per_shard(|m| &m.presence_rooms),
+    );
+    family(
+        "edgegate_presence_queries_total",
+        "counter",
+        "Presence queries asked by clients.",
+        &mut per_shard(|m| &m.presence_queries),
+    );
+    family(
+        "edgegate_history_pages_total",
+        "counter",
+        "History pages asked by clients.",
+        &mut per_shard(|m| &m.history_pages),
+    );
     let _ = writeln!(
         s,
         "# HELP edgegate_max_connections Node connection limit.\n# TYPE edgegate_max_connections gauge\nedgegate_max_connections {}",
@@ -463,6 +542,42 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                 "counter",
                 "Replays for a client's since read from the JetStream stream.",
                 &n.replays,
+            ),
+            (
+                "edgegate_presence_nodes",
+                "gauge",
+                "Nodes alive as this node hears their presence heartbeats, itself included.",
+                &n.presence_nodes,
+            ),
+            (
+                "edgegate_presence_node_entries",
+                "gauge",
+                "This node's own present (room, user) pairs.",
+                &n.presence_entries,
+            ),
+            (
+                "edgegate_presence_views",
+                "gauge",
+                "Rooms whose cluster-wide presence this node keeps a view of (it has watchers there).",
+                &n.presence_views,
+            ),
+            (
+                "edgegate_presence_syncs_total",
+                "counter",
+                "Presence syncs asked of the cluster (views opened, gaps found, reconnects).",
+                &n.presence_syncs,
+            ),
+            (
+                "edgegate_presence_gaps_total",
+                "counter",
+                "Presence deltas of another node that skipped one (each followed by a sync).",
+                &n.presence_gaps,
+            ),
+            (
+                "edgegate_presence_members_suppressed_total",
+                "counter",
+                "Cluster presence batches sent with the count only (more present than presence.diff_limit).",
+                &n.members_suppressed,
             ),
         ] {
             let _ = writeln!(

@@ -237,6 +237,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             &node_name,
             n,
             cfg.history.recovery_limit,
+            &cfg.presence,
         )
         .map_err(StartError)?;
         (links.into_iter().map(Some).collect::<Vec<_>>(), Some(state))
@@ -399,7 +400,8 @@ async fn shard_main(
     // History lives on the owner shards of the embedded backbone.
     let history = (nats.is_none() && cfg.history.enabled)
         .then(|| HistoryStore::new(cfg.history.clone(), &cfg.epoch_prefix));
-    let embedded = Embedded::join(mesh, n, id, node.metrics[id].clone(), history)
+    let presence = (nats.is_none() && cfg.presence).then(|| cfg.presence_cfg.clone());
+    let embedded = Embedded::join(mesh, n, id, node.metrics[id].clone(), history, presence)
         .await
         .map_err(StartError)?;
     let backbone: Rc<dyn Backbone> = match nats {
@@ -408,11 +410,19 @@ async fn shard_main(
     };
     let shard = Rc::new(Shard::new(id, cfg, node.clone(), backbone.clone()));
     let weak = Rc::downgrade(&shard);
-    backbone.start(Box::new(move |ev| {
-        if let Some(shard) = weak.upgrade() {
-            shard.on_event(ev);
-        }
-    }));
+    let probe = Rc::downgrade(&shard);
+    backbone.start(
+        Box::new(move |ev| {
+            if let Some(shard) = weak.upgrade() {
+                shard.on_event(ev);
+            }
+        }),
+        Box::new(move |ch| {
+            probe
+                .upgrade()
+                .is_some_and(|s| s.router.borrow().subscribers(ch) > 0)
+        }),
+    );
     let admission = Rc::new(Admission::new(&shard.cfg));
     let mut accepts = Vec::new();
     for (key, addr, transport) in listens {
