@@ -6,7 +6,8 @@
 #   2. a venv at .venv with the pinned deps of tests/python/requirements.txt
 #   3. cargo fmt --check, cargo clippy --all-targets -D warnings, python3
 #      scripts/modcycles.py (no import cycle in src/), cargo build --workspace,
-#      cargo test --workspace, the vendored quinn-proto's and quinn's own tests
+#      cargo test --workspace (docs/config.md must be what `edgegate
+#      config-reference` prints), the vendored quinn-proto's and quinn's own tests
 #   4. pytest tests/python (the real binary over real sockets)
 #   5. the TypeScript SDK (client-js/): npm ci, tsc, its size budget, and
 #      node --test against the real binary, in Node and in headless Chromium

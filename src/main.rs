@@ -1,4 +1,5 @@
-//! The `edgegate` command: `edgegate run` and `edgegate check-config`.
+//! The `edgegate` command: `edgegate run`, `edgegate check-config` and
+//! `edgegate config-reference`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +36,9 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print the configuration reference (Markdown, docs/config.md): every
+    /// key with its type, default, allowed values and environment variable.
+    ConfigReference,
 }
 
 /// `mi_option_arena_eager_commit` in mimalloc.h.
@@ -60,6 +64,18 @@ fn main() -> ExitCode {
     let (path, run) = match &cli.cmd {
         Cmd::Run { config } => (config.as_deref(), true),
         Cmd::CheckConfig { config } => (config.as_deref(), false),
+        Cmd::ConfigReference => {
+            return match edgegate::config_ref::render() {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgegate: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
     };
     let cfg = match Config::from_env_and_file(path) {
         Ok(c) => c,
