@@ -9,7 +9,7 @@ use edgegate::config::Config;
 
 /// mimalloc, unless built with `--features system-alloc` (glibc malloc, so
 /// that heaptrack sees every allocation: `scripts/heap-idle.sh`,
-/// docs/benchmarks.md, "What an idle connection holds").
+/// docs/bench-notes.md, "What an idle connection holds").
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -46,7 +46,7 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
 /// Runs before `main` (and before the runtime's first allocations reserve
 /// mimalloc's first arena): mimalloc would otherwise commit its arenas
-/// eagerly, about 20 MB of RSS an idle node does not need (docs/benchmarks.md, "Gateway core").
+/// eagerly, about 20 MB of RSS an idle node does not need (docs/bench-notes.md, "Gateway core").
 /// `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still wins.
 extern "C" fn lazy_arena_commit() {
     if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {

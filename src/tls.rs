@@ -18,7 +18,7 @@
 //! `AsyncRead + AsyncWrite`, so the WebSocket and TCP wires run over it
 //! unchanged, and an idle connection holds no TLS buffer (rustls' buffered
 //! `ServerConnection` keeps a 4 KiB read buffer per connection for good;
-//! see `docs/benchmarks.md`, "TLS (issue 4)").
+//! see `docs/bench-notes.md`, "TLS (issue 4)").
 //!
 //! Only TLS 1.2 and 1.3, with rustls' ring provider.
 

@@ -32,7 +32,7 @@ const CHANNEL_OVERHEAD: usize = 160;
 /// Bytes a stored message costs beyond its payload and names: the shared
 /// envelope (`Arc` header and struct), its slot in the ring, and the
 /// allocator's rounding of its three heap blocks. Measured against the
-/// gateway's RSS (docs/benchmarks.md), so that `history.shard_bytes`
+/// gateway's RSS (docs/bench-notes.md), so that `history.shard_bytes`
 /// bounds real memory, not a fraction of it.
 const MESSAGE_OVERHEAD: usize = std::mem::size_of::<Envelope>() + 16 + 16 + 3 * 16;
 /// Bytes a dedupe entry costs beyond its key: the `Rc<str>` header, the map
