@@ -8,7 +8,8 @@
 #      scripts/modcycles.py (no import cycle in src/), cargo build --workspace,
 #      cargo test --workspace (docs/config.md must be what `edgegate
 #      config-reference` prints), the vendored quinn-proto's and quinn's own tests
-#   4. pytest tests/python (the real binary over real sockets)
+#   4. pytest tests/python (the real binary over real sockets; deploy/ against
+#      a real Prometheus)
 #   5. the TypeScript SDK (client-js/): npm ci, tsc, its size budget, and
 #      node --test against the real binary, in Node and in headless Chromium
 #   6. Autobahn|Testsuite against the WebSocket echo endpoint (scripts/autobahn.sh)
@@ -51,6 +52,7 @@ need_apt curl curl                    # scripts/nats-cluster.sh (health checks)
 need_apt node nodejs                  # client-js/ (the TypeScript SDK), Node >= 20
 need_apt npm npm
 need_apt chromium chromium            # client-js/test/browser.test.mjs (puppeteer-core drives it; nothing downloads a browser)
+need_apt promtool prometheus          # tests/python/test_deploy.py (promtool check rules; a real Prometheus scrapes a gateway)
 # <<< system packages <<<
 
 # ---------------------------------------------------------------- 2. Python venv
@@ -96,6 +98,8 @@ step "pytest tests/python"
 export EDGEGATE_BIN=${EDGEGATE_BIN:-$ROOT/target/debug/edgegate}
 # The NATS tests skip only where the backbone is missing; here it must be there.
 export EG_REQUIRE_NATS=${EG_REQUIRE_NATS:-1}
+# And Prometheus (deploy/: the alert rules and the dashboard's expressions).
+export EG_REQUIRE_PROMETHEUS=${EG_REQUIRE_PROMETHEUS:-1}
 failed=()
 # shellcheck disable=SC2086
 .venv/bin/python -m pytest tests/python -q ${EG_PYTEST_ARGS:-} || failed+=("pytest")

@@ -186,6 +186,22 @@ impl CertStore {
         Ok(())
     }
 
+    /// Publishes the current certificate's expiry for `/metrics`
+    /// (`edgegate_tls_cert_expiry_timestamp_seconds`).
+    pub fn export_expiry(&self, stats: &crate::metrics::CredentialStats) {
+        let leaf = self.current.load();
+        // `load_certified_key` refused any chain whose leaf has no
+        // validity, so this is always Some; 0 would hide the gauge.
+        let not_after = leaf
+            .cert
+            .first()
+            .and_then(|c| validity(c))
+            .map_or(0, |(_, na)| na);
+        stats
+            .tls_not_after
+            .store(not_after, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The files this store reads.
     pub fn paths(&self) -> &CertPaths {
         &self.paths

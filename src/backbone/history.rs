@@ -163,6 +163,8 @@ pub struct HistoryStore {
     fifo: VecDeque<Item>,
     bytes: usize,
     generation: u64,
+    /// Messages evicted for the byte budget (not for count or age).
+    evicted: u64,
 }
 
 /// A message's size for the byte budget.
@@ -183,6 +185,7 @@ impl HistoryStore {
             fifo: VecDeque::new(),
             bytes: 0,
             generation: 0,
+            evicted: 0,
         }
     }
 
@@ -194,6 +197,12 @@ impl HistoryStore {
     /// Channel records held.
     pub fn channels(&self) -> usize {
         self.channels.len()
+    }
+
+    /// Messages evicted so far for the byte budget, before their count or
+    /// age limit: the history holds less than its configuration promises.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 
     fn channel(&mut self, ch: &str) -> &mut Channel {
@@ -330,6 +339,7 @@ impl HistoryStore {
                         while c.ring.front().is_some_and(|e| e.seq <= seq) {
                             if let Some(e) = c.ring.pop_front() {
                                 self.bytes -= e.bytes;
+                                self.evicted += 1;
                             }
                         }
                     }
@@ -528,6 +538,7 @@ mod tests {
             12_000,
         );
         assert_eq!(seqs(&r), vec![2]);
+        assert_eq!(h.evicted(), 0, "age and count limits are not evictions");
     }
 
     #[test]
@@ -596,6 +607,8 @@ mod tests {
             2,
         );
         assert_eq!(seqs(&r), vec![198, 199, 200]);
+        // At most 64 of the 201 messages of 1 KB fit: the rest was evicted.
+        assert!((137..=201).contains(&h.evicted()), "{}", h.evicted());
     }
 
     #[test]
