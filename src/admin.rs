@@ -281,6 +281,7 @@ async fn route(node: &Node, req: &Request) -> (&'static str, &'static str, Strin
                 draining: node.shutdown.load(Relaxed),
                 backbone_up: node.backbone_up(),
                 backbone: node.backbone.as_deref(),
+                credentials: &node.credentials,
             }),
         ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),

@@ -51,6 +51,7 @@ pub(crate) mod auth;
 pub mod backbone;
 pub mod compress;
 pub mod config;
+pub mod config_ref;
 pub mod conn;
 pub(crate) mod listener;
 pub mod metrics;

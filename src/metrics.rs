@@ -98,6 +98,9 @@ pub struct ShardMetrics {
     pub history_bytes: AtomicU64,
     /// Channel records in this shard's history (gauge).
     pub history_channels: AtomicU64,
+    /// Messages this shard's history evicted for its byte budget
+    /// (`history.shard_bytes`) before their count or age limit.
+    pub history_evicted: AtomicU64,
     /// Publishes answered as duplicates (stored before, not delivered again).
     pub history_duplicates: AtomicU64,
     /// Recoveries (`sub`/`hello` with `since`) by outcome, indexed like
@@ -191,6 +194,16 @@ pub struct BackboneStats {
     pub members_suppressed: AtomicU64,
 }
 
+/// Node-wide facts about the keys and certificates the node uses, written
+/// where they are loaded (start, SIGHUP, refreshes), read by the admin
+/// thread.
+#[derive(Default)]
+pub struct CredentialStats {
+    /// Unix time (seconds) at which the serving certificate (the leaf of
+    /// `tls.cert_chain`) expires; 0 while no certificate is configured.
+    pub tls_not_after: AtomicU64,
+}
+
 /// Node-wide state the admin endpoint reports beside the shard counters.
 pub struct NodeInfo<'a> {
     /// Shard counters, index = shard id.
@@ -203,6 +216,8 @@ pub struct NodeInfo<'a> {
     pub backbone_up: bool,
     /// Counters of a remote backbone (NATS), when that is the backbone.
     pub backbone: Option<&'a BackboneStats>,
+    /// Certificates and keys.
+    pub credentials: &'a CredentialStats,
 }
 
 /// Renders Prometheus text exposition format.
@@ -394,6 +409,12 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         &mut per_shard(|m| &m.history_channels),
     );
     family(
+        "edgegate_history_evicted_total",
+        "counter",
+        "Messages evicted from history by the shard's byte budget (history.shard_bytes) before their count or age limit: history covers less than configured.",
+        &mut per_shard(|m| &m.history_evicted),
+    );
+    family(
         "edgegate_history_duplicates_total",
         "counter",
         "Publishes stored before (same user, instance and id): answered with the original seq, not delivered again.",
@@ -475,6 +496,13 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "# HELP edgegate_backbone_up 1 while the backbone is connected.\n# TYPE edgegate_backbone_up gauge\nedgegate_backbone_up {}",
         u8::from(node.backbone_up)
     );
+    let not_after = node.credentials.tls_not_after.load(Relaxed);
+    if not_after > 0 {
+        let _ = writeln!(
+            s,
+            "# HELP edgegate_tls_cert_expiry_timestamp_seconds Unix time at which the serving certificate (the leaf of tls.cert_chain) expires; follows SIGHUP reloads.\n# TYPE edgegate_tls_cert_expiry_timestamp_seconds gauge\nedgegate_tls_cert_expiry_timestamp_seconds {not_after}"
+        );
+    }
     if let Some(n) = node.backbone {
         for (name, kind, help, v) in [
             (

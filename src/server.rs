@@ -182,17 +182,20 @@ fn shard_cpus(cfg: &Config) -> Result<Vec<usize>, StartError> {
 /// SIGHUP: re-reads what can change without a restart (the TLS
 /// certificate and key, for now). A file that fails its checks is refused
 /// with a log line naming it; the certificate in use stays.
-fn reload(tls: Option<&crate::tls::CertStore>) {
+fn reload(tls: Option<&crate::tls::CertStore>, node: &Node) {
     let Some(store) = tls else {
         info!("SIGHUP: nothing to reload (no [tls] certificate configured)");
         return;
     };
     match store.reload() {
-        Ok(()) => info!(
-            cert_chain = %store.paths().cert_chain.display(),
-            key = %store.paths().key.display(),
-            "SIGHUP: TLS certificate reloaded; new handshakes use it"
-        ),
+        Ok(()) => {
+            store.export_expiry(&node.credentials);
+            info!(
+                cert_chain = %store.paths().cert_chain.display(),
+                key = %store.paths().key.display(),
+                "SIGHUP: TLS certificate reloaded; new handshakes use it"
+            )
+        }
         Err(e) => {
             error!(error = %e, "SIGHUP: TLS certificate reload refused; still serving the previous certificate")
         }
@@ -256,6 +259,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         shards_stopped: AtomicUsize::new(0),
         metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
         admin_token: cfg.admin.token.clone(),
+        credentials: Default::default(),
         // Bounded and small: the admin thread asks one shard at a time.
         admin_queues: (0..n).map(|_| crossbeam_channel::bounded(4)).collect(),
     });
@@ -273,6 +277,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         None => None,
     };
     if let Some(store) = &tls_store {
+        store.export_expiry(&node.credentials);
         use crate::tls::{ALPN_HTTP11, TlsAcceptorHandle};
         if cfg.ws.tls {
             scfg.tls_ws =
@@ -312,7 +317,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             .spawn(move || {
                 for sig in signals.forever() {
                     if sig == SIGHUP {
-                        reload(tls_store.as_deref());
+                        reload(tls_store.as_deref(), &node);
                         continue;
                     }
                     info!(signal = sig, "shutting down");

@@ -371,6 +371,7 @@ impl Embedded {
         self.metrics
             .history_channels
             .store(h.channels() as u64, Relaxed);
+        self.metrics.history_evicted.store(h.evicted(), Relaxed);
     }
 
     /// Handles one message from another shard; events for this shard go

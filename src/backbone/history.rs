@@ -44,7 +44,7 @@ const CHANNEL_OVERHEAD: usize = 160;
 /// Bytes a stored message costs beyond its payload and names: the shared
 /// envelope (`Arc` header and struct), its slot in the ring, and the
 /// allocator's rounding of its three heap blocks. Measured against the
-/// gateway's RSS (docs/benchmarks.md), so that `history.shard_bytes`
+/// gateway's RSS (docs/bench-notes.md), so that `history.shard_bytes`
 /// bounds real memory, not a fraction of it.
 const MESSAGE_OVERHEAD: usize = std::mem::size_of::<Envelope>() + 16 + 16 + 3 * 16;
 /// Bytes a dedupe entry costs beyond its key: the `Rc<str>` header, the map
@@ -179,11 +179,13 @@ pub struct HistoryStore {
     fifo: VecDeque<Item>,
     bytes: usize,
     generation: u64,
+    /// Messages evicted for the byte budget (not for count or age).
+    evicted: u64,
     /// The epoch of channels with no record, and of the first record of a
     /// channel not evicted since it moved on.
     base: Arc<str>,
     /// Names of evicted records since `base` moved on.
-    evicted: Evicted,
+    gone: Evicted,
     /// Times `base` moved on.
     rounds: u64,
 }
@@ -279,8 +281,9 @@ impl HistoryStore {
             fifo: VecDeque::new(),
             bytes: 0,
             generation: 0,
+            evicted: 0,
             base: Arc::from(format!("{prefix}-b0")),
-            evicted: Evicted::default(),
+            gone: Evicted::default(),
             rounds: 0,
         }
     }
@@ -288,18 +291,18 @@ impl HistoryStore {
     /// The epoch a channel with no record is at: the base, unless its
     /// record was evicted (then `None`: it needs a record of its own).
     fn absent_epoch(&self, ch: &str) -> Option<Arc<str>> {
-        (!self.evicted.contains(ch)).then(|| self.base.clone())
+        (!self.gone.contains(ch)).then(|| self.base.clone())
     }
 
     /// Remembers that `ch`'s record was evicted.
     fn evict_name(&mut self, ch: &str) {
-        if !self.evicted.insert(ch) {
+        if !self.gone.insert(ch) {
             // Full: every name evicted so far gets a new epoch anyway once
             // the base moves on, so the filter can start empty.
             self.rounds += 1;
             self.base = Arc::from(format!("{}-b{}", self.prefix, self.rounds));
-            self.evicted = Evicted::default();
-            self.evicted.insert(ch);
+            self.gone = Evicted::default();
+            self.gone.insert(ch);
         }
     }
 
@@ -311,6 +314,12 @@ impl HistoryStore {
     /// Channel records held.
     pub fn channels(&self) -> usize {
         self.channels.len()
+    }
+
+    /// Messages evicted so far for the byte budget, before their count or
+    /// age limit: the history holds less than its configuration promises.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 
     fn channel(&mut self, ch: &str) -> &mut Channel {
@@ -450,6 +459,7 @@ impl HistoryStore {
                         while c.ring.front().is_some_and(|e| e.seq <= seq) {
                             if let Some(e) = c.ring.pop_front() {
                                 self.bytes -= e.bytes;
+                                self.evicted += 1;
                             }
                         }
                     }
@@ -698,6 +708,7 @@ mod tests {
             12_000,
         );
         assert_eq!(seqs(&r), vec![2]);
+        assert_eq!(h.evicted(), 0, "age and count limits are not evictions");
     }
 
     #[test]
@@ -766,6 +777,8 @@ mod tests {
             2,
         );
         assert_eq!(seqs(&r), vec![198, 199, 200]);
+        // At most 64 of the 201 messages of 1 KB fit: the rest was evicted.
+        assert!((137..=201).contains(&h.evicted()), "{}", h.evicted());
     }
 
     #[test]
@@ -848,8 +861,8 @@ mod tests {
         assert_eq!(h.recover("room:x", None, 0).pos.epoch, base);
         h.evict_name("room:one-more");
         assert_ne!(h.recover("room:x", None, 0).pos.epoch, base);
-        assert!(!h.evicted.contains("room:0"));
-        assert!(h.evicted.contains("room:one-more"));
+        assert!(!h.gone.contains("room:0"));
+        assert!(h.gone.contains("room:one-more"));
     }
 
     #[test]
