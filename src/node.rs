@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use serde::Serialize;
 
-use crate::metrics::{BackboneStats, ShardMetrics};
+use crate::metrics::{BackboneStats, ServicesStats, ShardMetrics};
 
 /// Facts shared by all shards of the node (atomics, touched per accept or
 /// per tick only).
@@ -38,6 +38,9 @@ pub struct Node {
     pub admin_token: Option<String>,
     /// The remote backbone's counters, when `backbone.kind = "nats"`.
     pub backbone: Option<Arc<BackboneStats>>,
+    /// The server API's, HTTP services' and webhooks' counters, when the
+    /// services thread runs.
+    pub services: Option<Arc<ServicesStats>>,
     /// Requests from the admin thread, one queue per shard (index = shard
     /// id), polled on the shard's tick: the admin thread never touches
     /// shard-owned state.

@@ -68,6 +68,9 @@ pub struct Embedded {
     receivers: RefCell<Option<Receivers<MeshMsg>>>,
     /// The history of the channels this shard owns (`None`: history off).
     history: Option<RefCell<HistoryStore>>,
+    /// Per-user connection changes for the node's counts (server API,
+    /// webhooks), when something wants them.
+    users: Option<crate::events::UserFeed>,
     start: Instant,
 }
 
@@ -80,6 +83,7 @@ impl Embedded {
         me: usize,
         metrics: Arc<ShardMetrics>,
         history: Option<HistoryStore>,
+        users: Option<crate::events::UserFeed>,
     ) -> Result<Rc<Self>, String> {
         let (senders, receivers) = mesh
             .join()
@@ -99,6 +103,7 @@ impl Embedded {
         });
         e.receivers = RefCell::new(Some(receivers));
         e.history = history.map(RefCell::new);
+        e.users = users;
         Ok(Rc::new(e))
     }
 
@@ -126,6 +131,7 @@ impl Embedded {
             metrics,
             receivers: RefCell::new(None),
             history: None,
+            users: None,
             start: Instant::now(),
         }
     }
@@ -289,10 +295,8 @@ impl Backbone for Embedded {
     }
 
     fn request(&self, req: Request<'_>, ack: Ack, now: &mut Vec<Event>) {
-        now.push(Event::Reply(
-            ack,
-            embedded_service(req.service, req.payload),
-        ));
+        let r = embedded_service(req.service, req.payload);
+        now.push(Request::outcome(req.ask, ack, r));
     }
 
     fn interest(&self, _ch: &str, _on: bool, ack: Option<Ack>, now: &mut Vec<Event>) {
@@ -302,7 +306,11 @@ impl Backbone for Embedded {
         }
     }
 
-    fn presence(&self, _user: &str, _delta: i32) {}
+    fn presence(&self, user: &str, delta: i32) {
+        if let Some(tx) = &self.users {
+            let _ = tx.send((user.to_owned(), delta));
+        }
+    }
 
     fn is_up(&self) -> bool {
         true

@@ -126,7 +126,7 @@ fn welcome(out: &[Action]) -> Option<serde_json::Value> {
 
 fn closed(out: &[Action]) -> Option<CloseReq> {
     out.iter().find_map(|a| match a {
-        Action::Close(c) => Some(*c),
+        Action::Close(c) => Some(c.clone()),
         _ => None,
     })
 }
@@ -453,7 +453,10 @@ fn drain_closes_1001_which_carries_retry() {
 #[test]
 fn kick_closes_4005() {
     let mut s = T::welcomed("alice");
-    assert_close(&s.run(Input::Kick), CloseCode::KICKED);
+    assert_close(
+        &s.run(Input::Kick(CloseReq::new(CloseCode::KICKED, "kicked"))),
+        CloseCode::KICKED,
+    );
 }
 
 #[test]
@@ -461,7 +464,10 @@ fn a_closing_session_does_nothing() {
     let mut s = T::welcomed("alice");
     s.st.phase = Phase::Closing;
     assert!(s.client(r#"{"t":"ping","id":1}"#).is_empty());
-    assert!(s.run(Input::Kick).is_empty());
+    assert!(
+        s.run(Input::Kick(CloseReq::new(CloseCode::KICKED, "kicked")))
+            .is_empty()
+    );
 }
 
 // ---------------------------------------------------------------- after welcome
@@ -619,6 +625,7 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
         Some(8),
         Ok(Some(Stored {
             seq: 4,
+            epoch: "e".into(),
             duplicate: false,
         })),
     ));
@@ -628,6 +635,7 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
         Some(8),
         Ok(Some(Stored {
             seq: 4,
+            epoch: "e".into(),
             duplicate: true,
         })),
     ));
@@ -689,6 +697,7 @@ fn ordered_publishes_go_one_at_a_time_and_a_refusal_refuses_those_behind_it() {
     let stored = |seq| {
         Ok(Some(Stored {
             seq,
+            epoch: "e".into(),
             duplicate: false,
         }))
     };
@@ -714,7 +723,7 @@ fn ordered_publishes_go_one_at_a_time_and_a_refusal_refuses_those_behind_it() {
     assert!(s.st.extra.is_none(), "nothing waits: no Extra kept");
     // What an idle client that names its instance keeps (Extra for life):
     // the publish queue costs it one pointer.
-    assert_eq!(std::mem::size_of::<Extra>(), 48);
+    assert_eq!(std::mem::size_of::<Extra>(), 56);
     // ...and every connection nothing: the in-flight flag sits in padding.
     assert_eq!(std::mem::size_of::<SessionState>(), 64);
     // The client sends them again: the first goes at once, the rest wait.
