@@ -103,6 +103,7 @@ fn wheel(c: &mut Criterion) {
 fn shard() -> Shard {
     let node = Arc::new(Node {
         backbone: None,
+        services: None,
         open: AtomicUsize::new(0),
         max_connections: 1_000_000,
         refusing: AtomicUsize::new(0),

@@ -18,14 +18,14 @@
 //! [`AdminReq`] down each shard's queue ([`Node::admin_queues`]) and awaits
 //! the snapshot the shard answers with on its next tick.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use crate::http::{Handler, Limits, Request, Response, constant_time_eq};
 use crate::metrics::{self, NodeInfo};
 use crate::node::{AdminReq, Node};
 
@@ -45,52 +45,38 @@ const MAX_HEAD: usize = 8 * 1024;
 
 /// Serves admin requests on `listener` until the process exits.
 pub fn spawn(listener: std::net::TcpListener, node: Arc<Node>) -> std::io::Result<()> {
-    listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let limits = Arc::new(Limits {
+        max_conns: MAX_ADMIN_CONNS,
+        request: HEAD_DEADLINE,
+        idle: HEAD_DEADLINE,
+        write: WRITE_DEADLINE,
+        max_head: MAX_HEAD,
+        max_body: 0,
+        keep_alive: false,
+    });
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let listener = match crate::http::tokio_listener(listener) {
                     Ok(l) => l,
                     Err(e) => {
                         warn!(error = %e, "admin: cannot serve the listener");
                         return;
                     }
                 };
-                accept_loop(listener, node).await;
+                let handler: Handler = Rc::new(move |req| {
+                    let node = node.clone();
+                    Box::pin(async move { route(&node, &req).await })
+                });
+                crate::http::serve(listener, limits, handler, "admin").await;
             })
         })
         .map(|_| ())
-}
-
-async fn accept_loop(listener: tokio::net::TcpListener, node: Arc<Node>) {
-    let open = Arc::new(AtomicUsize::new(0));
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if open.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_CONNS {
-            open.fetch_sub(1, Ordering::AcqRel);
-            debug!(%peer, "admin: too many connections, closing");
-            continue; // dropping closes it
-        }
-        let node = node.clone();
-        let open = open.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve(stream, &node).await {
-                debug!(%peer, error = %e, "admin request failed");
-            }
-            open.fetch_sub(1, Ordering::AcqRel);
-        });
-    }
 }
 
 /// Starts the node's drain (the same as SIGTERM): listeners close,
@@ -153,82 +139,8 @@ async fn connz(node: &Node, offset: usize, limit: usize) -> Result<String, Strin
     Ok(body.to_string() + "\n")
 }
 
-/// Reads one request head within [`HEAD_DEADLINE`], answers it, closes.
-async fn serve(mut s: tokio::net::TcpStream, node: &Node) -> std::io::Result<()> {
-    let mut buf = vec![0u8; MAX_HEAD];
-    let mut len = 0;
-    let head = tokio::time::timeout(HEAD_DEADLINE, async {
-        loop {
-            let n = s.read(&mut buf[len..]).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            len += n;
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf[..len]) {
-                Ok(httparse::Status::Complete(_)) => return Ok(Some(request_of(&req))),
-                Ok(httparse::Status::Partial) if len < buf.len() => continue,
-                // Too long, too many headers or malformed: one answer for all.
-                _ => return Ok(None),
-            }
-        }
-    })
-    .await;
-    let (status, ctype, body) = match head {
-        Err(_) => return Ok(()), // the deadline passed: nothing to answer
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(None)) => (
-            "400 Bad Request",
-            "text/plain",
-            "malformed or oversized request\n".to_string(),
-        ),
-        Ok(Ok(Some(req))) => route(node, &req).await,
-    };
-    // One write: a client that reads once must see the whole answer.
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    match tokio::time::timeout(WRITE_DEADLINE, async {
-        s.write_all(resp.as_bytes()).await?;
-        s.shutdown().await
-    })
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Ok(()),
-    }
-}
-
-/// What the router needs of a request.
-struct Request {
-    method: String,
-    path: String,
-    query: String,
-    bearer: Option<String>,
-}
-
-fn request_of(req: &httparse::Request<'_, '_>) -> Request {
-    let target = req.path.unwrap_or("");
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let bearer = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .find_map(|v| v.trim().strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
-    Request {
-        method: req.method.unwrap_or("").to_string(),
-        path: path.to_string(),
-        query: query.to_string(),
-        bearer,
-    }
-}
-
-/// The answer to one request: status line, content type, body.
-async fn route(node: &Node, req: &Request) -> (&'static str, &'static str, String) {
+/// The answer to one request.
+async fn route(node: &Node, req: &Request) -> Response {
     let authorized = match &node.admin_token {
         None => true,
         Some(want) => req
@@ -238,64 +150,49 @@ async fn route(node: &Node, req: &Request) -> (&'static str, &'static str, Strin
     };
     let protected = matches!(req.path.as_str(), "/connz" | "/drain");
     match (req.method.as_str(), req.path.as_str()) {
-        _ if protected && !authorized => (
-            "401 Unauthorized",
-            "text/plain",
-            "admin token required\n".to_string(),
-        ),
+        _ if protected && !authorized => Response::text(401, "admin token required\n"),
         ("GET", "/connz") => match paging(&req.query) {
-            Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
+            Err(e) => Response::text(400, format!("{e}\n")),
             Ok((offset, limit)) => match connz(node, offset, limit).await {
-                Ok(body) => ("200 OK", "application/json", body),
-                Err(e) => ("503 Service Unavailable", "text/plain", format!("{e}\n")),
+                Ok(body) => Response {
+                    status: 200,
+                    ctype: "application/json",
+                    body: body.into_bytes(),
+                },
+                Err(e) => Response::text(503, format!("{e}\n")),
             },
         },
         ("POST", "/drain") => {
             start_drain(node, "admin");
-            ("202 Accepted", "text/plain", "draining\n".to_string())
+            Response::text(202, "draining\n")
         }
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/healthz") => Response::text(200, "ok\n"),
         ("GET", "/readyz") => {
             if node.ready() {
-                ("200 OK", "text/plain", "ready\n".to_string())
+                Response::text(200, "ready\n")
             } else if node.shutdown.load(Relaxed) || node.shards_stopped.load(Relaxed) > 0 {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "draining\n".to_string(),
-                )
+                Response::text(503, "draining\n")
             } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "starting\n".to_string(),
-                )
+                Response::text(503, "starting\n")
             }
         }
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            metrics::render(&NodeInfo {
+        ("GET", "/metrics") => Response {
+            status: 200,
+            ctype: "text/plain; version=0.0.4",
+            body: metrics::render(&NodeInfo {
                 shards: &node.metrics,
                 max_connections: node.max_connections,
                 draining: node.shutdown.load(Relaxed),
                 backbone_up: node.backbone_up(),
                 backbone: node.backbone.as_deref(),
                 credentials: &node.credentials,
-            }),
-        ),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".to_string(),
-        ),
+                services: node.services.as_deref(),
+            })
+            .into_bytes(),
+        },
+        ("GET", _) => Response::text(404, "not found\n"),
+        _ => Response::text(405, "method not allowed\n"),
     }
-}
-
-/// Compares secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -308,12 +205,5 @@ mod tests {
         assert_eq!(paging("offset=5&limit=7"), Ok((5, 7)));
         assert_eq!(paging("limit=999999"), Ok((0, CONNZ_MAX_LIMIT)));
         assert!(paging("offset=x").is_err());
-    }
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

@@ -137,6 +137,17 @@ struct RawClaims {
     nbf: Option<f64>,
     #[serde(default)]
     rooms: Vec<String>,
+    /// A channel token's channel (docs/api.md, "Channel tokens").
+    ch: Option<String>,
+}
+
+/// What a verified channel token grants: `sub` may use `ch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelClaims {
+    /// `sub`: the user it is for.
+    pub sub: String,
+    /// `ch`: the channel it is for.
+    pub ch: String,
 }
 
 /// Verifies tokens with the configured key and rules. Shared read-only by
@@ -216,8 +227,9 @@ impl Verifier {
         self.leeway_ms
     }
 
-    /// Verifies `token` at Unix time `now_ms`.
-    pub fn verify(&self, token: &str, now_ms: u64) -> Result<Claims, AuthError> {
+    /// Checks signature, algorithm, audience, issuer and time of `token`
+    /// at Unix time `now_ms`; its claims, `exp` in milliseconds.
+    fn check(&self, token: &str, now_ms: u64) -> Result<(RawClaims, u64), AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
         let data = jsonwebtoken::decode::<RawClaims>(token.trim(), &self.key, &self.validation)
             .map_err(|e| match e.kind() {
@@ -249,6 +261,28 @@ impl Verifier {
         {
             return Err(AuthError::NotYetValid);
         }
+        Ok((c, exp.min(u64::MAX as f64) as u64))
+    }
+
+    /// Verifies a channel token (`sub.meta.token`) at `now_ms`: the same
+    /// key, algorithm and rules as a connection's token, with a `ch`
+    /// claim.
+    pub fn verify_channel(&self, token: &str, now_ms: u64) -> Result<ChannelClaims, AuthError> {
+        let (c, _) = self.check(token, now_ms)?;
+        match (c.sub, c.ch) {
+            (Some(sub), Some(ch)) => Ok(ChannelClaims { sub, ch }),
+            (None, _) => Err(AuthError::Subject),
+            (_, None) => Err(AuthError::Malformed),
+        }
+    }
+
+    /// Verifies `token` at Unix time `now_ms`.
+    pub fn verify(&self, token: &str, now_ms: u64) -> Result<Claims, AuthError> {
+        let (c, exp_ms) = self.check(token, now_ms)?;
+        // A channel token grants one channel, not a connection.
+        if c.ch.is_some() {
+            return Err(AuthError::Malformed);
+        }
         let sub = match c.sub {
             Some(s) if channel::valid_id(&s) => s.into_boxed_str(),
             _ => return Err(AuthError::Subject),
@@ -265,7 +299,7 @@ impl Verifier {
             .collect();
         Ok(Claims {
             sub,
-            exp_unix_ms: exp.min(u64::MAX as f64) as u64,
+            exp_unix_ms: exp_ms,
             rooms,
         })
     }
@@ -394,6 +428,23 @@ mod tests {
         );
         assert_eq!(v.verify(&none, NOW), Err(AuthError::Algorithm));
         assert_eq!(v.verify("not a token", NOW), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn channel_tokens() {
+        let v = verifier(None);
+        let t = token(serde_json::json!({"sub": "alice", "ch": "room:x", "exp": NOW / 1000 + 60}));
+        let c = v
+            .verify_channel(&t, NOW)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!((c.sub.as_str(), c.ch.as_str()), ("alice", "room:x"));
+        // Not a connection token.
+        assert_eq!(v.verify(&t, NOW), Err(AuthError::Malformed));
+        let old =
+            token(serde_json::json!({"sub": "alice", "ch": "room:x", "exp": NOW / 1000 - 60}));
+        assert_eq!(v.verify_channel(&old, NOW), Err(AuthError::Expired));
+        let conn = token(serde_json::json!({"sub": "alice", "exp": NOW / 1000 + 60}));
+        assert_eq!(v.verify_channel(&conn, NOW), Err(AuthError::Malformed));
     }
 
     #[test]

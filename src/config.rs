@@ -43,6 +43,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod services;
+pub use services::{Api, Hooks, OnError, Service, Webhooks};
+
 /// The embedded default configuration: `config/edgegate.toml`, a commented
 /// file naming every section and key. [`Config::load`] uses it when no file
 /// is given, and operators copy it as the starting point of their own.
@@ -114,6 +117,14 @@ pub struct Config {
     pub presence: Presence,
     /// `[log]`: log verbosity and format.
     pub log: Log,
+    /// `[api]`: the server API for core services.
+    pub api: Api,
+    /// `[services.<name>]`: core services reached over HTTP, by name.
+    pub services: BTreeMap<String, Service>,
+    /// `[hooks]`: services asked before a connect, subscribe or publish.
+    pub hooks: Hooks,
+    /// `[webhooks]`: lifecycle events POSTed to a URL.
+    pub webhooks: Webhooks,
 }
 
 /// `[shards]`: one glommio executor per shard, each pinned to one CPU.
@@ -1271,7 +1282,7 @@ impl Config {
                 format!("{:?} is neither \"text\" nor \"json\"", self.log.format),
             );
         }
-        Ok(())
+        services::check(self, &fail)
     }
 }
 
@@ -1489,9 +1500,18 @@ impl Schema {
         check_keys(table, &self.root, "", origin)
     }
 
+    /// The keys of one operator-named table of `section` (`services.x`).
+    fn named(section: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+        match services::named_template(section) {
+            Some(serde_json::Value::Object(m)) => Some(m),
+            _ => None,
+        }
+    }
+
     /// Finds the key named by `segments`; errors name the first segment that
     /// does not exist.
     fn leaf(&self, segments: &[String], origin: &Origin) -> Result<ValueKind, ConfigError> {
+        let mut named;
         let mut level = &self.root;
         let mut path = String::new();
         for (i, segment) in segments.iter().enumerate() {
@@ -1500,6 +1520,23 @@ impl Schema {
             }
             path.push_str(segment);
             let last = i + 1 == segments.len();
+            if i == 1
+                && let Some(t) = Schema::named(&segments[0])
+            {
+                // `services.<name>`: any name, then the template's keys.
+                if last {
+                    return Err(ConfigError {
+                        origin: origin.clone(),
+                        key: Some(path),
+                        kind: Kind::Invalid(
+                            "is a section; override its keys one by one".to_owned(),
+                        ),
+                    });
+                }
+                named = t;
+                level = &named;
+                continue;
+            }
             match level.get(segment.as_str()) {
                 None => return Err(unknown_key(origin, path, level)),
                 Some(serde_json::Value::Object(inner)) if !last => level = inner,
@@ -1544,6 +1581,15 @@ fn check_keys(
         } else {
             format!("{prefix}.{key}")
         };
+        if let (Some(template), toml::Value::Table(named)) = (Schema::named(&path), value) {
+            // Operator-named tables: each checked against the template.
+            for (name, inner) in named {
+                if let toml::Value::Table(inner) = inner {
+                    check_keys(inner, &template, &format!("{path}.{name}"), origin)?;
+                }
+            }
+            continue;
+        }
         match (schema.get(key), value) {
             (None, _) => return Err(unknown_key(origin, path, schema)),
             (Some(serde_json::Value::Object(inner)), toml::Value::Table(table)) => {
@@ -1787,6 +1833,113 @@ mod tests {
         ("EDGEGATE_TLS__KEY", "/etc/edgegate/tls/privkey.pem"),
     ];
 
+    // ---- [api], [services.<name>], [hooks], [webhooks] ----
+
+    #[test]
+    fn services_are_named_tables_with_checked_keys() {
+        let (c, _) = load_text(
+            "[ws]\nlisten = \"127.0.0.1:1\"\n[services.mod-1]\nurl = \"http://127.0.0.1:9/x\"\n[hooks]\npublish = \"mod-1\"\n",
+            &[],
+        );
+        let c = c.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.services["mod-1"].url, "http://127.0.0.1:9/x");
+        assert_eq!(c.services["mod-1"].timeout_ms, 5_000);
+        let (e, _) = load_text(
+            "[ws]\nlisten = \"127.0.0.1:1\"\n[services.a]\nurl = \"http://x/\"\nlisten = 1\n",
+            &[],
+        );
+        let e = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("unknown key `services.a.listen`"), "{e}");
+        let (e, _) = load_text(
+            "[ws]\nlisten = \"127.0.0.1:1\"\n[services.a]\nurl = \"https://x/\"\n",
+            &[],
+        );
+        assert_eq!(
+            e.err().and_then(|e| e.key().map(str::to_owned)).as_deref(),
+            Some("services.a.url")
+        );
+        let (e, _) = load_text(
+            "[ws]\nlisten = \"127.0.0.1:1\"\n[services.\"a b\"]\nurl = \"http://x/\"\n",
+            &[],
+        );
+        assert_eq!(
+            e.err().and_then(|e| e.key().map(str::to_owned)).as_deref(),
+            Some("services.a b")
+        );
+        // A variable names a service too (lower case).
+        let c = accepts(&[("EDGEGATE_SERVICES__ECHO2__URL", "http://127.0.0.1:9/")]);
+        assert_eq!(c.services["echo2"].url, "http://127.0.0.1:9/");
+        let e = load_env(&[("EDGEGATE_SERVICES__ECHO2__URLL", "x")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("unknown key"), "{e}");
+        rejects(
+            &[("EDGEGATE_SERVICES__ECHO2__URL", "ftp://x")],
+            "services.echo2.url",
+        );
+        rejects(
+            &[
+                ("EDGEGATE_SERVICES__ECHO2__URL", "http://x/"),
+                ("EDGEGATE_SERVICES__ECHO2__TIMEOUT_MS", "0"),
+            ],
+            "services.echo2.timeout_ms",
+        );
+    }
+
+    #[test]
+    fn api_and_hooks_rules() {
+        rejects(&[("EDGEGATE_API__LISTEN", "127.0.0.1:9191")], "api.keys");
+        rejects(
+            &[
+                ("EDGEGATE_API__LISTEN", "127.0.0.1:9191"),
+                ("EDGEGATE_API__KEYS", "short"),
+            ],
+            "api.keys",
+        );
+        let c = accepts(&[
+            ("EDGEGATE_API__LISTEN", "127.0.0.1:9191"),
+            ("EDGEGATE_API__KEYS", "0123456789abcdef,fedcba9876543210"),
+        ]);
+        assert_eq!(c.api.keys.len(), 2);
+        rejects(
+            &[
+                ("EDGEGATE_API__LISTEN", "127.0.0.1:9090"),
+                ("EDGEGATE_API__KEYS", "0123456789abcdef"),
+            ],
+            "api.listen",
+        );
+        rejects(
+            &[("EDGEGATE_API__MAX_BODY_BYTES", "10")],
+            "api.max_body_bytes",
+        );
+        rejects(
+            &[("EDGEGATE_API__CLUSTER_TIMEOUT_MS", "9000")],
+            "api.cluster_timeout_ms",
+        );
+        // On the embedded backbone a hook must name an HTTP service.
+        rejects(&[("EDGEGATE_HOOKS__PUBLISH", "nope")], "hooks.publish");
+        rejects(&[("EDGEGATE_HOOKS__ON_ERROR", "maybe")], "hooks.on_error");
+        rejects(
+            &[
+                ("EDGEGATE_SERVICES__A__URL", "http://x/"),
+                ("EDGEGATE_HOOKS__CONNECT", "a"),
+                ("EDGEGATE_HOOKS__TIMEOUT_MS", "10000"),
+            ],
+            "hooks.timeout_ms",
+        );
+        rejects(
+            &[("EDGEGATE_WEBHOOKS__URL", "http://x/")],
+            "webhooks.secret",
+        );
+        rejects(&[("EDGEGATE_WEBHOOKS__QUEUE", "0")], "webhooks.queue");
+        let c = accepts(&[
+            ("EDGEGATE_WEBHOOKS__URL", "http://x/"),
+            ("EDGEGATE_WEBHOOKS__SECRET", "0123456789abcdef"),
+        ]);
+        assert_eq!(c.webhooks.batch, 100);
+    }
+
     // ---- defaults ----
 
     #[test]
@@ -1823,6 +1976,13 @@ mod tests {
     fn embedded_default_names_every_key() {
         let schema = Schema::new(&Origin::Program).expect("schema");
         for (section, keys) in &schema.root {
+            if services::NAMED_SECTIONS.contains(&section.as_str()) {
+                assert!(
+                    DEFAULT_TOML.contains(&format!("# [{section}.")),
+                    "an example of [{section}.<name>] missing"
+                );
+                continue;
+            }
             assert!(
                 DEFAULT_TOML.contains(&format!("[{section}]")),
                 "section [{section}] missing"

@@ -513,7 +513,7 @@ impl Conn {
     /// A pending close request, if any.
     pub fn close_requested(&self) -> Option<CloseReq> {
         let req = self.close.take();
-        let copy = req.as_deref().copied();
+        let copy = req.as_deref().cloned();
         self.close.set(req);
         copy
     }

@@ -47,12 +47,15 @@
 
 pub(crate) mod admin;
 pub(crate) mod admission;
+pub mod api;
 pub(crate) mod auth;
 pub mod backbone;
 pub mod compress;
 pub mod config;
 pub mod config_ref;
 pub mod conn;
+pub mod events;
+pub(crate) mod http;
 pub(crate) mod listener;
 pub mod metrics;
 pub mod node;

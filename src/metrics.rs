@@ -124,7 +124,85 @@ pub struct ShardMetrics {
     pub presence_queries: AtomicU64,
     /// `history` pages asked.
     pub history_pages: AtomicU64,
+    /// Hook questions by hook ([`HOOKS`]) and outcome ([`HOOK_OUTCOMES`]).
+    pub hooks: [[AtomicU64; 6]; 3],
 }
+
+/// Hooks, in label order (`[hooks]` keys).
+pub const HOOKS: [&str; 3] = ["connect", "subscribe", "publish"];
+
+/// Hook outcomes, in label order: asked (sent to the service), cached (a
+/// subscribe allow remembered), then what the answer was.
+pub const HOOK_OUTCOMES: [&str; 6] = [
+    "asked",
+    "cached",
+    "allowed",
+    "refused",
+    "timed_out",
+    "failed",
+];
+
+/// Latency buckets of the server API's histogram, in seconds.
+pub const API_LATENCY_BUCKETS: [f64; 12] = [
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// One server API method's counters.
+#[derive(Default)]
+pub struct ApiMethodStats {
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Of those, answered with an error (4xx/5xx).
+    pub errors: AtomicU64,
+    /// Answers by latency: one count per bucket of [`API_LATENCY_BUCKETS`]
+    /// (not cumulative), the last slot past them.
+    pub latency: [AtomicU64; 13],
+    /// Sum of latencies, microseconds.
+    pub latency_us: AtomicU64,
+}
+
+impl ApiMethodStats {
+    /// Counts one answer.
+    pub fn record(&self, error: bool, took: std::time::Duration) {
+        self.requests.fetch_add(1, Relaxed);
+        if error {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        let s = took.as_secs_f64();
+        let i = API_LATENCY_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(API_LATENCY_BUCKETS.len());
+        self.latency[i].fetch_add(1, Relaxed);
+        self.latency_us
+            .fetch_add(took.as_micros().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+}
+
+/// Counters of the server API, HTTP services and webhooks, node-wide
+/// (written by the API thread, read by the admin thread).
+#[derive(Default)]
+pub struct ServicesStats {
+    /// Per API method, with its name (the API's method table).
+    pub api: Vec<(&'static str, ApiMethodStats)>,
+    /// Webhook events sent, retried, dropped (`events::webhooks::OUTCOMES`).
+    pub webhook: [AtomicU64; 3],
+    /// HTTP service calls by outcome ([`SERVICE_OUTCOMES`]).
+    pub service_calls: [AtomicU64; 6],
+}
+
+/// Webhook event outcomes, in label order.
+pub const WEBHOOK_OUTCOMES: [&str; 3] = ["sent", "retried", "dropped"];
+
+/// HTTP service call outcomes, in label order.
+pub const SERVICE_OUTCOMES: [&str; 6] = [
+    "ok",
+    "error",
+    "timeout",
+    "refused",
+    "internal",
+    "overloaded",
+];
 
 impl ShardMetrics {
     /// Counts one close with `code`.
@@ -218,6 +296,8 @@ pub struct NodeInfo<'a> {
     pub backbone: Option<&'a BackboneStats>,
     /// Certificates and keys.
     pub credentials: &'a CredentialStats,
+    /// Counters of the server API, HTTP services and webhooks, when on.
+    pub services: Option<&'a ServicesStats>,
 }
 
 /// Renders Prometheus text exposition format.
@@ -481,6 +561,24 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "History pages asked by clients.",
         &mut per_shard(|m| &m.history_pages),
     );
+    family(
+        "edgegate_hook_calls_total",
+        "counter",
+        "Hook questions by hook and outcome (asked: sent to the service; cached: a subscribe allow remembered; then allowed, refused, timed_out, failed).",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            HOOKS.iter().enumerate().flat_map(move |(h, hook)| {
+                HOOK_OUTCOMES.iter().enumerate().map(move |(k, o)| {
+                    (
+                        format!("shard=\"{i}\",hook=\"{hook}\",outcome=\"{o}\""),
+                        get(&m.hooks[h][k]),
+                    )
+                })
+            })
+        }),
+    );
+    if let Some(sv) = node.services {
+        render_services(&mut s, sv);
+    }
     let _ = writeln!(
         s,
         "# HELP edgegate_max_connections Node connection limit.\n# TYPE edgegate_max_connections gauge\nedgegate_max_connections {}",
@@ -616,4 +714,81 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         }
     }
     s
+}
+
+/// The server API's, HTTP services' and webhooks' families.
+fn render_services(s: &mut String, sv: &ServicesStats) {
+    let get = |a: &AtomicU64| a.load(Relaxed);
+    let _ = writeln!(
+        s,
+        "# HELP edgegate_api_requests_total Server API requests answered, by method.\n# TYPE edgegate_api_requests_total counter"
+    );
+    for (m, st) in &sv.api {
+        let _ = writeln!(
+            s,
+            "edgegate_api_requests_total{{method=\"{m}\"}} {}",
+            get(&st.requests)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP edgegate_api_errors_total Server API requests answered with an error (4xx, 5xx), by method.\n# TYPE edgegate_api_errors_total counter"
+    );
+    for (m, st) in &sv.api {
+        let _ = writeln!(
+            s,
+            "edgegate_api_errors_total{{method=\"{m}\"}} {}",
+            get(&st.errors)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP edgegate_api_latency_seconds Server API answer latency, by method.\n# TYPE edgegate_api_latency_seconds histogram"
+    );
+    for (m, st) in &sv.api {
+        let mut cum = 0;
+        for (i, b) in API_LATENCY_BUCKETS.iter().enumerate() {
+            cum += get(&st.latency[i]);
+            let _ = writeln!(
+                s,
+                "edgegate_api_latency_seconds_bucket{{method=\"{m}\",le=\"{b}\"}} {cum}"
+            );
+        }
+        cum += get(&st.latency[API_LATENCY_BUCKETS.len()]);
+        let _ = writeln!(
+            s,
+            "edgegate_api_latency_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {cum}"
+        );
+        let _ = writeln!(
+            s,
+            "edgegate_api_latency_seconds_sum{{method=\"{m}\"}} {}",
+            get(&st.latency_us) as f64 / 1e6
+        );
+        let _ = writeln!(
+            s,
+            "edgegate_api_latency_seconds_count{{method=\"{m}\"}} {cum}"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP edgegate_webhook_events_total Webhook events sent, sent again after a failed try, and dropped (queue full, or retried past webhooks.retry_for_ms).\n# TYPE edgegate_webhook_events_total counter"
+    );
+    for (i, o) in WEBHOOK_OUTCOMES.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "edgegate_webhook_events_total{{outcome=\"{o}\"}} {}",
+            get(&sv.webhook[i])
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP edgegate_service_calls_total HTTP service calls (req and hooks), by outcome.\n# TYPE edgegate_service_calls_total counter"
+    );
+    for (i, o) in SERVICE_OUTCOMES.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "edgegate_service_calls_total{{outcome=\"{o}\"}} {}",
+            get(&sv.service_calls[i])
+        );
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use serde::Serialize;
 
-use crate::metrics::{BackboneStats, CredentialStats, ShardMetrics};
+use crate::metrics::{BackboneStats, CredentialStats, ServicesStats, ShardMetrics};
 
 /// Facts shared by all shards of the node (atomics, touched per accept or
 /// per tick only).
@@ -40,6 +40,9 @@ pub struct Node {
     pub backbone: Option<Arc<BackboneStats>>,
     /// Facts about the certificate and keys in use (for `/metrics`).
     pub credentials: Arc<CredentialStats>,
+    /// The server API's, HTTP services' and webhooks' counters, when the
+    /// services thread runs.
+    pub services: Option<Arc<ServicesStats>>,
     /// Requests from the admin thread, one queue per shard (index = shard
     /// id), polled on the shard's tick: the admin thread never touches
     /// shard-owned state.

@@ -229,23 +229,75 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         None => None,
     };
 
+    let api_listener = match cfg.api.listen {
+        Some(a) => Some(std::net::TcpListener::bind(a).map_err(|e| {
+            StartError(format!(
+                "api.listen = {a}: cannot listen ({e}); is another process serving it?"
+            ))
+        })?),
+        None => None,
+    };
+
     let node_name = node_id(&cfg);
+    let metrics: Vec<Arc<ShardMetrics>> =
+        (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
+    // The services thread's counters and webhook queue exist before the
+    // backbone, which emits lifecycle events into them.
+    let mut prepared = crate::api::wanted(&cfg).then(|| crate::api::prepare(&cfg));
+    let bus = prepared.as_ref().map(|p| p.bus.clone()).unwrap_or_default();
     // The NATS backbone thread starts before the shards: they get their
     // links at birth. It connects (and reconnects) in the background; the
     // node is not ready until it is connected.
-    let (mut nats_links, nats_state) = if cfg.backbone.kind == crate::config::BackboneKind::Nats {
-        let (links, state) = crate::backbone::nats::start(
+    let nats = cfg.backbone.kind == crate::config::BackboneKind::Nats;
+    let (mut nats_links, nats_state, cluster) = if nats {
+        let (links, state, cluster) = crate::backbone::nats::start(
             &cfg.backbone.nats,
             &cfg.backbone.subject_prefix,
             &node_name,
-            n,
+            metrics.clone(),
             cfg.history.recovery_limit,
             &cfg.presence,
+            bus,
         )
         .map_err(StartError)?;
-        (links.into_iter().map(Some).collect::<Vec<_>>(), Some(state))
+        if let Some(p) = prepared.as_mut() {
+            // Events emitted elsewhere go out on P.events.* too.
+            p.bus = p.bus.with_publisher(cluster.publisher());
+        }
+        (
+            links.into_iter().map(Some).collect::<Vec<_>>(),
+            Some(state),
+            Some(cluster),
+        )
     } else {
-        ((0..n).map(|_| None).collect(), None)
+        ((0..n).map(|_| None).collect(), None, None)
+    };
+    // Embedded: the node's per-user connection counts live on the services
+    // thread (user.* events, info's users); NATS keeps its own.
+    let (users_tx, users_rx) = if !nats && (cfg.api.listen.is_some() || cfg.webhooks.url.is_some())
+    {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let services_stats = prepared.as_ref().map(|p| p.stats.clone());
+    let mut api_links: Vec<Option<crate::api::ShardLink>> = match prepared {
+        Some(p) => {
+            let start = crate::api::Start {
+                node: node_name.clone(),
+                metrics: metrics.clone(),
+                listener: api_listener,
+                cluster,
+                users: users_rx,
+            };
+            crate::api::start(&cfg, p, start)
+                .map_err(|e| StartError(format!("cannot start the services thread: {e}")))?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => (0..n).map(|_| None).collect(),
     };
     let node = Arc::new(Node {
         backbone: nats_state,
@@ -257,7 +309,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         shards_ready: AtomicUsize::new(0),
         shards_done: AtomicUsize::new(0),
         shards_stopped: AtomicUsize::new(0),
-        metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
+        metrics,
+        services: services_stats,
         admin_token: cfg.admin.token.clone(),
         credentials: Default::default(),
         // Bounded and small: the admin thread asks one shard at a time.
@@ -339,6 +392,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let scfg = scfg.clone();
         let mesh = mesh.clone();
         let nats_link = nats_links[id].take();
+        let api_link = api_links[id].take();
+        let users = users_tx.clone();
         let quic = quic.clone();
         let listens: Vec<(String, SocketAddr, Transport)> = listens
             .iter()
@@ -350,7 +405,12 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             // counts against RLIMIT_MEMLOCK without CAP_IPC_LOCK).
             .io_memory(256 << 10)
             .spawn(move || async move {
-                let r = shard_main(id, scfg, node.clone(), mesh, nats_link, listens, quic).await;
+                let links = Links {
+                    nats: nats_link,
+                    api: api_link,
+                    users,
+                };
+                let r = shard_main(id, scfg, node.clone(), mesh, links, listens, quic).await;
                 node.shards_done.fetch_add(1, SeqCst);
                 if r.is_err() {
                     node.shutdown.store(true, SeqCst);
@@ -390,15 +450,26 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     }
 }
 
+/// A shard's links to the node's other threads.
+struct Links {
+    /// The NATS backbone's bridge (`kind = "nats"`).
+    nats: Option<NatsBackbone>,
+    /// The services thread's (API, HTTP services, hooks).
+    api: Option<crate::api::ShardLink>,
+    /// Embedded: per-user connection changes for the services thread.
+    users: Option<crate::events::UserFeed>,
+}
+
 async fn shard_main(
     id: usize,
     cfg: ShardConfig,
     node: Arc<Node>,
     mesh: Mesh,
-    nats: Option<NatsBackbone>,
+    links: Links,
     listens: Vec<(String, SocketAddr, Transport)>,
     quic: Option<crate::transport::quic::QuicSetup>,
 ) -> Result<(), StartError> {
+    let Links { nats, api, users } = links;
     let n = cfg.shards;
     // Every shard joins the mesh (glommio's join waits for all of them),
     // whichever backbone the node uses.
@@ -406,14 +477,27 @@ async fn shard_main(
     let history = (nats.is_none() && cfg.history.enabled)
         .then(|| HistoryStore::new(cfg.history.clone(), &cfg.epoch_prefix));
     let presence = (nats.is_none() && cfg.presence).then(|| cfg.presence_cfg.clone());
-    let embedded = Embedded::join(mesh, n, id, node.metrics[id].clone(), history, presence)
-        .await
-        .map_err(StartError)?;
+    let embedded = Embedded::join(
+        mesh,
+        n,
+        id,
+        node.metrics[id].clone(),
+        history,
+        presence,
+        users,
+    )
+    .await
+    .map_err(StartError)?;
     let backbone: Rc<dyn Backbone> = match nats {
         Some(link) => Rc::new(link),
         None => embedded,
     };
-    let shard = Rc::new(Shard::new(id, cfg, node.clone(), backbone.clone()));
+    let mut shard = Shard::new(id, cfg, node.clone(), backbone.clone());
+    if let Some(link) = api {
+        shard = shard.with_api(link);
+    }
+    let shard = Rc::new(shard);
+    shard.serve_api();
     let weak = Rc::downgrade(&shard);
     let probe = Rc::downgrade(&shard);
     backbone.start(

@@ -95,6 +95,34 @@ pub struct ShardConfig {
     pub tls_ws: Option<crate::tls::TlsAcceptorHandle>,
     /// TLS on the raw TCP listener (`tcp.tls`), like `tls_ws`.
     pub tls_tcp: Option<crate::tls::TlsAcceptorHandle>,
+    /// `[hooks]`: which are asked, and what a failure means.
+    pub hooks: HookSettings,
+}
+
+/// `[hooks]` as the session and the shard read it.
+#[derive(Debug, Clone, Default)]
+pub struct HookSettings {
+    /// The service each hook asks (connect, subscribe, publish), if any.
+    pub services: [Option<Arc<str>>; 3],
+    /// `on_error = "allow"`.
+    pub allow_on_error: bool,
+    /// `timeout_ms`.
+    pub timeout_ms: u64,
+    /// `subscribe_cache_ms`.
+    pub cache_ms: u64,
+}
+
+impl HookSettings {
+    /// From `[hooks]`.
+    pub fn from_config(h: &crate::config::Hooks) -> Self {
+        let name = |s: &Option<String>| s.as_deref().map(Arc::from);
+        HookSettings {
+            services: [name(&h.connect), name(&h.subscribe), name(&h.publish)],
+            allow_on_error: h.on_error == crate::config::OnError::Allow,
+            timeout_ms: h.timeout_ms,
+            cache_ms: h.subscribe_cache_ms,
+        }
+    }
 }
 
 impl ShardConfig {
@@ -151,6 +179,7 @@ impl ShardConfig {
             ip_table_size: cfg.limits.ip_table_size,
             tls_ws: None,
             tls_tcp: None,
+            hooks: HookSettings::from_config(&cfg.hooks),
         }
     }
 

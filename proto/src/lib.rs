@@ -77,6 +77,7 @@ pub mod deflate;
 pub mod envelope;
 mod error;
 pub mod frame;
+pub mod http;
 pub mod json;
 pub mod leb128;
 pub mod ws;

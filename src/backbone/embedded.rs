@@ -118,6 +118,9 @@ pub struct Embedded {
     /// Whether this shard holds a subscriber of a channel (the shard's
     /// router; set by [`Backbone::start`]).
     probe: RefCell<Option<Probe>>,
+    /// Per-user connection changes for the node's counts (server API,
+    /// webhooks), when something wants them.
+    users: Option<crate::events::UserFeed>,
     start: Instant,
 }
 
@@ -131,6 +134,7 @@ impl Embedded {
         metrics: Arc<ShardMetrics>,
         history: Option<HistoryStore>,
         presence: Option<crate::config::Presence>,
+        users: Option<crate::events::UserFeed>,
     ) -> Result<Rc<Self>, String> {
         let (senders, receivers) = mesh
             .join()
@@ -151,6 +155,7 @@ impl Embedded {
         e.receivers = RefCell::new(Some(receivers));
         e.history = history.map(RefCell::new);
         e.presence = presence.map(|p| (RefCell::new(PresenceStore::new(p.diff_limit)), p.flush_ms));
+        e.users = users;
         Ok(Rc::new(e))
     }
 
@@ -183,6 +188,7 @@ impl Embedded {
             online: RefCell::new(HashMap::new()),
             next_query: Cell::new(0),
             probe: RefCell::new(None),
+            users: None,
             start: Instant::now(),
         }
     }
@@ -616,10 +622,8 @@ impl Backbone for Embedded {
     }
 
     fn request(&self, req: Request<'_>, ack: Ack, now: &mut Vec<Event>) {
-        now.push(Event::Reply(
-            ack,
-            embedded_service(req.service, req.payload),
-        ));
+        let r = embedded_service(req.service, req.payload);
+        now.push(Request::outcome(req.ask, ack, r));
     }
 
     fn interest(&self, _ch: &str, _on: bool, ack: Option<Ack>, now: &mut Vec<Event>) {
@@ -629,7 +633,11 @@ impl Backbone for Embedded {
         }
     }
 
-    fn presence(&self, _user: &str, _delta: i32) {}
+    fn presence(&self, user: &str, delta: i32) {
+        if let Some(tx) = &self.users {
+            let _ = tx.send((user.to_owned(), delta));
+        }
+    }
 
     fn is_up(&self) -> bool {
         true

@@ -138,10 +138,12 @@ pub struct Recovery {
 }
 
 /// Where a publish was stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     /// Its `seq`.
     pub seq: u64,
+    /// The epoch of its channel's stream (the server API answers it).
+    pub epoch: Arc<str>,
     /// It was a retry of one stored before (not stored or delivered again).
     pub duplicate: bool,
 }
@@ -399,12 +401,14 @@ impl HistoryStore {
         {
             let dup = Stored {
                 seq,
+                epoch: c.epoch.clone(),
                 duplicate: true,
             };
             return (dup, None);
         }
         c.top += 1;
         let seq = c.top;
+        let epoch = c.epoch.clone();
         env.seq = Some(seq);
         let bytes = size_of(&env);
         let generation = c.generation;
@@ -437,6 +441,7 @@ impl HistoryStore {
         self.enforce_budget();
         let stored = Stored {
             seq,
+            epoch,
             duplicate: false,
         };
         (stored, Some(env))
@@ -721,6 +726,7 @@ mod tests {
             b,
             Stored {
                 seq: a.seq,
+                epoch: a.epoch.clone(),
                 duplicate: true
             }
         );
@@ -729,6 +735,7 @@ mod tests {
             c,
             Stored {
                 seq: 2,
+                epoch: c.epoch.clone(),
                 duplicate: false
             },
             "another instance"

@@ -22,7 +22,6 @@ pub mod embedded;
 pub mod history;
 pub mod jetstream;
 pub mod nats;
-mod nats_presence;
 pub mod presence;
 
 pub use history::{Page, Position, Recovery, Since, Stored, Unrecovered};
@@ -53,6 +52,27 @@ pub struct Ack {
     pub serial: u64,
     /// The client's `id`.
     pub id: Option<u64>,
+}
+
+impl Ack {
+    /// The `key` of an answer meant for the server API, not a connection:
+    /// `serial` then names the API call waiting on the shard.
+    pub const API: u32 = u32::MAX;
+
+    /// The answer address of API call `ticket` on `shard`.
+    pub fn api(shard: usize, ticket: u64) -> Ack {
+        Ack {
+            shard,
+            key: Ack::API,
+            serial: ticket,
+            id: None,
+        }
+    }
+
+    /// True when the answer goes to the server API.
+    pub fn is_api(&self) -> bool {
+        self.key == Ack::API
+    }
 }
 
 /// A refusal from the backbone: the `err` code and its reason.
@@ -110,6 +130,82 @@ pub struct Request<'a> {
     pub conn: &'a str,
     /// The payload.
     pub payload: Payload,
+    /// A hook's question (answered [`Event::Answer`]) rather than a
+    /// client's `req` (answered [`Event::Reply`]).
+    pub ask: bool,
+    /// How long the service may take (`None`: the backbone's own timeout).
+    pub timeout_ms: Option<u64>,
+}
+
+impl Request<'_> {
+    /// The event that carries this request's outcome.
+    pub fn outcome(ask: bool, ack: Ack, r: Result<Payload, ErrCode>) -> Event {
+        if ask {
+            Event::Answer(ack, r)
+        } else {
+            Event::Reply(ack, r)
+        }
+    }
+}
+
+/// A core service's order to close a user's connections (`disconnect`,
+/// `P.ctl.kick.<id>`).
+#[derive(Debug, Clone)]
+pub struct Kick {
+    /// The user.
+    pub user: String,
+    /// The `bye` code (4005 by default).
+    pub code: u16,
+    /// The `bye` reason.
+    pub reason: String,
+    /// The `bye`'s `meta.retry_ms`, if the service chose one.
+    pub retry_ms: Option<u64>,
+    /// Where each shard reports how many connections it closed.
+    pub closed: Option<tokio::sync::mpsc::UnboundedSender<usize>>,
+}
+
+impl Kick {
+    /// A kick with a core service's choices, checked: `code` 1000, 1001 or
+    /// 4000–4999 (4005 by default), `reason` at most 123 bytes of text
+    /// (what a WebSocket close frame can carry), `retry_ms` at most a day.
+    pub fn new(
+        user: &str,
+        code: Option<u16>,
+        reason: Option<String>,
+        retry_ms: Option<u64>,
+    ) -> Result<Kick, &'static str> {
+        let mut k = Kick::default_for(user);
+        if let Some(c) = code {
+            if !(c == 1000 || c == 1001 || (4000..=4999).contains(&c)) {
+                return Err("code must be 1000, 1001 or 4000-4999");
+            }
+            k.code = c;
+        }
+        if let Some(r) = reason {
+            if r.len() > 123 || r.chars().any(char::is_control) {
+                return Err("reason must be at most 123 bytes, without control characters");
+            }
+            k.reason = r;
+        }
+        if let Some(ms) = retry_ms {
+            if ms > 86_400_000 {
+                return Err("retry_ms must be at most 86400000");
+            }
+            k.retry_ms = Some(ms);
+        }
+        Ok(k)
+    }
+
+    /// The protocol's kick: 4005, "kicked".
+    pub fn default_for(user: &str) -> Kick {
+        Kick {
+            user: user.to_owned(),
+            code: edgegate_proto::CloseCode::KICKED.get(),
+            reason: "kicked".to_owned(),
+            retry_ms: None,
+            closed: None,
+        }
+    }
 }
 
 /// What a backbone tells a shard.
@@ -129,8 +225,10 @@ pub enum Event {
     SubReady(Ack),
     /// The outcome of a [`Backbone::request`].
     Reply(Ack, Result<Payload, ErrCode>),
-    /// Close this user's connections (4005).
-    Kick(String),
+    /// The outcome of a hook's question ([`Request::ask`]).
+    Answer(Ack, Result<Payload, ErrCode>),
+    /// Close this user's connections.
+    Kick(Kick),
     /// Messages of this channel were lost and cannot be recovered: close
     /// its local subscribers with 4009, so they reconnect and recover.
     Gap(String),

@@ -66,10 +66,11 @@ use tracing::{info, warn};
 
 use super::history::{Page, Position, Recovery, Since, Stored, Unrecovered};
 use super::jetstream::{self, EnsureError, Js, StreamSpec};
-use super::nats_presence::ClusterPresence;
 use super::{Ack, Backbone, EPHEMERAL_META, Event, Probe, Publish, Refused, Request, Sink};
 use crate::config::{Nats as NatsConfig, NatsHistory};
+use crate::events::{Bus, USER_OFFLINE, USER_ONLINE, UserCounts};
 use crate::metrics::BackboneStats as NatsState;
+use crate::metrics::ShardMetrics;
 
 /// Publishes and requests waiting for the backbone thread, node-wide.
 pub const BRIDGE_COMMANDS: usize = 64 * 1024;
@@ -109,7 +110,11 @@ enum ToNats {
         headers: HeaderMap,
         /// Body.
         payload: Bytes,
-        /// Answered with [`Event::Reply`].
+        /// Answered with [`Event::Answer`] (a hook) or [`Event::Reply`].
+        ask: bool,
+        /// The service's time (`None`: `request_timeout_ms`).
+        timeout: Option<Duration>,
+        /// Who asked.
         ack: Ack,
     },
     /// A shard's first (`on`) or last (`!on`) local interest in a channel.
@@ -183,7 +188,26 @@ enum ToNats {
         /// +1 or -1.
         delta: i32,
     },
+    /// The server API's cluster-wide call ([`Cluster::gather`]).
+    Gather {
+        /// The subject after the prefix.
+        suffix: String,
+        /// Body.
+        body: Bytes,
+        /// How long answers are gathered.
+        within: Duration,
+        /// Where they go.
+        reply: tokio::sync::oneshot::Sender<Vec<serde_json::Value>>,
+    },
+    /// A lifecycle event to publish on `P.events.<event>`.
+    Event(serde_json::Value),
 }
+
+mod control;
+mod presence;
+
+pub use control::{Cluster, node_info};
+use presence::ClusterPresence;
 
 /// One shard's end of the bridge: the NATS backbone as a shard sees it.
 pub struct NatsBackbone {
@@ -301,8 +325,13 @@ impl Backbone for NatsBackbone {
     }
 
     fn request(&self, req: Request<'_>, ack: Ack, now: &mut Vec<Event>) {
+        let ask = req.ask;
         if !self.is_up() {
-            return now.push(Event::Reply(ack, Err(ErrCode::BackboneUnavailable)));
+            return now.push(Request::outcome(
+                ask,
+                ack,
+                Err(ErrCode::BackboneUnavailable),
+            ));
         }
         let mut headers = HeaderMap::new();
         headers.insert("Eg-User", req.user);
@@ -311,10 +340,16 @@ impl Backbone for NatsBackbone {
             subject: format!("{}.svc.{}", self.prefix, req.service),
             headers,
             payload: req.payload.into_bytes(),
+            ask,
+            timeout: req.timeout_ms.map(Duration::from_millis),
             ack,
         };
         if !self.send_data(cmd) {
-            now.push(Event::Reply(ack, Err(ErrCode::BackboneUnavailable)));
+            now.push(Request::outcome(
+                ask,
+                ack,
+                Err(ErrCode::BackboneUnavailable),
+            ));
         }
     }
 
@@ -477,10 +512,12 @@ pub fn start(
     cfg: &NatsConfig,
     prefix: &str,
     node: &str,
-    shards: usize,
+    metrics: Vec<Arc<ShardMetrics>>,
     recovery_limit: usize,
     presence: &crate::config::Presence,
-) -> Result<(Vec<NatsBackbone>, Arc<NatsState>), String> {
+    bus: Bus,
+) -> Result<(Vec<NatsBackbone>, Arc<NatsState>, Cluster), String> {
+    let shards = metrics.len();
     let history = cfg.history == NatsHistory::Jetstream;
     let state = Arc::new(NatsState::default());
     state.stream_ok.store(!history, Relaxed);
@@ -515,11 +552,16 @@ pub fn start(
         .map_err(|e| format!("backbone: cannot start its runtime: {e}"))?;
     let cfg = cfg.clone();
     let wait = Duration::from_millis(cfg.connect_timeout_ms + 2 * cfg.request_timeout_ms);
+    let cluster = Cluster {
+        control: ctl_tx.clone(),
+    };
     let setup = Setup {
         prefix: prefix.to_owned(),
         node: node.to_owned(),
         recovery_limit,
         presence: presence.clone(),
+        metrics,
+        bus,
     };
     let st = state.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -540,7 +582,7 @@ pub fn start(
             ),
         }
     }
-    Ok((links, state))
+    Ok((links, state, cluster))
 }
 
 /// What the backbone thread needs beside its config.
@@ -549,6 +591,10 @@ struct Setup {
     node: String,
     recovery_limit: usize,
     presence: crate::config::Presence,
+    /// The shards' counters (a node's `info`).
+    metrics: Vec<Arc<ShardMetrics>>,
+    /// Where lifecycle events go besides `P.events.*` (webhooks).
+    bus: Bus,
 }
 
 async fn connect(
@@ -775,7 +821,10 @@ async fn run(
         node,
         recovery_limit,
         presence: presence_cfg,
+        metrics,
+        bus,
     } = setup;
+    let started = std::time::Instant::now();
     let (reconnected_tx, mut reconnected) = tokio::sync::watch::channel(0u64);
     let down_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let client = match connect(
@@ -835,8 +884,20 @@ async fn run(
         history,
         reconnects: reconnected.clone(),
     };
-    // Who is where: this node's users (online events), and with
-    // `[presence]` the cluster-wide view of rooms (its own tasks).
+    // Users with connections on this node: `P.presence.<id>`, the
+    // `user.*` events and this node's `info`.
+    let users: Rc<RefCell<UserCounts>> = Rc::default();
+    let ctl = Rc::new(control::Control {
+        client: client.clone(),
+        prefix: Rc::from(prefix.as_str()),
+        node: Rc::from(node.as_str()),
+        shards: hub.shards.clone(),
+        metrics,
+        users: users.clone(),
+        started,
+    });
+    ctl.clone().spawn();
+    // With `[presence]`, the cluster-wide view of rooms (its own tasks).
     let presence = ClusterPresence::new(
         client.clone(),
         hub.prefix.clone(),
@@ -844,33 +905,10 @@ async fn run(
         &presence_cfg,
         hub.shards.clone(),
         state.clone(),
+        users.clone(),
     );
     if presence_cfg.enabled {
         presence.start(reconnected.clone());
-    }
-
-    // Control: kicks for any user.
-    {
-        let client = client.clone();
-        let shards = hub.shards.clone();
-        let subject = format!("{prefix}.ctl.kick.*");
-        let cut = format!("{prefix}.ctl.kick.");
-        tokio::task::spawn_local(async move {
-            let mut sub = match client.subscribe(subject.clone()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, subject, "backbone: cannot subscribe to kicks");
-                    return;
-                }
-            };
-            while let Some(m) = sub.next().await {
-                if let Some(user) = m.subject.as_str().strip_prefix(&cut) {
-                    for s in shards.iter() {
-                        s.answer(Event::Kick(user.to_owned()));
-                    }
-                }
-            }
-        });
     }
 
     // History: after each reconnect, every subject looks for what it missed.
@@ -973,13 +1011,15 @@ async fn run(
                     subject,
                     headers,
                     payload,
+                    ask,
+                    timeout: within,
                     ack,
                 } => {
                     let client = client.clone();
                     let hub = hub.clone();
                     tokio::task::spawn_local(async move {
                         let r = tokio::time::timeout(
-                            timeout,
+                            within.unwrap_or(timeout),
                             client.request_with_headers(Subject::from(subject), headers, payload),
                         )
                         .await;
@@ -993,7 +1033,7 @@ async fn run(
                                 _ => ErrCode::BackboneUnavailable,
                             }),
                         };
-                        hub.answer(ack, Event::Reply(ack, result));
+                        hub.answer(ack, Request::outcome(ask, ack, result));
                     });
                 }
                 ToNats::Interest {
@@ -1057,21 +1097,35 @@ async fn run(
                     });
                 }
                 ToNats::Presence { user, delta } => {
-                    let (before, after) = presence.connections(&user, delta);
-                    let state_word = match (before, after) {
-                        (0, 1..) => Some("online"),
-                        (1.., 0) => Some("offline"),
-                        _ => None,
-                    };
-                    if let Some(word) = state_word {
+                    let change = users.borrow_mut().change(&user, delta);
+                    if let Some(online) = change {
+                        let conns = users.borrow().get(&user);
+                        let word = if online { "online" } else { "offline" };
                         let body = serde_json::json!({
-                            "user": user, "state": word, "node": node, "conns": after,
+                            "user": user, "state": word, "node": node, "conns": conns,
                         });
                         let _ = client
                             .publish(format!("{prefix}.presence.{user}"), body.to_string().into())
                             .await;
+                        let name = if online { USER_ONLINE } else { USER_OFFLINE };
+                        let ev = crate::events::event(name, &node, &[("user", &user)]);
+                        ctl.publish_event(&ev).await;
+                        bus.emit(ev);
                     }
                 }
+                ToNats::Gather {
+                    suffix,
+                    body,
+                    within,
+                    reply,
+                } => {
+                    let client = client.clone();
+                    let subject = format!("{prefix}.{suffix}");
+                    tokio::task::spawn_local(async move {
+                        let _ = reply.send(control::gather(&client, subject, body, within).await);
+                    });
+                }
+                ToNats::Event(ev) => ctl.publish_event(&ev).await,
             }
         }
         for (channel, shard, on, ack) in interest {
@@ -1234,6 +1288,10 @@ async fn publish(hub: &Hub, subject: String, headers: PubHeaders, payload: Bytes
                     ack,
                     Ok(Some(Stored {
                         seq: a.sequence,
+                        epoch: hub
+                            .history
+                            .as_ref()
+                            .map_or_else(|| Arc::from(""), |h| h.epoch.borrow().clone()),
                         duplicate: a.duplicate,
                     })),
                 )

@@ -16,6 +16,7 @@
 //! (one encoding per shard, queued on every subscriber), and a session only
 //! decides who may subscribe.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -66,18 +67,26 @@ impl std::fmt::Display for UserId {
 }
 
 /// Why and how the server closes a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseReq {
     /// The close code (docs/protocol.md §5).
     pub code: CloseCode,
     /// A short reason for the client and the logs.
-    pub reason: &'static str,
+    pub reason: Cow<'static, str>,
+    /// The `bye`'s `meta.retry_ms` when a core service chose it (a
+    /// disconnect, a connect hook); otherwise the transport jitters one
+    /// for the codes that carry it.
+    pub retry_ms: Option<u64>,
 }
 
 impl CloseReq {
     /// A close request.
     pub const fn new(code: CloseCode, reason: &'static str) -> Self {
-        CloseReq { code, reason }
+        CloseReq {
+            code,
+            reason: Cow::Borrowed(reason),
+            retry_ms: None,
+        }
     }
 }
 
@@ -131,6 +140,9 @@ pub struct Extra {
     /// the backbone (boxed: an idle client that names its instance keeps
     /// an `Extra`, and pays one pointer for this).
     pub waiting: Option<Box<Publishing>>,
+    /// Hook questions in flight and channel-token grants ([`hooks`]):
+    /// boxed, so a client that only names its instance pays one pointer.
+    pub hooks: Option<Box<hooks::HookState>>,
 }
 
 /// Publishes waiting for the one with the backbone, in order.
@@ -145,7 +157,10 @@ pub struct Publishing {
 impl Extra {
     /// Holds nothing: an idle connection keeps no `Extra`.
     fn is_empty(&self) -> bool {
-        self.instance.is_none() && self.recovering.is_empty() && self.waiting.is_none()
+        self.instance.is_none()
+            && self.recovering.is_empty()
+            && self.waiting.is_none()
+            && self.hooks.is_none()
     }
 }
 
@@ -205,6 +220,15 @@ impl SessionState {
         self.extra
             .as_ref()
             .is_some_and(|x| x.recovering.iter().any(|r| &*r.ch == ch))
+    }
+
+    /// Hook questions and grants, if any.
+    pub fn hooks(&self) -> Option<&hooks::HookState> {
+        self.extra.as_ref().and_then(|x| x.hooks.as_deref())
+    }
+
+    fn hooks_mut(&mut self) -> &mut hooks::HookState {
+        self.extra().hooks.get_or_insert_with(Box::default)
     }
 
     /// Holds `env` if a recovery of its channel is in flight: `Ok(true)`
@@ -291,8 +315,10 @@ pub enum Input {
         /// When the server last pinged (0: never).
         pinged_ms: u64,
     },
-    /// A core service asked to kick this connection's user.
-    Kick,
+    /// A core service asked to close this connection's user with this `bye`.
+    Kick(CloseReq),
+    /// A hook's answer to the [`Action::Ask`] with this ticket.
+    Answer(Option<u64>, Result<Payload, ErrCode>),
     /// The backbone lost messages of a subscribed channel that it cannot
     /// recover: the client must reconnect and recover (4009).
     Gap,
@@ -379,6 +405,23 @@ pub enum Action {
     Ping,
     /// Close the connection with this `bye`.
     Close(CloseReq),
+    /// Ask a hook's service; answer [`Input::Answer`] with `ticket`.
+    Ask {
+        /// Which hook.
+        hook: hooks::Hook,
+        /// The answer's ticket.
+        ticket: u64,
+        /// The asking user.
+        user: UserId,
+        /// The JSON body.
+        body: Vec<u8>,
+        /// For the subscribe hook: the channel (a remembered allow answers
+        /// at once).
+        ch: Option<Rc<str>>,
+    },
+    /// The subscribe hook allowed this user `ch`: remember it for
+    /// `[hooks] subscribe_cache_ms`.
+    CacheAllow(Rc<str>),
 }
 
 /// A client's message to publish.
@@ -412,6 +455,8 @@ struct HelloMeta {
     token: Option<String>,
     instance: Option<String>,
     since: Option<SinceMeta>,
+    /// Passed to the connect hook as it came.
+    client: Option<serde_json::Value>,
 }
 
 /// `meta.since` of `sub` and `hello`.
@@ -435,6 +480,8 @@ impl From<SinceMeta> for Since {
 struct SubMeta {
     since: Option<SinceMeta>,
     presence: Option<bool>,
+    /// A channel token (docs/api.md, "Channel tokens").
+    token: Option<String>,
 }
 
 /// `pub.meta`.
@@ -530,7 +577,8 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
             last_rx_ms,
             pinged_ms,
         } => on_check(st, cx, check, last_rx_ms, pinged_ms, out),
-        Input::Kick => close(out, CloseCode::KICKED, "kicked"),
+        Input::Kick(req) => out.push(Action::Close(req)),
+        Input::Answer(ticket, r) => hooks::answered(st, cx, ticket, r, out),
         Input::Gap => close(
             out,
             CloseCode::INSUFFICIENT_STATE,
@@ -608,6 +656,15 @@ fn close(out: &mut Vec<Action>, code: CloseCode, reason: &'static str) {
     out.push(Action::Close(CloseReq::new(code, reason)));
 }
 
+/// A close with a reason made at run time (a hook's).
+fn close_with(out: &mut Vec<Action>, code: CloseCode, reason: String) {
+    out.push(Action::Close(CloseReq {
+        code,
+        reason: Cow::Owned(reason),
+        retry_ms: None,
+    }));
+}
+
 fn err(out: &mut Vec<Action>, id: Option<u64>, code: ErrCode, reason: &str) {
     out.push(Action::Reply(Envelope::err(id, code, reason)));
 }
@@ -644,7 +701,9 @@ fn expiry_at(cx: &Ctx<'_>, claims: &Claims) -> u64 {
 }
 
 fn before_welcome(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Action>) {
+    let asking = st.hooks().is_some_and(|h| !h.asks.is_empty());
     match env.t {
+        Type::Hello if asking => close(out, CloseCode::PROTOCOL_ERROR, "hello sent twice"),
         Type::Hello => hello(st, cx, env, out),
         Type::Ping => out.push(Action::Reply(Envelope::pong(env.id))),
         Type::Pong => {}
@@ -726,6 +785,42 @@ fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Actio
         None => None,
     };
     let since = meta.since.map(Since::from);
+    let h = hooks::HelloState {
+        id: env.id,
+        user,
+        instance,
+        since,
+    };
+    if hooks::asked(cx, hooks::Hook::Connect) {
+        let mut body = serde_json::json!({"user": &*h.user, "conn": cx.conn_name()});
+        if let Some(c) = meta.client {
+            body["client"] = c;
+        }
+        if let Some(i) = &h.instance {
+            body["instance"] = (**i).into();
+        }
+        let user = h.user.clone();
+        hooks::ask(
+            st,
+            hooks::Hook::Connect,
+            user,
+            body,
+            hooks::Pending::Hello(Box::new(h)),
+            out,
+        );
+        return;
+    }
+    welcome(st, cx, h, out);
+}
+
+/// Welcomes a checked `hello` (after the connect hook, if any).
+fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut Vec<Action>) {
+    let hooks::HelloState {
+        id,
+        user,
+        instance,
+        since,
+    } = h;
     let cfg = cx.cfg;
     let mut meta = serde_json::json!({
         "conn": cx.conn_name(),
@@ -740,7 +835,7 @@ fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Actio
         meta["stream"] = serde_json::json!({"epoch": "", "seq": 0});
     }
     let mut welcome = Envelope::new(Type::Welcome);
-    welcome.id = env.id;
+    welcome.id = id;
     welcome.meta = Some(meta.to_string());
     st.phase = Phase::Active;
     st.user = Some(user.clone());
@@ -763,7 +858,7 @@ fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Actio
     if since.is_some() || cfg.positions || cfg.welcome_after_live {
         st.extra().recovering.push(Recovering {
             ch: own.clone(),
-            id: env.id,
+            id,
             since,
             held: Vec::new(),
             welcome: Some(Box::new(welcome)),
@@ -771,7 +866,7 @@ fn hello(st: &mut SessionState, cx: &Ctx<'_>, env: Envelope, out: &mut Vec<Actio
         });
         out.push(Action::Subscribe {
             ch: own,
-            ok: Some(env.id),
+            ok: Some(id),
             presence: false,
         });
     } else {
@@ -1070,8 +1165,11 @@ fn refresh(
     }
     // Rooms the new token no longer grants are left.
     if cx.cfg.room_policy == RoomPolicy::Claims {
+        let grants: Vec<Rc<str>> = st.hooks().map(|h| h.grants.clone()).unwrap_or_default();
         st.subs.retain(|ch| {
-            let lost = matches!(channel::parse(ch), Ok(Channel::Room(r)) if !claims.allows_room(r));
+            let granted = grants.contains(ch);
+            let lost = !granted
+                && matches!(channel::parse(ch), Ok(Channel::Room(r)) if !claims.allows_room(r));
             if lost {
                 out.push(Action::Unsubscribe(ch.clone()));
             }
@@ -1120,6 +1218,15 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                         let ch = st.subs.swap_remove(i);
                         if let Some(x) = st.extra.as_mut() {
                             x.recovering.retain(|r| r.ch != ch);
+                            if let Some(h) = x.hooks.as_mut() {
+                                h.grants.retain(|g| *g != ch);
+                                if h.is_empty() {
+                                    x.hooks = None;
+                                }
+                            }
+                            if x.is_empty() {
+                                st.extra = None;
+                            }
                         }
                         out.push(Action::Unsubscribe(ch));
                         out.push(Action::Reply(Envelope::ok(id)));
@@ -1130,7 +1237,7 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                     Channel::Svc(_) => {
                         err(out, id, ErrCode::BadRequest, "use req for svc: channels")
                     }
-                    Channel::Room(r) if !room_allowed(st, cx, r) => err(
+                    Channel::Room(r) if !room_allowed(st, cx, r) && !granted(st, &ch) => err(
                         out,
                         id,
                         ErrCode::Forbidden,
@@ -1169,6 +1276,18 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                             key,
                             ephemeral,
                         };
+                        if hooks::asked(cx, hooks::Hook::Publish) {
+                            let mut body = serde_json::Map::new();
+                            body.insert("user".into(), (*p.from).into());
+                            body.insert("conn".into(), cx.conn_name().into());
+                            body.insert("ch".into(), p.ch.as_str().into());
+                            body.insert("ephemeral".into(), p.ephemeral.into());
+                            hooks::payload_field(&mut body, &p.payload);
+                            let user = p.from.clone();
+                            let what = hooks::Pending::Pub(p, None);
+                            hooks::ask(st, hooks::Hook::Publish, user, body.into(), what, out);
+                            return;
+                        }
                         publish(st, cx, p, out)
                     }
                 },
@@ -1206,15 +1325,19 @@ fn sub(
     parsed: Channel<'_>,
     out: &mut Vec<Action>,
 ) {
-    let (since, presence) = match meta.map(serde_json::from_str::<SubMeta>) {
-        None => (None, false),
-        Some(Ok(m)) => (m.since.map(Since::from), m.presence.unwrap_or(false)),
+    let (since, presence, token) = match meta.map(serde_json::from_str::<SubMeta>) {
+        None => (None, false, None),
+        Some(Ok(m)) => (
+            m.since.map(Since::from),
+            m.presence.unwrap_or(false),
+            m.token,
+        ),
         Some(Err(_)) => {
             return err(
                 out,
                 id,
                 ErrCode::BadRequest,
-                "sub.meta: since must be {\"seq\": number, \"epoch\"?: string}, presence a boolean",
+                "sub.meta must be {\"since\"?: {\"seq\": number, \"epoch\"?: string}, \"presence\"?: boolean, \"token\"?: string}",
             );
         }
     };
@@ -1234,9 +1357,21 @@ fn sub(
             "presence is off on this gateway",
         );
     }
+    let ch_rc: Rc<str> = Rc::from(ch);
+    if let Some(token) = token {
+        // A channel token decides alone: no room policy, no hook.
+        if let Err(reason) = channel_token(cx, user, ch, parsed, &token) {
+            return err(out, id, ErrCode::Forbidden, &reason);
+        }
+        let h = st.hooks_mut();
+        if !h.grants.contains(&ch_rc) {
+            h.grants.push(ch_rc.clone());
+        }
+        return subscribe(st, cx, (id, ch_rc, since, presence), out);
+    }
     let allowed = match parsed {
         Channel::User(u) => u == user,
-        Channel::Room(r) => room_allowed(st, cx, r),
+        Channel::Room(r) => room_allowed(st, cx, r) || granted(st, ch),
         Channel::Svc(_) => false,
     };
     if !allowed {
@@ -1247,19 +1382,96 @@ fn sub(
             "not allowed to subscribe to this channel",
         );
     }
-    if st.subs.iter().any(|c| **c == *ch) {
-        // Already subscribed (and live): idempotent.
-        return out.push(Action::Reply(Envelope::ok(id)));
+    let ask = matches!(parsed, Channel::Room(_))
+        && hooks::asked(cx, hooks::Hook::Subscribe)
+        && !st.subs.iter().any(|c| **c == *ch)
+        && !granted(st, ch);
+    if ask {
+        if full(st, cx, id, out) {
+            return;
+        }
+        let body = serde_json::json!({"user": user, "conn": cx.conn_name(), "ch": ch});
+        let what = hooks::Pending::Sub {
+            id,
+            ch: ch_rc,
+            since,
+            presence,
+        };
+        hooks::ask(
+            st,
+            hooks::Hook::Subscribe,
+            UserId::new(user),
+            body,
+            what,
+            out,
+        );
+        return;
     }
-    if st.subs.len() >= cx.cfg.max_subscriptions {
-        return err(
+    subscribe(st, cx, (id, ch_rc, since, presence), out);
+}
+
+/// True (and the `err` queued) when the connection holds as many
+/// subscriptions as it may.
+fn full(st: &SessionState, cx: &Ctx<'_>, id: Option<u64>, out: &mut Vec<Action>) -> bool {
+    let full = st.subs.len() >= cx.cfg.max_subscriptions;
+    if full {
+        err(
             out,
             id,
             ErrCode::TooLarge,
             "too many subscriptions on this connection",
         );
     }
-    let ch: Rc<str> = Rc::from(ch);
+    full
+}
+
+/// True when a channel token granted `ch` to this connection.
+fn granted(st: &SessionState, ch: &str) -> bool {
+    st.hooks()
+        .is_some_and(|h| h.grants.iter().any(|g| **g == *ch))
+}
+
+/// Checks a channel token for `user` on `ch`; the refusal's reason.
+fn channel_token(
+    cx: &Ctx<'_>,
+    user: &str,
+    ch: &str,
+    parsed: Channel<'_>,
+    token: &str,
+) -> Result<(), String> {
+    if !matches!(parsed, Channel::Room(_)) {
+        return Err("channel tokens are for room: channels".into());
+    }
+    let Some(v) = cx.cfg.auth.as_deref() else {
+        return Err("channel tokens need auth.mode = \"jwt\"".into());
+    };
+    let c = v
+        .verify_channel(token, cx.unix_ms)
+        .map_err(|e| format!("channel token refused: {}", e.reason()))?;
+    if c.sub != user {
+        return Err("channel token is for another user".into());
+    }
+    if c.ch != ch {
+        return Err("channel token is for another channel".into());
+    }
+    Ok(())
+}
+
+/// Subscribes to an allowed channel (idempotent; bounded per connection):
+/// the `sub`'s id, the channel, its `since` and whether it watches presence.
+fn subscribe(
+    st: &mut SessionState,
+    cx: &Ctx<'_>,
+    (id, ch, since, presence): (Option<u64>, Rc<str>, Option<Since>, bool),
+    out: &mut Vec<Action>,
+) {
+    if st.subs.contains(&ch) {
+        // Already subscribed (and live): idempotent.
+        return out.push(Action::Reply(Envelope::ok(id)));
+    }
+    if full(st, cx, id, out) {
+        return;
+    }
     // Most connections hold one or two channels: grow one at a time.
     st.subs.reserve_exact(1);
     st.subs.push(ch.clone());
@@ -1465,6 +1677,8 @@ fn on_check(
         }
     }
 }
+
+pub mod hooks;
 
 #[cfg(test)]
 mod tests;

@@ -130,7 +130,7 @@ fn welcome(out: &[Action]) -> Option<serde_json::Value> {
 
 fn closed(out: &[Action]) -> Option<CloseReq> {
     out.iter().find_map(|a| match a {
-        Action::Close(c) => Some(*c),
+        Action::Close(c) => Some(c.clone()),
         _ => None,
     })
 }
@@ -457,7 +457,10 @@ fn drain_closes_1001_which_carries_retry() {
 #[test]
 fn kick_closes_4005() {
     let mut s = T::welcomed("alice");
-    assert_close(&s.run(Input::Kick), CloseCode::KICKED);
+    assert_close(
+        &s.run(Input::Kick(CloseReq::new(CloseCode::KICKED, "kicked"))),
+        CloseCode::KICKED,
+    );
 }
 
 #[test]
@@ -465,7 +468,10 @@ fn a_closing_session_does_nothing() {
     let mut s = T::welcomed("alice");
     s.st.phase = Phase::Closing;
     assert!(s.client(r#"{"t":"ping","id":1}"#).is_empty());
-    assert!(s.run(Input::Kick).is_empty());
+    assert!(
+        s.run(Input::Kick(CloseReq::new(CloseCode::KICKED, "kicked")))
+            .is_empty()
+    );
 }
 
 // ---------------------------------------------------------------- after welcome
@@ -624,6 +630,7 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
         Some(8),
         Ok(Some(Stored {
             seq: 4,
+            epoch: "e".into(),
             duplicate: false,
         })),
     ));
@@ -633,6 +640,7 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
         Some(8),
         Ok(Some(Stored {
             seq: 4,
+            epoch: "e".into(),
             duplicate: true,
         })),
     ));
@@ -694,6 +702,7 @@ fn ordered_publishes_go_one_at_a_time_and_a_refusal_refuses_those_behind_it() {
     let stored = |seq| {
         Ok(Some(Stored {
             seq,
+            epoch: "e".into(),
             duplicate: false,
         }))
     };
@@ -719,7 +728,7 @@ fn ordered_publishes_go_one_at_a_time_and_a_refusal_refuses_those_behind_it() {
     assert!(s.st.extra.is_none(), "nothing waits: no Extra kept");
     // What an idle client that names its instance keeps (Extra for life):
     // the publish queue costs it one pointer.
-    assert_eq!(std::mem::size_of::<Extra>(), 48);
+    assert_eq!(std::mem::size_of::<Extra>(), 56);
     // ...and every connection nothing: the in-flight flag sits in padding.
     assert_eq!(std::mem::size_of::<SessionState>(), 64);
     // The client sends them again: the first goes at once, the rest wait.
@@ -1473,4 +1482,309 @@ fn members_from_a_client_is_a_protocol_error() {
     let mut s = T::welcomed("alice");
     let out = s.client(r#"{"t":"members","ch":"room:a","meta":{"present":1}}"#);
     assert_close(&out, CloseCode::PROTOCOL_ERROR);
+}
+
+// ---- hooks (docs/api.md, "Hooks") ----
+
+fn with_hooks(t: &mut T, connect: bool, subscribe: bool, publish: bool, allow_on_error: bool) {
+    let name = |on: bool| on.then(|| std::sync::Arc::from("svc1"));
+    t.cfg.hooks = crate::settings::HookSettings {
+        services: [name(connect), name(subscribe), name(publish)],
+        allow_on_error,
+        timeout_ms: 500,
+        cache_ms: 0,
+    };
+}
+
+/// The ask in `out`: (hook, ticket, body as JSON).
+fn asked(out: &[Action]) -> (hooks::Hook, u64, serde_json::Value) {
+    out.iter()
+        .find_map(|a| match a {
+            Action::Ask {
+                hook, ticket, body, ..
+            } => Some((
+                *hook,
+                *ticket,
+                serde_json::from_slice(body).unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no ask in {out:?}"))
+}
+
+fn answer(s: &str) -> Result<Payload, ErrCode> {
+    Ok(Payload::Json(bytes::Bytes::from(s.to_owned())))
+}
+
+fn published(out: &[Action]) -> Vec<&Pub> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Publish(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn no_hook_configured_asks_nothing_and_waits_for_nothing() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"sub","id":2,"ch":"room:a"}"#);
+    assert!(out.iter().all(|a| !matches!(a, Action::Ask { .. })));
+    assert!(out.iter().any(|a| matches!(a, Action::Subscribe { .. })));
+    let out = s.client(r#"{"t":"pub","id":3,"ch":"room:a","d":1}"#);
+    assert_eq!(published(&out).len(), 1);
+    // SessionState is what an idle connection pays: unchanged by hooks.
+    assert_eq!(std::mem::size_of::<SessionState>(), 64);
+}
+
+#[test]
+fn connect_hook_holds_the_welcome() {
+    for (answer_text, want) in [
+        (r#"{"allow":true}"#, None),
+        (
+            r#"{"allow":false,"code":4005,"reason":"banned"}"#,
+            Some(CloseCode::KICKED),
+        ),
+        (r#"{"allow":false}"#, Some(CloseCode::UNAUTHORIZED)),
+    ] {
+        let mut s = T::open();
+        with_hooks(&mut s, true, false, false, false);
+        let out = s.client(
+            r#"{"t":"hello","id":1,"meta":{"user":"bob","client":"web/1","instance":"tab1"}}"#,
+        );
+        assert!(welcome(&out).is_none(), "waits for the hook: {out:?}");
+        let (hook, _, body) = asked(&out);
+        assert_eq!(hook, hooks::Hook::Connect);
+        assert_eq!(body["user"], "bob");
+        assert_eq!(body["client"], "web/1");
+        assert_eq!(body["instance"], "tab1");
+        assert_eq!(body["conn"], "n1-1-7");
+        // Anything but ping before welcome is still a protocol error.
+        let again = s.client(r#"{"t":"hello","id":2,"meta":{"user":"bob"}}"#);
+        assert_close(&again, CloseCode::PROTOCOL_ERROR);
+        let mut s2 = T::open();
+        with_hooks(&mut s2, true, false, false, false);
+        let out = s2.client(r#"{"t":"hello","id":1,"meta":{"user":"bob"}}"#);
+        let (_, ticket2, _) = asked(&out);
+        let out = s2.run(Input::Answer(Some(ticket2), answer(answer_text)));
+        match want {
+            None => assert!(welcome(&out).is_some(), "{out:?}"),
+            Some(code) => {
+                let c = assert_close(&out, code);
+                if code == CloseCode::KICKED {
+                    assert_eq!(c.reason, "banned");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn connect_hook_failure_follows_on_error() {
+    for allow in [false, true] {
+        let mut s = T::open();
+        with_hooks(&mut s, true, false, false, allow);
+        let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"bob"}}"#);
+        let (_, t, _) = asked(&out);
+        let out = s.run(Input::Answer(Some(t), Err(ErrCode::Timeout)));
+        if allow {
+            assert!(welcome(&out).is_some(), "{out:?}");
+        } else {
+            assert_close(&out, CloseCode::OVERLOADED);
+        }
+    }
+    assert!(
+        carries_retry(CloseCode::OVERLOADED),
+        "4007 carries retry_ms"
+    );
+}
+
+#[test]
+fn subscribe_hook_allows_refuses_and_fails() {
+    let mut s = T::welcomed("alice");
+    with_hooks(&mut s, false, true, false, false);
+    let out = s.client(r#"{"t":"sub","id":2,"ch":"room:a"}"#);
+    let (hook, t, body) = asked(&out);
+    assert_eq!(
+        (hook, body["ch"].as_str()),
+        (hooks::Hook::Subscribe, Some("room:a"))
+    );
+    assert!(!out.iter().any(|a| matches!(a, Action::Subscribe { .. })));
+    let out = s.run(Input::Answer(Some(t), answer(r#"{"allow":true}"#)));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::CacheAllow(c) if &**c == "room:a"))
+    );
+    assert!(out.iter().any(|a| matches!(a, Action::Subscribe { .. })));
+    // user: channels are not asked.
+    let out = s.client(r#"{"t":"sub","id":3,"ch":"user:alice"}"#);
+    assert!(!out.iter().any(|a| matches!(a, Action::Ask { .. })));
+    let out = s.client(r#"{"t":"sub","id":4,"ch":"room:b"}"#);
+    let (_, t, _) = asked(&out);
+    let out = s.run(Input::Answer(
+        Some(t),
+        answer(r#"{"allow":false,"reason":"not a member"}"#),
+    ));
+    assert_err(&out, 4, ErrCode::Forbidden);
+    assert_eq!(reply(&out).reason.as_deref(), Some("not a member"));
+    let out = s.client(r#"{"t":"sub","id":5,"ch":"room:c"}"#);
+    let (_, t, _) = asked(&out);
+    let out = s.run(Input::Answer(Some(t), Err(ErrCode::Timeout)));
+    assert_err(&out, 5, ErrCode::Timeout);
+    assert_eq!(s.metrics.hooks[1][2].load(Relaxed), 1, "allowed");
+    assert_eq!(s.metrics.hooks[1][3].load(Relaxed), 1, "refused");
+    assert_eq!(s.metrics.hooks[1][4].load(Relaxed), 1, "timed out");
+    // Nothing waits any more: no hook state kept.
+    assert!(s.st.hooks().is_none());
+}
+
+#[test]
+fn publish_hook_replaces_the_payload_and_keeps_the_order() {
+    let mut s = T::welcomed("alice");
+    with_hooks(&mut s, false, false, true, false);
+    let t1 = asked(&s.client(r#"{"t":"pub","id":1,"ch":"room:a","d":"one"}"#));
+    assert_eq!(t1.2["d"], "one");
+    assert_eq!(t1.2["ephemeral"], false);
+    let t2 = asked(&s.client(r#"{"t":"pub","id":2,"ch":"room:a","db":"AAE="}"#));
+    assert_eq!(t2.2["db"], "AAE=");
+    let t3 = asked(&s.client(r#"{"t":"pub","id":3,"ch":"room:a","d":"three"}"#));
+    // The second's answer first: it waits behind the first.
+    let out = s.run(Input::Answer(Some(t2.1), answer(r#"{"allow":true}"#)));
+    assert!(published(&out).is_empty(), "{out:?}");
+    let out = s.run(Input::Answer(
+        Some(t3.1),
+        answer(r#"{"allow":false,"reason":"spam"}"#),
+    ));
+    assert!(
+        published(&out).is_empty() && replies(&out).is_empty(),
+        "{out:?}"
+    );
+    let out = s.run(Input::Answer(
+        Some(t1.1),
+        answer(r#"{"allow":true,"d":{"clean":true}}"#),
+    ));
+    let p = published(&out);
+    assert_eq!(
+        p.iter().map(|p| p.id).collect::<Vec<_>>(),
+        [Some(1), Some(2)]
+    );
+    assert_eq!(
+        p[0].payload,
+        Payload::Json(bytes::Bytes::from_static(b"{\"clean\":true}"))
+    );
+    assert_err(&out, 3, ErrCode::Forbidden);
+    // on_error = allow: a failure publishes the original.
+    let mut s = T::welcomed("bob");
+    with_hooks(&mut s, false, false, true, true);
+    let t = asked(&s.client(r#"{"t":"pub","id":1,"ch":"room:a","d":1}"#));
+    let out = s.run(Input::Answer(Some(t.1), Err(ErrCode::NoService)));
+    assert_eq!(published(&out).len(), 1);
+}
+
+#[test]
+fn pending_asks_are_bounded() {
+    let mut s = T::welcomed("alice");
+    with_hooks(&mut s, false, false, true, false);
+    for i in 0..hooks::MAX_ASKS {
+        let out = s.client(&format!(r#"{{"t":"pub","id":{i},"ch":"room:a","d":1}}"#));
+        asked(&out);
+    }
+    let out = s.client(r#"{"t":"pub","id":999,"ch":"room:a","d":1}"#);
+    assert_err(&out, 999, ErrCode::RateLimited);
+}
+
+// ---- channel tokens (docs/api.md, "Channel tokens") ----
+
+fn channel_token(sub: &str, ch: &str, exp_s: u64) -> String {
+    let claims = serde_json::json!({"sub": sub, "ch": ch, "exp": exp_s});
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn channel_tokens_grant_a_room_whatever_the_policy() {
+    let mut s = T::jwt(RoomPolicy::Claims);
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":1,"meta":{{"token":"{}"}}}}"#,
+        token("alice", UNIX / 1000 + 600, &[])
+    ));
+    assert!(welcome(&out).is_some(), "{out:?}");
+    with_hooks(&mut s, false, true, false, false);
+    // Without a token: the policy refuses.
+    assert_err(
+        &s.client(r#"{"t":"sub","id":2,"ch":"room:g1"}"#),
+        2,
+        ErrCode::Forbidden,
+    );
+    assert_err(
+        &s.client(r#"{"t":"pub","id":3,"ch":"room:g1","d":1}"#),
+        3,
+        ErrCode::Forbidden,
+    );
+    let cases = [
+        (
+            channel_token("alice", "room:g1", UNIX / 1000 - 60),
+            "channel token refused: token expired",
+        ),
+        (
+            channel_token("bob", "room:g1", UNIX / 1000 + 60),
+            "channel token is for another user",
+        ),
+        (
+            channel_token("alice", "room:g2", UNIX / 1000 + 60),
+            "channel token is for another channel",
+        ),
+        (
+            token("alice", UNIX / 1000 + 60, &[]),
+            "channel token refused: token is malformed",
+        ),
+        (
+            "garbage".to_owned(),
+            "channel token refused: token is malformed",
+        ),
+    ];
+    for (tok, why) in cases {
+        let out = s.client(&format!(
+            r#"{{"t":"sub","id":4,"ch":"room:g1","meta":{{"token":"{tok}"}}}}"#
+        ));
+        assert_err(&out, 4, ErrCode::Forbidden);
+        assert_eq!(reply(&out).reason.as_deref(), Some(why));
+    }
+    let tok = channel_token("alice", "room:g1", UNIX / 1000 + 60);
+    let out = s.client(&format!(
+        r#"{{"t":"sub","id":5,"ch":"room:g1","meta":{{"token":"{tok}"}}}}"#
+    ));
+    assert!(
+        out.iter().any(|a| matches!(a, Action::Subscribe { .. })),
+        "no hook asked: {out:?}"
+    );
+    assert!(!out.iter().any(|a| matches!(a, Action::Ask { .. })));
+    // The grant covers publishing, while subscribed.
+    assert_eq!(
+        published(&s.client(r#"{"t":"pub","id":6,"ch":"room:g1","d":1}"#)).len(),
+        1
+    );
+    s.client(r#"{"t":"unsub","id":7,"ch":"room:g1"}"#);
+    assert_err(
+        &s.client(r#"{"t":"pub","id":8,"ch":"room:g1","d":1}"#),
+        8,
+        ErrCode::Forbidden,
+    );
+    // user: channels take no channel token.
+    let tok = channel_token("alice", "user:alice", UNIX / 1000 + 60);
+    let out = s.client(&format!(
+        r#"{{"t":"sub","id":9,"ch":"user:alice","meta":{{"token":"{tok}"}}}}"#
+    ));
+    assert_err(&out, 9, ErrCode::Forbidden);
+}
+
+#[test]
+fn channel_tokens_need_jwt() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"sub","id":2,"ch":"room:g1","meta":{"token":"x"}}"#);
+    assert_err(&out, 2, ErrCode::Forbidden);
 }

@@ -20,6 +20,7 @@
 //!
 //! Admission (who may connect) is the listener's (`admission.rs`).
 
+pub mod api;
 pub mod conns;
 pub mod liveness;
 pub mod subs;
@@ -91,6 +92,9 @@ pub struct Shard {
     /// borrowed, so a nested call gets a fresh one).
     actions: Cell<Vec<Action>>,
     events: Cell<Vec<Event>>,
+    /// The services thread's link (server API, HTTP services, hooks), when
+    /// it runs.
+    pub api: Option<api::ApiSide>,
     start: Instant,
     clock: Cell<u64>,
 }
@@ -125,9 +129,16 @@ impl Shard {
             stop: Rc::new(glommio::sync::Semaphore::new(0)),
             actions: Cell::new(Vec::new()),
             events: Cell::new(Vec::new()),
+            api: None,
             start: Instant::now(),
             clock: Cell::new(0),
         }
+    }
+
+    /// The shard with its end of the services thread.
+    pub fn with_api(mut self, link: crate::api::ShardLink) -> Self {
+        self.api = Some(api::ApiSide::new(link));
+        self
     }
 
     /// Milliseconds since the shard started (coarse: refreshed per tick and
@@ -366,9 +377,19 @@ impl Shard {
                     user: &user,
                     conn: &name,
                     payload,
+                    ask: false,
+                    timeout_ms: None,
                 };
-                self.backbone.request(req, self.ack(conn, id), events);
+                self.request(req, self.ack(conn, id), events);
             }
+            Action::Ask {
+                hook,
+                ticket,
+                user,
+                body,
+                ch,
+            } => self.ask(conn, (hook, ticket, user), body, ch, events),
+            Action::CacheAllow(ch) => self.cache_allow(conn, &ch),
             Action::Presence(user, delta) => self.backbone.presence(&user, delta),
             Action::Arm(check, at) => self.liveness.arm(conn.key, conn.serial, check, at),
             Action::Ping => {
@@ -393,6 +414,7 @@ impl Shard {
         let conn_for = |ack: &Ack| self.conns.get(ack.key, ack.serial, false);
         match ev {
             Event::Deliver(env) => self.deliver_local(env),
+            Event::Published(ack, r) if ack.is_api() => self.api_published(ack, r),
             Event::Published(ack, r) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::Published(ack.id, r));
@@ -429,8 +451,13 @@ impl Shard {
                     self.input(&c, Input::Reply(ack.id, r));
                 }
             }
+            Event::Answer(ack, r) => {
+                if let Some(c) = conn_for(&ack) {
+                    self.input(&c, Input::Answer(ack.id, r));
+                }
+            }
             // Every welcomed connection is subscribed to its user channel.
-            Event::Kick(user) => self.tell_subscribers(&format!("user:{user}"), || Input::Kick),
+            Event::Kick(k) => self.kick(k),
             Event::Gap(ch) => self.tell_subscribers(&ch, || Input::Gap),
         }
     }

@@ -286,7 +286,13 @@ async fn finish<W: Wire>(shard: &Rc<Shard>, conn: &Rc<Conn>, wire: &mut W, end: 
                     .drops_slow_consumer
                     .fetch_add(dropped as u64, Relaxed);
             }
-            let retry = carries_retry(code).then(|| shard.cfg.jittered_retry_ms());
+            // A core service may have chosen the retry_ms (a disconnect).
+            let chosen = conn
+                .close_requested()
+                .filter(|r| r.code == code)
+                .and_then(|r| r.retry_ms);
+            let retry =
+                chosen.or_else(|| carries_retry(code).then(|| shard.cfg.jittered_retry_ms()));
             let bye = Envelope::bye(code, &reason, retry);
             let mut last = Vec::new();
             conn.drain_into(&mut last, usize::MAX);

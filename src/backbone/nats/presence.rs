@@ -53,9 +53,10 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use super::nats::ShardTx;
-use super::presence::{PresencePage, PresenceStore, online_page};
-use super::{Event, Refused};
+use super::ShardTx;
+use crate::backbone::presence::{PresencePage, PresenceStore, Transition, online_page};
+use crate::backbone::{Event, Refused};
+use crate::events::UserCounts;
 use crate::metrics::BackboneStats;
 
 /// How long a sync waits for the nodes it knows to answer.
@@ -146,8 +147,9 @@ pub(super) struct ClusterPresence {
     seqs: RefCell<HashMap<String, u64>>,
     /// Changes not yet published: room → (joined, left).
     outgoing: RefCell<HashMap<String, Changes>>,
-    /// Users connected to this node → connections (online anywhere).
-    online: RefCell<HashMap<String, u32>>,
+    /// Users connected to this node (online anywhere), shared with the
+    /// node's `info` and `user.*` events.
+    online: Rc<RefCell<UserCounts>>,
     views: RefCell<HashMap<String, View>>,
     /// The union of the views: (room, user) → nodes holding it.
     cluster: RefCell<PresenceStore>,
@@ -167,6 +169,7 @@ impl ClusterPresence {
         cfg: &crate::config::Presence,
         shards: Rc<Vec<ShardTx>>,
         state: Arc<BackboneStats>,
+        online: Rc<RefCell<UserCounts>>,
     ) -> Rc<Self> {
         Rc::new(ClusterPresence {
             client,
@@ -180,7 +183,7 @@ impl ClusterPresence {
             local: RefCell::new(PresenceStore::new(usize::MAX)),
             seqs: RefCell::new(HashMap::new()),
             outgoing: RefCell::new(HashMap::new()),
-            online: RefCell::new(HashMap::new()),
+            online,
             views: RefCell::new(HashMap::new()),
             cluster: RefCell::new(PresenceStore::new(cfg.diff_limit)),
             peers: RefCell::new(HashMap::new()),
@@ -346,7 +349,7 @@ impl ClusterPresence {
     fn snapshot(&self, ch: &str) -> Bytes {
         let (users, s) = match ch.strip_prefix("user:") {
             Some(u) => {
-                let on = self.online.borrow().get(u).is_some_and(|&n| n > 0);
+                let on = self.online.borrow().get(u) > 0;
                 (if on { vec![u.to_owned()] } else { Vec::new() }, 0)
             }
             None => (
@@ -365,22 +368,8 @@ impl ClusterPresence {
             .unwrap_or_default()
     }
 
-    /// A user's connections on this node changed by `delta`; the new count.
-    pub(super) fn connections(&self, user: &str, delta: i32) -> (u32, u32) {
-        let mut online = self.online.borrow_mut();
-        let n = online.entry(user.to_owned()).or_insert(0);
-        let before = *n;
-        *n = n.saturating_add_signed(delta);
-        let after = *n;
-        if after == 0 {
-            online.remove(user);
-        }
-        (before, after)
-    }
-
     /// A shard's count of `user` in room `ch` moved by `delta`.
     pub(super) fn on_local(&self, ch: &str, user: &str, delta: i32) {
-        use super::presence::Transition;
         let t = self.local.borrow_mut().change(ch, user, delta);
         if t == Transition::None {
             return;
@@ -756,7 +745,7 @@ impl ClusterPresence {
         after: Option<&str>,
     ) -> Result<PresencePage, Refused> {
         if let Some(user) = ch.strip_prefix("user:") {
-            if self.online.borrow().get(user).is_some_and(|&n| n > 0) {
+            if self.online.borrow().get(user) > 0 {
                 return Ok(online_page(user, true));
             }
             let found = self.gather(ch).await.iter().any(|s| !s.u.is_empty());
