@@ -264,6 +264,12 @@ async fn route(node: &Node, req: &Request) -> (&'static str, &'static str, Strin
                     "text/plain",
                     "draining\n".to_string(),
                 )
+            } else if !node.credentials.jwks.ready() {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "waiting for JWT keys (auth.jwks_url)\n".to_string(),
+                )
             } else {
                 (
                     "503 Service Unavailable",

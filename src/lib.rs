@@ -53,6 +53,7 @@ pub mod compress;
 pub mod config;
 pub mod config_ref;
 pub mod conn;
+pub mod jwks;
 pub(crate) mod listener;
 pub mod metrics;
 pub mod node;
