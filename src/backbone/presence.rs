@@ -69,16 +69,24 @@ pub enum Transition {
     None,
 }
 
-/// One room's presence.
+/// One room's presence. Most rooms have no watcher: what watching needs
+/// is boxed, so an unwatched room is its map and one pointer.
 #[derive(Default)]
 struct Room {
     /// Present users → how many reporters (shards, or nodes) hold them.
     users: BTreeMap<Box<str>, u32>,
+    /// Watchers and the batch for them, while anyone watches.
+    watch: Option<Box<Watch>>,
+}
+
+/// A watched room's watchers and batch.
+#[derive(Default)]
+struct Watch {
     /// Reporters that want `members` events for the room (shards with a
-    /// watching connection), each with how many times it asked.
+    /// watching connection), once per time they asked.
     watchers: Vec<u32>,
-    /// Since the last flush (kept only while the room has watchers): each
-    /// user whose count moved, and whether they were present before.
+    /// Since the last flush: each user whose count moved, and whether they
+    /// were present before.
     pending: HashMap<Box<str>, bool>,
 }
 
@@ -158,11 +166,13 @@ impl PresenceStore {
                 Transition::None
             }
         };
-        if t != Transition::None && !r.watchers.is_empty() {
-            if r.pending.is_empty() {
+        if t != Transition::None
+            && let Some(w) = r.watch.as_mut()
+        {
+            if w.pending.is_empty() {
                 self.dirty.push(Box::from(room));
             }
-            r.pending
+            w.pending
                 .entry(Box::from(user))
                 .or_insert(t == Transition::Left);
         }
@@ -174,13 +184,15 @@ impl PresenceStore {
     pub fn watch(&mut self, room: &str, who: u32, on: bool) {
         if on {
             let r = self.rooms.entry(Box::from(room)).or_default();
-            r.watchers.push(who);
+            r.watch.get_or_insert_with(Box::default).watchers.push(who);
         } else if let Some(r) = self.rooms.get_mut(room) {
-            if let Some(i) = r.watchers.iter().position(|&w| w == who) {
-                r.watchers.swap_remove(i);
-            }
-            if r.watchers.is_empty() {
-                r.pending = HashMap::new();
+            if let Some(w) = r.watch.as_mut()
+                && let Some(i) = w.watchers.iter().position(|&x| x == who)
+            {
+                w.watchers.swap_remove(i);
+                if w.watchers.is_empty() {
+                    r.watch = None;
+                }
             }
             self.forget_if_empty(room);
         }
@@ -190,7 +202,7 @@ impl PresenceStore {
         if self
             .rooms
             .get(room)
-            .is_some_and(|r| r.users.is_empty() && r.watchers.is_empty() && r.pending.is_empty())
+            .is_some_and(|r| r.users.is_empty() && r.watch.is_none())
         {
             self.rooms.remove(room);
         }
@@ -250,10 +262,10 @@ impl PresenceStore {
             let Some(r) = self.rooms.get_mut(&*room) else {
                 continue;
             };
-            let pending = std::mem::take(&mut r.pending);
-            if r.watchers.is_empty() {
-                continue;
-            }
+            let Some(w) = r.watch.as_mut() else {
+                continue; // no watcher left: nobody to tell
+            };
+            let pending = std::mem::take(&mut w.pending);
             let mut join = Vec::new();
             let mut leave = Vec::new();
             for (user, was) in pending {
@@ -278,7 +290,7 @@ impl PresenceStore {
             let mut env = Envelope::new(Type::Members);
             env.ch = Some(room.to_string());
             env.meta = Some(meta.to_string());
-            let mut to: Vec<u32> = r.watchers.clone();
+            let mut to: Vec<u32> = w.watchers.clone();
             to.sort_unstable();
             to.dedup();
             out.push(Flushed {
