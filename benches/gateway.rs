@@ -114,6 +114,7 @@ fn shard() -> Shard {
         shards_stopped: AtomicUsize::new(0),
         metrics: vec![Arc::new(ShardMetrics::default())],
         admin_token: None,
+        credentials: Default::default(),
         admin_queues: vec![crossbeam_channel::bounded(4)],
     });
     let cfg = ShardConfig::from_config(&Config::default(), 1, "bench".into());

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fan-out on one core: the gateway pinned to CPU 0 with one shard, the
-# harness pinned to CPU 1. Recorded in docs/benchmarks.md ("The harness
+# harness pinned to CPU 1. Recorded in docs/bench-notes.md ("The harness
 # outruns the gateway (issue 13)").
 # usage: scripts/bench-fanout.sh LABEL GATEWAY_BIN RECEIVER K P RATE [EXTRA LOADTEST ARGS...]
 #   e.g. scripts/bench-fanout.sh new target/release/edgegate lean 100 10 2000

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # RSS per idle connection: a fresh gateway (default config: 2 shards), N idle
 # connections of one transport from the bundled harness, held 10 s; prints
-# the harness's "RSS per connection" line. Recorded in docs/benchmarks.md
+# the harness's "RSS per connection" line. Recorded in docs/bench-notes.md
 # ("Issue 13 in one session"; the same method as "QUIC idle memory").
 # usage: scripts/bench-idle.sh ws|wss|quic N GATEWAY_BIN
 # env: LT (loadtest binary, default target/release/loadtest), OUT (default /tmp/bench-idle)

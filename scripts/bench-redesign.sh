@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side by side: two gateway builds (old vs new), the same harness binary ($LT).
-# Recorded in docs/benchmarks.md, "Redesign of the middle (issue 9)".
+# Recorded in docs/bench-notes.md, "Redesign of the middle (issue 9)".
 # usage: run.sh LABEL GATEWAY_BIN SCENARIO
 set -u
 label=$1; bin=$2; scen=$3

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""permessage-deflate benchmarks (docs/benchmarks.md, "permessage-deflate").
+"""permessage-deflate benchmarks (docs/bench-notes.md, "permessage-deflate").
 
 Raw WebSocket clients on asyncio (the harness's tungstenite has no
 permessage-deflate), against a gateway this script starts, pinned with

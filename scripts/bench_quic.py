@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""QUIC benchmarks of issue 4 (docs/benchmarks.md, "QUIC (issue 4)").
+"""QUIC benchmarks of issue 4 (docs/bench-notes.md, "QUIC (issue 4)").
 
 Starts the gateway (release binary by default) with QUIC on 127.0.0.1 and a
 test certificate made here, then:

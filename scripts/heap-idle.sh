@@ -4,7 +4,7 @@
 # connections of one transport from the bundled harness, then SIGTERM; the
 # heap at its peak (all N connections up, the drain just begun) is split by
 # allocation site and divided by N, the close path left out
-# (scripts/heap_peak.py). docs/benchmarks.md, "What an idle connection holds".
+# (scripts/heap_peak.py). docs/bench-notes.md, "What an idle connection holds".
 #
 # usage: scripts/heap-idle.sh ws|wss|tcp|quic N OUTDIR
 #   needs: heaptrack (apt), openssl, curl, and

@@ -4,7 +4,7 @@ during a `loadtest idle` ramp, from its JSON report's time series.
 
 The before/after difference of `loadtest idle` divides by N a baseline that
 jitters by about 1 MB between gateway starts; the slope over the ramp does not
-depend on it. docs/benchmarks.md, "`Conn` in mimalloc's 224-byte class".
+depend on it. docs/bench-notes.md, "`Conn` in mimalloc's 224-byte class".
 
 usage: scripts/rss_slope.py REPORT.json [...]   (fits 20-93 % of the ramp)
 """

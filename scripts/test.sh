@@ -6,8 +6,12 @@
 #   2. a venv at .venv with the pinned deps of tests/python/requirements.txt
 #   3. cargo fmt --check, cargo clippy --all-targets -D warnings, python3
 #      scripts/modcycles.py (no import cycle in src/), cargo build --workspace,
-#      cargo test --workspace, the vendored quinn-proto's and quinn's own tests
-#   4. pytest tests/python (the real binary over real sockets)
+#      cargo test --workspace (docs/config.md must be what `edgegate
+#      config-reference` prints), third_party/ checked against crates.io + its
+#      patches (scripts/check-vendored.sh), the vendored quinn-proto's and
+#      quinn's own tests
+#   4. pytest tests/python (the real binary over real sockets; deploy/ against
+#      a real Prometheus)
 #   5. the TypeScript SDK (client-js/): npm ci, tsc, its size budget, and
 #      node --test against the real binary, in Node and in headless Chromium
 #   6. Autobahn|Testsuite against the WebSocket echo endpoint (scripts/autobahn.sh)
@@ -50,6 +54,8 @@ need_apt curl curl                    # scripts/nats-cluster.sh (health checks)
 need_apt node nodejs                  # client-js/ (the TypeScript SDK), Node >= 20
 need_apt npm npm
 need_apt chromium chromium            # client-js/test/browser.test.mjs (puppeteer-core drives it; nothing downloads a browser)
+need_apt patch patch                  # scripts/check-vendored.sh (third_party/ = crates.io + patches)
+need_apt promtool prometheus          # tests/python/test_deploy.py (promtool check rules; a real Prometheus scrapes a gateway)
 # <<< system packages <<<
 
 # ---------------------------------------------------------------- 2. Python venv
@@ -79,6 +85,8 @@ step "cargo build --workspace"
 cargo build --workspace
 step "cargo test --workspace"
 cargo test --workspace
+step "third_party/: each vendored crate = crates.io + its patch (scripts/check-vendored.sh)"
+./scripts/check-vendored.sh
 # The vendored quinn and quinn-proto carry patches of ours
 # (third_party/README.md): their own tests run against them (quinn-proto's
 # unit and in-memory connection tests: key updates, streams, loss, migration,
@@ -95,6 +103,8 @@ step "pytest tests/python"
 export EDGEGATE_BIN=${EDGEGATE_BIN:-$ROOT/target/debug/edgegate}
 # The NATS tests skip only where the backbone is missing; here it must be there.
 export EG_REQUIRE_NATS=${EG_REQUIRE_NATS:-1}
+# And Prometheus (deploy/: the alert rules and the dashboard's expressions).
+export EG_REQUIRE_PROMETHEUS=${EG_REQUIRE_PROMETHEUS:-1}
 failed=()
 # shellcheck disable=SC2086
 .venv/bin/python -m pytest tests/python -q ${EG_PYTEST_ARGS:-} || failed+=("pytest")

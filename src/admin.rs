@@ -185,6 +185,7 @@ async fn route(node: &Node, req: &Request) -> Response {
                 draining: node.shutdown.load(Relaxed),
                 backbone_up: node.backbone_up(),
                 backbone: node.backbone.as_deref(),
+                credentials: &node.credentials,
                 services: node.services.as_deref(),
             })
             .into_bytes(),

@@ -112,6 +112,9 @@ pub struct Config {
     /// `[history]`: positions, history and recovery of `room:`/`user:`
     /// channels (docs/protocol.md, "Positions, history and recovery").
     pub history: History,
+    /// `[presence]`: who is present in which room (docs/protocol.md,
+    /// "Presence").
+    pub presence: Presence,
     /// `[log]`: log verbosity and format.
     pub log: Log,
     /// `[api]`: the server API for core services.
@@ -653,6 +656,40 @@ impl Default for History {
             recovery_limit: 1000,
             recovery_buffer: 10_000,
             dedupe_window_ms: 120_000,
+        }
+    }
+}
+
+/// `[presence]`: who is present in which room, kept per user (a second
+/// tab changes nothing), and the `members` events that tell a room's
+/// presence subscribers who joined and left.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Presence {
+    /// On by default. Off: `sub` with `meta.presence` is `err bad_request`,
+    /// `presence` queries are answered `err bad_request`, and nothing is
+    /// tracked (no memory per subscription).
+    pub enabled: bool,
+    /// Changes are sent at most this often per room and connection, as net
+    /// changes (someone who joined and left within one batch is in neither
+    /// list), 1 000 ms by default.
+    pub flush_ms: u64,
+    /// In a room with more present users than this, `members` carries only
+    /// `present`, not who joined and left, 1 000 by default.
+    pub diff_limit: usize,
+    /// With the NATS backbone: the users of a node that stops sending its
+    /// presence heartbeats (a third of this) leave after this long, 30 000
+    /// ms by default.
+    pub node_ttl_ms: u64,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            enabled: true,
+            flush_ms: 1000,
+            diff_limit: 1000,
+            node_ttl_ms: 30_000,
         }
     }
 }
@@ -1214,6 +1251,27 @@ impl Config {
             return fail(
                 "history.shard_bytes",
                 format!("{} is less than 65536 (64 KiB)", h.shard_bytes),
+            );
+        }
+
+        // [presence]
+        let p = &self.presence;
+        if p.flush_ms < MIN_TIMER_MS || p.flush_ms > 60_000 {
+            return fail(
+                "presence.flush_ms",
+                format!("{} is outside 100..=60000", p.flush_ms),
+            );
+        }
+        if p.diff_limit == 0 {
+            return fail("presence.diff_limit", "must be more than 0".to_owned());
+        }
+        if p.node_ttl_ms < 3000 {
+            return fail(
+                "presence.node_ttl_ms",
+                format!(
+                    "{} is less than 3000 (nodes send a heartbeat every third of it)",
+                    p.node_ttl_ms
+                ),
             );
         }
 
@@ -2618,6 +2676,36 @@ mod tests {
         );
         rejects(&[("EDGEGATE_HISTORY__ENABLED", "maybe")], "history.enabled");
         accepts(&[("EDGEGATE_DRAIN__WINDOW_MS", "10000")]);
+    }
+
+    #[test]
+    fn presence_settings_are_checked() {
+        rejects(
+            &[("EDGEGATE_PRESENCE__FLUSH_MS", "50")],
+            "presence.flush_ms",
+        );
+        rejects(
+            &[("EDGEGATE_PRESENCE__FLUSH_MS", "60001")],
+            "presence.flush_ms",
+        );
+        rejects(
+            &[("EDGEGATE_PRESENCE__DIFF_LIMIT", "0")],
+            "presence.diff_limit",
+        );
+        rejects(
+            &[("EDGEGATE_PRESENCE__NODE_TTL_MS", "2999")],
+            "presence.node_ttl_ms",
+        );
+        rejects(&[("EDGEGATE_PRESENCE__ENABLED", "yes")], "presence.enabled");
+        rejects(
+            &[("EDGEGATE_PRESENCE__DIFF_LIMIT", "-1")],
+            "presence.diff_limit",
+        );
+        accepts(&[
+            ("EDGEGATE_PRESENCE__FLUSH_MS", "100"),
+            ("EDGEGATE_PRESENCE__NODE_TTL_MS", "3000"),
+            ("EDGEGATE_PRESENCE__ENABLED", "false"),
+        ]);
     }
 
     #[test]

@@ -163,6 +163,12 @@ impl Delivery {
     pub fn env(&self) -> &Arc<Envelope> {
         &self.env
     }
+
+    /// An ephemeral message or a `members` batch: dropped for a subscriber
+    /// that is behind rather than closing it ([`Conn::push_droppable`]).
+    pub fn droppable(&self) -> bool {
+        self.env.t == edgegate_proto::Type::Members || crate::backbone::is_ephemeral(&self.env)
+    }
 }
 
 /// A cheap upper-bound-ish size estimate, for queue accounting before any
@@ -364,19 +370,42 @@ impl Conn {
             }
         }
         let n = item.approx_len();
-        let used = self.out_bytes.get();
-        let live = used.saturating_sub(self.grace.get() as usize);
+        let live = self.live_bytes();
         if live + n > limit && live > 0 {
             return false;
         }
-        self.out_bytes.set(used + n);
-        let mut q = self.out.borrow_mut();
-        let was_empty = q.is_empty();
-        q.push_back(item);
-        drop(q);
-        if was_empty {
-            self.wake();
+        self.push_unbounded(item);
+        true
+    }
+
+    /// Bytes queued beyond a replay's grace (what the live bound counts).
+    fn live_bytes(&self) -> usize {
+        self.out_bytes
+            .get()
+            .saturating_sub(self.grace.get() as usize)
+    }
+
+    /// Queues a message that may be dropped (an ephemeral message, a
+    /// `members` batch): not for a connection that is behind (its live
+    /// queue over half of `limit`), nor while a recovery of its channel is
+    /// in flight (it would come before the `ok`). Returns false when it was
+    /// dropped; it never makes the connection a slow consumer.
+    pub fn push_droppable(&self, item: Out, limit: usize) -> bool {
+        {
+            let st = self.session.borrow();
+            if st.phase == crate::session::Phase::Closing || self.close_requested().is_some() {
+                return true;
+            }
+            if let Out::Shared(d) = &item
+                && d.env().ch.as_deref().is_some_and(|ch| st.is_recovering(ch))
+            {
+                return false;
+            }
         }
+        if self.live_bytes() + item.approx_len() > limit / 2 {
+            return false;
+        }
+        self.push_unbounded(item);
         true
     }
 

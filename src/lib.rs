@@ -52,6 +52,7 @@ pub(crate) mod auth;
 pub mod backbone;
 pub mod compress;
 pub mod config;
+pub mod config_ref;
 pub mod conn;
 pub mod events;
 pub(crate) mod http;

@@ -1,4 +1,5 @@
-//! The `edgegate` command: `edgegate run` and `edgegate check-config`.
+//! The `edgegate` command: `edgegate run`, `edgegate check-config` and
+//! `edgegate config-reference`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +9,7 @@ use edgegate::config::Config;
 
 /// mimalloc, unless built with `--features system-alloc` (glibc malloc, so
 /// that heaptrack sees every allocation: `scripts/heap-idle.sh`,
-/// docs/benchmarks.md, "What an idle connection holds").
+/// docs/bench-notes.md, "What an idle connection holds").
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -35,6 +36,9 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print the configuration reference (Markdown, docs/config.md): every
+    /// key with its type, default, allowed values and environment variable.
+    ConfigReference,
 }
 
 /// `mi_option_arena_eager_commit` in mimalloc.h.
@@ -42,7 +46,7 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
 /// Runs before `main` (and before the runtime's first allocations reserve
 /// mimalloc's first arena): mimalloc would otherwise commit its arenas
-/// eagerly, about 20 MB of RSS an idle node does not need (docs/benchmarks.md, "Gateway core").
+/// eagerly, about 20 MB of RSS an idle node does not need (docs/bench-notes.md, "Gateway core").
 /// `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still wins.
 extern "C" fn lazy_arena_commit() {
     if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
@@ -60,6 +64,18 @@ fn main() -> ExitCode {
     let (path, run) = match &cli.cmd {
         Cmd::Run { config } => (config.as_deref(), true),
         Cmd::CheckConfig { config } => (config.as_deref(), false),
+        Cmd::ConfigReference => {
+            return match edgegate::config_ref::render() {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgegate: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
     };
     let cfg = match Config::from_env_and_file(path) {
         Ok(c) => c,

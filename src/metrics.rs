@@ -98,11 +98,32 @@ pub struct ShardMetrics {
     pub history_bytes: AtomicU64,
     /// Channel records in this shard's history (gauge).
     pub history_channels: AtomicU64,
+    /// Messages this shard's history evicted for its byte budget
+    /// (`history.shard_bytes`) before their count or age limit.
+    pub history_evicted: AtomicU64,
     /// Publishes answered as duplicates (stored before, not delivered again).
     pub history_duplicates: AtomicU64,
     /// Recoveries (`sub`/`hello` with `since`) by outcome, indexed like
     /// [`RECOVERY_OUTCOMES`].
     pub recoveries: [AtomicU64; 5],
+    /// Ephemeral messages dropped for subscribers that were behind.
+    pub ephemeral_dropped: AtomicU64,
+    /// `members` envelopes queued to connections.
+    pub members_sent: AtomicU64,
+    /// `members` envelopes dropped for connections that were behind.
+    pub members_dropped: AtomicU64,
+    /// `members` batches sent with only the count (more present users
+    /// than `presence.diff_limit`).
+    pub members_suppressed: AtomicU64,
+    /// (room, user) pairs present in the rooms whose presence this shard
+    /// keeps (gauge; with NATS, the node's own users, on shard 0).
+    pub presence_entries: AtomicU64,
+    /// Rooms whose presence this shard keeps (gauge).
+    pub presence_rooms: AtomicU64,
+    /// `presence` queries asked.
+    pub presence_queries: AtomicU64,
+    /// `history` pages asked.
+    pub history_pages: AtomicU64,
     /// Hook questions by hook ([`HOOKS`]) and outcome ([`HOOK_OUTCOMES`]).
     pub hooks: [[AtomicU64; 6]; 3],
 }
@@ -236,6 +257,29 @@ pub struct BackboneStats {
     /// JetStream publishes sent again (same `Nats-Msg-Id`) after a try
     /// that was not acknowledged.
     pub publish_retries: AtomicU64,
+    /// Nodes alive as this node hears their presence heartbeats (itself
+    /// included).
+    pub presence_nodes: AtomicU64,
+    /// This node's own present (room, user) pairs.
+    pub presence_entries: AtomicU64,
+    /// Rooms whose cluster-wide presence this node keeps a view of.
+    pub presence_views: AtomicU64,
+    /// Presence syncs asked (views opened, gaps, reconnects).
+    pub presence_syncs: AtomicU64,
+    /// Presence deltas that skipped one (each followed by a sync).
+    pub presence_gaps: AtomicU64,
+    /// `members` batches with the count only (over `diff_limit`).
+    pub members_suppressed: AtomicU64,
+}
+
+/// Node-wide facts about the keys and certificates the node uses, written
+/// where they are loaded (start, SIGHUP, refreshes), read by the admin
+/// thread.
+#[derive(Default)]
+pub struct CredentialStats {
+    /// Unix time (seconds) at which the serving certificate (the leaf of
+    /// `tls.cert_chain`) expires; 0 while no certificate is configured.
+    pub tls_not_after: AtomicU64,
 }
 
 /// Node-wide state the admin endpoint reports beside the shard counters.
@@ -250,6 +294,8 @@ pub struct NodeInfo<'a> {
     pub backbone_up: bool,
     /// Counters of a remote backbone (NATS), when that is the backbone.
     pub backbone: Option<&'a BackboneStats>,
+    /// Certificates and keys.
+    pub credentials: &'a CredentialStats,
     /// Counters of the server API, HTTP services and webhooks, when on.
     pub services: Option<&'a ServicesStats>,
 }
@@ -443,6 +489,12 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         &mut per_shard(|m| &m.history_channels),
     );
     family(
+        "edgegate_history_evicted_total",
+        "counter",
+        "Messages evicted from history by the shard's byte budget (history.shard_bytes) before their count or age limit: history covers less than configured.",
+        &mut per_shard(|m| &m.history_evicted),
+    );
+    family(
         "edgegate_history_duplicates_total",
         "counter",
         "Publishes stored before (same user, instance and id): answered with the original seq, not delivered again.",
@@ -460,6 +512,54 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                 )
             })
         }),
+    );
+    family(
+        "edgegate_ephemeral_dropped_total",
+        "counter",
+        "Ephemeral messages dropped for subscribers that were behind (their queue over half its bound).",
+        &mut per_shard(|m| &m.ephemeral_dropped),
+    );
+    family(
+        "edgegate_members_sent_total",
+        "counter",
+        "Presence members envelopes queued to connections.",
+        &mut per_shard(|m| &m.members_sent),
+    );
+    family(
+        "edgegate_members_dropped_total",
+        "counter",
+        "Presence members envelopes dropped for connections that were behind.",
+        &mut per_shard(|m| &m.members_dropped),
+    );
+    family(
+        "edgegate_members_suppressed_total",
+        "counter",
+        "Presence batches sent with the count only (more present users than presence.diff_limit).",
+        &mut per_shard(|m| &m.members_suppressed),
+    );
+    family(
+        "edgegate_presence_entries",
+        "gauge",
+        "Present (room, user) pairs whose presence this shard keeps.",
+        &mut per_shard(|m| &m.presence_entries),
+    );
+    family(
+        "edgegate_presence_rooms",
+        "gauge",
+        "Rooms whose presence this shard keeps.",
+        &mut per_shard(|m| &m.presence_rooms),
+    );
+    family(
+        "edgegate_presence_queries_total",
+        "counter",
+        "Presence queries asked by clients.",
+        &mut per_shard(|m| &m.presence_queries),
+    );
+    family(
+        "edgegate_history_pages_total",
+        "counter",
+        "History pages asked by clients.",
+        &mut per_shard(|m| &m.history_pages),
     );
     family(
         "edgegate_hook_calls_total",
@@ -494,6 +594,13 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "# HELP edgegate_backbone_up 1 while the backbone is connected.\n# TYPE edgegate_backbone_up gauge\nedgegate_backbone_up {}",
         u8::from(node.backbone_up)
     );
+    let not_after = node.credentials.tls_not_after.load(Relaxed);
+    if not_after > 0 {
+        let _ = writeln!(
+            s,
+            "# HELP edgegate_tls_cert_expiry_timestamp_seconds Unix time at which the serving certificate (the leaf of tls.cert_chain) expires; follows SIGHUP reloads.\n# TYPE edgegate_tls_cert_expiry_timestamp_seconds gauge\nedgegate_tls_cert_expiry_timestamp_seconds {not_after}"
+        );
+    }
     if let Some(n) = node.backbone {
         for (name, kind, help, v) in [
             (
@@ -561,6 +668,42 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                 "counter",
                 "Replays for a client's since read from the JetStream stream.",
                 &n.replays,
+            ),
+            (
+                "edgegate_presence_nodes",
+                "gauge",
+                "Nodes alive as this node hears their presence heartbeats, itself included.",
+                &n.presence_nodes,
+            ),
+            (
+                "edgegate_presence_node_entries",
+                "gauge",
+                "This node's own present (room, user) pairs.",
+                &n.presence_entries,
+            ),
+            (
+                "edgegate_presence_views",
+                "gauge",
+                "Rooms whose cluster-wide presence this node keeps a view of (it has watchers there).",
+                &n.presence_views,
+            ),
+            (
+                "edgegate_presence_syncs_total",
+                "counter",
+                "Presence syncs asked of the cluster (views opened, gaps found, reconnects).",
+                &n.presence_syncs,
+            ),
+            (
+                "edgegate_presence_gaps_total",
+                "counter",
+                "Presence deltas of another node that skipped one (each followed by a sync).",
+                &n.presence_gaps,
+            ),
+            (
+                "edgegate_presence_members_suppressed_total",
+                "counter",
+                "Cluster presence batches sent with the count only (more present than presence.diff_limit).",
+                &n.members_suppressed,
             ),
         ] {
             let _ = writeln!(

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use serde::Serialize;
 
-use crate::metrics::{BackboneStats, ServicesStats, ShardMetrics};
+use crate::metrics::{BackboneStats, CredentialStats, ServicesStats, ShardMetrics};
 
 /// Facts shared by all shards of the node (atomics, touched per accept or
 /// per tick only).
@@ -38,6 +38,8 @@ pub struct Node {
     pub admin_token: Option<String>,
     /// The remote backbone's counters, when `backbone.kind = "nats"`.
     pub backbone: Option<Arc<BackboneStats>>,
+    /// Facts about the certificate and keys in use (for `/metrics`).
+    pub credentials: Arc<CredentialStats>,
     /// The server API's, HTTP services' and webhooks' counters, when the
     /// services thread runs.
     pub services: Option<Arc<ServicesStats>>,

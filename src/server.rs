@@ -182,17 +182,20 @@ fn shard_cpus(cfg: &Config) -> Result<Vec<usize>, StartError> {
 /// SIGHUP: re-reads what can change without a restart (the TLS
 /// certificate and key, for now). A file that fails its checks is refused
 /// with a log line naming it; the certificate in use stays.
-fn reload(tls: Option<&crate::tls::CertStore>) {
+fn reload(tls: Option<&crate::tls::CertStore>, node: &Node) {
     let Some(store) = tls else {
         info!("SIGHUP: nothing to reload (no [tls] certificate configured)");
         return;
     };
     match store.reload() {
-        Ok(()) => info!(
-            cert_chain = %store.paths().cert_chain.display(),
-            key = %store.paths().key.display(),
-            "SIGHUP: TLS certificate reloaded; new handshakes use it"
-        ),
+        Ok(()) => {
+            store.export_expiry(&node.credentials);
+            info!(
+                cert_chain = %store.paths().cert_chain.display(),
+                key = %store.paths().key.display(),
+                "SIGHUP: TLS certificate reloaded; new handshakes use it"
+            )
+        }
         Err(e) => {
             error!(error = %e, "SIGHUP: TLS certificate reload refused; still serving the previous certificate")
         }
@@ -253,6 +256,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             &node_name,
             metrics.clone(),
             cfg.history.recovery_limit,
+            &cfg.presence,
             bus,
         )
         .map_err(StartError)?;
@@ -308,6 +312,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         metrics,
         services: services_stats,
         admin_token: cfg.admin.token.clone(),
+        credentials: Default::default(),
         // Bounded and small: the admin thread asks one shard at a time.
         admin_queues: (0..n).map(|_| crossbeam_channel::bounded(4)).collect(),
     });
@@ -325,6 +330,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         None => None,
     };
     if let Some(store) = &tls_store {
+        store.export_expiry(&node.credentials);
         use crate::tls::{ALPN_HTTP11, TlsAcceptorHandle};
         if cfg.ws.tls {
             scfg.tls_ws =
@@ -364,7 +370,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             .spawn(move || {
                 for sig in signals.forever() {
                     if sig == SIGHUP {
-                        reload(tls_store.as_deref());
+                        reload(tls_store.as_deref(), &node);
                         continue;
                     }
                     info!(signal = sig, "shutting down");
@@ -470,9 +476,18 @@ async fn shard_main(
     // History lives on the owner shards of the embedded backbone.
     let history = (nats.is_none() && cfg.history.enabled)
         .then(|| HistoryStore::new(cfg.history.clone(), &cfg.epoch_prefix));
-    let embedded = Embedded::join(mesh, n, id, node.metrics[id].clone(), history, users)
-        .await
-        .map_err(StartError)?;
+    let presence = (nats.is_none() && cfg.presence).then(|| cfg.presence_cfg.clone());
+    let embedded = Embedded::join(
+        mesh,
+        n,
+        id,
+        node.metrics[id].clone(),
+        history,
+        presence,
+        users,
+    )
+    .await
+    .map_err(StartError)?;
     let backbone: Rc<dyn Backbone> = match nats {
         Some(link) => Rc::new(link),
         None => embedded,
@@ -484,11 +499,19 @@ async fn shard_main(
     let shard = Rc::new(shard);
     shard.serve_api();
     let weak = Rc::downgrade(&shard);
-    backbone.start(Box::new(move |ev| {
-        if let Some(shard) = weak.upgrade() {
-            shard.on_event(ev);
-        }
-    }));
+    let probe = Rc::downgrade(&shard);
+    backbone.start(
+        Box::new(move |ev| {
+            if let Some(shard) = weak.upgrade() {
+                shard.on_event(ev);
+            }
+        }),
+        Box::new(move |ch| {
+            probe
+                .upgrade()
+                .is_some_and(|s| s.router.borrow().subscribers(ch) > 0)
+        }),
+    );
     let admission = Rc::new(Admission::new(&shard.cfg));
     let mut accepts = Vec::new();
     for (key, addr, transport) in listens {

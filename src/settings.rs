@@ -40,6 +40,14 @@ pub struct ShardConfig {
     /// it are refused too, so a client that sends them again keeps its
     /// order (docs/protocol.md §4).
     pub ordered_publishes: bool,
+    /// Streams have positions (history kept: `[history] enabled` on the
+    /// embedded backbone, JetStream on NATS): `welcome` waits for the
+    /// position of the user's own stream, and history pages are read.
+    pub positions: bool,
+    /// `[presence] enabled`.
+    pub presence: bool,
+    /// `[presence]`, for the backbone's presence stores.
+    pub presence_cfg: crate::config::Presence,
     /// `[history]`, for the owner shards' stores.
     pub history: crate::config::History,
     /// This process's random epoch prefix: every stream's epoch changes
@@ -134,6 +142,14 @@ impl ShardConfig {
             ordered_publishes: cfg.backbone.kind == crate::config::BackboneKind::Nats
                 && cfg.backbone.nats.history == crate::config::NatsHistory::Jetstream
                 && cfg.backbone.nats.ordered_publishes,
+            positions: match cfg.backbone.kind {
+                crate::config::BackboneKind::Nats => {
+                    cfg.backbone.nats.history == crate::config::NatsHistory::Jetstream
+                }
+                _ => cfg.history.enabled,
+            },
+            presence: cfg.presence.enabled,
+            presence_cfg: cfg.presence.clone(),
             history: cfg.history.clone(),
             epoch_prefix: format!("{:016x}", fastrand::u64(..)),
             retry_ms: cfg.limits.retry_ms,

@@ -18,7 +18,7 @@
 //! `AsyncRead + AsyncWrite`, so the WebSocket and TCP wires run over it
 //! unchanged, and an idle connection holds no TLS buffer (rustls' buffered
 //! `ServerConnection` keeps a 4 KiB read buffer per connection for good;
-//! see `docs/benchmarks.md`, "TLS (issue 4)").
+//! see `docs/bench-notes.md`, "TLS (issue 4)").
 //!
 //! Only TLS 1.2 and 1.3, with rustls' ring provider.
 
@@ -184,6 +184,22 @@ impl CertStore {
         let ck = load_certified_key(&self.paths, unix_now())?;
         self.current.store(Arc::new(ck));
         Ok(())
+    }
+
+    /// Publishes the current certificate's expiry for `/metrics`
+    /// (`edgegate_tls_cert_expiry_timestamp_seconds`).
+    pub fn export_expiry(&self, stats: &crate::metrics::CredentialStats) {
+        let leaf = self.current.load();
+        // `load_certified_key` refused any chain whose leaf has no
+        // validity, so this is always Some; 0 would hide the gauge.
+        let not_after = leaf
+            .cert
+            .first()
+            .and_then(|c| validity(c))
+            .map_or(0, |(_, na)| na);
+        stats
+            .tls_not_after
+            .store(not_after, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The files this store reads.

@@ -15,6 +15,12 @@
  *   `2 × hb_ms + 10 s`; pings after `hb_ms` of silence, because a browser
  *   answers the server's WebSocket pings without telling the page.
  *
+ * Chat features (docs/protocol.md §8): `subscribe(ch, { presence: true })`
+ * gives the room's count and `members` events; `presence(ch)` lists who is
+ * there (or whether a user is online); `publish(ch, data, { ephemeral:
+ * true })` sends a typing indicator or read marker that is never stored and
+ * never moves a position; `history(ch)` reads a page of the last messages.
+ *
  * Envelopes queued in one tick leave as one WebSocket message (a batch),
  * never larger than the gateway's `max_frame`.
  */
@@ -85,7 +91,7 @@ export interface Welcome {
   shard: number;
   hbMs: number;
   maxFrame: number;
-  /** The user's own stream after `hello.meta.since`. */
+  /** The user's own stream: its position, and a recovery's outcome. */
   stream?: SubResult;
 }
 
@@ -99,6 +105,58 @@ export interface SubResult {
   recovered?: boolean;
   reason?: string;
   oldest?: number;
+  /** Users present in the room, for a `subscribe` with `presence`. */
+  present?: number;
+}
+
+/** Options of {@link Client.subscribe}. */
+export interface SubscribeOptions {
+  /** Watch the room's presence: `present` in the result, `members` events after it. */
+  presence?: boolean;
+}
+
+/** Options of {@link Client.publish}. */
+export interface PublishOptions {
+  /**
+   * Never stored: delivered to the channel's current subscribers only, no
+   * `seq`, no history, not resent after a reconnect, and dropped for a
+   * subscriber that is behind (typing indicators, read markers, cursors).
+   */
+  ephemeral?: boolean;
+}
+
+/** A room's presence changes (`members`), batched by the gateway. */
+export interface Members {
+  ch: string;
+  /** Users present now. */
+  present: number;
+  /** Who came (absent in rooms past the gateway's `diff_limit`). */
+  join?: string[];
+  /** Who left. */
+  leave?: string[];
+}
+
+/** A page of a presence query. */
+export interface PresencePage {
+  /** Users present in all. */
+  total: number;
+  /** User ids in byte order. */
+  users: string[];
+  /** Pass as `after` for the next page; absent on the last one. */
+  next?: string;
+}
+
+/** A page of a channel's history. */
+export interface HistoryPage {
+  epoch: string;
+  /** The stream's latest `seq`. */
+  top: number;
+  /** Oldest first. */
+  messages: Message[];
+  /** Older messages are still kept: ask again with `before` = the first `seq`. */
+  more: boolean;
+  /** `unavailable` when the gateway keeps no history. */
+  reason?: string;
 }
 
 /** A delivered message. */
@@ -112,6 +170,8 @@ export interface Message {
   bytes?: Uint8Array;
   /** The publisher's id for it. */
   id?: number;
+  /** Ephemeral: never stored, no `seq`. */
+  ephemeral?: true;
 }
 
 /** The answer to a `pub`. */
@@ -140,6 +200,8 @@ export interface Events {
   disconnected: { code?: number; reason: string; retryMs?: number; retryInMs?: number };
   message: Message;
   subscribed: SubResult;
+  /** Who joined and left a room watched with `presence` (at most once: after a reconnect, query again). */
+  members: Members;
   /** Missed messages of `ch` cannot be replayed: resynchronise it from the core service. */
   unrecovered: { ch: string; reason: string; oldest?: number };
   stopped: Stopped;
@@ -170,6 +232,7 @@ interface Sub {
   live: boolean;
   last?: SubResult;
   waiters: Pending[];
+  presence?: boolean;
 }
 
 const utf8 = new TextEncoder();
@@ -203,8 +266,11 @@ function streamResult(ch: string, m: Record<string, unknown> | undefined, seq: n
   if (typeof m.recovered === "boolean") r.recovered = m.recovered;
   if (typeof m.reason === "string") r.reason = m.reason;
   if (typeof m.oldest === "number") r.oldest = m.oldest;
+  if (typeof m.present === "number") r.present = m.present;
   return r;
 }
+
+const b64 = (s: string) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
 
 /**
  * A reconnecting edgegate client.
@@ -297,10 +363,11 @@ export class Client {
       const meta: Record<string, unknown> = {
         client: this.o.clientName ?? "edgegate-js/0.1",
         instance: this.instance,
-        // With no position yet, an epoch no stream has asks only for the
-        // stream's top (answered recovered: false, which is not news).
-        since: (this.own && this.positions.get(this.own)) ?? { epoch: "", seq: 0 },
       };
+      // Recover the own stream from where it was; the first welcome
+      // carries its position anyway.
+      const own = this.own && this.positions.get(this.own);
+      if (own) meta.since = own;
       if (this.token !== undefined) meta.token = this.token;
       if (this.o.user !== undefined) meta.user = this.o.user;
       this.write([{ t: "hello", id: this.nextId++, meta }]);
@@ -327,12 +394,13 @@ export class Client {
    * stream's position), rejects with the gateway's `err`. The client keeps
    * it across reconnects until {@link unsubscribe}.
    */
-  subscribe(ch: string): Promise<SubResult> {
+  subscribe(ch: string, options: SubscribeOptions = {}): Promise<SubResult> {
     let s = this.subs.get(ch);
     if (s?.live && s.last) return Promise.resolve(s.last);
     return new Promise((resolve, reject) => {
       const w = this.pend({ t: "sub", ch }, resolve as (v: unknown) => void, reject);
       if (!s) this.subs.set(ch, (s = { live: false, waiters: [] }));
+      if (options.presence) s.presence = true;
       s.waiters.push(w);
       if (this.state === "connected" && s.waiters.length === 1) this.sendSub(ch);
     });
@@ -354,11 +422,35 @@ export class Client {
    * `seq`); a publish not yet answered when the connection drops is resent
    * after the reconnect and stored once.
    */
-  publish(ch: string, data: unknown): Promise<PubAck> {
-    return this.op(this.payload({ t: "pub", ch }, data), (e) => ({
+  publish(ch: string, data: unknown, options: PublishOptions = {}): Promise<PubAck> {
+    const env = this.payload({ t: "pub", ch }, data);
+    if (options.ephemeral) env.meta = { ephemeral: true };
+    return this.op(env, (e) => ({
       seq: e.seq,
       duplicate: e.meta?.duplicate === true,
     })) as Promise<PubAck>;
+  }
+
+  /**
+   * Who is present in a room (`limit` users after `after`, byte order), or
+   * for `user:<id>` whether that user is online anywhere.
+   */
+  presence(ch: string, page: { limit?: number; after?: string } = {}): Promise<PresencePage> {
+    return this.op({ t: "presence", ch, meta: page }, (e) => e.d) as Promise<PresencePage>;
+  }
+
+  /** The newest `limit` (default 50) stored messages of `ch` before `seq` `before`, oldest first. */
+  history(ch: string, page: { limit?: number; before?: number } = {}): Promise<HistoryPage> {
+    return this.op({ t: "history", ch, meta: page }, (e) => {
+      const d = e.d as Omit<HistoryPage, "messages"> & { messages: Record<string, unknown>[] };
+      const messages = d.messages.map((m) => {
+        const r: Message = { ch, seq: m.seq as number, from: m.from as string };
+        if (typeof m.db === "string") r.bytes = b64(m.db);
+        else r.data = m.d;
+        return r;
+      });
+      return { ...d, messages };
+    }) as Promise<HistoryPage>;
   }
 
   /** Sends a request to `svc:<name>`; resolves with the reply's payload (JSON, or a `Uint8Array`). */
@@ -410,8 +502,10 @@ export class Client {
     // resolve with it.
     let p = s.waiters[0];
     if (!p) p = this.pend({ t: "sub", ch }, () => {}, () => {});
-    p.env.meta = pos ? { since: pos } : undefined;
-    if (!pos) delete p.env.meta;
+    const meta: Record<string, unknown> = {};
+    if (pos) meta.since = pos;
+    if (s.presence) meta.presence = true;
+    p.env.meta = meta;
     this.transmit(p);
   }
 
@@ -504,9 +598,17 @@ export class Client {
       if (e.seq !== undefined) m.seq = e.seq;
       if (e.from !== undefined) m.from = e.from;
       if (e.id !== undefined) m.id = e.id;
+      if (e.meta?.ephemeral === true) m.ephemeral = true;
       if (e.db) m.bytes = e.db;
       else m.data = e.d;
       return this.emit("message", m);
+    }
+    if (t === "members") {
+      const m = e.meta ?? {};
+      const r: Members = { ch: e.ch ?? "", present: Number(m.present ?? 0) };
+      if (Array.isArray(m.join)) r.join = m.join as string[];
+      if (Array.isArray(m.leave)) r.leave = m.leave as string[];
+      return this.emit("members", r);
     }
     const p = e.id !== undefined ? this.pending.get(e.id) : undefined;
     if (!p) return;
@@ -650,7 +752,11 @@ export class Client {
       const t = p.env.t;
       if (t === "unsub") this.settle(p, undefined, p.env);
       else if (t === "sub" && !this.subs.get(p.env.ch!)?.waiters.includes(p)) this.settle(p, undefined);
-      else if ((t === "req" || t === "hello") && p.sent) this.settle(p, new EdgegateError("disconnected"));
+      // Requests, token refreshes and ephemeral messages are not worth
+      // sending again late.
+      else if ((t === "req" || t === "hello" || p.env.meta?.ephemeral) && p.sent) {
+        this.settle(p, new EdgegateError("disconnected"));
+      }
     }
     const bye = this.bye;
     // 1005/1006: no close frame came (a broken connection has no code).

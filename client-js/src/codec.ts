@@ -13,8 +13,8 @@
 
 /** The message types (`t`) and their binary codes. */
 export const TYPES = {
-  hello: 1, sub: 2, unsub: 3, pub: 4, req: 5, ping: 6, pong: 7,
-  welcome: 64, ok: 65, err: 66, msg: 67, reply: 68, bye: 69,
+  hello: 1, sub: 2, unsub: 3, pub: 4, req: 5, ping: 6, pong: 7, presence: 8, history: 9,
+  welcome: 64, ok: 65, err: 66, msg: 67, reply: 68, bye: 69, members: 70,
 } as const;
 
 /** A message type name. */

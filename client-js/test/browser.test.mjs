@@ -56,7 +56,8 @@ async function demo(user) {
 const logText = (page) => page.$eval("#log", (el) => el.innerText);
 async function waitLog(page, text) {
   try {
-    await page.waitForFunction((t) => document.getElementById("log").innerText.includes(t), { timeout: 10_000 }, text);
+    // Polled on a timer: a page in the background gets no animation frames.
+    await page.waitForFunction((t) => document.getElementById("log").innerText.includes(t), { timeout: 10_000, polling: 100 }, text);
   } catch (err) {
     throw new Error(`${JSON.stringify(text)} never showed in the log: ${JSON.stringify(await logText(page))}`, { cause: err });
   }
@@ -94,11 +95,63 @@ test("two pages chat through the gateway in a room and by direct message, throug
   await say(b, "got it, ann");
   await waitLog(a, "got it, ann");
   assert.ok(!(await logText(a)).includes("disconnected"));
-  mkdirSync(fileURLToPath(new URL("../../target", import.meta.url)), { recursive: true });
-  await b.screenshot({ path: SHOT });
   assert.deepEqual([...a.errors, ...b.errors], []);
   await a.close();
   await b.close();
+});
+
+test("the demo shows who is here, who is typing, and a room's last messages", { skip }, async () => {
+  const [an, bn] = [newUser("ann"), newUser("ben")];
+  const room = newUser("hall");
+  // Sixty messages before anyone opens the room.
+  const { Client } = await import("../dist/index.js");
+  const WebSocket = (await import("ws")).default;
+  const pre = new Client({ url: gw.url, user: newUser("bot"), WebSocket });
+  pre.connect();
+  for (let i = 0; i < 60; i++) await pre.publish(`room:${room}`, { text: `old message ${i}` });
+  pre.close();
+
+  const a = await demo(an);
+  await a.type("#room", room);
+  await a.click("#join");
+  // Opening the room shows its last 50 messages, older ones behind a button.
+  await waitLog(a, "old message 59");
+  let log = await logText(a);
+  assert.ok(log.includes("old message 10") && !log.includes("old message 9\n"), log);
+  await a.waitForFunction(() => !document.querySelector("#log li.more").hidden, { polling: 100 });
+  await a.click("#log button.older");
+  await waitLog(a, "old message 0");
+  log = await logText(a);
+  assert.ok(log.indexOf("old message 0") < log.indexOf("old message 10"), "older ones above");
+  await a.waitForFunction(() => document.querySelector("#log li.more").hidden, { polling: 100 });
+  const here = (page) => page.$eval("#people", (el) => el.innerText);
+  await a.waitForFunction((u) => document.getElementById("people").innerText.includes(u), { polling: 100 }, an);
+
+  // Ben joins: ann sees him arrive, then type.
+  const b = await demo(bn);
+  await b.type("#room", room);
+  await b.click("#join");
+  await a.waitForFunction((u) => document.getElementById("people").innerText.includes(u), { polling: 100 }, bn);
+  assert.equal(await a.$eval("#present", (el) => el.textContent), "(2)");
+  await say(b, "hi ann, I'm here for the meeting");
+  await waitLog(a, "here for the meeting");
+  await b.type("#text", "typing away");
+  await a.waitForFunction((u) => document.getElementById("typing").textContent.includes(`${u} is typing`), { polling: 100 }, bn);
+  mkdirSync(fileURLToPath(new URL("../../target", import.meta.url)), { recursive: true });
+  await a.evaluate(() => {
+    const l = document.getElementById("log");
+    l.scrollTop = l.scrollHeight;
+  });
+  await a.screenshot({ path: SHOT });
+  await b.keyboard.press("Enter");
+  await waitLog(a, "typing away");
+  await a.waitForFunction(() => document.getElementById("typing").textContent === "", { polling: 100 });
+  // Ben leaves (his page goes): ann sees him go.
+  await b.close();
+  await a.waitForFunction((u) => !document.getElementById("people").innerText.includes(u), { timeout: 10_000, polling: 100 }, bn);
+  assert.ok((await here(a)).includes(an));
+  assert.deepEqual([...a.errors, ...b.errors], []);
+  await a.close();
 });
 
 /** Runs the SDK inside the page (imported as the browser loads it). */

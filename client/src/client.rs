@@ -1,8 +1,15 @@
 //! The reconnecting client: a background task that keeps one session alive,
 //! following [`ReconnectPolicy`] after every disconnect, re-subscribing its
 //! channels, and reporting [`Event`]s.
+//!
+//! Chat features (docs/protocol.md §8): [`ClientHandle::subscribe_presence`]
+//! watches a room's presence ([`Event::Present`], then [`Event::Members`]),
+//! [`ClientHandle::query_presence`] and [`ClientHandle::history`] ask for a
+//! page (the `reply` comes as [`Event::Message`]; [`PresencePage::parse`]
+//! and [`HistoryPage::parse`] read it), and
+//! [`ClientHandle::publish_ephemeral`] sends what is never stored.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,6 +46,26 @@ pub enum Event {
     /// A `sub` sent by the client (first time or re-subscription after a
     /// reconnect) was answered `ok`: messages published from now on arrive.
     Subscribed(String),
+    /// The `ok` of a presence subscription: users present in the room.
+    /// `members` follow it (at most once: after a reconnect this comes
+    /// again, and the application queries again).
+    Present {
+        /// The room.
+        ch: String,
+        /// Users present.
+        present: u64,
+    },
+    /// A room's presence changed (`members`, batched by the gateway).
+    Members {
+        /// The room.
+        ch: String,
+        /// Users present now.
+        present: u64,
+        /// Who came (`None` in rooms past the gateway's `diff_limit`).
+        join: Option<Vec<String>>,
+        /// Who left.
+        leave: Option<Vec<String>>,
+    },
     /// A `sub` was refused with `err` (code name or number); the channel is dropped from the set.
     SubscribeFailed {
         /// The channel.
@@ -66,7 +93,8 @@ pub enum Event {
 }
 
 enum Command {
-    Subscribe(String),
+    /// A channel, and whether to watch its presence.
+    Subscribe(String, bool),
     Unsubscribe(String),
     Send(Envelope),
     Close,
@@ -128,7 +156,7 @@ impl Client {
             config,
             policy,
             token_refresh,
-            rooms: BTreeSet::new(),
+            rooms: BTreeMap::new(),
             outbox: VecDeque::new(),
             unacked: BTreeMap::new(),
             positions: HashMap::new(),
@@ -168,6 +196,11 @@ impl Client {
         self.handle.subscribe(ch)
     }
 
+    /// See [`ClientHandle::subscribe_presence`].
+    pub fn subscribe_presence(&self, ch: &str) {
+        self.handle.subscribe_presence(ch)
+    }
+
     /// See [`ClientHandle::unsubscribe`].
     pub fn unsubscribe(&self, ch: &str) {
         self.handle.unsubscribe(ch)
@@ -188,7 +221,51 @@ impl ClientHandle {
     /// Adds `ch` to the client's channel set and subscribes now if connected;
     /// the set is re-subscribed after every reconnect. [`Event::Subscribed`] follows.
     pub fn subscribe(&self, ch: &str) {
-        let _ = self.cmd.send(Command::Subscribe(ch.to_string()));
+        let _ = self.cmd.send(Command::Subscribe(ch.to_string(), false));
+    }
+
+    /// Like [`subscribe`](Self::subscribe), and watches the room's
+    /// presence: [`Event::Present`] with its `ok`, [`Event::Members`] after.
+    pub fn subscribe_presence(&self, ch: &str) {
+        let _ = self.cmd.send(Command::Subscribe(ch.to_string(), true));
+    }
+
+    /// Publishes an ephemeral message (typing, read markers): delivered to
+    /// the channel's current subscribers, never stored, no `seq`, and not
+    /// sent again after a reconnect. Returns the `pub` id.
+    pub fn publish_ephemeral(&self, ch: &str, payload: Payload) -> u64 {
+        let mut e = Envelope::new(Type::Pub);
+        e.ch = Some(ch.to_string());
+        e.payload = payload;
+        e.meta = Some(EPHEMERAL.to_string());
+        self.send(e)
+    }
+
+    /// Asks who is present in a room (`limit` users after `after`), or
+    /// whether a user is online (`user:<id>`); the `reply` with the returned
+    /// id comes as [`Event::Message`] ([`PresencePage::parse`]).
+    pub fn query_presence(&self, ch: &str, limit: Option<u32>, after: Option<&str>) -> u64 {
+        let mut meta = serde_json::Map::new();
+        if let Some(l) = limit {
+            meta.insert("limit".into(), l.into());
+        }
+        if let Some(a) = after {
+            meta.insert("after".into(), a.into());
+        }
+        self.send(query(Type::Presence, ch, meta))
+    }
+
+    /// Asks for the newest `limit` stored messages of `ch` before `before`;
+    /// the `reply` comes as [`Event::Message`] ([`HistoryPage::parse`]).
+    pub fn history(&self, ch: &str, limit: Option<u32>, before: Option<u64>) -> u64 {
+        let mut meta = serde_json::Map::new();
+        if let Some(l) = limit {
+            meta.insert("limit".into(), l.into());
+        }
+        if let Some(b) = before {
+            meta.insert("before".into(), b.into());
+        }
+        self.send(query(Type::History, ch, meta))
     }
 
     /// Removes `ch` from the set and unsubscribes if connected.
@@ -225,11 +302,77 @@ impl ClientHandle {
     }
 }
 
+/// `meta` of an ephemeral `pub` (and of the `msg` subscribers get).
+const EPHEMERAL: &str = r#"{"ephemeral":true}"#;
+
+fn query(t: Type, ch: &str, meta: serde_json::Map<String, serde_json::Value>) -> Envelope {
+    let mut e = Envelope::new(t);
+    e.ch = Some(ch.to_string());
+    if !meta.is_empty() {
+        e.meta = Some(serde_json::Value::Object(meta).to_string());
+    }
+    e
+}
+
+/// A presence query's answer (`reply.d`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct PresencePage {
+    /// Users present in all.
+    pub total: u64,
+    /// User ids in byte order.
+    pub users: Vec<String>,
+    /// Pass as `after` for the next page; `None` on the last one.
+    pub next: Option<String>,
+}
+
+impl PresencePage {
+    /// Reads a `reply` to [`ClientHandle::query_presence`].
+    pub fn parse(reply: &Envelope) -> Option<PresencePage> {
+        serde_json::from_slice(reply.payload.bytes()).ok()
+    }
+}
+
+/// One message of a history page.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+pub struct PageMessage {
+    /// Its position.
+    pub seq: u64,
+    /// Its publisher.
+    pub from: Option<String>,
+    /// A JSON payload.
+    pub d: Option<serde_json::Value>,
+    /// Another payload, base64.
+    pub db: Option<String>,
+}
+
+/// A history page (`reply.d`).
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+pub struct HistoryPage {
+    /// The stream's epoch.
+    pub epoch: String,
+    /// Its latest `seq`.
+    pub top: u64,
+    /// Oldest first.
+    pub messages: Vec<PageMessage>,
+    /// Older ones are still kept.
+    pub more: bool,
+    /// `unavailable` without history.
+    pub reason: Option<String>,
+}
+
+impl HistoryPage {
+    /// Reads a `reply` to [`ClientHandle::history`].
+    pub fn parse(reply: &Envelope) -> Option<HistoryPage> {
+        serde_json::from_slice(reply.payload.bytes()).ok()
+    }
+}
+
 struct Task {
     config: ClientConfig,
     policy: ReconnectPolicy,
     token_refresh: Option<TokenRefresh>,
-    rooms: BTreeSet<String>,
+    /// Channels, and whether each watches its presence.
+    rooms: BTreeMap<String, bool>,
     outbox: VecDeque<Envelope>,
     /// Publishes sent and not yet answered, by id: resent (same id, same
     /// instance) after a reconnect.
@@ -252,10 +395,10 @@ fn push_bounded(outbox: &mut VecDeque<Envelope>, e: Envelope) {
 }
 
 /// Applies Subscribe / Unsubscribe to the channel set.
-fn apply_set(rooms: &mut BTreeSet<String>, c: Command) {
+fn apply_set(rooms: &mut BTreeMap<String, bool>, c: Command) {
     match c {
-        Command::Subscribe(ch) => {
-            rooms.insert(ch);
+        Command::Subscribe(ch, presence) => {
+            *rooms.entry(ch).or_default() |= presence;
         }
         Command::Unsubscribe(ch) => {
             rooms.remove(&ch);
@@ -274,9 +417,11 @@ impl Task {
         let _ = self.events.send(e);
     }
 
-    /// Remembers a publish until its answer comes (bounded like the outbox).
+    /// Remembers a publish until its answer comes (bounded like the
+    /// outbox); an ephemeral one is not worth sending again late.
     fn track_publish(&mut self, e: &Envelope) {
         if e.t == Type::Pub
+            && e.meta.as_deref() != Some(EPHEMERAL)
             && let Some(id) = e.id
         {
             if self.unacked.len() >= OUTBOX_LIMIT {
@@ -295,7 +440,8 @@ impl Task {
         self.own = Some(own);
     }
 
-    /// `ok` to a `sub`: the stream's position and the recovery's outcome.
+    /// `ok` to a `sub`: the stream's position and the recovery's outcome
+    /// (and, for a presence subscription, the room's count).
     fn on_sub_ok(&mut self, ch: &str, ok: &Envelope) {
         let meta: serde_json::Value = ok
             .meta
@@ -304,6 +450,35 @@ impl Task {
             .unwrap_or_default();
         let st = StreamState::parse(&meta, ok.seq);
         self.update(ch, &st);
+        self.emit(Event::Subscribed(ch.to_string()));
+        if let Some(present) = meta.get("present").and_then(|p| p.as_u64()) {
+            self.emit(Event::Present {
+                ch: ch.to_string(),
+                present,
+            });
+        }
+    }
+
+    /// A `members` envelope, as an event.
+    fn on_members(&self, env: &Envelope) {
+        let meta: serde_json::Value = env
+            .meta
+            .as_deref()
+            .and_then(|m| serde_json::from_str(m).ok())
+            .unwrap_or_default();
+        let list = |k: &str| {
+            meta.get(k).and_then(|v| v.as_array()).map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(str::to_string))
+                    .collect()
+            })
+        };
+        self.emit(Event::Members {
+            ch: env.ch.clone().unwrap_or_default(),
+            present: meta.get("present").and_then(|p| p.as_u64()).unwrap_or(0),
+            join: list("join"),
+            leave: list("leave"),
+        });
     }
 
     /// Applies a position answer: recovered keeps the client's position
@@ -378,19 +553,13 @@ impl Task {
             // Commands that arrive while connecting are applied to the
             // offline state; they do not restart the attempt.
             // The user's own stream: recover from its last position; with
-            // none yet, an epoch no stream has asks only for the position
-            // (the gateway answers recovered: false with epoch and top,
-            // which is not news to a client that had nothing).
-            self.config.since = Some(
-                self.own
-                    .as_ref()
-                    .and_then(|ch| self.positions.get(ch))
-                    .cloned()
-                    .unwrap_or(Position {
-                        epoch: Some(String::new()),
-                        seq: 0,
-                    }),
-            );
+            // none yet, nothing to recover (every welcome carries the
+            // stream's position).
+            self.config.since = self
+                .own
+                .as_ref()
+                .and_then(|ch| self.positions.get(ch))
+                .cloned();
             let attempt = {
                 let connect = Connection::connect(&self.config);
                 tokio::pin!(connect);
@@ -485,9 +654,12 @@ impl Task {
     async fn session(&mut self, mut conn: Connection) -> SessionEnd {
         // Channel for each pending `sub` id.
         let mut pending: HashMap<u64, String> = HashMap::new();
-        let rooms: Vec<String> = self.rooms.iter().cloned().collect();
-        for ch in rooms {
-            match conn.subscribe_since(&ch, self.positions.get(&ch)).await {
+        let rooms: Vec<(String, bool)> = self.rooms.iter().map(|(c, p)| (c.clone(), *p)).collect();
+        for (ch, presence) in rooms {
+            match conn
+                .subscribe_with(&ch, self.positions.get(&ch), presence)
+                .await
+            {
                 Ok(id) => {
                     pending.insert(id, ch);
                 }
@@ -533,7 +705,6 @@ impl Task {
                         if let Some(ch) = env.id.filter(|_| answer).and_then(|id| pending.remove(&id)) {
                             if env.t == Type::Ok {
                                 self.on_sub_ok(&ch, &env);
-                                self.emit(Event::Subscribed(ch));
                             } else {
                                 self.rooms.remove(&ch);
                                 let code = env
@@ -545,6 +716,8 @@ impl Task {
                             }
                         } else if env.t == Type::Msg && self.seen(&env) {
                             self.stats.redeliveries_dropped.fetch_add(1, Relaxed);
+                        } else if env.t == Type::Members {
+                            self.on_members(&env);
                         } else if env.t != Type::Ping {
                             self.emit(Event::Message(env));
                         }
@@ -556,10 +729,11 @@ impl Task {
                             let _ = conn.close().await;
                             return SessionEnd::Closed;
                         }
-                        Some(Command::Subscribe(ch)) => {
-                            let fresh = self.rooms.insert(ch.clone());
+                        Some(Command::Subscribe(ch, presence)) => {
+                            let fresh = !self.rooms.contains_key(&ch);
                             if fresh {
-                                conn.subscribe(&ch).await.map(|id| { pending.insert(id, ch); })
+                                self.rooms.insert(ch.clone(), presence);
+                                conn.subscribe_with(&ch, None, presence).await.map(|id| { pending.insert(id, ch); })
                             } else {
                                 self.emit(Event::Subscribed(ch));
                                 Ok(())
@@ -567,7 +741,7 @@ impl Task {
                         }
                         Some(Command::Unsubscribe(ch)) => {
                             self.positions.remove(&ch);
-                            if self.rooms.remove(&ch) {
+                            if self.rooms.remove(&ch).is_some() {
                                 conn.unsubscribe(&ch).await.map(|_| ())
                             } else {
                                 Ok(())

@@ -253,7 +253,8 @@ pub struct Welcome {
     pub hb_ms: u64,
     /// Largest envelope the server accepts from this connection, in bytes.
     pub max_frame: u32,
-    /// `welcome.meta.stream`: the outcome of `hello.meta.since`, if asked.
+    /// `welcome.meta.stream`: the position of the user's own stream (in
+    /// every `welcome`), and the outcome of `hello.meta.since` when asked.
     pub stream: Option<StreamState>,
 }
 
@@ -595,12 +596,31 @@ impl Connection {
     /// Sends `sub` for `ch` with `meta.since` when `since` is given: the
     /// `ok` says whether what was missed follows (docs/protocol.md §7).
     pub async fn subscribe_since(&mut self, ch: &str, since: Option<&Position>) -> Result<u64> {
+        self.subscribe_with(ch, since, false).await
+    }
+
+    /// Sends `sub` for `ch`, with `meta.since` when `since` is given and
+    /// `meta.presence` when `presence`: the `ok` then carries the room's
+    /// present count and `members` envelopes follow (docs/protocol.md §8).
+    pub async fn subscribe_with(
+        &mut self,
+        ch: &str,
+        since: Option<&Position>,
+        presence: bool,
+    ) -> Result<u64> {
         let id = self.next_id();
         let mut e = Envelope::new(Type::Sub);
         e.id = Some(id);
         e.ch = Some(ch.to_string());
+        let mut meta = serde_json::Map::new();
         if let Some(p) = since {
-            e.meta = Some(serde_json::json!({ "since": p.to_json() }).to_string());
+            meta.insert("since".into(), p.to_json());
+        }
+        if presence {
+            meta.insert("presence".into(), true.into());
+        }
+        if !meta.is_empty() {
+            e.meta = Some(serde_json::Value::Object(meta).to_string());
         }
         self.send(&e).await?;
         Ok(id)

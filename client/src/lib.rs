@@ -80,7 +80,10 @@ mod client;
 mod conn;
 pub mod policy;
 
-pub use client::{Client, ClientHandle, Event, OUTBOX_LIMIT, ResumeStats, TokenRefresh};
+pub use client::{
+    Client, ClientHandle, Event, HistoryPage, OUTBOX_LIMIT, PageMessage, PresencePage, ResumeStats,
+    TokenRefresh,
+};
 pub use conn::{
     ClientConfig, Connection, Encoding, Error, Position, Result, StreamState, Transport, Welcome,
 };

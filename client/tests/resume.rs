@@ -5,7 +5,6 @@
 //! was lost (stored once), and reports `Unrecovered` when it comes back to a
 //! gateway that does not have its streams.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering::SeqCst};
 use std::time::Duration;
@@ -18,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 mod common;
-use common::{Procs, free_tcp_port, gateway_bin, ready};
+use common::{next, start_gateway};
 
 /// A TCP proxy: `cut()` closes every connection it carries; `mute` drops
 /// what the server sends; `upstream` says where new connections go.
@@ -98,63 +97,6 @@ impl Proxy {
     fn cut(&self) {
         self.cut.send_modify(|n| *n += 1);
     }
-}
-
-struct Gw {
-    tcp: u16,
-    _procs: Procs,
-}
-
-/// Starts a gateway on fresh ports and waits for /readyz (30 s: a loaded
-/// CI box can be slow). Another process may take a port between
-/// `free_tcp_port` and the gateway's bind: then it says "Address already in
-/// use", and it is started again on other ports.
-fn start_gateway() -> Option<Gw> {
-    let bin = gateway_bin()?;
-    for _attempt in 0..3 {
-        let (ws, tcp, admin) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
-        let log = std::env::temp_dir().join(format!("edgegate-resume-test-{admin}.log"));
-        let child = Command::new(&bin)
-            .arg("run")
-            .env("EDGEGATE_WS__LISTEN", format!("127.0.0.1:{ws}"))
-            .env("EDGEGATE_TCP__LISTEN", format!("127.0.0.1:{tcp}"))
-            .env("EDGEGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("gateway log file"))
-            .spawn()
-            .expect("spawn gateway");
-        let mut procs = Procs(vec![child]);
-        for _ in 0..300 {
-            if ready(admin) {
-                return Some(Gw { tcp, _procs: procs });
-            }
-            if let Ok(Some(_)) = procs.0[0].try_wait() {
-                break; // exited: its log says why
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if !text.contains("Address already in use") {
-            panic!("gateway not ready on admin port {admin}; its log:\n{text}");
-        }
-    }
-    panic!("gateway not ready: its ports were taken three times");
-}
-
-async fn next(c: &mut Client, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
-    let wait = async {
-        loop {
-            match c.next_event().await {
-                Some(e) if pred(&e) => return e,
-                Some(e) => eprintln!("(skipped while waiting for {what}: {e:?})"),
-                None => panic!("client stopped while waiting for {what}"),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(15), wait)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 /// The next `msg` on `ch`: (seq, payload text).

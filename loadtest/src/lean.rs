@@ -7,7 +7,7 @@
 //! per message for the time series. At 200 000 deliveries/s that cost the
 //! harness 3.6–4.2 µs per delivery, more than the gateway spent making it,
 //! and at 2 M/s its subscribers fell so far behind that the gateway closed
-//! them all as slow consumers (docs/benchmarks.md).
+//! them all as slow consumers (docs/bench-notes.md).
 //!
 //! A lean subscriber owns its socket and reads it in 64 KiB gulps. Whole
 //! frames are found with tungstenite's frame header parser (WebSocket) or

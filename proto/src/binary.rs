@@ -531,8 +531,8 @@ mod tests {
         assert_eq!(decode(&[1, 0x80]), Err(DecodeError::ReservedBit));
         assert_eq!(decode(&[1, 0xff]), Err(DecodeError::ReservedBit));
         assert_eq!(decode(&[0, 0]), Err(DecodeError::BadType(0)));
-        assert_eq!(decode(&[8, 0]), Err(DecodeError::BadType(8)));
-        assert_eq!(decode(&[70, 0]), Err(DecodeError::BadType(70)));
+        assert_eq!(decode(&[10, 0]), Err(DecodeError::BadType(10)));
+        assert_eq!(decode(&[71, 0]), Err(DecodeError::BadType(71)));
         assert_eq!(decode(&[255, 0]), Err(DecodeError::BadType(255)));
     }
 

@@ -23,6 +23,13 @@ pub enum Type {
     Ping = 6,
     /// `pong` (7), either way: `id?` (the `ping`'s).
     Pong = 7,
+    /// `presence` (8), client → server: `id`, `ch`, `meta: {limit?, after?}`;
+    /// answered with `reply` (who is present in a room, or whether a user
+    /// is online).
+    Presence = 8,
+    /// `history` (9), client → server: `id`, `ch`, `meta: {limit?, before?}`;
+    /// answered with `reply` (a page of a channel's stored messages).
+    History = 9,
     /// `welcome` (64), server → client: `id` (hello's), `meta: {conn, user, node, shard, hb_ms, max_frame}`.
     Welcome = 64,
     /// `ok` (65), server → client: `id`, `seq?`.
@@ -35,11 +42,14 @@ pub enum Type {
     Reply = 68,
     /// `bye` (69), server → client: `code`, `reason?`, `meta: {retry_ms?}`.
     Bye = 69,
+    /// `members` (70), server → client: `ch`, `meta: {present, join?, leave?}`
+    /// (a room's presence changes, batched).
+    Members = 70,
 }
 
 impl Type {
     /// Every type, in code order.
-    pub const ALL: [Type; 13] = [
+    pub const ALL: [Type; 16] = [
         Type::Hello,
         Type::Sub,
         Type::Unsub,
@@ -47,12 +57,15 @@ impl Type {
         Type::Req,
         Type::Ping,
         Type::Pong,
+        Type::Presence,
+        Type::History,
         Type::Welcome,
         Type::Ok,
         Type::Err,
         Type::Msg,
         Type::Reply,
         Type::Bye,
+        Type::Members,
     ];
 
     /// The binary type code.
@@ -70,12 +83,15 @@ impl Type {
             5 => Type::Req,
             6 => Type::Ping,
             7 => Type::Pong,
+            8 => Type::Presence,
+            9 => Type::History,
             64 => Type::Welcome,
             65 => Type::Ok,
             66 => Type::Err,
             67 => Type::Msg,
             68 => Type::Reply,
             69 => Type::Bye,
+            70 => Type::Members,
             _ => return None,
         })
     }
@@ -90,12 +106,15 @@ impl Type {
             Type::Req => "req",
             Type::Ping => "ping",
             Type::Pong => "pong",
+            Type::Presence => "presence",
+            Type::History => "history",
             Type::Welcome => "welcome",
             Type::Ok => "ok",
             Type::Err => "err",
             Type::Msg => "msg",
             Type::Reply => "reply",
             Type::Bye => "bye",
+            Type::Members => "members",
         }
     }
 
@@ -109,12 +128,15 @@ impl Type {
             "req" => Type::Req,
             "ping" => Type::Ping,
             "pong" => Type::Pong,
+            "presence" => Type::Presence,
+            "history" => Type::History,
             "welcome" => Type::Welcome,
             "ok" => Type::Ok,
             "err" => Type::Err,
             "msg" => Type::Msg,
             "reply" => Type::Reply,
             "bye" => Type::Bye,
+            "members" => Type::Members,
             _ => return None,
         })
     }
@@ -280,12 +302,15 @@ mod tests {
             (Type::Req, 5, "req"),
             (Type::Ping, 6, "ping"),
             (Type::Pong, 7, "pong"),
+            (Type::Presence, 8, "presence"),
+            (Type::History, 9, "history"),
             (Type::Welcome, 64, "welcome"),
             (Type::Ok, 65, "ok"),
             (Type::Err, 66, "err"),
             (Type::Msg, 67, "msg"),
             (Type::Reply, 68, "reply"),
             (Type::Bye, 69, "bye"),
+            (Type::Members, 70, "members"),
         ];
         assert_eq!(Type::ALL.len(), table.len());
         for (t, code, name) in table {

@@ -2,7 +2,7 @@
 # encoder: python3 proto/vectors/gen.py. Rust (proto/tests/vectors.rs) and the
 # TypeScript SDK (client-js/test/codec.test.mjs) must both agree with it.
 import json, base64
-TYPES=dict(hello=1,sub=2,unsub=3,pub=4,req=5,ping=6,pong=7,welcome=64,ok=65,err=66,msg=67,reply=68,bye=69)
+TYPES=dict(hello=1,sub=2,unsub=3,pub=4,req=5,ping=6,pong=7,presence=8,history=9,welcome=64,ok=65,err=66,msg=67,reply=68,bye=69,members=70)
 ERR=["bad_request","unauthorized","forbidden","bad_channel","no_service","timeout","rate_limited","too_large","not_subscribed","backbone_unavailable","internal"]
 def leb(v):
     out=b""
@@ -48,12 +48,19 @@ cases=[
  ("reply, null payload", '{"t":"reply","id":5,"d":null}'),
  ("bye with retry_ms", '{"t":"bye","code":1001,"reason":"going away","meta":{"retry_ms":2345}}'),
  ("bye kicked", '{"t":"bye","code":4005,"reason":"kicked"}'),
+ ("sub with presence", '{"t":"sub","id":10,"ch":"room:lobby","meta":{"presence":true}}'),
+ ("ephemeral pub", '{"t":"pub","id":11,"ch":"room:lobby","meta":{"ephemeral":true},"d":{"typing":true}}'),
+ ("ephemeral msg, no seq", '{"t":"msg","id":11,"ch":"room:lobby","from":"alice","meta":{"ephemeral":true},"d":{"typing":true}}'),
+ ("presence query", '{"t":"presence","id":12,"ch":"room:lobby","meta":{"limit":100,"after":"alice"}}'),
+ ("history query", '{"t":"history","id":13,"ch":"room:lobby","meta":{"limit":50,"before":1234}}'),
+ ("members", '{"t":"members","ch":"room:lobby","meta":{"present":12,"join":["alice"],"leave":["bob"]}}'),
+ ("reply to history", '{"t":"reply","id":13,"d":{"epoch":"e1","top":3,"messages":[{"seq":3,"from":"alice","d":{"text":"hi"}}],"more":true}}'),
 ]
 vecs=[{"name":n,"json":j,"bin":enc(j).hex()} for n,j in cases]
 batch=[cases[3][1],cases[11][1]]
 bb=b"".join(leb(len(enc(j)))+enc(j) for j in batch)
 bad_bin=[
- ("empty","") ,("unknown type code 8","0800"),("reserved bit","4180"),
+ ("empty","") ,("unknown type code 10","0a00"),("reserved bit","4180"),
  ("id bit with no id","4101"),("LEB128 id over u64","4101ffffffffffffffffffff01"),
  ("truncated LEB128","410180"),("ch not UTF-8","430202c328"),("ch longer than the frame","430205616263"),
  ("meta not an object","4120025b5d"),("JSON bit, payload not JSON","44407b"),("JSON bit, empty payload","4440"),

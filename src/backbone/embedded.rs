@@ -8,8 +8,20 @@
 //! the publisher's own copy included, as they would through NATS. Shards
 //! share no table: a shard with no subscriber drops the message after one
 //! hash lookup.
+//!
+//! The owner also keeps the room's **presence** ([`PresenceStore`]): every
+//! shard tells it when its first connection of a user subscribes to the
+//! room and when its last one leaves, and which shards have connections
+//! watching the room's presence; every `flush_ms` the owner sends those
+//! shards one `members` batch per room that changed. Those control
+//! messages must not be lost (a lost `-1` would keep a user present for
+//! good): when a peer's outbox is full they wait in a backlog of their own,
+//! in order, sent again on the next tick. Whether a user is online at all
+//! (a presence query on `user:<id>`) is asked of every shard: each knows
+//! its own connections, and no shard keeps a table of everybody's.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,8 +31,11 @@ use edgegate_proto::{Envelope, Type};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers};
 use glommio::channels::local_channel::{self, LocalSender};
 
-use super::history::{HistoryStore, Recovery, Since, Stored};
-use super::{Ack, Backbone, Event, Publish, Refused, Request, Sink, embedded_service};
+use super::history::{HistoryStore, Page, Recovery, Since, Stored};
+use super::presence::{PresencePage, PresenceStore, online_page};
+use super::{
+    Ack, Backbone, EPHEMERAL_META, Event, Probe, Publish, Refused, Request, Sink, embedded_service,
+};
 use crate::metrics::ShardMetrics;
 
 /// What shards say to each other.
@@ -28,15 +43,39 @@ pub enum MeshMsg {
     /// To the channel's owner: store and sequence this message, fan it out,
     /// and answer the publisher (`ack`) with where it was stored.
     Route(Envelope, Ack, Option<String>),
+    /// To the channel's owner: fan this ephemeral message out (never
+    /// stored), and answer the publisher.
+    Send(Envelope, Ack),
     /// From the channel's owner: deliver to local subscribers.
     Deliver(Arc<Envelope>),
     /// From the channel's owner: where a routed publish was stored.
     Stored(Ack, Result<Option<Stored>, Refused>),
+    /// From the channel's owner: an ephemeral publish was handed on.
+    Sent(Ack, Result<(), Refused>),
     /// To the channel's owner: the position of a channel (and, with
-    /// `since`, the messages after it).
-    Recover(String, Option<Since>, Ack),
+    /// `since`, the messages after it; with the flag, its present count).
+    Recover(String, Option<Since>, bool, Ack),
     /// From the channel's owner: the answer to `Recover`.
     Recovered(Ack, Recovery),
+    /// To a room's owner: the sender's count of a user in it moved.
+    Present(String, String, i32),
+    /// To a room's owner: shard `.1` begins or stops watching its presence.
+    Watch(String, usize, bool),
+    /// From a room's owner: its presence changed, for the watchers here.
+    Members(Arc<Envelope>),
+    /// To a room's owner: who is present (`limit`, `after`).
+    Query(String, usize, Option<String>, Ack),
+    /// From a room's owner: the answer to `Query`.
+    Queried(Ack, PresencePage),
+    /// To every shard: does it hold a connection of this user? (the
+    /// asker's query number).
+    Online(String, u64, usize),
+    /// The answer to `Online`.
+    OnlineIs(u64, bool),
+    /// To a channel's owner: a page of its history.
+    PageOf(String, usize, Option<u64>, Ack),
+    /// From a channel's owner: the answer to `PageOf`.
+    Paged(Ack, Page),
 }
 
 /// The node's mesh, before the shards join it.
@@ -68,6 +107,17 @@ pub struct Embedded {
     receivers: RefCell<Option<Receivers<MeshMsg>>>,
     /// The history of the channels this shard owns (`None`: history off).
     history: Option<RefCell<HistoryStore>>,
+    /// The presence of the rooms this shard owns (`None`: presence off),
+    /// and how often it flushes.
+    presence: Option<(RefCell<PresenceStore>, u64)>,
+    /// Control messages (presence) waiting for a full outbox, per peer.
+    backlog: RefCell<Vec<VecDeque<MeshMsg>>>,
+    /// Online queries in flight: shards yet to answer, found, who asked.
+    online: RefCell<HashMap<u64, (usize, bool, String, Ack)>>,
+    next_query: Cell<u64>,
+    /// Whether this shard holds a subscriber of a channel (the shard's
+    /// router; set by [`Backbone::start`]).
+    probe: RefCell<Option<Probe>>,
     /// Per-user connection changes for the node's counts (server API,
     /// webhooks), when something wants them.
     users: Option<crate::events::UserFeed>,
@@ -83,6 +133,7 @@ impl Embedded {
         me: usize,
         metrics: Arc<ShardMetrics>,
         history: Option<HistoryStore>,
+        presence: Option<crate::config::Presence>,
         users: Option<crate::events::UserFeed>,
     ) -> Result<Rc<Self>, String> {
         let (senders, receivers) = mesh
@@ -103,6 +154,7 @@ impl Embedded {
         });
         e.receivers = RefCell::new(Some(receivers));
         e.history = history.map(RefCell::new);
+        e.presence = presence.map(|p| (RefCell::new(PresenceStore::new(p.diff_limit)), p.flush_ms));
         e.users = users;
         Ok(Rc::new(e))
     }
@@ -131,6 +183,11 @@ impl Embedded {
             metrics,
             receivers: RefCell::new(None),
             history: None,
+            presence: None,
+            backlog: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
+            online: RefCell::new(HashMap::new()),
+            next_query: Cell::new(0),
+            probe: RefCell::new(None),
             users: None,
             start: Instant::now(),
         }
@@ -145,6 +202,129 @@ impl Embedded {
         match self.outboxes.get(peer).and_then(Option::as_ref) {
             Some(tx) => tx.try_send(m).is_ok(),
             None => false,
+        }
+    }
+
+    /// Sends a control message that must not be lost: behind any already
+    /// waiting for `peer`, or into the backlog when the outbox is full.
+    fn send_control(&self, peer: usize, m: MeshMsg) {
+        let mut backlog = self.backlog.borrow_mut();
+        let Some(q) = backlog.get_mut(peer) else {
+            return;
+        };
+        if !q.is_empty() {
+            return q.push_back(m);
+        }
+        let Some(tx) = self.outboxes.get(peer).and_then(Option::as_ref) else {
+            return;
+        };
+        // A closed channel is a peer gone (shutdown): nothing to keep.
+        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) =
+            tx.try_send(m)
+        {
+            q.push_back(m);
+        }
+    }
+
+    /// Sends what waits in the backlogs, in order, as far as the outboxes
+    /// take it.
+    fn drain_backlog(&self) {
+        let mut backlog = self.backlog.borrow_mut();
+        for (peer, q) in backlog.iter_mut().enumerate() {
+            let Some(tx) = self.outboxes.get(peer).and_then(Option::as_ref) else {
+                continue;
+            };
+            while let Some(m) = q.pop_front() {
+                match tx.try_send(m) {
+                    Ok(()) => {}
+                    Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => {
+                        q.push_front(m);
+                        break;
+                    }
+                    Err(_) => {
+                        q.clear();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// As a room's owner: a shard's count of `user` in `ch` moved.
+    fn on_present(&self, ch: &str, user: &str, delta: i32) {
+        if let Some((p, _)) = &self.presence {
+            p.borrow_mut().change(ch, user, delta);
+        }
+    }
+
+    /// As a room's owner: `shard` begins or stops watching `ch`.
+    fn on_watch(&self, ch: &str, shard: usize, on: bool) {
+        if let Some((p, _)) = &self.presence {
+            p.borrow_mut().watch(ch, shard as u32, on);
+        }
+    }
+
+    /// As a room's owner: sends the batches due to the shards watching.
+    fn flush_presence(&self, sink: &Sink) {
+        let Some((p, _)) = &self.presence else { return };
+        let batches = p.borrow_mut().flush();
+        for b in batches {
+            if b.suppressed {
+                self.metrics.members_suppressed.fetch_add(1, Relaxed);
+            }
+            let env = Arc::new(b.env);
+            for shard in b.to {
+                let shard = shard as usize;
+                if shard == self.me {
+                    sink(Event::Members(env.clone()));
+                } else if !self.send(shard, MeshMsg::Members(env.clone())) {
+                    // At most once: a batch the mesh cannot take is lost.
+                    self.metrics.drops_mesh_full.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        let p = p.borrow();
+        self.metrics.presence_entries.store(p.entries(), Relaxed);
+        self.metrics.presence_rooms.store(p.rooms() as u64, Relaxed);
+    }
+
+    /// As a room's owner: a page of its present users.
+    fn query(&self, ch: &str, limit: usize, after: Option<&str>) -> PresencePage {
+        match &self.presence {
+            Some((p, _)) => p.borrow().query(ch, limit, after),
+            None => PresencePage::default(),
+        }
+    }
+
+    /// As a channel's owner: a page of its history.
+    fn page(&self, ch: &str, limit: usize, before: Option<u64>) -> Page {
+        match &self.history {
+            Some(h) => {
+                let p = h.borrow_mut().page(ch, limit, before, self.now_ms());
+                self.gauge(&h.borrow());
+                p
+            }
+            None => Page::unavailable(),
+        }
+    }
+
+    /// This shard's answer to an online query: a subscriber of the user's
+    /// own channel is a connection of the user.
+    fn holds(&self, user_ch: &str) -> bool {
+        self.probe.borrow().as_ref().is_some_and(|p| p(user_ch))
+    }
+
+    /// One shard's answer to online query `q`; the last one answers the
+    /// client.
+    fn online_answer(&self, q: u64, found: bool, now: &mut Vec<Event>) {
+        let mut pending = self.online.borrow_mut();
+        let Some(e) = pending.get_mut(&q) else { return };
+        e.0 -= 1;
+        e.1 |= found;
+        if e.0 == 0
+            && let Some((_, found, user, ack)) = pending.remove(&q)
+        {
+            now.push(Event::Presence(ack, Ok(online_page(&user, found))));
         }
     }
 
@@ -175,16 +355,21 @@ impl Embedded {
         }
     }
 
-    /// As the channel's owner: the position of `ch`, and the replay.
-    fn recover(&self, ch: &str, since: Option<&Since>) -> Recovery {
-        match &self.history {
+    /// As the channel's owner: the position of `ch`, the replay, and
+    /// (with `present`) its present count.
+    fn recover(&self, ch: &str, since: Option<&Since>, present: bool) -> Recovery {
+        let mut r = match &self.history {
             Some(h) => {
                 let r = h.borrow_mut().recover(ch, since, self.now_ms());
                 self.gauge(&h.borrow());
                 r
             }
             None => Recovery::unavailable(since),
+        };
+        if present && let Some((p, _)) = &self.presence {
+            r.present = Some(p.borrow().count(ch));
         }
+        r
     }
 
     fn gauge(&self, h: &HistoryStore) {
@@ -192,6 +377,7 @@ impl Embedded {
         self.metrics
             .history_channels
             .store(h.channels() as u64, Relaxed);
+        self.metrics.history_evicted.store(h.evicted(), Relaxed);
     }
 
     /// Handles one message from another shard; events for this shard go
@@ -200,20 +386,45 @@ impl Embedded {
         match m {
             MeshMsg::Route(env, ack, key) => {
                 let r = self.store(env, key.as_deref(), now);
-                if !self.send(ack.shard, MeshMsg::Stored(ack, r)) {
-                    self.metrics.drops_mesh_full.fetch_add(1, Relaxed);
-                }
+                self.answer(ack.shard, MeshMsg::Stored(ack, r));
+            }
+            MeshMsg::Send(env, ack) => {
+                self.sequence(Arc::new(env), now);
+                self.answer(ack.shard, MeshMsg::Sent(ack, Ok(())));
             }
             MeshMsg::Deliver(env) => now.push(Event::Deliver(env)),
             MeshMsg::Stored(ack, r) => now.push(Event::Published(ack, r)),
-            MeshMsg::Recover(ch, since, ack) => {
-                let r = self.recover(&ch, since.as_ref());
-                if !self.send(ack.shard, MeshMsg::Recovered(ack, r)) {
-                    self.metrics.drops_mesh_full.fetch_add(1, Relaxed);
-                }
+            MeshMsg::Sent(ack, r) => now.push(Event::Sent(ack, r)),
+            MeshMsg::Recover(ch, since, present, ack) => {
+                let r = self.recover(&ch, since.as_ref(), present);
+                self.answer(ack.shard, MeshMsg::Recovered(ack, r));
             }
             MeshMsg::Recovered(ack, r) => now.push(Event::History(ack, r)),
+            MeshMsg::Present(ch, user, delta) => self.on_present(&ch, &user, delta),
+            MeshMsg::Watch(ch, shard, on) => self.on_watch(&ch, shard, on),
+            MeshMsg::Members(env) => now.push(Event::Members(env)),
+            MeshMsg::Query(ch, limit, after, ack) => {
+                let page = self.query(&ch, limit, after.as_deref());
+                self.answer(ack.shard, MeshMsg::Queried(ack, page));
+            }
+            MeshMsg::Queried(ack, page) => now.push(Event::Presence(ack, Ok(page))),
+            MeshMsg::Online(user_ch, q, asker) => {
+                let found = self.holds(&user_ch);
+                self.answer(asker, MeshMsg::OnlineIs(q, found));
+            }
+            MeshMsg::OnlineIs(q, found) => self.online_answer(q, found, now),
+            MeshMsg::PageOf(ch, limit, before, ack) => {
+                let page = self.page(&ch, limit, before);
+                self.answer(ack.shard, MeshMsg::Paged(ack, page));
+            }
+            MeshMsg::Paged(ack, page) => now.push(Event::Page(ack, Ok(page))),
         }
+    }
+
+    /// Sends an answer to the shard that asked (the asker waits for it: a
+    /// full outbox delays it, never loses it).
+    fn answer(&self, shard: usize, m: MeshMsg) {
+        self.send_control(shard, m);
     }
 
     /// The owner of `ch`, or `None` when it is this shard.
@@ -241,11 +452,25 @@ impl Embedded {
 }
 
 impl Backbone for Embedded {
-    fn start(self: Rc<Self>, sink: Sink) {
+    fn start(self: Rc<Self>, sink: Sink, probe: Probe) {
+        *self.probe.borrow_mut() = Some(probe);
+        let sink = Rc::new(sink);
+        if let Some((_, flush_ms)) = &self.presence {
+            // The owner's presence batches, and control messages that
+            // waited for a full outbox.
+            let (me, sink, every) = (self.clone(), sink.clone(), *flush_ms);
+            glommio::spawn_local(async move {
+                loop {
+                    glommio::timer::sleep(std::time::Duration::from_millis(every)).await;
+                    me.drain_backlog();
+                    me.flush_presence(&sink);
+                }
+            })
+            .detach();
+        }
         let Some(mut receivers) = self.receivers.borrow_mut().take() else {
             return;
         };
-        let sink = Rc::new(sink);
         for (_, rx) in receivers.streams() {
             let (sink, me) = (sink.clone(), self.clone());
             glommio::spawn_local(async move {
@@ -267,6 +492,24 @@ impl Backbone for Embedded {
         env.id = msg.id;
         env.from = Some(msg.from.to_owned());
         env.payload = msg.payload;
+        if msg.ephemeral {
+            // The owner's fan-out, but not its store: no seq, no history.
+            env.meta = Some(EPHEMERAL_META.to_owned());
+            match self.remote_owner(msg.ch) {
+                Some(peer) => {
+                    if !self.send(peer, MeshMsg::Send(env, ack)) {
+                        now.push(Event::Sent(ack, Err(Refused::OVERLOADED)));
+                    }
+                }
+                None => {
+                    // Some shards may miss it: ephemeral messages may be
+                    // dropped (counted as mesh drops).
+                    self.sequence(Arc::new(env), now);
+                    now.push(Event::Sent(ack, Ok(())));
+                }
+            }
+            return;
+        }
         match self.remote_owner(msg.ch) {
             Some(peer) => {
                 // The owner answers with MeshMsg::Stored once it stored it.
@@ -281,16 +524,100 @@ impl Backbone for Embedded {
         }
     }
 
-    fn history(&self, ch: &str, since: Option<Since>, ack: Ack, now: &mut Vec<Event>) {
+    fn history(
+        &self,
+        ch: &str,
+        since: Option<Since>,
+        present: bool,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
         match self.remote_owner(ch) {
             // The answer comes behind every delivery the owner sent before
             // it (the mesh keeps each pair of shards in order).
             Some(peer) => {
-                if !self.send(peer, MeshMsg::Recover(ch.to_owned(), since.clone(), ack)) {
+                let m = MeshMsg::Recover(ch.to_owned(), since.clone(), present, ack);
+                if !self.send(peer, m) {
                     now.push(Event::History(ack, Recovery::unavailable(since.as_ref())));
                 }
             }
-            None => now.push(Event::History(ack, self.recover(ch, since.as_ref()))),
+            None => now.push(Event::History(
+                ack,
+                self.recover(ch, since.as_ref(), present),
+            )),
+        }
+    }
+
+    fn present(&self, ch: &str, user: &str, delta: i32) {
+        match self.remote_owner(ch) {
+            Some(peer) => self.send_control(
+                peer,
+                MeshMsg::Present(ch.to_owned(), user.to_owned(), delta),
+            ),
+            None => self.on_present(ch, user, delta),
+        }
+    }
+
+    fn watch(&self, ch: &str, on: bool) {
+        match self.remote_owner(ch) {
+            Some(peer) => self.send_control(peer, MeshMsg::Watch(ch.to_owned(), self.me, on)),
+            None => self.on_watch(ch, self.me, on),
+        }
+    }
+
+    fn presence_query(
+        &self,
+        ch: &str,
+        limit: usize,
+        after: Option<&str>,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
+        if let Some(user) = ch.strip_prefix("user:") {
+            // Online anywhere: every shard looks at its own connections.
+            let q = self.next_query.get() + 1;
+            self.next_query.set(q);
+            let peers = self.outboxes.iter().flatten().count();
+            let here = self.holds(ch);
+            if peers == 0 || here {
+                return now.push(Event::Presence(ack, Ok(online_page(user, here))));
+            }
+            self.online
+                .borrow_mut()
+                .insert(q, (peers, false, user.to_owned(), ack));
+            for peer in 0..self.outboxes.len() {
+                if peer != self.me {
+                    self.send_control(peer, MeshMsg::Online(ch.to_owned(), q, self.me));
+                }
+            }
+            return;
+        }
+        match self.remote_owner(ch) {
+            Some(peer) => {
+                let m = MeshMsg::Query(ch.to_owned(), limit, after.map(str::to_owned), ack);
+                if !self.send(peer, m) {
+                    now.push(Event::Presence(ack, Err(Refused::OVERLOADED)));
+                }
+            }
+            None => now.push(Event::Presence(ack, Ok(self.query(ch, limit, after)))),
+        }
+    }
+
+    fn history_page(
+        &self,
+        ch: &str,
+        limit: usize,
+        before: Option<u64>,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
+        match self.remote_owner(ch) {
+            Some(peer) => {
+                if !self.send(peer, MeshMsg::PageOf(ch.to_owned(), limit, before, ack)) {
+                    now.push(Event::Page(ack, Err(Refused::OVERLOADED)));
+                }
+            }
+            None => now.push(Event::Page(ack, Ok(self.page(ch, limit, before)))),
         }
     }
 

@@ -13,6 +13,18 @@
 //! a new stream for the old one. Epoch = the process's random prefix and
 //! the channel's generation.
 //!
+//! **A channel nobody wrote to has no record.** Every `welcome` carries the
+//! position of the user's own stream and every `sub` the room's, so a
+//! record per asked channel would cost every idle connection a record at
+//! its owner. Instead, a channel without a record is at the store's *base*
+//! epoch, position 0, and its first record takes that same epoch — unless
+//! the channel had a record before that was evicted: then positions taken
+//! from the old record must not be mistaken for the new one, so the new
+//! record gets an epoch of its own generation. Evicted names are remembered
+//! in a fixed-size Bloom filter (a false positive only gives a new epoch
+//! where the base one would have done: an honest `epoch_changed`); when it
+//! fills up, the base epoch moves on and the filter starts empty.
+//!
 //! Publish deduplication: a publish that names a key (`user:instance:id`)
 //! already stored on the channel within the window is not stored again;
 //! its answer is the original `seq`, marked duplicate.
@@ -32,7 +44,7 @@ const CHANNEL_OVERHEAD: usize = 160;
 /// Bytes a stored message costs beyond its payload and names: the shared
 /// envelope (`Arc` header and struct), its slot in the ring, and the
 /// allocator's rounding of its three heap blocks. Measured against the
-/// gateway's RSS (docs/benchmarks.md), so that `history.shard_bytes`
+/// gateway's RSS (docs/bench-notes.md), so that `history.shard_bytes`
 /// bounds real memory, not a fraction of it.
 const MESSAGE_OVERHEAD: usize = std::mem::size_of::<Envelope>() + 16 + 16 + 3 * 16;
 /// Bytes a dedupe entry costs beyond its key: the `Rc<str>` header, the map
@@ -89,6 +101,7 @@ impl Recovery {
                 None => Ok(Vec::new()),
             },
             contiguous: true,
+            present: None,
         }
     }
 }
@@ -119,6 +132,9 @@ pub struct Recovery {
     /// delivers (or reports them), and the session only drops what the
     /// replay already holds.
     pub contiguous: bool,
+    /// Users present in the channel, when the request asked (a `sub` with
+    /// `meta.presence`); counted after this shard's own change.
+    pub present: Option<u64>,
 }
 
 /// Where a publish was stored.
@@ -165,6 +181,88 @@ pub struct HistoryStore {
     fifo: VecDeque<Item>,
     bytes: usize,
     generation: u64,
+    /// Messages evicted for the byte budget (not for count or age).
+    evicted: u64,
+    /// The epoch of channels with no record, and of the first record of a
+    /// channel not evicted since it moved on.
+    base: Arc<str>,
+    /// Names of evicted records since `base` moved on.
+    gone: Evicted,
+    /// Times `base` moved on.
+    rounds: u64,
+}
+
+/// A Bloom filter of evicted channel names: 2²⁰ bits (128 KiB, made on the
+/// first eviction), three probes; after 2¹⁷ names (about 3 % false
+/// positives) the store's base epoch moves on and it starts empty.
+#[derive(Default)]
+struct Evicted {
+    bits: Vec<u64>,
+    names: usize,
+}
+
+impl Evicted {
+    const BITS: usize = 1 << 20;
+    const CAPACITY: usize = Self::BITS / 8;
+
+    fn probes(name: &str) -> [usize; 3] {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        name.hash(&mut h);
+        let x = h.finish();
+        // Three probes from one hash (Kirsch–Mitzenmacher).
+        let (a, b) = (x as u32 as usize, (x >> 32) as usize | 1);
+        [0, 1, 2].map(|i| a.wrapping_add(i * b) % Self::BITS)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        !self.bits.is_empty()
+            && Self::probes(name)
+                .iter()
+                .all(|&p| self.bits[p / 64] & (1 << (p % 64)) != 0)
+    }
+
+    /// Remembers `name`; false when the filter is full (the caller moves
+    /// the base epoch on and starts a new one).
+    fn insert(&mut self, name: &str) -> bool {
+        if self.names >= Self::CAPACITY {
+            return false;
+        }
+        if self.bits.is_empty() {
+            self.bits = vec![0; Self::BITS / 64];
+        }
+        for p in Self::probes(name) {
+            self.bits[p / 64] |= 1 << (p % 64);
+        }
+        self.names += 1;
+        true
+    }
+}
+
+/// A page of a channel's history (docs/protocol.md, "History pages").
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// The stream's epoch (empty: no history).
+    pub epoch: Arc<str>,
+    /// Its latest `seq`.
+    pub top: u64,
+    /// The messages, oldest first.
+    pub messages: Vec<Arc<Envelope>>,
+    /// Older messages are still kept.
+    pub more: bool,
+    /// History is off or cannot be read: the `reply` says `unavailable`.
+    pub unavailable: bool,
+}
+
+impl Page {
+    /// The answer where no history is kept.
+    pub fn unavailable() -> Page {
+        Page {
+            epoch: Arc::from(""),
+            unavailable: true,
+            ..Page::default()
+        }
+    }
 }
 
 /// A message's size for the byte budget.
@@ -185,6 +283,28 @@ impl HistoryStore {
             fifo: VecDeque::new(),
             bytes: 0,
             generation: 0,
+            evicted: 0,
+            base: Arc::from(format!("{prefix}-b0")),
+            gone: Evicted::default(),
+            rounds: 0,
+        }
+    }
+
+    /// The epoch a channel with no record is at: the base, unless its
+    /// record was evicted (then `None`: it needs a record of its own).
+    fn absent_epoch(&self, ch: &str) -> Option<Arc<str>> {
+        (!self.gone.contains(ch)).then(|| self.base.clone())
+    }
+
+    /// Remembers that `ch`'s record was evicted.
+    fn evict_name(&mut self, ch: &str) {
+        if !self.gone.insert(ch) {
+            // Full: every name evicted so far gets a new epoch anyway once
+            // the base moves on, so the filter can start empty.
+            self.rounds += 1;
+            self.base = Arc::from(format!("{}-b{}", self.prefix, self.rounds));
+            self.gone = Evicted::default();
+            self.gone.insert(ch);
         }
     }
 
@@ -198,11 +318,20 @@ impl HistoryStore {
         self.channels.len()
     }
 
+    /// Messages evicted so far for the byte budget, before their count or
+    /// age limit: the history holds less than its configuration promises.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
     fn channel(&mut self, ch: &str) -> &mut Channel {
         if !self.channels.contains_key(ch) {
             self.generation += 1;
             let name: Rc<str> = Rc::from(ch);
-            let epoch: Arc<str> = Arc::from(format!("{}-{}", self.prefix, self.generation));
+            let epoch = match self.absent_epoch(ch) {
+                Some(base) => base,
+                None => Arc::from(format!("{}-{}", self.prefix, self.generation)),
+            };
             self.channels.insert(
                 name.clone(),
                 Channel {
@@ -335,6 +464,7 @@ impl HistoryStore {
                         while c.ring.front().is_some_and(|e| e.seq <= seq) {
                             if let Some(e) = c.ring.pop_front() {
                                 self.bytes -= e.bytes;
+                                self.evicted += 1;
                             }
                         }
                     }
@@ -352,6 +482,7 @@ impl HistoryStore {
                                 c.dedupe.keys().map(|k| k.len() + DEDUPE_OVERHEAD).sum();
                             self.bytes -= CHANNEL_OVERHEAD + ch.len() + dedupe;
                             self.channels.remove(&ch);
+                            self.evict_name(&ch);
                         }
                         // Still holding messages: its turn comes again later.
                         Some(_) => self.fifo.push_back(Item::Record(ch, generation)),
@@ -364,6 +495,24 @@ impl HistoryStore {
 
     /// The position of `ch`, and with `since` the messages after it.
     pub fn recover(&mut self, ch: &str, since: Option<&Since>, now_ms: u64) -> Recovery {
+        if !self.channels.contains_key(ch)
+            && let Some(epoch) = self.absent_epoch(ch)
+        {
+            // Nothing was ever stored here since the base epoch began.
+            let replay = match since {
+                Some(s) if s.epoch.as_deref().is_some_and(|e| *e != *epoch) => {
+                    Err(Unrecovered::EpochChanged)
+                }
+                Some(s) if s.seq > 0 => Err(Unrecovered::EpochChanged),
+                _ => Ok(Vec::new()),
+            };
+            return Recovery {
+                pos: Position { epoch, top: 0 },
+                replay,
+                contiguous: true,
+                present: None,
+            };
+        }
         self.trim(ch, now_ms);
         let limit = self.cfg.recovery_limit;
         let c = self.channel(ch);
@@ -399,7 +548,38 @@ impl HistoryStore {
             pos,
             replay,
             contiguous: true,
+            present: None,
         }
+    }
+}
+
+impl HistoryStore {
+    /// The newest `limit` messages of `ch` with `seq < before` (all when
+    /// `None`), oldest first, and whether older ones are kept.
+    pub fn page(&mut self, ch: &str, limit: usize, before: Option<u64>, now_ms: u64) -> Page {
+        if !self.channels.contains_key(ch)
+            && let Some(epoch) = self.absent_epoch(ch)
+        {
+            return Page {
+                epoch,
+                ..Page::default()
+            };
+        }
+        self.trim(ch, now_ms);
+        let before = before.unwrap_or(u64::MAX);
+        let c = self.channel(ch);
+        // The ring is in seq order: the messages before `before` are a prefix.
+        let end = c.ring.partition_point(|e| e.seq < before);
+        let start = end.saturating_sub(limit);
+        let page = Page {
+            epoch: c.epoch.clone(),
+            top: c.top,
+            messages: c.ring.range(start..end).map(|e| e.env.clone()).collect(),
+            more: start > 0,
+            unavailable: false,
+        };
+        self.enforce_budget();
+        page
     }
 }
 
@@ -533,6 +713,7 @@ mod tests {
             12_000,
         );
         assert_eq!(seqs(&r), vec![2]);
+        assert_eq!(h.evicted(), 0, "age and count limits are not evictions");
     }
 
     #[test]
@@ -603,6 +784,123 @@ mod tests {
             2,
         );
         assert_eq!(seqs(&r), vec![198, 199, 200]);
+        // At most 64 of the 201 messages of 1 KB fit: the rest was evicted.
+        assert!((137..=201).contains(&h.evicted()), "{}", h.evicted());
+    }
+
+    #[test]
+    fn asking_a_position_makes_no_record_and_the_first_record_keeps_its_epoch() {
+        let mut h = HistoryStore::new(cfg(), "p");
+        let r = h.recover("user:alice", None, 0);
+        assert_eq!(
+            (r.pos.top, h.channels()),
+            (0, 0),
+            "no record for a question"
+        );
+        let since = Since {
+            seq: 0,
+            epoch: Some(r.pos.epoch.to_string()),
+        };
+        assert!(seqs(&h.recover("user:alice", Some(&since), 0)).is_empty());
+        assert_eq!(h.channels(), 0);
+        h.append("user:alice", msg("1"), None, 0);
+        h.append("user:alice", msg("2"), None, 0);
+        let r = h.recover("user:alice", Some(&since), 0);
+        assert_eq!(
+            seqs(&r),
+            vec![1, 2],
+            "the position from before the record holds"
+        );
+        assert_eq!(
+            r.pos.epoch.to_string(),
+            since.epoch.clone().unwrap_or_default()
+        );
+        let ahead = Since {
+            seq: 3,
+            epoch: None,
+        };
+        assert_eq!(
+            h.recover("user:bob", Some(&ahead), 0).replay.err(),
+            Some(Unrecovered::EpochChanged)
+        );
+    }
+
+    #[test]
+    fn an_evicted_channel_comes_back_with_an_epoch_of_its_own() {
+        let mut h = HistoryStore::new(
+            HistoryConfig {
+                shard_bytes: 64 << 10,
+                max_messages: 10_000,
+                ..cfg()
+            },
+            "p",
+        );
+        let base = h.recover("room:old", None, 0).pos.epoch;
+        h.append("room:old", msg("1"), None, 0);
+        let big = "x".repeat(1000);
+        for _ in 0..200 {
+            h.append("room:new", msg(&big), None, 1);
+        }
+        // room:old was evicted: positions from its record, or from before
+        // it, no longer recover; it has a record and an epoch of its own.
+        let r = h.recover("room:old", None, 2);
+        assert_ne!(r.pos.epoch, base);
+        assert_eq!(r.pos.top, 0);
+        let from_before = Since {
+            seq: 0,
+            epoch: Some(base.to_string()),
+        };
+        assert_eq!(
+            h.recover("room:old", Some(&from_before), 2).replay.err(),
+            Some(Unrecovered::EpochChanged)
+        );
+        // A channel never used is still at the base.
+        assert_eq!(h.recover("room:other", None, 2).pos.epoch, base);
+    }
+
+    #[test]
+    fn a_full_filter_moves_the_base_on() {
+        let mut h = HistoryStore::new(cfg(), "p");
+        let base = h.recover("room:x", None, 0).pos.epoch;
+        for i in 0..Evicted::CAPACITY {
+            h.evict_name(&format!("room:{i}"));
+        }
+        assert_eq!(h.recover("room:x", None, 0).pos.epoch, base);
+        h.evict_name("room:one-more");
+        assert_ne!(h.recover("room:x", None, 0).pos.epoch, base);
+        assert!(!h.gone.contains("room:0"));
+        assert!(h.gone.contains("room:one-more"));
+    }
+
+    #[test]
+    fn pages_are_the_newest_before_a_seq_oldest_first() {
+        let mut h = HistoryStore::new(
+            HistoryConfig {
+                max_messages: 8,
+                ..cfg()
+            },
+            "p",
+        );
+        let empty = h.page("room:a", 3, None, 0);
+        assert!(empty.messages.is_empty() && !empty.more && empty.top == 0);
+        for i in 0..10 {
+            h.append("room:a", msg(&i.to_string()), None, 0);
+        }
+        // 10 stored, 8 kept: seqs 3..=10.
+        let seqs = |p: &Page| p.messages.iter().filter_map(|e| e.seq).collect::<Vec<_>>();
+        let p = h.page("room:a", 3, None, 0);
+        assert_eq!((seqs(&p), p.more, p.top), (vec![8, 9, 10], true, 10));
+        let p = h.page("room:a", 3, Some(8), 0);
+        assert_eq!((seqs(&p), p.more), (vec![5, 6, 7], true));
+        let p = h.page("room:a", 3, Some(5), 0);
+        assert_eq!((seqs(&p), p.more), (vec![3, 4], false));
+        let p = h.page("room:a", 50, Some(3), 0);
+        assert_eq!((seqs(&p), p.more), (vec![], false));
+        let p = h.page("room:a", 50, None, 0);
+        assert_eq!((seqs(&p).len(), p.more), (8, false));
+        // Age: everything gone, the position stays.
+        let p = h.page("room:a", 3, None, 20_000);
+        assert_eq!((seqs(&p), p.more, p.top), (vec![], false, 10));
     }
 
     #[test]

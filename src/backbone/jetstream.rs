@@ -86,6 +86,12 @@ pub fn live_prefix(prefix: &str) -> String {
     format!("{prefix}.live.")
 }
 
+/// The live subject of a stored one: `P.room.x` → `P.live.room.x`.
+pub fn live_subject(prefix: &str, stored: &str) -> String {
+    let rest = stored.split_once('.').map_or("", |(_, rest)| rest);
+    format!("{}{rest}", live_prefix(prefix))
+}
+
 /// Why a JetStream call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsError {
@@ -245,6 +251,91 @@ impl Js {
             Err(e) => return Err(e),
         };
         parse_stored(&v).map(Some)
+    }
+
+    /// The last message of `subject` at or below `up_to` (`None`: the
+    /// latest), by a direct get: any replica answers, so a page may lag the
+    /// leader by what a follower has not applied yet (a page is a view of
+    /// history, not a recovery: nothing is owed by it).
+    pub async fn last_up_to(
+        &self,
+        subject: &str,
+        up_to: Option<u64>,
+    ) -> Result<Option<Stored>, JsError> {
+        let body = match up_to {
+            Some(0) => return Ok(None),
+            Some(n) => json!({ "multi_last": [subject], "up_to_seq": n }),
+            None => json!({ "last_by_subj": subject }),
+        };
+        let req = self.client.request(
+            format!("$JS.API.DIRECT.GET.{}", self.spec.name),
+            body.to_string().into(),
+        );
+        let m = match tokio::time::timeout(self.timeout, req).await {
+            Err(_) => return Err(JsError::Timeout),
+            Ok(Err(e)) => {
+                return Err(match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => JsError::NoResponders,
+                    async_nats::RequestErrorKind::TimedOut => JsError::Timeout,
+                    _ => JsError::Other(e.to_string()),
+                });
+            }
+            Ok(Ok(m)) => m,
+        };
+        match m.status.map(|s| s.as_u16()) {
+            Some(404) => return Ok(None),
+            Some(code) if code >= 300 => {
+                return Err(JsError::Api {
+                    code,
+                    err_code: 0,
+                    description: m.description.unwrap_or_default(),
+                });
+            }
+            _ => {}
+        }
+        let headers = m.headers.unwrap_or_default();
+        let seq = headers
+            .get("Nats-Sequence")
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .ok_or_else(|| JsError::Other("direct get: no Nats-Sequence".into()))?;
+        Ok(Some(Stored {
+            seq,
+            headers,
+            data: m.payload,
+        }))
+    }
+
+    /// A page of `subject`'s history: the newest `limit` messages with seq
+    /// below `before` (all when `None`), oldest first; whether older ones
+    /// are kept; and the subject's latest seq. One direct get per message,
+    /// walking back (JetStream has no "previous by subject" but the last
+    /// message up to a seq).
+    pub async fn page(
+        &self,
+        subject: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<(Vec<Stored>, bool, u64), JsError> {
+        let top = self.last_up_to(subject, None).await?.map_or(0, |m| m.seq);
+        let mut cursor = match before {
+            Some(b) => b.saturating_sub(1).min(top),
+            None => top,
+        };
+        let mut out = Vec::new();
+        while out.len() < limit && cursor > 0 {
+            match self.last_up_to(subject, Some(cursor)).await? {
+                Some(m) => {
+                    cursor = m.seq.saturating_sub(1).min(cursor.saturating_sub(1));
+                    out.push(m);
+                }
+                None => {
+                    cursor = 0;
+                }
+            }
+        }
+        let more = cursor > 0 && self.last_up_to(subject, Some(cursor)).await?.is_some();
+        out.reverse();
+        Ok((out, more, top))
     }
 
     /// At most `max` messages of `subject` with seq in `(after, upto]`, in

@@ -22,13 +22,23 @@ pub mod embedded;
 pub mod history;
 pub mod jetstream;
 pub mod nats;
+pub mod presence;
 
-pub use history::{Position, Recovery, Since, Stored, Unrecovered};
+pub use history::{Page, Position, Recovery, Since, Stored, Unrecovered};
+pub use presence::PresencePage;
 
 use std::rc::Rc;
 use std::sync::Arc;
 
 use edgegate_proto::{Envelope, ErrCode, Payload};
+
+/// `meta` of an ephemeral `msg` (docs/protocol.md, "Ephemeral messages").
+pub const EPHEMERAL_META: &str = r#"{"ephemeral":true}"#;
+
+/// True for an ephemeral `msg`: never stored, no `seq`, droppable.
+pub fn is_ephemeral(env: &Envelope) -> bool {
+    env.meta.as_deref() == Some(EPHEMERAL_META)
+}
 
 /// Who gets the answer to a backbone call: a connection on a shard, and
 /// the client's request id.
@@ -104,6 +114,9 @@ pub struct Publish<'a> {
     /// instance): a publish whose key the stream stored within the window
     /// is answered with the original `seq` and not delivered again.
     pub key: Option<String>,
+    /// Ephemeral (`pub` with `meta.ephemeral`): delivered to the current
+    /// subscribers only, never stored, no `seq`, no deduplication.
+    pub ephemeral: bool,
 }
 
 /// A client's request to a core service (`req` on `svc:<name>`).
@@ -203,6 +216,9 @@ pub enum Event {
     /// The outcome of a [`Backbone::publish`]: where it was stored (`None`
     /// where the backbone keeps no history).
     Published(Ack, Result<Option<Stored>, Refused>),
+    /// The outcome of an ephemeral [`Backbone::publish`]: handed on to the
+    /// channel's subscribers, or refused.
+    Sent(Ack, Result<(), Refused>),
     /// The answer to a [`Backbone::history`] request.
     History(Ack, Recovery),
     /// A subscription asked for with [`Backbone::interest`] is live.
@@ -216,19 +232,32 @@ pub enum Event {
     /// Messages of this channel were lost and cannot be recovered: close
     /// its local subscribers with 4009, so they reconnect and recover.
     Gap(String),
+    /// A room's presence changed (a `members` envelope), for this shard's
+    /// connections that watch its channel.
+    Members(Arc<Envelope>),
+    /// The answer to a [`Backbone::presence_query`].
+    Presence(Ack, Result<PresencePage, Refused>),
+    /// The answer to a [`Backbone::history_page`].
+    Page(Ack, Result<Page, Refused>),
 }
 
 /// Where asynchronous events go: the shard's event handler.
 pub type Sink = Box<dyn Fn(Event)>;
 
+/// Whether the shard holds a subscriber of a channel (its router): a
+/// backbone's question to its own shard, answered at once.
+pub type Probe = Box<dyn Fn(&str) -> bool>;
+
 /// A shard's view of the backbone. Every method returns at once; none
 /// blocks or waits on another shard or thread.
 pub trait Backbone {
     /// Starts the backbone's own tasks on this shard (mesh receivers, the
-    /// bridge from the backbone thread); later events go to `sink`.
-    fn start(self: Rc<Self>, sink: Sink);
+    /// bridge from the backbone thread); later events go to `sink`, and
+    /// `probe` says whether the shard has a subscriber of a channel.
+    fn start(self: Rc<Self>, sink: Sink, probe: Probe);
 
-    /// Publishes a client's message; answers [`Event::Published`] for `ack`.
+    /// Publishes a client's message; answers [`Event::Published`] for `ack`
+    /// ([`Event::Sent`] for an ephemeral one).
     fn publish(&self, msg: Publish<'_>, ack: Ack, now: &mut Vec<Event>);
 
     /// Sends a request to a core service; answers [`Event::Reply`].
@@ -240,13 +269,52 @@ pub trait Backbone {
     fn interest(&self, ch: &str, on: bool, ack: Option<Ack>, now: &mut Vec<Event>);
 
     /// The position of `ch`'s stream and, with `since`, the messages after
-    /// it (or why they cannot be had); answers [`Event::History`]. Asked
-    /// once the subscription is live, so nothing falls between the answer
-    /// and the live messages.
-    fn history(&self, ch: &str, since: Option<Since>, ack: Ack, now: &mut Vec<Event>);
+    /// it (or why they cannot be had); with `present`, also how many users
+    /// are present in it; answers [`Event::History`]. Asked once the
+    /// subscription is live, so nothing falls between the answer and the
+    /// live messages.
+    fn history(
+        &self,
+        ch: &str,
+        since: Option<Since>,
+        present: bool,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    );
 
     /// A user's connection count on this shard changed by `delta`.
     fn presence(&self, user: &str, delta: i32);
+
+    /// `user`'s presence in room `ch` on this shard began (`+1`: the first
+    /// of its connections here subscribed) or ended (`-1`).
+    fn present(&self, ch: &str, user: &str, delta: i32);
+
+    /// This shard's first (`on`) or last (`!on`) connection that watches
+    /// `ch`'s presence: [`Event::Members`] for it come to this shard.
+    fn watch(&self, ch: &str, on: bool);
+
+    /// Who is present in `ch` (a room: the users after `after`, at most
+    /// `limit`; a `user:` channel: whether that user is online anywhere);
+    /// answers [`Event::Presence`].
+    fn presence_query(
+        &self,
+        ch: &str,
+        limit: usize,
+        after: Option<&str>,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    );
+
+    /// The newest `limit` stored messages of `ch` before `before`; answers
+    /// [`Event::Page`].
+    fn history_page(
+        &self,
+        ch: &str,
+        limit: usize,
+        before: Option<u64>,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    );
 
     /// True while the backbone can carry messages.
     fn is_up(&self) -> bool;

@@ -64,9 +64,9 @@ use edgegate_proto::{Envelope, ErrCode, Payload, Type};
 use futures_util::StreamExt;
 use tracing::{info, warn};
 
-use super::history::{Position, Recovery, Since, Stored, Unrecovered};
+use super::history::{Page, Position, Recovery, Since, Stored, Unrecovered};
 use super::jetstream::{self, EnsureError, Js, StreamSpec};
-use super::{Ack, Backbone, Event, Publish, Refused, Request, Sink};
+use super::{Ack, Backbone, EPHEMERAL_META, Event, Probe, Publish, Refused, Request, Sink};
 use crate::config::{Nats as NatsConfig, NatsHistory};
 use crate::events::{Bus, USER_OFFLINE, USER_ONLINE, UserCounts};
 use crate::metrics::BackboneStats as NatsState;
@@ -95,8 +95,12 @@ enum ToNats {
         headers: PubHeaders,
         /// Body.
         payload: Bytes,
-        /// Answered with [`Event::Published`].
+        /// Answered with [`Event::Published`] ([`Event::Sent`] when
+        /// ephemeral).
         ack: Ack,
+        /// Ephemeral: a core NATS publish on the subject gateways listen
+        /// to, never stored.
+        ephemeral: bool,
     },
     /// A core-service request.
     Request {
@@ -131,6 +135,49 @@ enum ToNats {
         channel: String,
         /// The client's position.
         since: Option<Since>,
+        /// Count the users present too (once the room's view is synced).
+        present: bool,
+        /// Who asked.
+        ack: Ack,
+    },
+    /// A shard's count of a user in a room moved (its first connection of
+    /// the user subscribed, or its last one left).
+    Present {
+        /// Channel.
+        channel: String,
+        /// User id.
+        user: String,
+        /// +1 or -1.
+        delta: i32,
+    },
+    /// A shard begins or stops watching a room's presence.
+    Watch {
+        /// Channel.
+        channel: String,
+        /// The shard.
+        shard: usize,
+        /// Begins or stops.
+        on: bool,
+    },
+    /// Who is present in a channel; answered with [`Event::Presence`].
+    PresenceQuery {
+        /// Channel.
+        channel: String,
+        /// Users per page.
+        limit: usize,
+        /// After this id.
+        after: Option<String>,
+        /// Who asked.
+        ack: Ack,
+    },
+    /// A page of a channel's history; answered with [`Event::Page`].
+    Page {
+        /// Channel.
+        channel: String,
+        /// Messages per page.
+        limit: usize,
+        /// Below this seq.
+        before: Option<u64>,
         /// Who asked.
         ack: Ack,
     },
@@ -157,7 +204,10 @@ enum ToNats {
 }
 
 mod control;
+mod presence;
+
 pub use control::{Cluster, node_info};
+use presence::ClusterPresence;
 
 /// One shard's end of the bridge: the NATS backbone as a shard sees it.
 pub struct NatsBackbone {
@@ -193,7 +243,7 @@ impl NatsBackbone {
 }
 
 impl Backbone for NatsBackbone {
-    fn start(self: Rc<Self>, sink: Sink) {
+    fn start(self: Rc<Self>, sink: Sink, _probe: Probe) {
         // Events from the backbone thread: it wakes this task from its own
         // thread; the executor parks in io_uring meanwhile, no polling. One
         // queue for deliveries and answers, so an answer comes behind every
@@ -212,7 +262,7 @@ impl Backbone for NatsBackbone {
                             return std::task::Poll::Ready(());
                         }
                     };
-                    if matches!(ev, Event::Deliver(_)) {
+                    if matches!(ev, Event::Deliver(_) | Event::Members(_)) {
                         self.pending.fetch_sub(1, Relaxed);
                     }
                     sink(ev);
@@ -230,32 +280,47 @@ impl Backbone for NatsBackbone {
         // publish made while NATS is away waits for it on the backbone
         // thread, tried again for a while (`publish` there): refused here,
         // it could be overtaken by the connection's next one.
-        let down = if self.history {
+        let ephemeral = msg.ephemeral;
+        let refuse = |now: &mut Vec<Event>| {
+            now.push(if ephemeral {
+                Event::Sent(ack, Err(Refused::UNAVAILABLE))
+            } else {
+                Event::Published(ack, Err(Refused::UNAVAILABLE))
+            })
+        };
+        let down = if self.history && !ephemeral {
             !self.state.stream_ok.load(Relaxed)
         } else {
             !self.is_up()
         };
         if down {
-            return now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
+            return refuse(now);
         }
-        let Some(subject) = self.subject(msg.ch) else {
-            return now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
+        let Some(mut subject) = self.subject(msg.ch) else {
+            return refuse(now);
         };
+        if ephemeral && self.history {
+            // Not on the stream's subject (it would be stored): on the live
+            // subject the gateways listen to, with no stream sequence.
+            subject = jetstream::live_subject(&self.prefix, &subject);
+        }
         let headers = PubHeaders {
             user: msg.from.to_owned(),
             id: msg.id,
             conn: msg.conn.to_owned(),
             json: msg.payload.is_json(),
             key: msg.key,
+            ephemeral,
         };
         let cmd = ToNats::Publish {
             subject,
             headers,
             payload: msg.payload.into_bytes(),
             ack,
+            ephemeral,
         };
         if !self.send_data(cmd) {
-            now.push(Event::Published(ack, Err(Refused::UNAVAILABLE)));
+            refuse(now);
         }
     }
 
@@ -297,14 +362,22 @@ impl Backbone for NatsBackbone {
         });
     }
 
-    fn history(&self, ch: &str, since: Option<Since>, ack: Ack, now: &mut Vec<Event>) {
-        if !self.history {
+    fn history(
+        &self,
+        ch: &str,
+        since: Option<Since>,
+        present: bool,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
+        if !self.history && !present {
             // Core NATS keeps no history.
             return now.push(Event::History(ack, Recovery::unavailable(since.as_ref())));
         }
         let cmd = ToNats::History {
             channel: ch.to_owned(),
             since,
+            present,
             ack,
         };
         if let Err(e) = self.control.send(cmd)
@@ -324,10 +397,70 @@ impl Backbone for NatsBackbone {
     fn is_up(&self) -> bool {
         self.state.up.load(Relaxed) && self.state.stream_ok.load(Relaxed)
     }
+
+    fn present(&self, ch: &str, user: &str, delta: i32) {
+        let _ = self.control.send(ToNats::Present {
+            channel: ch.to_owned(),
+            user: user.to_owned(),
+            delta,
+        });
+    }
+
+    fn watch(&self, ch: &str, on: bool) {
+        let _ = self.control.send(ToNats::Watch {
+            channel: ch.to_owned(),
+            shard: self.shard,
+            on,
+        });
+    }
+
+    fn presence_query(
+        &self,
+        ch: &str,
+        limit: usize,
+        after: Option<&str>,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
+        if !self.is_up() {
+            return now.push(Event::Presence(ack, Err(Refused::UNAVAILABLE)));
+        }
+        let cmd = ToNats::PresenceQuery {
+            channel: ch.to_owned(),
+            limit,
+            after: after.map(str::to_owned),
+            ack,
+        };
+        if !self.send_data(cmd) {
+            now.push(Event::Presence(ack, Err(Refused::UNAVAILABLE)));
+        }
+    }
+
+    fn history_page(
+        &self,
+        ch: &str,
+        limit: usize,
+        before: Option<u64>,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
+        if !self.history {
+            return now.push(Event::Page(ack, Ok(Page::unavailable())));
+        }
+        let cmd = ToNats::Page {
+            channel: ch.to_owned(),
+            limit,
+            before,
+            ack,
+        };
+        if !self.send_data(cmd) {
+            now.push(Event::Page(ack, Err(Refused::UNAVAILABLE)));
+        }
+    }
 }
 
 /// The shard side of the event path: the sender plus the waker to call.
-struct ShardTx {
+pub(super) struct ShardTx {
     events: crossbeam_channel::Sender<Event>,
     /// Deliveries sent and not yet taken by the shard (the bound).
     pending: Arc<AtomicUsize>,
@@ -337,7 +470,7 @@ struct ShardTx {
 impl ShardTx {
     /// An answer to one of this shard's commands (never dropped: at most
     /// one per command, and commands are bounded).
-    fn answer(&self, ev: Event) {
+    pub(super) fn answer(&self, ev: Event) {
         if self.events.send(ev).is_ok() {
             self.waker.wake();
         }
@@ -345,7 +478,7 @@ impl ShardTx {
 
     /// A message for the shard's subscribers; false when the shard is too
     /// far behind to take it.
-    fn deliver(&self, ev: Event) -> bool {
+    pub(super) fn deliver(&self, ev: Event) -> bool {
         if self.pending.load(Relaxed) >= BRIDGE_DELIVERIES {
             self.waker.wake();
             return false;
@@ -381,6 +514,7 @@ pub fn start(
     node: &str,
     metrics: Vec<Arc<ShardMetrics>>,
     recovery_limit: usize,
+    presence: &crate::config::Presence,
     bus: Bus,
 ) -> Result<(Vec<NatsBackbone>, Arc<NatsState>, Cluster), String> {
     let shards = metrics.len();
@@ -425,6 +559,7 @@ pub fn start(
         prefix: prefix.to_owned(),
         node: node.to_owned(),
         recovery_limit,
+        presence: presence.clone(),
         metrics,
         bus,
     };
@@ -455,6 +590,7 @@ struct Setup {
     prefix: String,
     node: String,
     recovery_limit: usize,
+    presence: crate::config::Presence,
     /// The shards' counters (a node's `info`).
     metrics: Vec<Arc<ShardMetrics>>,
     /// Where lifecycle events go besides `P.events.*` (webhooks).
@@ -554,8 +690,8 @@ type Table = Rc<RefCell<HashMap<String, Interest>>>;
 
 /// What a subject's task is asked (history on).
 enum SubjectCmd {
-    /// A client's position and replay.
-    History(Option<Since>, Ack),
+    /// A client's position and replay (and the present count to pass on).
+    History(Option<Since>, Ack, Option<u64>),
     /// NATS came back: the stream's last seq now; deliver what this node
     /// missed up to it.
     Tail(u64),
@@ -644,7 +780,8 @@ impl Hub {
                 && !tx.deliver(Event::Deliver(env.clone()))
             {
                 self.state.dropped.fetch_add(1, Relaxed);
-                if self.history.is_some() {
+                // An ephemeral message may be lost; a stored one is a gap.
+                if self.history.is_some() && !super::is_ephemeral(&env) {
                     tx.answer(Event::Gap(channel.to_owned()));
                 }
             }
@@ -683,6 +820,7 @@ async fn run(
         prefix,
         node,
         recovery_limit,
+        presence: presence_cfg,
         metrics,
         bus,
     } = setup;
@@ -759,6 +897,19 @@ async fn run(
         started,
     });
     ctl.clone().spawn();
+    // With `[presence]`, the cluster-wide view of rooms (its own tasks).
+    let presence = ClusterPresence::new(
+        client.clone(),
+        hub.prefix.clone(),
+        hub.node.clone(),
+        &presence_cfg,
+        hub.shards.clone(),
+        state.clone(),
+        users.clone(),
+    );
+    if presence_cfg.enabled {
+        presence.start(reconnected.clone());
+    }
 
     // History: after each reconnect, every subject looks for what it missed.
     if let Some(h) = hub.history.clone() {
@@ -835,6 +986,26 @@ async fn run(
                     headers,
                     payload,
                     ack,
+                    ephemeral: true,
+                } => {
+                    // Never stored: a core NATS publish, and its answer.
+                    let ok = client
+                        .publish_with_headers(Subject::from(subject), headers.map(&node), payload)
+                        .await
+                        .is_ok();
+                    let r = if ok {
+                        Ok(())
+                    } else {
+                        Err(Refused::UNAVAILABLE)
+                    };
+                    hub.answer(ack, Event::Sent(ack, r));
+                }
+                ToNats::Publish {
+                    subject,
+                    headers,
+                    payload,
+                    ack,
+                    ephemeral: false,
                 } => publish(&hub, subject, headers, payload, ack).await,
                 ToNats::Request {
                     subject,
@@ -876,23 +1047,54 @@ async fn run(
                 ToNats::History {
                     channel,
                     since,
+                    present,
                     ack,
                 } => {
                     // Interest changes before it in this batch come first.
                     for (channel, shard, on, ack) in interest.drain(..) {
                         change_interest(&hub, channel, shard, on, ack);
                     }
-                    let t = hub.table.borrow();
-                    match t.get(&channel).and_then(|e| e.cmds.as_ref()) {
-                        Some(tx) => {
-                            let _ = tx.send(SubjectCmd::History(since, ack));
-                        }
-                        // Unsubscribed meanwhile: nobody waits for it.
-                        None => hub.answer(
-                            ack,
-                            Event::History(ack, Recovery::unavailable(since.as_ref())),
-                        ),
+                    if present && presence_cfg.enabled {
+                        // The count waits for the room's view to be synced.
+                        let (hub, p) = (hub.clone(), presence.clone());
+                        tokio::task::spawn_local(async move {
+                            p.ready(&channel).await;
+                            let n = p.count(&channel);
+                            ask_history(&hub, &channel, since, Some(n), ack);
+                        });
+                    } else {
+                        ask_history(&hub, &channel, since, None, ack);
                     }
+                }
+                ToNats::Present {
+                    channel,
+                    user,
+                    delta,
+                } => presence.on_local(&channel, &user, delta),
+                ToNats::Watch { channel, shard, on } => presence.watch(&channel, shard, on),
+                ToNats::PresenceQuery {
+                    channel,
+                    limit,
+                    after,
+                    ack,
+                } => {
+                    let (hub, p) = (hub.clone(), presence.clone());
+                    tokio::task::spawn_local(async move {
+                        let r = p.query(&channel, limit, after.as_deref()).await;
+                        hub.answer(ack, Event::Presence(ack, r));
+                    });
+                }
+                ToNats::Page {
+                    channel,
+                    limit,
+                    before,
+                    ack,
+                } => {
+                    let hub = hub.clone();
+                    tokio::task::spawn_local(async move {
+                        let page = read_page(&hub, &channel, limit, before).await;
+                        hub.answer(ack, Event::Page(ack, Ok(page)));
+                    });
                 }
                 ToNats::Presence { user, delta } => {
                     let change = users.borrow_mut().change(&user, delta);
@@ -928,6 +1130,53 @@ async fn run(
         }
         for (channel, shard, on, ack) in interest {
             change_interest(&hub, channel, shard, on, ack);
+        }
+        // One presence delta per room for the whole batch.
+        presence.publish_changes().await;
+    }
+}
+
+/// Hands a position (and replay) request to `channel`'s subject task, with
+/// the room's present count when asked; without a task (history off, or
+/// unsubscribed meanwhile) it is answered at once.
+fn ask_history(hub: &Hub, channel: &str, since: Option<Since>, present: Option<u64>, ack: Ack) {
+    let t = hub.table.borrow();
+    match t.get(channel).and_then(|e| e.cmds.as_ref()) {
+        Some(tx) => {
+            let _ = tx.send(SubjectCmd::History(since, ack, present));
+        }
+        None => {
+            let mut r = Recovery::unavailable(since.as_ref());
+            r.present = present;
+            hub.answer(ack, Event::History(ack, r));
+        }
+    }
+}
+
+/// A page of `channel`'s history from the stream (`reason: unavailable`
+/// when it cannot be read).
+async fn read_page(hub: &Hub, channel: &str, limit: usize, before: Option<u64>) -> Page {
+    let Some(h) = &hub.history else {
+        return Page::unavailable();
+    };
+    let Ok(parsed) = edgegate_proto::channel::parse(channel) else {
+        return Page::unavailable();
+    };
+    let subject = parsed.subject(&hub.prefix);
+    match h.js.page(&subject, limit, before).await {
+        Ok((list, more, top)) => Page {
+            epoch: h.epoch.borrow().clone(),
+            top,
+            messages: list
+                .into_iter()
+                .map(|m| stored_message(channel, m))
+                .collect(),
+            more,
+            unavailable: false,
+        },
+        Err(e) => {
+            warn!(channel, error = %e, "backbone: a history page cannot be read from the stream");
+            Page::unavailable()
         }
     }
 }
@@ -1142,11 +1391,7 @@ fn change_interest(hub: &Hub, channel: String, shard: usize, on: bool, ack: Opti
                 }
                 Some(_) => {
                     let stored = parsed.subject(&hub.prefix);
-                    let live = format!(
-                        "{}{}",
-                        jetstream::live_prefix(&hub.prefix),
-                        stored.split_once('.').map_or("", |(_, rest)| rest)
-                    );
+                    let live = jetstream::live_subject(&hub.prefix, &stored);
                     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                     entry.cmds = Some(tx);
                     tokio::task::spawn_local(live_subscription(
@@ -1301,7 +1546,7 @@ impl Live {
     /// A client's position: the stream up to `pos`, and the messages after
     /// its `since`, read from the stream (in a task of its own: live
     /// delivery goes on meanwhile, and the session merges by `seq`).
-    async fn history(&mut self, since: Option<Since>, ack: Ack) {
+    async fn history(&mut self, since: Option<Since>, ack: Ack, present: Option<u64>) {
         let epoch = self.h.epoch.borrow().clone();
         if let Some(s) = &since
             && s.epoch.as_deref().is_none_or(|e| *e == *epoch)
@@ -1315,7 +1560,8 @@ impl Live {
             }
         }
         let Some(top) = self.pos else {
-            let r = Recovery::unavailable(since.as_ref());
+            let mut r = Recovery::unavailable(since.as_ref());
+            r.present = present;
             return self.hub.answer(ack, Event::History(ack, r));
         };
         let at = epoch.clone();
@@ -1326,6 +1572,7 @@ impl Live {
             },
             replay,
             contiguous: false,
+            present,
         };
         let s = match since {
             None => {
@@ -1417,7 +1664,9 @@ async fn live_subscription(
                 None => return,
             },
             c = cmds.recv() => match c {
-                Some(SubjectCmd::History(since, ack)) => s.history(since, ack).await,
+                Some(SubjectCmd::History(since, ack, present)) => {
+                    s.history(since, ack, present).await
+                }
                 Some(SubjectCmd::Tail(last)) => s.fill(last).await,
                 Some(SubjectCmd::Reset(last)) => {
                     s.hub.gap(&s.channel);
@@ -1454,6 +1703,9 @@ fn message(channel: &str, h: Option<&HeaderMap>, body: Bytes) -> Envelope {
     env.from = Some(header(h, "Eg-From").unwrap_or("svc").to_owned());
     env.id = header(h, "Eg-Id").and_then(|v| v.parse().ok());
     env.payload = payload_of(h, body);
+    if header(h, "Eg-Ephemeral") == Some("true") {
+        env.meta = Some(EPHEMERAL_META.to_owned());
+    }
     env
 }
 
@@ -1476,6 +1728,8 @@ struct PubHeaders {
     /// `user:instance:id` (or `user:conn:id`): JetStream drops a retry of
     /// the same client message, and never confuses two devices.
     key: Option<String>,
+    /// `Eg-Ephemeral: true`: never stored, no position.
+    ephemeral: bool,
 }
 
 impl PubHeaders {
@@ -1491,6 +1745,9 @@ impl PubHeaders {
         h.insert("Eg-Node", node);
         h.insert("Eg-Conn", self.conn.as_str());
         h.insert("Eg-Enc", if self.json { "json" } else { "bin" });
+        if self.ephemeral {
+            h.insert("Eg-Ephemeral", "true");
+        }
         h
     }
 }
@@ -1546,6 +1803,7 @@ mod tests {
             conn: "n1-0-1".into(),
             json: true,
             key: Some("alice:tab1:7".into()),
+            ephemeral: false,
         }
         .map("n1");
         let env = message("room:x", Some(&h), Bytes::from_static(b"1"));

@@ -73,6 +73,8 @@ pub enum Pending {
         ch: Rc<str>,
         /// `meta.since`.
         since: Option<Since>,
+        /// `meta.presence`.
+        presence: bool,
     },
     /// A `pub`, and its answer once it came (publishes leave in order).
     Pub(Pub, Option<Verdict>),
@@ -278,12 +280,19 @@ pub fn answered(
                     },
                 ),
             },
-            Pending::Sub { id, ch, since } => match v {
+            Pending::Sub {
+                id,
+                ch,
+                since,
+                presence,
+            } => match v {
                 Verdict::Allow(_) => {
                     out.push(Action::CacheAllow(ch.clone()));
-                    super::subscribe(st, cx, id, ch, since, out);
+                    super::subscribe(st, cx, (id, ch, since, presence), out);
                 }
-                Verdict::Fail(_) if allow_on_error => super::subscribe(st, cx, id, ch, since, out),
+                Verdict::Fail(_) if allow_on_error => {
+                    super::subscribe(st, cx, (id, ch, since, presence), out)
+                }
                 Verdict::Refuse(reason, _) => err(out, id, ErrCode::Forbidden, &reason),
                 Verdict::Fail(t) => err(out, id, ErrCode::Timeout, fail_reason(Hook::Subscribe, t)),
             },

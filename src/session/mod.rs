@@ -27,7 +27,8 @@ use edgegate_proto::{CloseCode, Envelope, ErrCode, Payload, Type};
 use serde::Deserialize;
 
 use crate::auth::{AuthError, Claims};
-use crate::backbone::{Recovery, Refused, Since, Stored, Unrecovered};
+use crate::backbone::presence::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX};
+use crate::backbone::{Page, PresencePage, Recovery, Refused, Since, Stored, Unrecovered};
 use crate::config::{RoomPolicy, TokenSource};
 use crate::metrics::{ShardMetrics, Transport};
 use crate::settings::ShardConfig;
@@ -181,8 +182,11 @@ pub struct Recovering {
     pub since: Option<Since>,
     /// Live messages that arrived meanwhile, in order.
     pub held: Vec<Arc<Envelope>>,
-    /// For `hello.meta.since`: the `welcome` to send with the outcome.
+    /// For `hello`: the `welcome` to send with the stream's position.
     pub welcome: Option<Box<Envelope>>,
+    /// The `sub` asked for presence (`meta.presence`): its `ok` carries
+    /// `meta.present`, and `members` follow it.
+    pub presence: bool,
 }
 
 impl Default for SessionState {
@@ -209,6 +213,13 @@ pub struct Gap;
 impl SessionState {
     fn extra(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// True while a recovery (or the position) of `ch` is being fetched.
+    pub fn is_recovering(&self, ch: &str) -> bool {
+        self.extra
+            .as_ref()
+            .is_some_and(|x| x.recovering.iter().any(|r| &*r.ch == ch))
     }
 
     /// Hook questions and grants, if any.
@@ -282,11 +293,18 @@ pub enum Input {
     SubReady(Option<u64>),
     /// The backbone's answer to an [`Action::Publish`].
     Published(Option<u64>, Result<Option<Stored>, Refused>),
+    /// The backbone's answer to an ephemeral [`Action::Publish`]: handed to
+    /// the channel's subscribers (`ok` without `seq`), or refused.
+    Sent(Option<u64>, Result<(), Refused>),
     /// The backbone's answer to an [`Action::History`]: the position of a
     /// subscription's stream and, if asked, what was missed.
     History(Option<u64>, Recovery),
     /// The backbone's answer to an [`Action::Request`].
     Reply(Option<u64>, Result<Payload, ErrCode>),
+    /// The backbone's answer to an [`Action::PresenceQuery`].
+    Presence(Option<u64>, Result<PresencePage, Refused>),
+    /// The backbone's answer to an [`Action::HistoryPage`].
+    Page(Option<u64>, Result<Page, Refused>),
     /// A check from the shard's timer wheel came due, with the
     /// connection's last activity (shard clock ms) and last server ping.
     Check {
@@ -318,17 +336,49 @@ pub enum Action {
         ch: Rc<str>,
         /// The `sub`'s id, when the client waits for an `ok`.
         ok: Option<Option<u64>>,
+        /// The client will watch the room's presence: its shard must hear
+        /// the room's `members` from now on (the connection gets them once
+        /// [`Action::Watch`] says its `ok` went out).
+        presence: bool,
     },
+    /// The `ok` of a `sub` with presence went out: queue the room's
+    /// `members` for this connection from now on.
+    Watch(Rc<str>),
     /// Unsubscribe from `ch` (already out of the session's list).
     Unsubscribe(Rc<str>),
     /// Ask the backbone for the position of `ch` (and, with `since`, the
-    /// messages after it); answer [`Input::History`] with `id`.
+    /// messages after it; with `presence`, how many users are present);
+    /// answer [`Input::History`] with `id`.
     History {
         /// Channel.
         ch: Rc<str>,
         /// The client's position.
         since: Option<Since>,
         /// The id to answer with.
+        id: Option<u64>,
+        /// Count the users present too.
+        presence: bool,
+    },
+    /// Ask who is present in `ch`; answer [`Input::Presence`].
+    PresenceQuery {
+        /// Channel (`room:` or `user:`), checked.
+        ch: String,
+        /// Users per page.
+        limit: usize,
+        /// List the users after this id.
+        after: Option<String>,
+        /// The client's id.
+        id: Option<u64>,
+    },
+    /// Ask for a page of `ch`'s history; answer [`Input::Page`].
+    HistoryPage {
+        /// Channel, checked.
+        ch: String,
+        /// Messages per page.
+        limit: usize,
+        /// Only messages with a `seq` below this.
+        before: Option<u64>,
+        /// The client's id.
         id: Option<u64>,
     },
     /// Queue these messages for the client, in order (a replay, then the
@@ -387,6 +437,8 @@ pub struct Pub {
     pub payload: Payload,
     /// Deduplication key (`user:instance:id`, `user:conn:id`).
     pub key: Option<String>,
+    /// `meta.ephemeral`: never stored (no `seq`, no key).
+    pub ephemeral: bool,
 }
 
 impl Pub {
@@ -427,9 +479,21 @@ impl From<SinceMeta> for Since {
 #[derive(Deserialize, Default)]
 struct SubMeta {
     since: Option<SinceMeta>,
+    presence: Option<bool>,
     /// A channel token (docs/api.md, "Channel tokens").
     token: Option<String>,
 }
+
+/// `pub.meta`.
+#[derive(Deserialize, Default)]
+struct PubMeta {
+    ephemeral: Option<bool>,
+}
+
+/// History pages: messages per page by default, and at most.
+pub const PAGE_LIMIT_DEFAULT: usize = 50;
+/// The most messages one history page holds.
+pub const PAGE_LIMIT_MAX: usize = 200;
 
 /// `hello.meta.instance`: like an id, at most 64 bytes.
 fn valid_instance(s: &str) -> bool {
@@ -464,14 +528,40 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
                     .map(|r| (r.ch.clone(), r.since.clone(), r.welcome.is_some()))
             });
             match pending {
-                // The user's own channel is live: the welcome waited for it.
-                Some((_, None, true)) => welcome_live(st, id, out),
-                Some((ch, since, _)) => out.push(Action::History { ch, since, id }),
+                // The user's own channel is live and there is no position
+                // to learn: the welcome waited only for it.
+                Some((_, None, true)) if !cx.cfg.positions => welcome_live(st, id, out),
+                Some((ch, since, _)) => {
+                    let presence = st
+                        .extra
+                        .as_ref()
+                        .is_some_and(|x| x.recovering.iter().any(|r| r.id == id && r.presence));
+                    out.push(Action::History {
+                        ch,
+                        since,
+                        id,
+                        presence,
+                    })
+                }
                 None => out.push(Action::Reply(Envelope::ok(id))),
             }
         }
         Input::History(id, r) => recovered(st, cx, id, r, out),
+        Input::Presence(id, r) => out.push(Action::Reply(match r {
+            Ok(page) => reply(id, page.to_json()),
+            Err(refused) => Envelope::err(id, refused.code, refused.reason),
+        })),
+        Input::Page(id, r) => out.push(Action::Reply(match r {
+            Ok(page) => reply(id, page_json(&page)),
+            Err(refused) => Envelope::err(id, refused.code, refused.reason),
+        })),
         Input::Published(id, r) => published(st, cx, id, r, out),
+        // Ephemeral: never queued behind the stream (`publish`), so only
+        // its answer.
+        Input::Sent(id, r) => out.push(Action::Reply(match r {
+            Ok(()) => Envelope::ok(id),
+            Err(refused) => Envelope::err(id, refused.code, refused.reason),
+        })),
         Input::Reply(id, r) => out.push(Action::Reply(match r {
             Ok(payload) => {
                 let mut reply = Envelope::new(Type::Reply);
@@ -495,6 +585,66 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
             "messages lost on a subscribed channel: reconnect and recover",
         ),
     }
+}
+
+/// A `reply` to `id` carrying JSON text.
+fn reply(id: Option<u64>, json: bytes::Bytes) -> Envelope {
+    let mut r = Envelope::new(Type::Reply);
+    r.id = id;
+    r.payload = Payload::Json(json);
+    r
+}
+
+/// A history page as the `reply`'s `d`: `{"epoch","top","messages":[{"seq",
+/// "from","d"|"db"}],"more"}` (and `"reason":"unavailable"` without
+/// history). Payloads are copied as they are stored: JSON text raw, other
+/// bytes as base64 (`db`), as in a `msg`.
+pub fn page_json(p: &Page) -> bytes::Bytes {
+    use base64::Engine;
+    let mut out = Vec::with_capacity(
+        64 + p
+            .messages
+            .iter()
+            .map(|m| 48 + m.payload.bytes().len() * 4 / 3)
+            .sum::<usize>(),
+    );
+    let text = |s: &str| serde_json::Value::from(s).to_string();
+    out.extend_from_slice(b"{\"epoch\":");
+    out.extend_from_slice(text(&p.epoch).as_bytes());
+    out.extend_from_slice(format!(",\"top\":{},\"messages\":[", p.top).as_bytes());
+    for (i, m) in p.messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("{{\"seq\":{}", m.seq.unwrap_or(0)).as_bytes());
+        if let Some(from) = &m.from {
+            out.extend_from_slice(b",\"from\":");
+            out.extend_from_slice(text(from).as_bytes());
+        }
+        match &m.payload {
+            Payload::None => {}
+            Payload::Json(b) => {
+                out.extend_from_slice(b",\"d\":");
+                out.extend_from_slice(b);
+            }
+            Payload::Binary(b) => {
+                out.extend_from_slice(b",\"db\":\"");
+                out.extend_from_slice(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(b)
+                        .as_bytes(),
+                );
+                out.push(b'"');
+            }
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(format!("],\"more\":{}", p.more).as_bytes());
+    if p.unavailable {
+        out.extend_from_slice(b",\"reason\":\"unavailable\"");
+    }
+    out.push(b'}');
+    bytes::Bytes::from(out)
 }
 
 /// The answer to an envelope refused by the connection's rate limits.
@@ -672,7 +822,7 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
         since,
     } = h;
     let cfg = cx.cfg;
-    let meta = serde_json::json!({
+    let mut meta = serde_json::json!({
         "conn": cx.conn_name(),
         "user": &*user,
         "node": cfg.node_id,
@@ -680,6 +830,10 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
         "hb_ms": cfg.hb_ms,
         "max_frame": cfg.max_frame,
     });
+    if since.is_none() && !cfg.positions {
+        // No history: the position is known without asking (§8.1).
+        meta["stream"] = serde_json::json!({"epoch": "", "seq": 0});
+    }
     let mut welcome = Envelope::new(Type::Welcome);
     welcome.id = id;
     welcome.meta = Some(meta.to_string());
@@ -697,39 +851,31 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
     }
     out.push(Action::Presence(user, 1));
     out.push(Action::Arm(Check::Heartbeat, cx.now_ms + cfg.hb_ms));
-    match since {
-        // Recover the user's own stream first: `welcome` carries the
-        // outcome, the missed direct messages follow it.
-        Some(since) => {
-            st.extra().recovering.push(Recovering {
-                ch: own.clone(),
-                id,
-                since: Some(since),
-                held: Vec::new(),
-                welcome: Some(Box::new(welcome)),
-            });
-            out.push(Action::Subscribe {
-                ch: own,
-                ok: Some(id),
-            });
-        }
-        _ if cx.cfg.welcome_after_live => {
-            st.extra().recovering.push(Recovering {
-                ch: own.clone(),
-                id,
-                since: None,
-                held: Vec::new(),
-                welcome: Some(Box::new(welcome)),
-            });
-            out.push(Action::Subscribe {
-                ch: own,
-                ok: Some(id),
-            });
-        }
-        _ => {
-            out.push(Action::Subscribe { ch: own, ok: None });
-            out.push(Action::Reply(welcome));
-        }
+    // `welcome` waits for the user's own stream when it must carry its
+    // position (history on), the outcome of a recovery (`since`: the missed
+    // direct messages follow it), or the subscription going live on a
+    // remote backbone (a direct message sent after it then arrives).
+    if since.is_some() || cfg.positions || cfg.welcome_after_live {
+        st.extra().recovering.push(Recovering {
+            ch: own.clone(),
+            id,
+            since,
+            held: Vec::new(),
+            welcome: Some(Box::new(welcome)),
+            presence: false,
+        });
+        out.push(Action::Subscribe {
+            ch: own,
+            ok: Some(id),
+            presence: false,
+        });
+    } else {
+        out.push(Action::Subscribe {
+            ch: own,
+            ok: None,
+            presence: false,
+        });
+        out.push(Action::Reply(welcome));
     }
 }
 
@@ -758,9 +904,10 @@ fn welcome_live(st: &mut SessionState, id: Option<u64>, out: &mut Vec<Action>) {
 }
 
 /// A checked `pub`: to the backbone, or (`ordered_publishes`) behind the
-/// one that is with it.
+/// one that is with it. Ephemeral messages are never stored, so they wait
+/// for nothing.
 fn publish(st: &mut SessionState, cx: &Ctx<'_>, p: Pub, out: &mut Vec<Action>) {
-    if !cx.cfg.ordered_publishes {
+    if !cx.cfg.ordered_publishes || p.ephemeral {
         return out.push(Action::Publish(p));
     }
     if !st.publishing {
@@ -855,6 +1002,10 @@ fn recovered(
         return; // unsubscribed meanwhile
     };
     let p = x.recovering.swap_remove(i);
+    if x.is_empty() {
+        // An idle connection keeps no `Extra`.
+        st.extra = None;
+    }
     let has_history = !r.pos.epoch.is_empty();
     let mut meta = serde_json::Map::new();
     if has_history {
@@ -896,12 +1047,16 @@ fn recovered(
     }
     match p.welcome {
         Some(mut welcome) => {
-            // welcome.meta.stream = {epoch, seq, recovered, reason?, oldest?}
+            // welcome.meta.stream = {epoch, seq, recovered?, reason?,
+            // oldest?}: in every welcome, the outcome only for a `since`.
             let mut w: serde_json::Map<String, serde_json::Value> = welcome
                 .meta
                 .as_deref()
                 .and_then(|m| serde_json::from_str(m).ok())
                 .unwrap_or_default();
+            if !has_history {
+                meta.insert("epoch".into(), "".into());
+            }
             meta.insert("seq".into(), r.pos.top.into());
             w.insert("stream".into(), meta.into());
             welcome.meta = Some(serde_json::Value::Object(w).to_string());
@@ -912,10 +1067,16 @@ fn recovered(
             if has_history {
                 ok.seq = Some(r.pos.top);
             }
+            if p.presence {
+                meta.insert("present".into(), r.present.unwrap_or(0).into());
+            }
             if !meta.is_empty() {
                 ok.meta = Some(serde_json::Value::Object(meta).to_string());
             }
             out.push(Action::Reply(ok));
+            if p.presence {
+                out.push(Action::Watch(p.ch.clone()));
+            }
         }
     }
     match merge(r.pos.top, replay, p.held, r.contiguous) {
@@ -1038,7 +1199,7 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
         Type::Ping => out.push(Action::Reply(Envelope::pong(id))),
         Type::Pong => {}
         Type::Hello => refresh(st, cx, &user, env, out),
-        Type::Sub | Type::Unsub | Type::Pub | Type::Req => {
+        Type::Sub | Type::Unsub | Type::Pub | Type::Req | Type::Presence | Type::History => {
             let Some(ch) = env.ch.take() else {
                 return err(out, id, ErrCode::BadRequest, "ch is required");
             };
@@ -1048,6 +1209,10 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
             };
             match env.t {
                 Type::Sub => sub(st, cx, &user, (id, env.meta.as_deref()), &ch, parsed, out),
+                Type::Presence => presence_query(st, cx, id, env.meta.as_deref(), &ch, parsed, out),
+                Type::History => {
+                    history_page(st, cx, &user, id, env.meta.as_deref(), &ch, parsed, out)
+                }
                 Type::Unsub => match st.subs.iter().position(|c| **c == *ch) {
                     Some(i) => {
                         let ch = st.subs.swap_remove(i);
@@ -1079,9 +1244,24 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                         "not allowed to publish to this room",
                     ),
                     _ => {
+                        let ephemeral =
+                            match env.meta.as_deref().map(serde_json::from_str::<PubMeta>) {
+                                None => false,
+                                Some(Ok(m)) => m.ephemeral.unwrap_or(false),
+                                Some(Err(_)) => {
+                                    return err(
+                                        out,
+                                        id,
+                                        ErrCode::BadRequest,
+                                        "pub.meta.ephemeral must be a boolean",
+                                    );
+                                }
+                            };
                         // Publish ids are scoped to the client instance
-                        // (kept across reconnects) or else the connection.
-                        let key = id.map(|id| {
+                        // (kept across reconnects) or else the connection;
+                        // an ephemeral message is never stored, so it has
+                        // no key.
+                        let key = id.filter(|_| !ephemeral).map(|id| {
                             let instance = st.extra.as_ref().and_then(|x| x.instance.clone());
                             match instance {
                                 Some(i) => format!("{}:{i}:{id}", &*user),
@@ -1094,13 +1274,14 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                             id,
                             payload: env.payload,
                             key,
+                            ephemeral,
                         };
                         if hooks::asked(cx, hooks::Hook::Publish) {
                             let mut body = serde_json::Map::new();
                             body.insert("user".into(), (*p.from).into());
                             body.insert("conn".into(), cx.conn_name().into());
                             body.insert("ch".into(), p.ch.as_str().into());
-                            body.insert("ephemeral".into(), false.into());
+                            body.insert("ephemeral".into(), p.ephemeral.into());
                             hooks::payload_field(&mut body, &p.payload);
                             let user = p.from.clone();
                             let what = hooks::Pending::Pub(p, None);
@@ -1121,7 +1302,13 @@ fn active(st: &mut SessionState, cx: &Ctx<'_>, mut env: Envelope, out: &mut Vec<
                 },
             }
         }
-        Type::Welcome | Type::Ok | Type::Err | Type::Msg | Type::Reply | Type::Bye => close(
+        Type::Welcome
+        | Type::Ok
+        | Type::Err
+        | Type::Msg
+        | Type::Reply
+        | Type::Bye
+        | Type::Members => close(
             out,
             CloseCode::PROTOCOL_ERROR,
             "server-only envelope type from a client",
@@ -1138,18 +1325,38 @@ fn sub(
     parsed: Channel<'_>,
     out: &mut Vec<Action>,
 ) {
-    let (since, token) = match meta.map(serde_json::from_str::<SubMeta>) {
-        None => (None, None),
-        Some(Ok(m)) => (m.since.map(Since::from), m.token),
+    let (since, presence, token) = match meta.map(serde_json::from_str::<SubMeta>) {
+        None => (None, false, None),
+        Some(Ok(m)) => (
+            m.since.map(Since::from),
+            m.presence.unwrap_or(false),
+            m.token,
+        ),
         Some(Err(_)) => {
             return err(
                 out,
                 id,
                 ErrCode::BadRequest,
-                "sub.meta must be {\"since\"?: {\"seq\": number, \"epoch\"?: string}, \"token\"?: string}",
+                "sub.meta must be {\"since\"?: {\"seq\": number, \"epoch\"?: string}, \"presence\"?: boolean, \"token\"?: string}",
             );
         }
     };
+    if presence && !matches!(parsed, Channel::Room(_)) {
+        return err(
+            out,
+            id,
+            ErrCode::BadRequest,
+            "meta.presence is for room: channels",
+        );
+    }
+    if presence && !cx.cfg.presence {
+        return err(
+            out,
+            id,
+            ErrCode::BadRequest,
+            "presence is off on this gateway",
+        );
+    }
     let ch_rc: Rc<str> = Rc::from(ch);
     if let Some(token) = token {
         // A channel token decides alone: no room policy, no hook.
@@ -1160,7 +1367,7 @@ fn sub(
         if !h.grants.contains(&ch_rc) {
             h.grants.push(ch_rc.clone());
         }
-        return subscribe(st, cx, id, ch_rc, since, out);
+        return subscribe(st, cx, (id, ch_rc, since, presence), out);
     }
     let allowed = match parsed {
         Channel::User(u) => u == user,
@@ -1188,6 +1395,7 @@ fn sub(
             id,
             ch: ch_rc,
             since,
+            presence,
         };
         hooks::ask(
             st,
@@ -1199,7 +1407,7 @@ fn sub(
         );
         return;
     }
-    subscribe(st, cx, id, ch_rc, since, out);
+    subscribe(st, cx, (id, ch_rc, since, presence), out);
 }
 
 /// True (and the `err` queued) when the connection holds as many
@@ -1249,13 +1457,12 @@ fn channel_token(
     Ok(())
 }
 
-/// Subscribes to an allowed channel (idempotent; bounded per connection).
+/// Subscribes to an allowed channel (idempotent; bounded per connection):
+/// the `sub`'s id, the channel, its `since` and whether it watches presence.
 fn subscribe(
     st: &mut SessionState,
     cx: &Ctx<'_>,
-    id: Option<u64>,
-    ch: Rc<str>,
-    since: Option<Since>,
+    (id, ch, since, presence): (Option<u64>, Rc<str>, Option<Since>, bool),
     out: &mut Vec<Action>,
 ) {
     if st.subs.contains(&ch) {
@@ -1274,8 +1481,147 @@ fn subscribe(
         since,
         held: Vec::new(),
         welcome: None,
+        presence,
     });
-    out.push(Action::Subscribe { ch, ok: Some(id) });
+    out.push(Action::Subscribe {
+        ch,
+        ok: Some(id),
+        presence,
+    });
+}
+
+/// A `limit` from a query's `meta`: an integer in `1..=max`, `default`
+/// when absent.
+fn query_limit(v: Option<&serde_json::Value>, default: usize, max: usize) -> Result<usize, String> {
+    match v {
+        None => Ok(default),
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=max as u64).contains(&n) => Ok(n as usize),
+            _ => Err(format!("meta.limit must be an integer from 1 to {max}")),
+        },
+    }
+}
+
+/// A query's `meta` as an object (absent: empty).
+fn query_meta(meta: Option<&str>) -> serde_json::Map<String, serde_json::Value> {
+    meta.and_then(|m| serde_json::from_str(m).ok())
+        .unwrap_or_default()
+}
+
+/// `presence` (docs/protocol.md, "Presence"): who is in a room, or whether
+/// a user is online; allowed as a subscription to the room would be (none
+/// is needed), and for any user's `user:` channel.
+fn presence_query(
+    st: &SessionState,
+    cx: &Ctx<'_>,
+    id: Option<u64>,
+    meta: Option<&str>,
+    ch: &str,
+    parsed: Channel<'_>,
+    out: &mut Vec<Action>,
+) {
+    match parsed {
+        Channel::Svc(_) => {
+            return err(
+                out,
+                id,
+                ErrCode::BadChannel,
+                "presence needs a room: or user: channel",
+            );
+        }
+        Channel::Room(r) if !room_allowed(st, cx, r) => {
+            return err(out, id, ErrCode::Forbidden, "not allowed to use this room");
+        }
+        _ => {}
+    }
+    if !cx.cfg.presence {
+        return err(
+            out,
+            id,
+            ErrCode::BadRequest,
+            "presence is off on this gateway",
+        );
+    }
+    let meta = query_meta(meta);
+    let limit = match query_limit(meta.get("limit"), QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX) {
+        Ok(n) => n,
+        Err(why) => return err(out, id, ErrCode::BadRequest, &why),
+    };
+    let after = match meta.get("after") {
+        None => None,
+        Some(serde_json::Value::String(a)) => Some(a.clone()),
+        Some(_) => return err(out, id, ErrCode::BadRequest, "meta.after must be a string"),
+    };
+    out.push(Action::PresenceQuery {
+        ch: ch.to_owned(),
+        limit,
+        after,
+        id,
+    });
+}
+
+/// `history` (docs/protocol.md, "History pages"): a page of a channel's
+/// stored messages; allowed as a subscription would be (none is needed).
+#[allow(clippy::too_many_arguments)]
+fn history_page(
+    st: &SessionState,
+    cx: &Ctx<'_>,
+    user: &str,
+    id: Option<u64>,
+    meta: Option<&str>,
+    ch: &str,
+    parsed: Channel<'_>,
+    out: &mut Vec<Action>,
+) {
+    let allowed = match parsed {
+        Channel::Svc(_) => {
+            return err(
+                out,
+                id,
+                ErrCode::BadChannel,
+                "history needs a room: or user: channel",
+            );
+        }
+        Channel::User(u) => u == user,
+        Channel::Room(r) => room_allowed(st, cx, r),
+    };
+    if !allowed {
+        return err(
+            out,
+            id,
+            ErrCode::Forbidden,
+            "not allowed to read this channel's history",
+        );
+    }
+    let meta = query_meta(meta);
+    let limit = match query_limit(meta.get("limit"), PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX) {
+        Ok(n) => n,
+        Err(why) => return err(out, id, ErrCode::BadRequest, &why),
+    };
+    let before = match meta.get("before") {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(b) => Some(b),
+            None => {
+                return err(
+                    out,
+                    id,
+                    ErrCode::BadRequest,
+                    "meta.before must be an integer seq (u64)",
+                );
+            }
+        },
+    };
+    if !cx.cfg.positions {
+        // History is off: nothing to read, and the reply says so.
+        return out.push(Action::Reply(reply(id, page_json(&Page::unavailable()))));
+    }
+    out.push(Action::HistoryPage {
+        ch: ch.to_owned(),
+        limit,
+        before,
+        id,
+    });
 }
 
 /// A timer check: what it means is decided here; the wheel only keeps time.

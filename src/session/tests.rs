@@ -27,8 +27,12 @@ struct T {
 impl T {
     /// Auth mode "none", open rooms.
     fn open() -> T {
+        let mut cfg = ShardConfig::from_config(&Config::default(), 2, "n1".into());
+        // The shape without positions: `welcome` at once. The tests of
+        // §8.1 (`positioned`) turn them on.
+        cfg.positions = false;
         T {
-            cfg: ShardConfig::from_config(&Config::default(), 2, "n1".into()),
+            cfg,
             metrics: ShardMetrics::default(),
             st: SessionState::default(),
             transport: Transport::Tcp,
@@ -217,7 +221,7 @@ fn welcome_subscribes_the_own_channel_first_and_arms_the_heartbeat() {
     let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"bob"}}"#);
     let sub = out
         .iter()
-        .position(|a| matches!(a, Action::Subscribe { ch, ok: None } if &**ch == "user:bob"));
+        .position(|a| matches!(a, Action::Subscribe { ch, ok: None, .. } if &**ch == "user:bob"));
     let wel = out
         .iter()
         .position(|a| matches!(a, Action::Reply(e) if e.t == Type::Welcome));
@@ -487,13 +491,13 @@ fn sub_ok_only_once_the_subscription_is_live() {
     let out = s.client(r#"{"t":"sub","id":5,"ch":"room:lobby"}"#);
     assert!(replies(&out).is_empty(), "no ok before live: {out:?}");
     assert!(
-        matches!(&out[..], [Action::Subscribe { ch, ok: Some(Some(5)) }] if &**ch == "room:lobby")
+        matches!(&out[..], [Action::Subscribe { ch, ok: Some(Some(5)), .. }] if &**ch == "room:lobby")
     );
     // Live: now the position, which the ok carries.
     let out = s.run(Input::SubReady(Some(5)));
     assert!(replies(&out).is_empty(), "{out:?}");
     assert!(
-        matches!(&out[..], [Action::History { ch, since: None, id: Some(5) }] if &**ch == "room:lobby"),
+        matches!(&out[..], [Action::History { ch, since: None, id: Some(5), .. }] if &**ch == "room:lobby"),
         "{out:?}"
     );
     let out = s.run(Input::History(Some(5), position("e-1", 3, Ok(vec![]))));
@@ -604,6 +608,7 @@ fn pub_goes_to_the_backbone_and_its_answer_becomes_ok_or_err() {
                 id,
                 payload,
                 key,
+                ephemeral: false,
             }),
         ] => {
             assert_eq!(
@@ -887,6 +892,7 @@ fn position(
         },
         replay,
         contiguous: true,
+        present: None,
     }
 }
 
@@ -1130,7 +1136,7 @@ fn hello_since_recovers_the_own_stream_before_welcome() {
         "welcome waits for the stream: {out:?}"
     );
     assert!(
-        matches!(&out[..], [.., Action::Subscribe { ch, ok: Some(Some(1)) }] if &**ch == "user:bob"),
+        matches!(&out[..], [.., Action::Subscribe { ch, ok: Some(Some(1)), .. }] if &**ch == "user:bob"),
         "{out:?}"
     );
     let out = s.run(Input::SubReady(Some(1)));
@@ -1161,7 +1167,7 @@ fn welcome_waits_for_the_own_channel_where_the_backbone_needs_a_round_trip() {
     let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"alice"}}"#);
     assert!(
         out.iter().any(
-            |a| matches!(a, Action::Subscribe { ch, ok: Some(Some(1)) } if &**ch == "user:alice")
+            |a| matches!(a, Action::Subscribe { ch, ok: Some(Some(1)), .. } if &**ch == "user:alice")
         ),
         "{out:?}"
     );
@@ -1185,6 +1191,297 @@ fn welcome_waits_for_the_own_channel_where_the_backbone_needs_a_round_trip() {
         .collect();
     assert_eq!(kinds, ["welcome", "held"]);
     assert!(s.st.extra.is_none(), "an idle session keeps no Extra");
+}
+
+// ---------------------------------------------------------------- chat features (§8)
+
+/// The reply's `d`, parsed.
+fn reply_d(out: &[Action]) -> serde_json::Value {
+    let r = reply(out);
+    assert_eq!(r.t, Type::Reply, "{out:?}");
+    assert!(r.payload.is_json(), "{r:?}");
+    serde_json::from_slice(r.payload.bytes()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn meta_of(e: &Envelope) -> serde_json::Value {
+    serde_json::from_str(e.meta.as_deref().unwrap_or("{}")).unwrap_or_default()
+}
+
+#[test]
+fn every_welcome_carries_the_own_streams_position_without_a_recovery() {
+    // History on: the welcome waits for the position of user:alice.
+    let mut s = T::open();
+    s.cfg.positions = true;
+    let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"alice"}}"#);
+    assert!(welcome(&out).is_none(), "waits for the position: {out:?}");
+    let out = s.run(Input::SubReady(Some(1)));
+    assert!(
+        matches!(&out[..], [Action::History { ch, since: None, id: Some(1), presence: false }] if &**ch == "user:alice"),
+        "{out:?}"
+    );
+    let out = s.run(Input::History(Some(1), position("e1", 7, Ok(vec![]))));
+    let w = welcome(&out).unwrap_or_else(|| panic!("{out:?}"));
+    assert_eq!(w["stream"], serde_json::json!({"epoch": "e1", "seq": 7}));
+    let counted: u64 = s.metrics.recoveries.iter().map(|c| c.load(Relaxed)).sum();
+    assert_eq!(counted, 0, "a hello without since is no recovery");
+    assert!(s.st.extra.is_none(), "an idle session keeps no Extra");
+    // History off: known at once.
+    let mut s = T::open();
+    let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"alice"}}"#);
+    assert_eq!(
+        welcome(&out).unwrap_or_default()["stream"],
+        serde_json::json!({"epoch": "", "seq": 0})
+    );
+    // With since: the outcome too, counted.
+    let mut s = T::open();
+    s.cfg.positions = true;
+    s.client(r#"{"t":"hello","id":1,"meta":{"user":"alice","since":{"seq":3,"epoch":"old"}}}"#);
+    let out = s.run(Input::SubReady(Some(1)));
+    assert!(matches!(&out[..], [Action::History { since: Some(_), .. }]));
+    let out = s.run(Input::History(
+        Some(1),
+        position("e1", 7, Err(Unrecovered::EpochChanged)),
+    ));
+    assert_eq!(
+        welcome(&out).unwrap_or_default()["stream"],
+        serde_json::json!({"epoch": "e1", "seq": 7, "recovered": false, "reason": "epoch_changed"})
+    );
+    assert_eq!(s.metrics.recoveries[1].load(Relaxed), 1);
+}
+
+#[test]
+fn ephemeral_pubs_are_never_stored_nor_queued_behind_the_stream() {
+    let mut s = T::welcomed("alice");
+    s.cfg.ordered_publishes = true;
+    let out = s.client(r#"{"t":"pub","id":1,"ch":"room:a","d":1}"#);
+    assert!(matches!(&out[..], [Action::Publish(p)] if !p.ephemeral && p.key.is_some()));
+    // The stored one is with the backbone: an ephemeral one does not wait.
+    let out = s.client(
+        r#"{"t":"pub","id":2,"ch":"room:a","d":{"typing":true},"meta":{"ephemeral":true}}"#,
+    );
+    assert!(
+        matches!(&out[..], [Action::Publish(p)] if p.ephemeral && p.key.is_none() && p.id == Some(2)),
+        "{out:?}"
+    );
+    let out = s.run(Input::Sent(Some(2), Ok(())));
+    let ok = reply(&out);
+    assert_eq!((ok.t, ok.id, ok.seq), (Type::Ok, Some(2), None));
+    // Its answer leaves the stored one's turn alone.
+    let out = s.client(r#"{"t":"pub","id":3,"ch":"room:a","d":1}"#);
+    assert!(out.is_empty(), "queued behind id 1: {out:?}");
+    let out = s.run(Input::Sent(Some(4), Err(Refused::UNAVAILABLE)));
+    assert_err(&out, 4, ErrCode::BackboneUnavailable);
+    // Bad input.
+    let out = s.client(r#"{"t":"pub","id":5,"ch":"room:a","d":1,"meta":{"ephemeral":"yes"}}"#);
+    assert_err(&out, 5, ErrCode::BadRequest);
+    let out = s.client(r#"{"t":"pub","id":6,"ch":"svc:echo","d":1,"meta":{"ephemeral":true}}"#);
+    assert_err(&out, 6, ErrCode::BadRequest);
+    let out = s.client(r#"{"t":"pub","id":7,"ch":"room:a","d":1,"meta":{"ephemeral":false}}"#);
+    assert!(matches!(&out[..], [] | [Action::Publish(_)]), "{out:?}");
+}
+
+#[test]
+fn a_presence_sub_gets_the_count_in_its_ok_then_members() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"sub","id":5,"ch":"room:a","meta":{"presence":true}}"#);
+    assert!(
+        matches!(&out[..], [Action::Subscribe { ch, ok: Some(Some(5)), presence: true }] if &**ch == "room:a"),
+        "{out:?}"
+    );
+    let out = s.run(Input::SubReady(Some(5)));
+    assert!(
+        matches!(&out[..], [Action::History { presence: true, .. }]),
+        "{out:?}"
+    );
+    let mut r = position("e", 2, Ok(vec![]));
+    r.present = Some(3);
+    let out = s.run(Input::History(Some(5), r));
+    let ok = replies(&out)[0].clone();
+    assert_eq!(
+        meta_of(&ok),
+        serde_json::json!({"epoch": "e", "present": 3})
+    );
+    assert!(
+        matches!(out.last(), Some(Action::Watch(ch)) if &**ch == "room:a"),
+        "members only after the ok: {out:?}"
+    );
+    // A plain sub asks no count.
+    let out = s.client(r#"{"t":"sub","id":6,"ch":"room:b"}"#);
+    assert!(matches!(
+        &out[..],
+        [Action::Subscribe {
+            presence: false,
+            ..
+        }]
+    ));
+    // Refusals.
+    let out = s.client(r#"{"t":"sub","id":7,"ch":"user:alice","meta":{"presence":true}}"#);
+    assert_err(&out, 7, ErrCode::BadRequest);
+    let out = s.client(r#"{"t":"sub","id":8,"ch":"room:c","meta":{"presence":1}}"#);
+    assert_err(&out, 8, ErrCode::BadRequest);
+    s.cfg.presence = false;
+    let out = s.client(r#"{"t":"sub","id":9,"ch":"room:d","meta":{"presence":true}}"#);
+    assert_err(&out, 9, ErrCode::BadRequest);
+    assert!(
+        !s.st.subs.iter().any(|c| &**c == "room:d"),
+        "nothing changed"
+    );
+}
+
+#[test]
+fn presence_queries_are_checked_then_asked() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"presence","id":1,"ch":"room:a"}"#);
+    assert!(
+        matches!(&out[..], [Action::PresenceQuery { ch, limit: 100, after: None, id: Some(1) }] if ch == "room:a"),
+        "{out:?}"
+    );
+    let out =
+        s.client(r#"{"t":"presence","id":2,"ch":"room:a","meta":{"limit":1000,"after":"bob"}}"#);
+    assert!(
+        matches!(&out[..], [Action::PresenceQuery { limit: 1000, after: Some(a), .. }] if a == "bob"),
+        "{out:?}"
+    );
+    let out = s.client(r#"{"t":"presence","id":3,"ch":"user:zed"}"#);
+    assert!(
+        matches!(&out[..], [Action::PresenceQuery { .. }]),
+        "anyone's user channel"
+    );
+    for (i, meta) in [
+        r#"{"limit":0}"#,
+        r#"{"limit":-1}"#,
+        r#"{"limit":1001}"#,
+        r#"{"limit":1.5}"#,
+        r#"{"limit":"5"}"#,
+        r#"{"after":5}"#,
+        r#"{"after":null}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let id = 10 + i as u64;
+        let out = s.client(&format!(
+            r#"{{"t":"presence","id":{id},"ch":"room:a","meta":{meta}}}"#
+        ));
+        assert_err(&out, id, ErrCode::BadRequest);
+    }
+    let out = s.client(r#"{"t":"presence","id":20,"ch":"svc:echo"}"#);
+    assert_err(&out, 20, ErrCode::BadChannel);
+    let out = s.client(r#"{"t":"presence","id":21,"ch":"foo:x"}"#);
+    assert_err(&out, 21, ErrCode::BadChannel);
+    let out = s.client(r#"{"t":"presence","id":22}"#);
+    assert_err(&out, 22, ErrCode::BadRequest);
+    // The answer.
+    let page = PresencePage {
+        total: 3,
+        users: vec!["a".into(), "b".into()],
+        next: Some("b".into()),
+    };
+    let out = s.run(Input::Presence(Some(1), Ok(page)));
+    assert_eq!(
+        reply_d(&out),
+        serde_json::json!({"total": 3, "users": ["a", "b"], "next": "b"})
+    );
+    let out = s.run(Input::Presence(Some(2), Err(Refused::UNAVAILABLE)));
+    assert_err(&out, 2, ErrCode::BackboneUnavailable);
+    // Rooms the token does not grant.
+    let mut j = jwt_welcomed(RoomPolicy::Claims, &["a"], UNIX / 1000 + 60);
+    let out = j.client(r#"{"t":"presence","id":1,"ch":"room:b"}"#);
+    assert_err(&out, 1, ErrCode::Forbidden);
+    let out = j.client(r#"{"t":"presence","id":2,"ch":"room:a"}"#);
+    assert!(matches!(&out[..], [Action::PresenceQuery { .. }]));
+    s.cfg.presence = false;
+    let out = s.client(r#"{"t":"presence","id":30,"ch":"room:a"}"#);
+    assert_err(&out, 30, ErrCode::BadRequest);
+}
+
+#[test]
+fn history_pages_are_checked_then_asked() {
+    let mut s = T::welcomed("alice");
+    s.cfg.positions = true;
+    let out = s.client(r#"{"t":"history","id":1,"ch":"room:a"}"#);
+    assert!(
+        matches!(&out[..], [Action::HistoryPage { ch, limit: 50, before: None, id: Some(1) }] if ch == "room:a"),
+        "{out:?}"
+    );
+    let out =
+        s.client(r#"{"t":"history","id":2,"ch":"user:alice","meta":{"limit":200,"before":9}}"#);
+    assert!(matches!(
+        &out[..],
+        [Action::HistoryPage {
+            limit: 200,
+            before: Some(9),
+            ..
+        }]
+    ));
+    for (i, meta) in [
+        r#"{"limit":0}"#,
+        r#"{"limit":-3}"#,
+        r#"{"limit":201}"#,
+        r#"{"limit":2.5}"#,
+        r#"{"limit":true}"#,
+        r#"{"before":-1}"#,
+        r#"{"before":"5"}"#,
+        r#"{"before":1.5}"#,
+        r#"{"before":18446744073709551616}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let id = 10 + i as u64;
+        let out = s.client(&format!(
+            r#"{{"t":"history","id":{id},"ch":"room:a","meta":{meta}}}"#
+        ));
+        assert_err(&out, id, ErrCode::BadRequest);
+    }
+    let out = s.client(r#"{"t":"history","id":20,"ch":"user:bob"}"#);
+    assert_err(&out, 20, ErrCode::Forbidden);
+    let out = s.client(r#"{"t":"history","id":21,"ch":"svc:echo"}"#);
+    assert_err(&out, 21, ErrCode::BadChannel);
+    // The answer: JSON payloads raw, others as db, oldest first.
+    let m = |seq: u64, payload: Payload| {
+        let mut e = Envelope::new(Type::Msg);
+        e.ch = Some("room:a".into());
+        e.seq = Some(seq);
+        e.from = Some("bob".into());
+        e.payload = payload;
+        std::sync::Arc::new(e)
+    };
+    let page = Page {
+        epoch: std::sync::Arc::from("e"),
+        top: 9,
+        messages: vec![
+            m(
+                4,
+                Payload::Json(bytes::Bytes::from_static(br#"{"t":"hi"}"#)),
+            ),
+            m(5, Payload::Binary(bytes::Bytes::from_static(b"\x00\xff"))),
+        ],
+        more: true,
+        unavailable: false,
+    };
+    let out = s.run(Input::Page(Some(1), Ok(page)));
+    assert_eq!(
+        reply_d(&out),
+        serde_json::json!({"epoch": "e", "top": 9, "more": true, "messages": [
+            {"seq": 4, "from": "bob", "d": {"t": "hi"}},
+            {"seq": 5, "from": "bob", "db": "AP8="},
+        ]})
+    );
+    // History off: the reply says so, nothing is asked.
+    s.cfg.positions = false;
+    let out = s.client(r#"{"t":"history","id":30,"ch":"room:a"}"#);
+    assert_eq!(
+        reply_d(&out),
+        serde_json::json!({"epoch": "", "top": 0, "messages": [], "more": false, "reason": "unavailable"})
+    );
+}
+
+#[test]
+fn members_from_a_client_is_a_protocol_error() {
+    let mut s = T::welcomed("alice");
+    let out = s.client(r#"{"t":"members","ch":"room:a","meta":{"present":1}}"#);
+    assert_close(&out, CloseCode::PROTOCOL_ERROR);
 }
 
 // ---- hooks (docs/api.md, "Hooks") ----

@@ -45,7 +45,7 @@ use crate::settings::ShardConfig;
 use crate::timer::{Check, Entry};
 use conns::ConnTable;
 use liveness::{Liveness, TICK_MS};
-use subs::Router;
+use subs::{Router, Watchers};
 
 /// WebSocket upgrades and TLS handshakes in flight per shard.
 pub const MAX_HANDSHAKES: u64 = 128;
@@ -66,6 +66,8 @@ pub struct Shard {
     pub conns: ConnTable,
     /// Local subscriptions.
     pub router: RefCell<Router>,
+    /// Connections watching a room's presence.
+    pub watchers: RefCell<Watchers>,
     /// Checks and drain.
     pub liveness: Liveness,
     /// Where messages go beyond this shard.
@@ -118,6 +120,7 @@ impl Shard {
             metrics,
             conns: ConnTable::default(),
             router: RefCell::new(Router::default()),
+            watchers: RefCell::new(Watchers::default()),
             liveness: Liveness::default(),
             backbone,
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
@@ -182,10 +185,7 @@ impl Shard {
         };
         let mut events = self.events.take();
         for ch in &subs {
-            let last = self.router.borrow_mut().unsubscribe(ch, conn.key);
-            if last {
-                self.backbone.interest(ch, false, None, &mut events);
-            }
+            self.unsubscribe(conn, user.as_ref(), ch, &mut events);
         }
         if let Some(user) = user {
             self.metrics.sessions.fetch_sub(1, Relaxed);
@@ -193,6 +193,50 @@ impl Shard {
         }
         self.conns.remove(conn);
         self.dispatch(events);
+    }
+
+    /// True when a connection of `user` on this shard other than `conn`
+    /// is subscribed to `ch` (its `user:` channel lists them all, so this
+    /// looks at the user's own connections only, usually none).
+    fn held_elsewhere(&self, user: &session::UserId, ch: &str, conn: u32) -> bool {
+        let router = self.router.borrow();
+        let mut found = false;
+        self.conns.for_each_key(router.keys(user.channel()), |c| {
+            if !found && c.key != conn {
+                found = c.session.borrow().subs.iter().any(|s| **s == *ch);
+            }
+        });
+        found
+    }
+
+    /// A room's presence is tracked (presence on, a `room:` channel).
+    fn tracks_presence(&self, ch: &str) -> bool {
+        self.cfg.presence && ch.starts_with("room:")
+    }
+
+    /// Takes `conn` off `ch`: the router (and the backbone's interest on
+    /// the shard's last subscriber), the user's presence in the room on
+    /// the shard's last connection of the user, and the room's watchers.
+    fn unsubscribe(
+        &self,
+        conn: &Conn,
+        user: Option<&session::UserId>,
+        ch: &str,
+        events: &mut Vec<Event>,
+    ) {
+        if self.router.borrow_mut().unsubscribe(ch, conn.key) {
+            self.backbone.interest(ch, false, None, events);
+        }
+        if self.tracks_presence(ch) {
+            if let Some(u) = user
+                && !self.held_elsewhere(u, ch, conn.key)
+            {
+                self.backbone.present(ch, u, -1);
+            }
+            if self.watchers.borrow_mut().remove(ch, conn.key) {
+                self.backbone.watch(ch, false);
+            }
+        }
     }
 
     /// The answer address of a backbone call for `conn`.
@@ -234,7 +278,20 @@ impl Shard {
     fn act(&self, conn: &Rc<Conn>, a: Action, events: &mut Vec<Event>) {
         match a {
             Action::Reply(env) => conn.reply(env),
-            Action::Subscribe { ch, ok } => {
+            Action::Subscribe { ch, ok, presence } => {
+                if self.tracks_presence(&ch) {
+                    if let Some(u) = conn.user()
+                        && !self.held_elsewhere(&u, &ch, conn.key)
+                    {
+                        self.backbone.present(&ch, &u, 1);
+                    }
+                    // Before the position (and count) is asked: the
+                    // backbone hears this shard watch first, so no batch
+                    // falls between the count and the `members` after it.
+                    if presence && self.watchers.borrow_mut().add(&ch, conn.key) {
+                        self.backbone.watch(&ch, true);
+                    }
+                }
                 let first = self.router.borrow_mut().subscribe(&ch, conn.key);
                 if first {
                     let ack = ok.map(|id| self.ack(conn, id));
@@ -244,14 +301,44 @@ impl Shard {
                     events.push(Event::SubReady(self.ack(conn, id)));
                 }
             }
+            Action::Watch(ch) => self.watchers.borrow_mut().activate(&ch, conn.key),
             Action::Unsubscribe(ch) => {
-                if self.router.borrow_mut().unsubscribe(&ch, conn.key) {
-                    self.backbone.interest(&ch, false, None, events);
-                }
+                let user = conn.user();
+                self.unsubscribe(conn, user.as_ref(), &ch, events);
             }
-            Action::History { ch, since, id } => {
+            Action::History {
+                ch,
+                since,
+                id,
+                presence,
+            } => {
                 self.backbone
-                    .history(&ch, since, self.ack(conn, id), events);
+                    .history(&ch, since, presence, self.ack(conn, id), events);
+            }
+            Action::PresenceQuery {
+                ch,
+                limit,
+                after,
+                id,
+            } => {
+                self.metrics.presence_queries.fetch_add(1, Relaxed);
+                self.backbone.presence_query(
+                    &ch,
+                    limit,
+                    after.as_deref(),
+                    self.ack(conn, id),
+                    events,
+                );
+            }
+            Action::HistoryPage {
+                ch,
+                limit,
+                before,
+                id,
+            } => {
+                self.metrics.history_pages.fetch_add(1, Relaxed);
+                self.backbone
+                    .history_page(&ch, limit, before, self.ack(conn, id), events);
             }
             Action::Deliver(list) => {
                 for env in list {
@@ -264,6 +351,7 @@ impl Shard {
                 id,
                 payload,
                 key,
+                ephemeral,
             }) => {
                 let name = self.conn_name(conn);
                 let msg = backbone::Publish {
@@ -273,6 +361,7 @@ impl Shard {
                     conn: &name,
                     payload,
                     key,
+                    ephemeral,
                 };
                 self.backbone.publish(msg, self.ack(conn, id), events);
             }
@@ -331,6 +420,22 @@ impl Shard {
                     self.input(&c, Input::Published(ack.id, r));
                 }
             }
+            Event::Sent(ack, r) => {
+                if let Some(c) = conn_for(&ack) {
+                    self.input(&c, Input::Sent(ack.id, r));
+                }
+            }
+            Event::Presence(ack, r) => {
+                if let Some(c) = conn_for(&ack) {
+                    self.input(&c, Input::Presence(ack.id, r));
+                }
+            }
+            Event::Page(ack, r) => {
+                if let Some(c) = conn_for(&ack) {
+                    self.input(&c, Input::Page(ack.id, r));
+                }
+            }
+            Event::Members(env) => self.deliver_members(env),
             Event::History(ack, r) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::History(ack.id, r));
@@ -378,6 +483,25 @@ impl Shard {
             &ch,
             &d,
         );
+    }
+
+    /// Queues a room's `members` batch on this shard's connections that
+    /// watch it (at most once: dropped for a connection that is behind).
+    fn deliver_members(&self, env: Arc<Envelope>) {
+        let Some(ch) = env.ch.as_deref() else { return };
+        let keys = self.watchers.borrow().active(ch);
+        if keys.is_empty() {
+            return;
+        }
+        let d = Delivery::new(env.clone());
+        let limit = self.cfg.outbound_queue_bytes;
+        self.conns.for_each_key(&keys, |c| {
+            if c.push_droppable(crate::conn::Out::Shared(d.clone()), limit) {
+                self.metrics.members_sent.fetch_add(1, Relaxed);
+            } else {
+                self.metrics.members_dropped.fetch_add(1, Relaxed);
+            }
+        });
     }
 
     /// Hands a due check to its connection's session.

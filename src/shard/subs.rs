@@ -113,6 +113,20 @@ impl Router {
         d: &Rc<Delivery>,
     ) -> usize {
         let mut n = 0;
+        if d.droppable() {
+            // Ephemeral: dropped for a subscriber that is behind, never a
+            // reason to close it.
+            conns.for_each_key(self.keys(ch), |conn| {
+                if conn.push_droppable(Out::Shared(d.clone()), limit) {
+                    n += 1;
+                } else {
+                    metrics
+                        .ephemeral_dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            return n;
+        }
         conns.for_each_key(self.keys(ch), |conn| {
             if conn.push(Out::Shared(d.clone()), limit, held_max) {
                 n += 1;
@@ -124,6 +138,71 @@ impl Router {
             }
         });
         n
+    }
+}
+
+/// The connections that watch a room's presence (`sub` with
+/// `meta.presence`), per channel. A connection is listed from its `sub`
+/// (so the shard hears the room's `members` before the `ok`'s count is
+/// taken) and gets `members` once its `ok` went out (`active`).
+#[derive(Default)]
+pub struct Watchers {
+    rooms: HashMap<Rc<str>, Vec<(u32, bool)>>,
+}
+
+impl Watchers {
+    /// Lists connection `key` for `ch`, not yet active. Returns `true`
+    /// when it is the shard's first watcher of `ch`.
+    pub fn add(&mut self, ch: &Rc<str>, key: u32) -> bool {
+        match self.rooms.get_mut(&**ch) {
+            Some(v) => {
+                if !v.iter().any(|&(k, _)| k == key) {
+                    v.push((key, false));
+                }
+                false
+            }
+            None => {
+                self.rooms.insert(ch.clone(), vec![(key, false)]);
+                true
+            }
+        }
+    }
+
+    /// Connection `key` gets `ch`'s `members` from now on.
+    pub fn activate(&mut self, ch: &str, key: u32) {
+        if let Some(w) = self
+            .rooms
+            .get_mut(ch)
+            .and_then(|v| v.iter_mut().find(|(k, _)| *k == key))
+        {
+            w.1 = true;
+        }
+    }
+
+    /// Removes connection `key` from `ch`. Returns `true` when that was the
+    /// shard's last watcher of `ch`.
+    pub fn remove(&mut self, ch: &str, key: u32) -> bool {
+        let Some(v) = self.rooms.get_mut(ch) else {
+            return false;
+        };
+        let before = v.len();
+        v.retain(|&(k, _)| k != key);
+        if v.len() == before {
+            return false;
+        }
+        if v.is_empty() {
+            self.rooms.remove(ch);
+            return true;
+        }
+        false
+    }
+
+    /// The active watchers of `ch`.
+    pub fn active(&self, ch: &str) -> Vec<u32> {
+        self.rooms
+            .get(ch)
+            .map(|v| v.iter().filter(|w| w.1).map(|w| w.0).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -143,5 +222,21 @@ mod tests {
         assert!(r.unsubscribe("room:a", 2));
         assert_eq!(r.channels(), 0);
         assert!(!r.unsubscribe("room:a", 2));
+    }
+
+    #[test]
+    fn watchers_get_members_once_active() {
+        let mut w = Watchers::default();
+        let ch: Rc<str> = Rc::from("room:a");
+        assert!(w.add(&ch, 1));
+        assert!(!w.add(&ch, 2));
+        assert!(!w.add(&ch, 2), "idempotent");
+        assert!(w.active("room:a").is_empty(), "no ok sent yet");
+        w.activate("room:a", 2);
+        assert_eq!(w.active("room:a"), vec![2]);
+        assert!(!w.remove("room:a", 2));
+        assert!(!w.remove("room:a", 7), "not a watcher");
+        assert!(w.remove("room:a", 1), "the last one");
+        assert!(w.active("room:a").is_empty());
     }
 }

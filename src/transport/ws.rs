@@ -7,7 +7,7 @@
 //! into a buffer of the connection's, freed as soon as it completes). An
 //! idle WebSocket so holds no buffer at all, where tungstenite's stream
 //! keeps a read buffer, a write buffer and two wakers per connection (about
-//! 1 KB more per idle connection, measured: `docs/benchmarks.md`). The echo
+//! 1 KB more per idle connection, measured: `docs/bench-notes.md`). The echo
 //! endpoint runs the same code, so the Autobahn|Testsuite checks what
 //! carries real traffic.
 //!

@@ -33,7 +33,9 @@ from typing import Any
 
 TYPES = {
     "hello": 1, "sub": 2, "unsub": 3, "pub": 4, "req": 5, "ping": 6, "pong": 7,
+    "presence": 8, "history": 9,
     "welcome": 64, "ok": 65, "err": 66, "msg": 67, "reply": 68, "bye": 69,
+    "members": 70,
 }
 TYPE_NAMES = {v: k for k, v in TYPES.items()}
 

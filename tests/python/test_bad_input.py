@@ -165,9 +165,9 @@ async def test_unknown_t(gateway, kind):
     if kind == "ws-json":
         await c.send_raw('{"t":"subscribe","id":1,"ch":"room:x"}')
     elif kind == "ws-bin":
-        await c.send_raw(b"\x02\x08\x00")         # type code 8 is not assigned
+        await c.send_raw(b"\x02\x0a\x00")         # type code 10 is not assigned
     else:
-        await c.send_raw(tcp_frame(bytes([70, 0])))
+        await c.send_raw(tcp_frame(bytes([71, 0])))    # 71 is not assigned either
     await c.expect_bye(4000)
 
 

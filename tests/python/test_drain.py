@@ -2,7 +2,7 @@
 
 * SIGTERM with N clients connected: the closes are spread over
   `drain.window_ms` (the measured distribution is printed and recorded in
-  docs/benchmarks.md, "Drain"), every close is `bye` 1001 with `retry_ms`,
+  docs/bench-notes.md, "Drain"), every close is `bye` 1001 with `retry_ms`,
   and the process exits 0.
 * `POST /drain` starts the same drain, behind `admin.token`.
 * `GET /connz` lists connections with paging, behind `admin.token`.

@@ -6,7 +6,7 @@ The storm test's latency bound: an established client pings every 50 ms
 through the whole storm; its worst round trip must stay under
 STORM_PING_BOUND_S (measured on the 2-core development machine shared with
 the test's 5 000 Python clients: max 0.35-0.9 s, p99 about 0.1-0.4 s; see
-docs/benchmarks.md). The bound is generous because the machine is shared
+docs/bench-notes.md). The bound is generous because the machine is shared
 and noisy; the point is that admission control keeps the established
 connection served, not a tight latency figure.
 """

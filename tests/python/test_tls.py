@@ -74,14 +74,15 @@ class Pki:
         self.ca_path = d / "ca.pem"
         self.ca_path.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
 
-    def leaf(self, tag: str = "leaf", *, expired: bool = False):
-        """A server certificate for localhost / 127.0.0.1: (cert, key)."""
+    def leaf(self, tag: str = "leaf", *, expired: bool = False, days: float = 7):
+        """A server certificate for localhost / 127.0.0.1, valid for ``days``
+        more days: (cert, key)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         if expired:
             nb, na = now - datetime.timedelta(days=10), now - datetime.timedelta(days=2)
         else:
-            nb, na = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=7)
+            nb, na = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days)
         import ipaddress
         cert = (
             x509.CertificateBuilder()
@@ -416,14 +417,20 @@ async def test_sighup_reload(gateway, pki):
     old_tcp = await tcp_tls(gw, pki)
     await old_tcp.hello(new_user("oldt"))
 
-    # A new certificate: new handshakes see it, open connections go on.
-    cert2, key2 = pki.leaf("two")
+    def expiry() -> float:
+        return gw.metric("edgegate_tls_cert_expiry_timestamp_seconds")
+
+    assert expiry() == int(cert1.not_valid_after_utc.timestamp())
+    # A new certificate: new handshakes see it, open connections go on, and
+    # /metrics reports its expiry.
+    cert2, key2 = pki.leaf("two", days=30)
     pki.write(cert2, key2)
     gw.sigterm(signal.SIGHUP)
     await wait_until(lambda: "certificate reloaded" in gw.stderr_text(), 5, what="reload log")
     for port in (gw.ws_port, gw.tcp_port):
         leaf, _, _ = await loop.run_in_executor(None, lambda p=port: peer_cert(p, pki))
         assert leaf == der(cert2), "a new handshake after SIGHUP must see the new certificate"
+    assert expiry() == int(cert2.not_valid_after_utc.timestamp())
     for c in (old_ws, old_tcp):
         r = await c.call("pub", ch=f"user:{c.user}", d="still here")
         assert r["t"] == "ok", r
@@ -440,6 +447,7 @@ async def test_sighup_reload(gateway, pki):
     assert str(chain) in line, line
     leaf, _, _ = await loop.run_in_executor(None, lambda: peer_cert(gw.ws_port, pki))
     assert leaf == der(cert2), "the old certificate must still be served"
+    assert expiry() == int(cert2.not_valid_after_utc.timestamp())
 
     # A key that does not match: refused too.
     pki.write(cert1, key2)

@@ -4,8 +4,10 @@
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use edgegate_client::{Client, Event};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -77,4 +79,69 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
+}
+
+/// A gateway started for a test, stopped with it.
+pub struct Gw {
+    /// Its TCP listener port.
+    pub tcp: u16,
+    _procs: Procs,
+}
+
+/// Starts a gateway on fresh ports and waits for /readyz (30 s: a loaded
+/// CI box can be slow). Another process may take a port between
+/// `free_tcp_port` and the gateway's bind: then it says "Address already in
+/// use", and it is started again on other ports.
+pub fn start_gateway() -> Option<Gw> {
+    start_gateway_with(&[])
+}
+
+/// [`start_gateway`] with extra environment variables.
+pub fn start_gateway_with(env: &[(&str, &str)]) -> Option<Gw> {
+    let bin = gateway_bin()?;
+    for _attempt in 0..3 {
+        let (ws, tcp, admin) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+        let log = std::env::temp_dir().join(format!("edgegate-resume-test-{admin}.log"));
+        let child = Command::new(&bin)
+            .arg("run")
+            .env("EDGEGATE_WS__LISTEN", format!("127.0.0.1:{ws}"))
+            .env("EDGEGATE_TCP__LISTEN", format!("127.0.0.1:{tcp}"))
+            .env("EDGEGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("gateway log file"))
+            .spawn()
+            .expect("spawn gateway");
+        let mut procs = Procs(vec![child]);
+        for _ in 0..300 {
+            if ready(admin) {
+                return Some(Gw { tcp, _procs: procs });
+            }
+            if let Ok(Some(_)) = procs.0[0].try_wait() {
+                break; // exited: its log says why
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if !text.contains("Address already in use") {
+            panic!("gateway not ready on admin port {admin}; its log:\n{text}");
+        }
+    }
+    panic!("gateway not ready: its ports were taken three times");
+}
+
+pub async fn next(c: &mut Client, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
+    let wait = async {
+        loop {
+            match c.next_event().await {
+                Some(e) if pred(&e) => return e,
+                Some(e) => eprintln!("(skipped while waiting for {what}: {e:?})"),
+                None => panic!("client stopped while waiting for {what}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }

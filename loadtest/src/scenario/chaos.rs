@@ -354,6 +354,8 @@ async fn run_client(
                         }
                     }
                     Event::SubscribeFailed { .. } => t.sub_failed += 1,
+                    // No presence subscriptions here.
+                    Event::Present { .. } | Event::Members { .. } => {}
                     Event::Unrecovered { ch, reason, .. } => {
                         if let Some(c) = ctx.names.parse(&ch) {
                             t.life.push((now, LifeKind::Unrecovered(c, reason)));

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Issue 13's five goals, two gateway builds side by side in one session
-# (rows alternated), nats-server's WebSocket listener beside them for the
-# fan-out rows. Recorded in docs/benchmarks.md, "Issue 13 in one session".
-# usage: scripts/bench-issue13.sh BEFORE_BIN AFTER_BIN [NATS_SERVER_BIN]
+# Idle memory per transport and fan-out, two gateway builds side by side in
+# one session (rows alternated), nats-server's WebSocket listener beside them
+# for the fan-out rows. The current figures are in docs/bench-notes.md; the
+# run that introduced this script (then named bench-issue13.sh) is in
+# docs/bench-notes.md, "Issue 13 in one session".
+# usage: scripts/bench-compare.sh BEFORE_BIN AFTER_BIN [NATS_SERVER_BIN]
 #   e.g. git worktree add /tmp/before d1b6b9b && (cd /tmp/before &&
 #        CARGO_TARGET_DIR=/tmp/before-target cargo build --release -p edgegate)
-#        scripts/bench-issue13.sh /tmp/before-target/release/edgegate target/release/edgegate .venv/bin/nats-server
-# env: LT (loadtest binary), OUT (default /tmp/bench-issue13). About 30 minutes.
+#        scripts/bench-compare.sh /tmp/before-target/release/edgegate target/release/edgegate .venv/bin/nats-server
+# env: LT (loadtest binary), OUT (default /tmp/bench-compare). About 30 minutes.
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 B=${1:?before}; A=${2:?after}; N=${3:-$here/.venv/bin/nats-server}
 export LT=${LT:-$here/target/release/loadtest}
-OUT=${OUT:-/tmp/bench-issue13}
+OUT=${OUT:-/tmp/bench-compare}
 mkdir -p "$OUT"; log=$OUT/results.txt
 say() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$log"; }
 idle_ws() {   # goal 2: 15 000 idle WebSockets, RSS per connection and the ramp's slope

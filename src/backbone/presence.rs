@@ -1,0 +1,433 @@
+//! Presence: who is present in which room, per user (docs/protocol.md,
+//! "Presence").
+//!
+//! A user is present in a room while at least one of their connections is
+//! subscribed to it. The counting is done in two steps, so that nothing is
+//! counted per connection twice:
+//!
+//! * each shard reports only its own transitions: the first of its
+//!   connections of a user that subscribes to a room (`+1`), and the last
+//!   one that leaves it (`-1`) — a second tab on the same shard sends
+//!   nothing;
+//! * a [`PresenceStore`] adds those up per (room, user): with the embedded
+//!   backbone it lives on the room's owner shard (the one that already
+//!   orders the room's messages), with NATS on every node that keeps a view
+//!   of the room.
+//!
+//! The store also batches what changed for the room's `members`
+//! subscribers: a room with watchers remembers, for each user whose count
+//! moved since the last flush, whether they were present before; a flush
+//! compares that with now, so someone who joined and left within one batch
+//! is in neither list (the net change), and a room of more than
+//! `diff_limit` present users gets only its count (the O(N²) trap of naive
+//! join/leave fan-out: 5 000 users joining one room would otherwise send
+//! each of them the names of all the others).
+//!
+//! Sans-IO: unit tests below.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+
+use bytes::Bytes;
+use edgegate_proto::{Envelope, Type};
+
+/// Users listed per query page by default, and at most.
+pub const QUERY_LIMIT_DEFAULT: usize = 100;
+/// The most users one query page lists.
+pub const QUERY_LIMIT_MAX: usize = 1000;
+
+/// A page of a presence query (the `reply`'s `d`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PresencePage {
+    /// Users present in all.
+    pub total: u64,
+    /// User ids, sorted ascending (byte order), after the query's `after`.
+    pub users: Vec<String>,
+    /// The last id returned, when more follow.
+    pub next: Option<String>,
+}
+
+impl PresencePage {
+    /// The `reply` payload: `{"total","users","next"?}`.
+    pub fn to_json(&self) -> Bytes {
+        let mut v = serde_json::json!({ "total": self.total, "users": self.users });
+        if let Some(n) = &self.next {
+            v["next"] = n.as_str().into();
+        }
+        Bytes::from(v.to_string())
+    }
+}
+
+/// What a change did to the room as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// The user was not present and now is.
+    Joined,
+    /// The user was present and now is not.
+    Left,
+    /// Still present (another shard or node holds them), or still absent.
+    None,
+}
+
+/// One room's presence.
+#[derive(Default)]
+struct Room {
+    /// Present users → how many reporters (shards, or nodes) hold them.
+    users: BTreeMap<Box<str>, u32>,
+    /// Reporters that want `members` events for the room (shards with a
+    /// watching connection), each with how many times it asked.
+    watchers: Vec<u32>,
+    /// Since the last flush (kept only while the room has watchers): each
+    /// user whose count moved, and whether they were present before.
+    pending: HashMap<Box<str>, bool>,
+}
+
+/// The presence of many rooms, with batching for their watchers.
+pub struct PresenceStore {
+    rooms: HashMap<Box<str>, Room>,
+    /// Rooms with a pending batch, in the order they got one.
+    dirty: Vec<Box<str>>,
+    diff_limit: usize,
+    /// (room, user) pairs present.
+    entries: u64,
+}
+
+/// A batch of changes for one room's watchers.
+#[derive(Debug)]
+pub struct Flushed {
+    /// The reporters (shards) with watchers.
+    pub to: Vec<u32>,
+    /// The `members` envelope.
+    pub env: Envelope,
+    /// The lists were left out (more present than `diff_limit`).
+    pub suppressed: bool,
+}
+
+impl PresenceStore {
+    /// An empty store; rooms with more present users than `diff_limit` get
+    /// only their count in `members`.
+    pub fn new(diff_limit: usize) -> Self {
+        PresenceStore {
+            rooms: HashMap::new(),
+            dirty: Vec::new(),
+            diff_limit,
+            entries: 0,
+        }
+    }
+
+    /// (room, user) pairs present.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// Rooms with someone present or watching.
+    pub fn rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// A reporter's count of `user` in `room` moved by `delta` (+1: its
+    /// first connection of the user subscribed; -1: its last one left).
+    pub fn change(&mut self, room: &str, user: &str, delta: i32) -> Transition {
+        if !self.rooms.contains_key(room) {
+            if delta <= 0 {
+                return Transition::None; // a leave of nobody
+            }
+            self.rooms.insert(Box::from(room), Room::default());
+        }
+        let Some(r) = self.rooms.get_mut(room) else {
+            return Transition::None;
+        };
+        let before = r.users.get(user).copied().unwrap_or(0);
+        let after = before.saturating_add_signed(delta);
+        let t = match (before, after) {
+            (0, 0) => return Transition::None,
+            (0, _) => {
+                r.users.insert(Box::from(user), after);
+                self.entries += 1;
+                Transition::Joined
+            }
+            (_, 0) => {
+                r.users.remove(user);
+                self.entries -= 1;
+                Transition::Left
+            }
+            _ => {
+                if let Some(n) = r.users.get_mut(user) {
+                    *n = after;
+                }
+                Transition::None
+            }
+        };
+        if t != Transition::None && !r.watchers.is_empty() {
+            if r.pending.is_empty() {
+                self.dirty.push(Box::from(room));
+            }
+            r.pending
+                .entry(Box::from(user))
+                .or_insert(t == Transition::Left);
+        }
+        self.forget_if_empty(room);
+        t
+    }
+
+    /// Reporter `who` begins (`on`) or stops wanting `members` for `room`.
+    pub fn watch(&mut self, room: &str, who: u32, on: bool) {
+        if on {
+            let r = self.rooms.entry(Box::from(room)).or_default();
+            r.watchers.push(who);
+        } else if let Some(r) = self.rooms.get_mut(room) {
+            if let Some(i) = r.watchers.iter().position(|&w| w == who) {
+                r.watchers.swap_remove(i);
+            }
+            if r.watchers.is_empty() {
+                r.pending = HashMap::new();
+            }
+            self.forget_if_empty(room);
+        }
+    }
+
+    fn forget_if_empty(&mut self, room: &str) {
+        if self
+            .rooms
+            .get(room)
+            .is_some_and(|r| r.users.is_empty() && r.watchers.is_empty() && r.pending.is_empty())
+        {
+            self.rooms.remove(room);
+        }
+    }
+
+    /// Users present in `room`.
+    pub fn count(&self, room: &str) -> u64 {
+        self.rooms.get(room).map_or(0, |r| r.users.len() as u64)
+    }
+
+    /// True when `user` is present in `room`.
+    pub fn contains(&self, room: &str, user: &str) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|r| r.users.contains_key(user))
+    }
+
+    /// The users of `room` after `after` (sorted, at most `limit`).
+    pub fn query(&self, room: &str, limit: usize, after: Option<&str>) -> PresencePage {
+        let Some(r) = self.rooms.get(room) else {
+            return PresencePage::default();
+        };
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut it = r.users.range::<str, _>((from, Bound::Unbounded));
+        let users: Vec<String> = it
+            .by_ref()
+            .take(limit)
+            .map(|(u, _)| u.to_string())
+            .collect();
+        let next = match it.next() {
+            Some(_) => users.last().cloned(),
+            None => None,
+        };
+        PresencePage {
+            total: r.users.len() as u64,
+            users,
+            next,
+        }
+    }
+
+    /// Every user present in `room` (a node's answer to a peer's sync).
+    pub fn users(&self, room: &str) -> Vec<String> {
+        self.rooms
+            .get(room)
+            .map(|r| r.users.keys().map(|u| u.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The batches due: one `members` envelope per room whose present set
+    /// changed since the last flush (net), for the reporters watching it.
+    pub fn flush(&mut self) -> Vec<Flushed> {
+        let mut out = Vec::new();
+        for room in std::mem::take(&mut self.dirty) {
+            let Some(r) = self.rooms.get_mut(&*room) else {
+                continue;
+            };
+            let pending = std::mem::take(&mut r.pending);
+            if r.watchers.is_empty() {
+                continue;
+            }
+            let mut join = Vec::new();
+            let mut leave = Vec::new();
+            for (user, was) in pending {
+                match (was, r.users.contains_key(&*user)) {
+                    (false, true) => join.push(user),
+                    (true, false) => leave.push(user),
+                    _ => {} // back where it was: no net change
+                }
+            }
+            if join.is_empty() && leave.is_empty() {
+                continue;
+            }
+            join.sort_unstable();
+            leave.sort_unstable();
+            let present = r.users.len();
+            let suppressed = present > self.diff_limit;
+            let mut meta = serde_json::json!({ "present": present });
+            if !suppressed {
+                meta["join"] = join.iter().map(|u| u.to_string()).collect();
+                meta["leave"] = leave.iter().map(|u| u.to_string()).collect();
+            }
+            let mut env = Envelope::new(Type::Members);
+            env.ch = Some(room.to_string());
+            env.meta = Some(meta.to_string());
+            let mut to: Vec<u32> = r.watchers.clone();
+            to.sort_unstable();
+            to.dedup();
+            out.push(Flushed {
+                to,
+                env,
+                suppressed,
+            });
+            self.forget_if_empty(&room);
+        }
+        out
+    }
+
+    /// Drops every count that `who`'s reports made, as if each of its users
+    /// left (a node that died): the transitions that follow.
+    pub fn drop_reporter_users<'a>(
+        &mut self,
+        room: &str,
+        users: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<(String, Transition)> {
+        users
+            .into_iter()
+            .map(|u| (u.to_owned(), self.change(room, u, -1)))
+            .collect()
+    }
+}
+
+/// The payload of a presence query's `reply` for a `user:` channel: online
+/// anywhere, or not.
+pub fn online_page(user: &str, online: bool) -> PresencePage {
+    PresencePage {
+        total: u64::from(online),
+        users: if online {
+            vec![user.to_owned()]
+        } else {
+            Vec::new()
+        },
+        next: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(f: &Flushed) -> serde_json::Value {
+        serde_json::from_str(f.env.meta.as_deref().unwrap_or("{}")).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_user_is_present_while_any_reporter_holds_them() {
+        let mut s = PresenceStore::new(1000);
+        assert_eq!(s.change("room:a", "alice", 1), Transition::Joined);
+        assert_eq!(
+            s.change("room:a", "alice", 1),
+            Transition::None,
+            "a second shard"
+        );
+        assert_eq!(s.count("room:a"), 1);
+        assert_eq!(s.change("room:a", "alice", -1), Transition::None);
+        assert!(s.contains("room:a", "alice"));
+        assert_eq!(s.change("room:a", "alice", -1), Transition::Left);
+        assert_eq!(s.count("room:a"), 0);
+        assert_eq!(s.rooms(), 0, "an empty room is forgotten");
+        assert_eq!(
+            s.change("room:a", "bob", -1),
+            Transition::None,
+            "nobody to leave"
+        );
+        assert_eq!(s.entries(), 0);
+    }
+
+    #[test]
+    fn batches_hold_net_changes_for_watched_rooms_only() {
+        let mut s = PresenceStore::new(1000);
+        s.change("room:quiet", "x", 1);
+        s.watch("room:a", 3, true);
+        s.change("room:a", "alice", 1);
+        s.change("room:a", "bob", 1);
+        s.change("room:a", "carol", 1);
+        s.change("room:a", "carol", -1); // joined and left: in neither list
+        let f = s.flush();
+        assert_eq!(f.len(), 1, "the unwatched room has no batch");
+        assert_eq!(f[0].to, vec![3]);
+        assert_eq!(f[0].env.ch.as_deref(), Some("room:a"));
+        assert_eq!(
+            meta(&f[0]),
+            serde_json::json!({"present": 2, "join": ["alice", "bob"], "leave": []})
+        );
+        assert!(s.flush().is_empty(), "nothing new");
+        s.change("room:a", "alice", -1);
+        s.change("room:a", "alice", 1); // left and came back: no net change
+        assert!(s.flush().is_empty());
+        s.change("room:a", "bob", -1);
+        let f = s.flush();
+        assert_eq!(
+            meta(&f[0]),
+            serde_json::json!({"present": 1, "join": [], "leave": ["bob"]})
+        );
+    }
+
+    #[test]
+    fn big_rooms_get_only_their_count() {
+        let mut s = PresenceStore::new(2);
+        s.watch("room:a", 0, true);
+        for u in ["a", "b", "c"] {
+            s.change("room:a", u, 1);
+        }
+        let f = s.flush();
+        assert!(f[0].suppressed);
+        assert_eq!(meta(&f[0]), serde_json::json!({"present": 3}));
+    }
+
+    #[test]
+    fn watchers_are_counted_per_request() {
+        let mut s = PresenceStore::new(10);
+        s.watch("room:a", 1, true);
+        s.watch("room:a", 1, true);
+        s.watch("room:a", 1, false);
+        s.change("room:a", "u", 1);
+        assert_eq!(s.flush()[0].to, vec![1], "still watched once");
+        s.watch("room:a", 1, false);
+        s.change("room:a", "v", 1);
+        assert!(s.flush().is_empty());
+        s.change("room:a", "u", -1);
+        s.change("room:a", "v", -1);
+        assert_eq!(s.rooms(), 0);
+    }
+
+    #[test]
+    fn queries_page_in_byte_order() {
+        let mut s = PresenceStore::new(10);
+        for u in ["carol", "Bob", "alice", "dave", "_x"] {
+            s.change("room:a", u, 1);
+        }
+        let p = s.query("room:a", 2, None);
+        assert_eq!(p.total, 5);
+        assert_eq!(p.users, vec!["Bob", "_x"]);
+        assert_eq!(p.next.as_deref(), Some("_x"));
+        let p = s.query("room:a", 2, p.next.as_deref());
+        assert_eq!(p.users, vec!["alice", "carol"]);
+        let p = s.query("room:a", 2, p.next.as_deref());
+        assert_eq!(p.users, vec!["dave"]);
+        assert_eq!(p.next, None, "the last page says no more");
+        let p = s.query("room:a", 10, Some("zzz"));
+        assert!(p.users.is_empty() && p.next.is_none() && p.total == 5);
+        assert_eq!(s.query("room:none", 10, None), PresencePage::default());
+        assert_eq!(
+            &s.query("room:a", 1, None).to_json()[..],
+            br#"{"next":"Bob","total":5,"users":["Bob"]}"#
+        );
+    }
+}
