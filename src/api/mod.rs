@@ -72,6 +72,8 @@ pub struct ApiPublish {
     /// Deduplication key (`!api:<idempotency_key>`: no client's key looks
     /// like it).
     pub key: Option<String>,
+    /// Delivered to the current subscribers, never stored (no `seq`).
+    pub ephemeral: bool,
 }
 
 /// One shard's end of the services thread.

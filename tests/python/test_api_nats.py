@@ -52,6 +52,12 @@ async def test_api_methods_across_two_nodes(nats_server, gateway):
     for c in (ca, cb):
         m = (await msgs(c, room, 1))[0]
         assert m["d"] == {"n": 1} and m["from"] == "bot"
+    # ephemeral from node b reaches both, no seq
+    st, r = await call(api_b, "publish", {"ch": room, "data": "typing", "ephemeral": True})
+    assert st == 200 and r == {}, r
+    for c in (ca, cb):
+        m = await c.recv_until(lambda e: e["t"] == "msg" and e.get("d") == "typing")
+        assert "seq" not in m and m["meta"]["ephemeral"] is True
     # broadcast from node b
     st, r = await call(api_b, "broadcast", {"channels": [room, f"user:{ca.user}"], "data": 2})
     assert st == 200 and all("error" not in x for x in r["results"]), r
