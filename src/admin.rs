@@ -171,7 +171,17 @@ async fn route(node: &Node, req: &Request) -> Response {
             if node.ready() {
                 Response::text(200, "ready\n")
             } else if node.shutdown.load(Relaxed) || node.shards_stopped.load(Relaxed) > 0 {
-                Response::text(503, "draining\n")
+                Response::text(
+                    503,
+                    "draining
+",
+                )
+            } else if !node.credentials.jwks.ready() {
+                Response::text(
+                    503,
+                    "waiting for JWT keys (auth.jwks_url)
+",
+                )
             } else {
                 Response::text(503, "starting\n")
             }

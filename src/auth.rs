@@ -17,13 +17,15 @@
 //! the key, or the library's message.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgegate_proto::channel;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::{Auth, JwtAlgorithm};
+use crate::jwks::{JwksKeys, JwksSettings, JwksStats};
 
 /// Why a token was refused; [`AuthError::reason`] is safe to send to the
 /// client.
@@ -47,6 +49,9 @@ pub enum AuthError {
     Issuer,
     /// `sub` is missing or not a valid channel id.
     Subject,
+    /// The token's `kid` names no key of the JWKS (`auth.jwks_url`); a
+    /// refresh of the set has been asked for.
+    UnknownKey,
 }
 
 impl AuthError {
@@ -62,6 +67,7 @@ impl AuthError {
             AuthError::Audience => "token audience not accepted",
             AuthError::Issuer => "token issuer not accepted",
             AuthError::Subject => "token sub is missing or not a valid user id",
+            AuthError::UnknownKey => "token key (kid) is not in the key set",
         }
     }
 
@@ -77,11 +83,12 @@ impl AuthError {
             AuthError::Audience => "audience",
             AuthError::Issuer => "issuer",
             AuthError::Subject => "subject",
+            AuthError::UnknownKey => "unknown_key",
         }
     }
 
     /// Every variant, in label order (for metrics).
-    pub const ALL: [AuthError; 9] = [
+    pub const ALL: [AuthError; 10] = [
         AuthError::Missing,
         AuthError::Malformed,
         AuthError::Algorithm,
@@ -91,6 +98,7 @@ impl AuthError {
         AuthError::Audience,
         AuthError::Issuer,
         AuthError::Subject,
+        AuthError::UnknownKey,
     ];
 
     /// Index into [`AuthError::ALL`].
@@ -150,10 +158,18 @@ pub struct ChannelClaims {
     pub ch: String,
 }
 
+/// Where the verifying key comes from.
+enum Keys {
+    /// `auth.secret` or `auth.public_key`, read at start.
+    Static(DecodingKey),
+    /// `auth.jwks_url`: the fetcher's current set, by `kid`.
+    Jwks(Arc<JwksKeys>),
+}
+
 /// Verifies tokens with the configured key and rules. Shared read-only by
 /// every shard.
 pub struct Verifier {
-    key: DecodingKey,
+    keys: Keys,
     validation: Validation,
     leeway_ms: u64,
 }
@@ -179,23 +195,46 @@ impl Verifier {
     /// Builds the verifier from `[auth]`, reading the public key file. The
     /// error names the key or file and what is wrong with it.
     pub fn from_config(auth: &Auth) -> Result<Verifier, String> {
-        let (alg, key) = match auth.algorithm {
-            JwtAlgorithm::HS256 => {
+        Verifier::start(auth, Arc::default())
+    }
+
+    /// [`Verifier::from_config`], with the JWKS fetcher (`auth.jwks_url`)
+    /// started and counting into `jwks_stats`.
+    pub fn start(auth: &Auth, jwks_stats: Arc<JwksStats>) -> Result<Verifier, String> {
+        let (alg, keys) = match (auth.algorithm, &auth.jwks_url) {
+            (JwtAlgorithm::HS256, _) => {
                 let secret = auth
                     .secret
                     .as_deref()
                     .ok_or("auth.secret is required for HS256")?;
                 (
                     Algorithm::HS256,
-                    DecodingKey::from_secret(secret.as_bytes()),
+                    Keys::Static(DecodingKey::from_secret(secret.as_bytes())),
                 )
             }
-            other => {
+            (other, Some(url)) => {
+                let settings = JwksSettings {
+                    url: url.clone(),
+                    ca_file: auth.jwks_ca_file.clone(),
+                    algorithm: algorithm(other),
+                    refresh: Duration::from_millis(auth.jwks_refresh_ms),
+                    min_refresh: Duration::from_millis(auth.jwks_min_refresh_ms),
+                    timeout: Duration::from_millis(auth.jwks_timeout_ms),
+                };
+                (
+                    algorithm(other),
+                    Keys::Jwks(crate::jwks::start(settings, jwks_stats)?),
+                )
+            }
+            (other, None) => {
                 let path = auth
                     .public_key
                     .as_deref()
                     .ok_or("auth.public_key is required for this algorithm")?;
-                (algorithm(other), read_public_key(other, path)?)
+                (
+                    algorithm(other),
+                    Keys::Static(read_public_key(other, path)?),
+                )
             }
         };
         let mut validation = Validation::new(alg);
@@ -216,7 +255,7 @@ impl Verifier {
             validation.required_spec_claims.insert("iss".into());
         }
         Ok(Verifier {
-            key,
+            keys,
             validation,
             leeway_ms: auth.leeway_ms,
         })
@@ -231,20 +270,39 @@ impl Verifier {
     /// at Unix time `now_ms`; its claims, `exp` in milliseconds.
     fn check(&self, token: &str, now_ms: u64) -> Result<(RawClaims, u64), AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
-        let data = jsonwebtoken::decode::<RawClaims>(token.trim(), &self.key, &self.validation)
-            .map_err(|e| match e.kind() {
-                K::InvalidSignature => AuthError::Signature,
-                K::InvalidAlgorithm | K::MissingAlgorithm | K::InvalidAlgorithmName => {
-                    AuthError::Algorithm
+        let refused = |e: jsonwebtoken::errors::Error| match e.kind() {
+            K::InvalidSignature => AuthError::Signature,
+            K::InvalidAlgorithm | K::MissingAlgorithm | K::InvalidAlgorithmName => {
+                AuthError::Algorithm
+            }
+            K::InvalidAudience => AuthError::Audience,
+            K::InvalidIssuer => AuthError::Issuer,
+            K::MissingRequiredClaim(c) if c == "aud" => AuthError::Audience,
+            K::MissingRequiredClaim(c) if c == "iss" => AuthError::Issuer,
+            // An unknown `alg` ("none" among them) fails in the header.
+            K::Json(_) if alg_is_unknown(token) => AuthError::Algorithm,
+            _ => AuthError::Malformed,
+        };
+        let jwks_set;
+        let key = match &self.keys {
+            Keys::Static(key) => key,
+            Keys::Jwks(jwks) => {
+                let header = jsonwebtoken::decode_header(token.trim()).map_err(refused)?;
+                jwks_set = jwks.current();
+                match jwks_set.find(header.kid.as_deref()) {
+                    Some(key) => key,
+                    None => {
+                        // Rotated in since the last fetch, or forged: the
+                        // fetcher decides (at most one fetch per
+                        // jwks_min_refresh_ms), this shard does not wait.
+                        jwks.request_refresh();
+                        return Err(AuthError::UnknownKey);
+                    }
                 }
-                K::InvalidAudience => AuthError::Audience,
-                K::InvalidIssuer => AuthError::Issuer,
-                K::MissingRequiredClaim(c) if c == "aud" => AuthError::Audience,
-                K::MissingRequiredClaim(c) if c == "iss" => AuthError::Issuer,
-                // An unknown `alg` ("none" among them) fails in the header.
-                K::Json(_) if alg_is_unknown(token) => AuthError::Algorithm,
-                _ => AuthError::Malformed,
-            })?;
+            }
+        };
+        let data = jsonwebtoken::decode::<RawClaims>(token.trim(), key, &self.validation)
+            .map_err(refused)?;
         let c = data.claims;
         let leeway = self.leeway_ms as f64;
         let now = now_ms as f64;

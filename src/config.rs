@@ -356,6 +356,25 @@ pub struct Auth {
     /// PEM file with the public key for RS256, ES256 and EdDSA; read and
     /// parsed when the gateway starts.
     pub public_key: Option<PathBuf>,
+    /// URL (`http://` or `https://`) of a JWKS (RFC 7517 key set) to take
+    /// the RS256 / ES256 / EdDSA keys from instead of `public_key`; a
+    /// token's `kid` picks the key. Fetched off the shards, refreshed on a
+    /// schedule and when an unknown `kid` arrives; the last good set is kept
+    /// when the endpoint fails (src/jwks.rs).
+    pub jwks_url: Option<String>,
+    /// PEM file of the CA(s) an `https` JWKS endpoint's certificate must
+    /// chain to; unset = the system's roots.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often the key set is fetched again, in milliseconds; 300 000 by
+    /// default.
+    pub jwks_refresh_ms: u64,
+    /// The shortest time between two fetches, in milliseconds: bounds the
+    /// refreshes an unknown `kid` (or a flood of them) and a failing
+    /// endpoint cause; 10 000 by default.
+    pub jwks_min_refresh_ms: u64,
+    /// Time allowed for one fetch (connect, TLS, request and body), in
+    /// milliseconds; 5 000 by default.
+    pub jwks_timeout_ms: u64,
     /// Clock skew allowed on `exp` and `nbf`, in milliseconds; 5 000 by
     /// default.
     pub leeway_ms: u64,
@@ -377,6 +396,11 @@ impl Default for Auth {
             algorithm: JwtAlgorithm::HS256,
             secret: None,
             public_key: None,
+            jwks_url: None,
+            jwks_ca_file: None,
+            jwks_refresh_ms: 300_000,
+            jwks_min_refresh_ms: 10_000,
+            jwks_timeout_ms: 5_000,
             leeway_ms: 5_000,
             audience: None,
             issuer: None,
@@ -1074,14 +1098,47 @@ impl Config {
                     }
                     Some(_) => {}
                 }
-            } else if auth.public_key.is_none() {
+            } else if auth.public_key.is_none() && auth.jwks_url.is_none() {
                 return fail(
                     "auth.public_key",
                     format!(
-                        "unset, but auth.algorithm = {:?} needs a PEM public key file",
+                        "unset, but auth.algorithm = {:?} needs a PEM public key file (or auth.jwks_url)",
                         auth.algorithm
                     ),
                 );
+            }
+            if let Some(url) = &auth.jwks_url {
+                if auth.algorithm == JwtAlgorithm::HS256 {
+                    return fail(
+                        "auth.jwks_url",
+                        "is set, but auth.algorithm = \"HS256\" takes auth.secret; a JWKS serves RS256, ES256 or EdDSA public keys".to_owned(),
+                    );
+                }
+                if auth.public_key.is_some() {
+                    return fail(
+                        "auth.jwks_url",
+                        "and auth.public_key are both set; keep one".to_owned(),
+                    );
+                }
+                crate::jwks::check_url(url).or_else(|m| fail("auth.jwks_url", m))?;
+                if auth.jwks_min_refresh_ms < MIN_TIMER_MS {
+                    return fail(
+                        "auth.jwks_min_refresh_ms",
+                        format!("{} is less than {MIN_TIMER_MS}", auth.jwks_min_refresh_ms),
+                    );
+                }
+                if auth.jwks_refresh_ms < auth.jwks_min_refresh_ms {
+                    return fail(
+                        "auth.jwks_refresh_ms",
+                        format!(
+                            "{} is less than auth.jwks_min_refresh_ms ({})",
+                            auth.jwks_refresh_ms, auth.jwks_min_refresh_ms
+                        ),
+                    );
+                }
+                if auth.jwks_timeout_ms == 0 {
+                    return fail("auth.jwks_timeout_ms", "must be more than 0".to_owned());
+                }
             }
             if auth.token_sources.is_empty() {
                 return fail(

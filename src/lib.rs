@@ -56,6 +56,7 @@ pub mod config_ref;
 pub mod conn;
 pub mod events;
 pub(crate) mod http;
+pub mod jwks;
 pub(crate) mod listener;
 pub mod metrics;
 pub mod node;

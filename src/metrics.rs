@@ -89,7 +89,7 @@ pub struct ShardMetrics {
     /// Envelopes answered `err rate_limited` by the per-connection limits.
     pub rate_limited: AtomicU64,
     /// Tokens refused, by `auth::AuthError` (index = its order).
-    pub auth_failures: [AtomicU64; 9],
+    pub auth_failures: [AtomicU64; crate::auth::AuthError::ALL.len()],
     /// Tokens accepted (at hello, upgrade or refresh).
     pub auth_ok: AtomicU64,
     /// Token refreshes accepted after welcome.
@@ -280,6 +280,8 @@ pub struct CredentialStats {
     /// Unix time (seconds) at which the serving certificate (the leaf of
     /// `tls.cert_chain`) expires; 0 while no certificate is configured.
     pub tls_not_after: AtomicU64,
+    /// The JWKS fetcher's counters (`auth.jwks_url`).
+    pub jwks: std::sync::Arc<crate::jwks::JwksStats>,
 }
 
 /// Node-wide state the admin endpoint reports beside the shard counters.
@@ -599,6 +601,25 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         let _ = writeln!(
             s,
             "# HELP edgegate_tls_cert_expiry_timestamp_seconds Unix time at which the serving certificate (the leaf of tls.cert_chain) expires; follows SIGHUP reloads.\n# TYPE edgegate_tls_cert_expiry_timestamp_seconds gauge\nedgegate_tls_cert_expiry_timestamp_seconds {not_after}"
+        );
+    }
+    let jwks = &node.credentials.jwks;
+    if jwks.enabled.load(Relaxed) {
+        let _ = writeln!(
+            s,
+            "# HELP edgegate_jwks_refreshes_total JWKS fetches (auth.jwks_url), by result: ok replaced the key set, failed kept the last good one.\n# TYPE edgegate_jwks_refreshes_total counter\nedgegate_jwks_refreshes_total{{result=\"ok\"}} {}\nedgegate_jwks_refreshes_total{{result=\"failed\"}} {}",
+            jwks.refresh_ok.load(Relaxed),
+            jwks.refresh_failed.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP edgegate_jwks_keys Keys in the current JWKS key set (usable with auth.algorithm).\n# TYPE edgegate_jwks_keys gauge\nedgegate_jwks_keys {}",
+            jwks.keys.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP edgegate_jwks_last_success_timestamp_seconds Unix time of the last JWKS fetch that replaced the key set (0: none yet).\n# TYPE edgegate_jwks_last_success_timestamp_seconds gauge\nedgegate_jwks_last_success_timestamp_seconds {}",
+            jwks.last_ok_unix.load(Relaxed)
         );
     }
     if let Some(n) = node.backbone {

@@ -53,12 +53,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// True when every shard listens, none has begun to drain, and the
-    /// backbone (NATS) is connected.
+    /// True when every shard listens, none has begun to drain, the
+    /// backbone (NATS) is connected, and JWT keys from a JWKS have arrived
+    /// (when `auth.jwks_url` is set).
     pub fn ready(&self) -> bool {
         self.shards_ready.load(Relaxed) == self.metrics.len()
             && self.shards_stopped.load(Relaxed) == 0
             && self.backbone_up()
+            && self.credentials.jwks.ready()
     }
 
     /// The backbone is connected (the embedded one always is).

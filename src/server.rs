@@ -320,7 +320,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     if cfg.auth.mode == crate::config::AuthMode::Jwt {
         // Read and parse the key now: a bad file must stop the start, not
         // the first client.
-        let verifier = crate::auth::Verifier::from_config(&cfg.auth).map_err(StartError)?;
+        let verifier = crate::auth::Verifier::start(&cfg.auth, node.credentials.jwks.clone())
+            .map_err(StartError)?;
         scfg.auth = Some(Arc::new(verifier));
     }
     // TLS: read and check the certificate now (a bad file stops the start,

@@ -42,6 +42,10 @@ pub enum Scenario {
     /// A herd of clients cut off while messages are published, then back at
     /// once: time until every client has recovered everything, gateway peak RSS.
     Herd(HerdArgs),
+    /// A chat product's traffic: users in rooms with presence, messages,
+    /// typing indicators (ephemeral) and users coming and going: latency,
+    /// CPU per delivery, members events, memory per present (room, user).
+    Chat(ChatArgs),
     /// Internal: a worker process of `idle` (reports JSON lines on stdout).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -401,6 +405,56 @@ pub struct StormWorkerArgs {
     /// Hard bound on the worker's life, seconds.
     #[arg(long)]
     pub max_life_secs: f64,
+}
+
+/// `chat` options.
+#[derive(Args, Debug, Clone)]
+pub struct ChatArgs {
+    /// Shared options.
+    #[command(flatten)]
+    pub common: Common,
+    /// Users, one connection each (in this process: ≤ 15 000).
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    /// Rooms each user is in.
+    #[arg(long, default_value_t = 5)]
+    pub rooms_per_user: usize,
+    /// Members per room (rooms = users × rooms-per-user / members).
+    #[arg(long, default_value_t = 10)]
+    pub members: usize,
+    /// Stored messages per second per user (each to one of its rooms).
+    #[arg(long, default_value_t = 0.1)]
+    pub rate: f64,
+    /// Typing indicators (ephemeral messages) per second per user.
+    #[arg(long, default_value_t = 0.2)]
+    pub typing: f64,
+    /// Users per second who go away (their connection closes) and come back.
+    #[arg(long, default_value_t = 1.0)]
+    pub churn: f64,
+    /// How long a user who went away stays away, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub away_secs: f64,
+    /// Seconds of traffic.
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// Seconds over which the users join their rooms (0: all at once).
+    #[arg(long, default_value_t = 5.0)]
+    pub join_secs: f64,
+    /// Subscribe without presence (to measure what presence costs, against a run with it).
+    #[arg(long)]
+    pub no_presence: bool,
+    /// Connections opened per second during setup.
+    #[arg(long, default_value_t = 1500.0)]
+    pub connect_rate: f64,
+    /// Padding bytes added to each stored message.
+    #[arg(long, default_value_t = 0)]
+    pub size: usize,
+    /// Seconds to wait for outstanding deliveries after publishing stops.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain_secs: f64,
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 /// `soak` options.

@@ -17,6 +17,7 @@ fn main() -> Result<()> {
         Scenario::Soak(a) => a.common.threads_or(1),
         Scenario::Chaos(a) => a.common.threads_or(1),
         Scenario::Herd(a) => a.common.threads_or(1),
+        Scenario::Chat(a) => a.common.threads_or(1),
     };
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -61,6 +62,10 @@ fn main() -> Result<()> {
             Scenario::Herd(a) => {
                 let o = out(&a.common);
                 (scenario::herd::run(a).await?, o)
+            }
+            Scenario::Chat(a) => {
+                let o = out(&a.common);
+                (scenario::chat::run(a).await?, o)
             }
         };
         report.emit(json.as_deref(), svg.as_deref())

@@ -4,7 +4,8 @@ real gateway and a real Prometheus.
 * ``promtool check rules`` accepts deploy/prometheus/alerts.yml;
 * every ``edgegate_*`` metric the dashboard and the rules name is on a
   running gateway's /metrics (a gateway with everything that has metrics
-  turned on: the NATS backbone with JetStream history, TLS);
+  turned on: the NATS backbone with JetStream history, TLS, JWT keys from
+  a JWKS);
 * Debian's ``prometheus`` (loopback, a temporary config, 1 s scrapes, the
   alert rules loaded) scrapes that gateway while a few WebSocket clients
   publish, and every PromQL expression of the dashboard and the rules is
@@ -39,6 +40,7 @@ import yaml
 
 import egproto
 from conftest import REPO, Gateway, free_port, http_get, make_env
+from jwkshelp import JwksServer, Key, jwks_env
 from natshelp import NatsServer, nats_env, require_backbone
 from test_tls import HOST, Pki, tls_env
 
@@ -144,22 +146,27 @@ def test_the_dashboard_is_importable_json():
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    """NATS (JetStream) + a gateway with TLS on its WebSocket listener."""
+    """NATS (JetStream) + a gateway with TLS on its WebSocket listener and
+    JWT keys from a JWKS endpoint."""
     require_backbone(tmp_path_factory)
     d = tmp_path_factory.mktemp("deploy")
     nats = NatsServer(d, "js", jetstream=True).start()
+    signer = Key("ES256")
+    jwks = JwksServer(signer)
     pki = Pki(d / "pki")
     cert, key = pki.leaf()
     chain, keyp = pki.write(cert, key)
     env = make_env(**nats_env(nats.url, "deploy", EDGEGATE_BACKBONE__NATS__HISTORY="jetstream"),
-                   **tls_env(chain, keyp))
+                   **tls_env(chain, keyp), **jwks_env(jwks.url, "ES256"))
     gw = Gateway(env, d, "gateway")
     gw.pki = pki
     gw.cert = cert
+    gw.signer = signer
     gw.start(wait_ready=True, timeout=30)
     yield gw
     problems = gw.stop()
     nats.stop()
+    jwks.stop()
     assert not problems, f"{problems}\n{gw.stderr_tail()}"
 
 
@@ -171,7 +178,7 @@ async def load(gw, seconds: float) -> int:
     clients = []
     for i in range(4):
         c = await egproto.WsClient.connect(url, ssl=gw.pki.client_ctx(), compression="deflate")
-        await c.hello(f"deploy{i}")
+        await c.hello(f"deploy{i}", token=gw.signer.token(f"deploy{i}"))
         ok = await c.call("sub", ch="room:deploy")
         assert ok["t"] == "ok", ok
         clients.append(c)
@@ -186,7 +193,7 @@ async def load(gw, seconds: float) -> int:
         await asyncio.sleep(0.05)
     last = ok["seq"]
     r = await egproto.WsClient.connect(url, ssl=gw.pki.client_ctx())
-    await r.hello("deploy-r")
+    await r.hello("deploy-r", token=gw.signer.token("deploy-r"))
     ok = await r.call("sub", ch="room:deploy", meta={"since": {"seq": last - 2}})
     assert ok["t"] == "ok" and ok["meta"].get("recovered") is True, ok
     for c in clients + [r]:
@@ -264,7 +271,13 @@ class Prometheus:
 def test_prometheus_evaluates_every_expression_on_a_loaded_gateway(node, tmp_path):
     prom = Prometheus(tmp_path, f"127.0.0.1:{node.admin_port}")
     try:
-        # A few scrapes under load, then a few after, so rates have points.
+        # Prometheus' discovery hands targets over every 5 s: wait for the
+        # first scrape, then a few scrapes under load and a few after, so
+        # rates have points.
+        deadline = time.monotonic() + 20
+        while not prom.query(f'up{{job="{JOB}"}}'):
+            assert time.monotonic() < deadline, "no scrape within 20 s"
+            time.sleep(0.2)
         sent = asyncio.run(load(node, 6.0))
         assert sent > 50
         time.sleep(3)
@@ -293,6 +306,7 @@ def test_prometheus_evaluates_every_expression_on_a_loaded_gateway(node, tmp_pat
         ratio = value("Compression ratio (sent)")
         assert 0 < ratio < 1, ratio
         assert value("Recoveries by outcome") > 0
+        assert value("JWKS keys") == 1
 
         # Prometheus' own evaluation of the rules: loaded, evaluated, healthy.
         deadline = time.monotonic() + 10

@@ -1,6 +1,7 @@
 //! The scenarios.
 
 pub mod chaos;
+pub mod chat;
 pub mod fanout;
 pub mod herd;
 pub mod idle;
