@@ -42,8 +42,8 @@ use crate::metrics::{ApiMethodStats, ServicesStats, ShardMetrics};
 
 /// Calls waiting for one shard; more are answered 429.
 pub const SHARD_CALLS: usize = 4096;
-/// Service calls waiting for the services thread, node-wide; more are
-/// answered `err rate_limited` at once.
+/// Service calls waiting for the services thread, and in flight there,
+/// node-wide; more are answered `err rate_limited` at once.
 pub const SERVICE_CALLS: usize = 16 * 1024;
 
 /// A server API call one shard carries out.
@@ -72,6 +72,8 @@ pub struct ApiPublish {
     /// Deduplication key (`!api:<idempotency_key>`: no client's key looks
     /// like it).
     pub key: Option<String>,
+    /// Delivered to the current subscribers, never stored (no `seq`).
+    pub ephemeral: bool,
 }
 
 /// One shard's end of the services thread.

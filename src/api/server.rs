@@ -124,6 +124,7 @@ struct PublishReq {
     b64data: Option<String>,
     from: Option<String>,
     idempotency_key: Option<String>,
+    ephemeral: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +282,14 @@ impl Server {
         publish_channel(&r.ch).map_err(|e| fail(400, "bad_channel", e))?;
         let from = from_of(r.from)?;
         let payload = payload(r.data, r.b64data)?;
+        let ephemeral = r.ephemeral.unwrap_or(false);
+        if ephemeral && r.idempotency_key.is_some() {
+            return Err(fail(
+                400,
+                "bad_request",
+                "an ephemeral message is never stored, so it takes no idempotency_key",
+            ));
+        }
         let key = match r.idempotency_key {
             Some(k)
                 if k.is_empty()
@@ -303,6 +312,7 @@ impl Server {
             from,
             payload,
             key,
+            ephemeral,
         };
         match self.publish_one(msg).await {
             Ok(v) => Ok(Response::json(200, &v)),
@@ -333,6 +343,7 @@ impl Server {
                     from,
                     payload,
                     key: None,
+                    ephemeral: false,
                 };
                 match self.publish_one(msg).await {
                     Ok(v) => v,

@@ -100,7 +100,7 @@ impl Shard {
                     conn: &conn,
                     payload: msg.payload,
                     key: msg.key,
-                    ephemeral: false,
+                    ephemeral: msg.ephemeral,
                 };
                 let mut events = self.events.take();
                 self.backbone.publish(p, ack, &mut events);

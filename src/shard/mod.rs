@@ -420,6 +420,7 @@ impl Shard {
                     self.input(&c, Input::Published(ack.id, r));
                 }
             }
+            Event::Sent(ack, r) if ack.is_api() => self.api_published(ack, r.map(|()| None)),
             Event::Sent(ack, r) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::Sent(ack.id, r));

@@ -44,6 +44,16 @@ async def test_publish_reaches_subscribers_like_a_client_pub(gateway):
     assert got[0]["d"] == 2
     st, r = await call(api, "publish", {"ch": room, "data": 3})
     assert r["seq"] == 3 and (await msgs(a, room, 1))[0]["d"] == 3, "the duplicate was not delivered again"
+    # ephemeral: delivered, never stored (no seq anywhere)
+    st, r = await call(api, "publish", {"ch": room, "data": "typing", "ephemeral": True})
+    assert st == 200 and r == {}, r
+    for c in (a, b):
+        m = await c.recv_until(lambda e: e["t"] == "msg" and e.get("d") == "typing")
+        assert "seq" not in m and m["meta"]["ephemeral"] is True, m
+    st, r = await call(api, "publish", {"ch": room, "data": 4})
+    assert r["seq"] == 4, "the ephemeral message took no seq"
+    st, r = await call(api, "publish", {"ch": room, "data": 1, "ephemeral": True, "idempotency_key": "k"})
+    assert st == 400
     api.close()
 
 

@@ -52,6 +52,12 @@ async def test_api_methods_across_two_nodes(nats_server, gateway):
     for c in (ca, cb):
         m = (await msgs(c, room, 1))[0]
         assert m["d"] == {"n": 1} and m["from"] == "bot"
+    # ephemeral from node b reaches both, no seq
+    st, r = await call(api_b, "publish", {"ch": room, "data": "typing", "ephemeral": True})
+    assert st == 200 and r == {}, r
+    for c in (ca, cb):
+        m = await c.recv_until(lambda e: e["t"] == "msg" and e.get("d") == "typing")
+        assert "seq" not in m and m["meta"]["ephemeral"] is True
     # broadcast from node b
     st, r = await call(api_b, "broadcast", {"channels": [room, f"user:{ca.user}"], "data": 2})
     assert st == 200 and all("error" not in x for x in r["results"]), r
@@ -155,3 +161,25 @@ async def test_hooks_and_services_on_nats(nats_server, gateway, tmp_path):
             await s.unsubscribe()
     finally:
         http_svc.stop()
+
+
+async def test_webhooks_on_nats(nats_server, gateway):
+    from apihelp import verify_signature
+    got = []
+    srv = Server(lambda p, h, b: (got.append((h, b)), (204, {}, b""))[1]).start()
+    try:
+        secret = "webhook-secret-on-nats"
+        ga = gateway(**nats_env(nats_server.url, "a", EDGEGATE_WEBHOOKS__URL=srv.url,
+                                EDGEGATE_WEBHOOKS__SECRET=secret))
+        u = new_user("wn")
+        c = await session(ga, "tcp", u)
+        await c.close()
+        for _ in range(100):
+            evs = [e for h, b in got for e in json.loads(b)["events"] if e.get("user") == u]
+            if len(evs) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [(e["event"], e["node"]) for e in evs] == [("user.online", "a"), ("user.offline", "a")], evs
+        assert all(verify_signature(secret, b, h["eg-signature"]) for h, b in got)
+    finally:
+        srv.stop()
