@@ -39,43 +39,50 @@ use super::{
 use crate::metrics::ShardMetrics;
 
 /// What shards say to each other.
+///
+/// Sixteen bytes: every message but the deliveries carries its fields
+/// boxed. The mesh's rings and the outboxes hold messages by value, and a
+/// FIFO ring touches every slot it has as it turns, so what a slot weighs
+/// is what every peer pair's channels come to cost in RSS once traffic has
+/// gone round them (with 248-byte messages, 5 MB per direction).
 pub enum MeshMsg {
     /// To the channel's owner: store and sequence this message, fan it out,
-    /// and answer the publisher (`ack`) with where it was stored.
-    Route(Envelope, Ack, Option<String>),
+    /// and answer the publisher (`ack`) with where it was stored (the
+    /// dedupe key).
+    Route(Box<(Envelope, Ack, Option<String>)>),
     /// To the channel's owner: fan this ephemeral message out (never
     /// stored), and answer the publisher.
-    Send(Envelope, Ack),
+    Send(Box<(Envelope, Ack)>),
     /// From the channel's owner: deliver to local subscribers.
     Deliver(Arc<Envelope>),
     /// From the channel's owner: where a routed publish was stored.
-    Stored(Ack, Result<Option<Stored>, Refused>),
+    Stored(Box<(Ack, Result<Option<Stored>, Refused>)>),
     /// From the channel's owner: an ephemeral publish was handed on.
-    Sent(Ack, Result<(), Refused>),
+    Sent(Box<(Ack, Result<(), Refused>)>),
     /// To the channel's owner: the position of a channel (and, with
     /// `since`, the messages after it; with the flag, its present count).
-    Recover(String, Option<Since>, bool, Ack),
+    Recover(Box<(String, Option<Since>, bool, Ack)>),
     /// From the channel's owner: the answer to `Recover`.
-    Recovered(Ack, Recovery),
+    Recovered(Box<(Ack, Recovery)>),
     /// To a room's owner: the sender's count of a user in it moved.
-    Present(String, String, i32),
-    /// To a room's owner: shard `.1` begins or stops watching its presence.
-    Watch(String, usize, bool),
+    Present(Box<(String, String, i32)>),
+    /// To a room's owner: a shard begins or stops watching its presence.
+    Watch(Box<(String, usize, bool)>),
     /// From a room's owner: its presence changed, for the watchers here.
     Members(Arc<Envelope>),
     /// To a room's owner: who is present (`limit`, `after`).
-    Query(String, usize, Option<String>, Ack),
+    Query(Box<(String, usize, Option<String>, Ack)>),
     /// From a room's owner: the answer to `Query`.
-    Queried(Ack, PresencePage),
+    Queried(Box<(Ack, PresencePage)>),
     /// To every shard: does it hold a connection of this user? (the
-    /// asker's query number).
-    Online(String, u64, usize),
+    /// asker's query number, and the asker).
+    Online(Box<(String, u64, usize)>),
     /// The answer to `Online`.
     OnlineIs(u64, bool),
     /// To a channel's owner: a page of its history.
-    PageOf(String, usize, Option<u64>, Ack),
+    PageOf(Box<(String, usize, Option<u64>, Ack)>),
     /// From a channel's owner: the answer to `PageOf`.
-    Paged(Ack, Page),
+    Paged(Box<(Ack, Page)>),
 }
 
 /// The node's mesh, before the shards join it.
@@ -87,6 +94,28 @@ pub const MESH_CHANNEL: usize = 4096;
 /// Messages a shard may have waiting for one peer before publishers are
 /// told the node is overloaded.
 pub const MESH_OUTBOX: usize = 16 * 1024;
+
+/// What an outbox did with a message.
+enum Offer {
+    /// Queued.
+    Taken,
+    /// `MESH_OUTBOX` messages wait already: given back.
+    Full(MeshMsg),
+    /// The peer is gone (shutdown).
+    Gone,
+}
+
+/// Queues `m` on an outbox, within `MESH_OUTBOX`.
+fn offer(tx: &LocalSender<MeshMsg>, m: MeshMsg) -> Offer {
+    if tx.len() >= MESH_OUTBOX {
+        return Offer::Full(m);
+    }
+    match tx.try_send(m) {
+        Ok(()) => Offer::Taken,
+        Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => Offer::Full(m),
+        Err(_) => Offer::Gone,
+    }
+}
 
 /// The shard that sequences `ch` (stable across shards and restarts).
 pub fn owner(ch: &str, shards: usize) -> usize {
@@ -168,10 +197,13 @@ impl Embedded {
         metrics: Arc<ShardMetrics>,
         mut spawn_forwarder: impl FnMut(usize, local_channel::LocalReceiver<MeshMsg>),
     ) -> Self {
+        // Unbounded channels, bounded here (`MESH_OUTBOX`): a bounded one
+        // reserves its whole capacity, which the queue's ring then touches
+        // as it turns; this one grows to the deepest backlog only.
         let outboxes = (0..shards)
             .map(|peer| {
                 (peer != me).then(|| {
-                    let (tx, rx) = local_channel::new_bounded(MESH_OUTBOX);
+                    let (tx, rx) = local_channel::new_unbounded();
                     spawn_forwarder(peer, rx);
                     tx
                 })
@@ -200,7 +232,7 @@ impl Embedded {
     /// Sends `m` to `peer`'s shard; false when its outbox is full.
     fn send(&self, peer: usize, m: MeshMsg) -> bool {
         match self.outboxes.get(peer).and_then(Option::as_ref) {
-            Some(tx) => tx.try_send(m).is_ok(),
+            Some(tx) => matches!(offer(tx, m), Offer::Taken),
             None => false,
         }
     }
@@ -219,9 +251,7 @@ impl Embedded {
             return;
         };
         // A closed channel is a peer gone (shutdown): nothing to keep.
-        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) =
-            tx.try_send(m)
-        {
+        if let Offer::Full(m) = offer(tx, m) {
             q.push_back(m);
         }
     }
@@ -235,13 +265,13 @@ impl Embedded {
                 continue;
             };
             while let Some(m) = q.pop_front() {
-                match tx.try_send(m) {
-                    Ok(()) => {}
-                    Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => {
+                match offer(tx, m) {
+                    Offer::Taken => {}
+                    Offer::Full(m) => {
                         q.push_front(m);
                         break;
                     }
-                    Err(_) => {
+                    Offer::Gone => {
                         q.clear();
                         break;
                     }
@@ -384,40 +414,61 @@ impl Embedded {
     /// to `now`.
     fn on_mesh(&self, m: MeshMsg, now: &mut Vec<Event>) {
         match m {
-            MeshMsg::Route(env, ack, key) => {
+            MeshMsg::Route(m) => {
+                let (env, ack, key) = *m;
                 let r = self.store(env, key.as_deref(), now);
-                self.answer(ack.shard, MeshMsg::Stored(ack, r));
+                self.answer(ack.shard, MeshMsg::Stored(Box::new((ack, r))));
             }
-            MeshMsg::Send(env, ack) => {
+            MeshMsg::Send(m) => {
+                let (env, ack) = *m;
                 self.sequence(Arc::new(env), now);
-                self.answer(ack.shard, MeshMsg::Sent(ack, Ok(())));
+                self.answer(ack.shard, MeshMsg::Sent(Box::new((ack, Ok(())))));
             }
             MeshMsg::Deliver(env) => now.push(Event::Deliver(env)),
-            MeshMsg::Stored(ack, r) => now.push(Event::Published(ack, r)),
-            MeshMsg::Sent(ack, r) => now.push(Event::Sent(ack, r)),
-            MeshMsg::Recover(ch, since, present, ack) => {
+            MeshMsg::Stored(m) => {
+                let (ack, r) = *m;
+                now.push(Event::Published(ack, r))
+            }
+            MeshMsg::Sent(m) => {
+                let (ack, r) = *m;
+                now.push(Event::Sent(ack, r))
+            }
+            MeshMsg::Recover(m) => {
+                let (ch, since, present, ack) = *m;
                 let r = self.recover(&ch, since.as_ref(), present);
-                self.answer(ack.shard, MeshMsg::Recovered(ack, r));
+                self.answer(ack.shard, MeshMsg::Recovered(Box::new((ack, r))));
             }
-            MeshMsg::Recovered(ack, r) => now.push(Event::History(ack, r)),
-            MeshMsg::Present(ch, user, delta) => self.on_present(&ch, &user, delta),
-            MeshMsg::Watch(ch, shard, on) => self.on_watch(&ch, shard, on),
+            MeshMsg::Recovered(m) => {
+                let (ack, r) = *m;
+                now.push(Event::History(ack, r))
+            }
+            MeshMsg::Present(m) => self.on_present(&m.0, &m.1, m.2),
+            MeshMsg::Watch(m) => self.on_watch(&m.0, m.1, m.2),
             MeshMsg::Members(env) => now.push(Event::Members(env)),
-            MeshMsg::Query(ch, limit, after, ack) => {
+            MeshMsg::Query(m) => {
+                let (ch, limit, after, ack) = *m;
                 let page = self.query(&ch, limit, after.as_deref());
-                self.answer(ack.shard, MeshMsg::Queried(ack, page));
+                self.answer(ack.shard, MeshMsg::Queried(Box::new((ack, page))));
             }
-            MeshMsg::Queried(ack, page) => now.push(Event::Presence(ack, Ok(page))),
-            MeshMsg::Online(user_ch, q, asker) => {
+            MeshMsg::Queried(m) => {
+                let (ack, page) = *m;
+                now.push(Event::Presence(ack, Ok(page)))
+            }
+            MeshMsg::Online(m) => {
+                let (user_ch, q, asker) = *m;
                 let found = self.holds(&user_ch);
                 self.answer(asker, MeshMsg::OnlineIs(q, found));
             }
             MeshMsg::OnlineIs(q, found) => self.online_answer(q, found, now),
-            MeshMsg::PageOf(ch, limit, before, ack) => {
+            MeshMsg::PageOf(m) => {
+                let (ch, limit, before, ack) = *m;
                 let page = self.page(&ch, limit, before);
-                self.answer(ack.shard, MeshMsg::Paged(ack, page));
+                self.answer(ack.shard, MeshMsg::Paged(Box::new((ack, page))));
             }
-            MeshMsg::Paged(ack, page) => now.push(Event::Page(ack, Ok(page))),
+            MeshMsg::Paged(m) => {
+                let (ack, page) = *m;
+                now.push(Event::Page(ack, Ok(page)))
+            }
         }
     }
 
@@ -439,7 +490,7 @@ impl Embedded {
     fn sequence(&self, env: Arc<Envelope>, now: &mut Vec<Event>) -> bool {
         let mut full = 0;
         for tx in self.outboxes.iter().flatten() {
-            if tx.try_send(MeshMsg::Deliver(env.clone())).is_err() {
+            if !matches!(offer(tx, MeshMsg::Deliver(env.clone())), Offer::Taken) {
                 full += 1;
             }
         }
@@ -497,7 +548,7 @@ impl Backbone for Embedded {
             env.meta = Some(EPHEMERAL_META.to_owned());
             match self.remote_owner(msg.ch) {
                 Some(peer) => {
-                    if !self.send(peer, MeshMsg::Send(env, ack)) {
+                    if !self.send(peer, MeshMsg::Send(Box::new((env, ack)))) {
                         now.push(Event::Sent(ack, Err(Refused::OVERLOADED)));
                     }
                 }
@@ -513,7 +564,7 @@ impl Backbone for Embedded {
         match self.remote_owner(msg.ch) {
             Some(peer) => {
                 // The owner answers with MeshMsg::Stored once it stored it.
-                if !self.send(peer, MeshMsg::Route(env, ack, msg.key)) {
+                if !self.send(peer, MeshMsg::Route(Box::new((env, ack, msg.key)))) {
                     now.push(Event::Published(ack, Err(Refused::OVERLOADED)));
                 }
             }
@@ -536,7 +587,7 @@ impl Backbone for Embedded {
             // The answer comes behind every delivery the owner sent before
             // it (the mesh keeps each pair of shards in order).
             Some(peer) => {
-                let m = MeshMsg::Recover(ch.to_owned(), since.clone(), present, ack);
+                let m = MeshMsg::Recover(Box::new((ch.to_owned(), since.clone(), present, ack)));
                 if !self.send(peer, m) {
                     now.push(Event::History(ack, Recovery::unavailable(since.as_ref())));
                 }
@@ -552,7 +603,7 @@ impl Backbone for Embedded {
         match self.remote_owner(ch) {
             Some(peer) => self.send_control(
                 peer,
-                MeshMsg::Present(ch.to_owned(), user.to_owned(), delta),
+                MeshMsg::Present(Box::new((ch.to_owned(), user.to_owned(), delta))),
             ),
             None => self.on_present(ch, user, delta),
         }
@@ -560,7 +611,9 @@ impl Backbone for Embedded {
 
     fn watch(&self, ch: &str, on: bool) {
         match self.remote_owner(ch) {
-            Some(peer) => self.send_control(peer, MeshMsg::Watch(ch.to_owned(), self.me, on)),
+            Some(peer) => {
+                self.send_control(peer, MeshMsg::Watch(Box::new((ch.to_owned(), self.me, on))))
+            }
             None => self.on_watch(ch, self.me, on),
         }
     }
@@ -587,14 +640,19 @@ impl Backbone for Embedded {
                 .insert(q, (peers, false, user.to_owned(), ack));
             for peer in 0..self.outboxes.len() {
                 if peer != self.me {
-                    self.send_control(peer, MeshMsg::Online(ch.to_owned(), q, self.me));
+                    self.send_control(peer, MeshMsg::Online(Box::new((ch.to_owned(), q, self.me))));
                 }
             }
             return;
         }
         match self.remote_owner(ch) {
             Some(peer) => {
-                let m = MeshMsg::Query(ch.to_owned(), limit, after.map(str::to_owned), ack);
+                let m = MeshMsg::Query(Box::new((
+                    ch.to_owned(),
+                    limit,
+                    after.map(str::to_owned),
+                    ack,
+                )));
                 if !self.send(peer, m) {
                     now.push(Event::Presence(ack, Err(Refused::OVERLOADED)));
                 }
@@ -613,7 +671,10 @@ impl Backbone for Embedded {
     ) {
         match self.remote_owner(ch) {
             Some(peer) => {
-                if !self.send(peer, MeshMsg::PageOf(ch.to_owned(), limit, before, ack)) {
+                if !self.send(
+                    peer,
+                    MeshMsg::PageOf(Box::new((ch.to_owned(), limit, before, ack))),
+                ) {
                     now.push(Event::Page(ack, Err(Refused::OVERLOADED)));
                 }
             }
@@ -641,5 +702,15 @@ impl Backbone for Embedded {
 
     fn is_up(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The mesh's rings hold messages by value: each slot of every peer
+    /// pair's channels is this big once traffic has gone round them.
+    #[test]
+    fn mesh_messages_are_small() {
+        assert_eq!(std::mem::size_of::<super::MeshMsg>(), 16);
     }
 }

@@ -182,8 +182,9 @@ pub struct Recovering {
     pub since: Option<Since>,
     /// Live messages that arrived meanwhile, in order.
     pub held: Vec<Arc<Envelope>>,
-    /// For `hello`: the `welcome` to send with the stream's position.
-    pub welcome: Option<Box<Envelope>>,
+    /// This is the user's own stream, and the `welcome` waits for it (it
+    /// is written when the answer comes: nothing is kept meanwhile).
+    pub welcome: bool,
     /// The `sub` asked for presence (`meta.presence`): its `ok` carries
     /// `meta.present`, and `members` follow it.
     pub presence: bool,
@@ -525,12 +526,12 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
                 x.recovering
                     .iter()
                     .find(|r| r.id == id)
-                    .map(|r| (r.ch.clone(), r.since.clone(), r.welcome.is_some()))
+                    .map(|r| (r.ch.clone(), r.since.clone(), r.welcome))
             });
             match pending {
                 // The user's own channel is live and there is no position
                 // to learn: the welcome waited only for it.
-                Some((_, None, true)) if !cx.cfg.positions => welcome_live(st, id, out),
+                Some((_, None, true)) if !cx.cfg.positions => welcome_live(st, cx, id, out),
                 Some((ch, since, _)) => {
                     let presence = st
                         .extra
@@ -822,21 +823,6 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
         since,
     } = h;
     let cfg = cx.cfg;
-    let mut meta = serde_json::json!({
-        "conn": cx.conn_name(),
-        "user": &*user,
-        "node": cfg.node_id,
-        "shard": cx.shard,
-        "hb_ms": cfg.hb_ms,
-        "max_frame": cfg.max_frame,
-    });
-    if since.is_none() && !cfg.positions {
-        // No history: the position is known without asking (§8.1).
-        meta["stream"] = serde_json::json!({"epoch": "", "seq": 0});
-    }
-    let mut welcome = Envelope::new(Type::Welcome);
-    welcome.id = id;
-    welcome.meta = Some(meta.to_string());
     st.phase = Phase::Active;
     st.user = Some(user.clone());
     cx.metrics.sessions.fetch_add(1, Relaxed);
@@ -861,7 +847,7 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
             id,
             since,
             held: Vec::new(),
-            welcome: Some(Box::new(welcome)),
+            welcome: true,
             presence: false,
         });
         out.push(Action::Subscribe {
@@ -875,19 +861,46 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
             ok: None,
             presence: false,
         });
-        out.push(Action::Reply(welcome));
+        // No history: the position is known without asking (§8.1).
+        out.push(Action::Reply(welcome_envelope(st, cx, id, no_stream())));
     }
 }
 
-/// The user's own channel is live (no `since`): the `welcome` that waited
-/// for it, then whatever arrived meanwhile.
-fn welcome_live(st: &mut SessionState, id: Option<u64>, out: &mut Vec<Action>) {
+/// `welcome.meta.stream` where no history is kept.
+fn no_stream() -> serde_json::Value {
+    serde_json::json!({"epoch": "", "seq": 0})
+}
+
+/// The `welcome` answering `hello` `id`, with `stream` as `meta.stream`.
+/// Written when it is sent, not kept while it waits.
+fn welcome_envelope(
+    st: &SessionState,
+    cx: &Ctx<'_>,
+    id: Option<u64>,
+    stream: serde_json::Value,
+) -> Envelope {
+    let cfg = cx.cfg;
+    let user = st.user.as_deref().unwrap_or_default();
+    let mut meta = serde_json::json!({
+        "conn": cx.conn_name(),
+        "user": user,
+        "node": cfg.node_id,
+        "shard": cx.shard,
+        "hb_ms": cfg.hb_ms,
+        "max_frame": cfg.max_frame,
+    });
+    meta["stream"] = stream;
+    let mut welcome = Envelope::new(Type::Welcome);
+    welcome.id = id;
+    welcome.meta = Some(meta.to_string());
+    welcome
+}
+
+/// The user's own channel is live (no `since`, no history): the `welcome`
+/// that waited for it, then whatever arrived meanwhile.
+fn welcome_live(st: &mut SessionState, cx: &Ctx<'_>, id: Option<u64>, out: &mut Vec<Action>) {
     let Some(x) = st.extra.as_mut() else { return };
-    let Some(i) = x
-        .recovering
-        .iter()
-        .position(|r| r.id == id && r.welcome.is_some())
-    else {
+    let Some(i) = x.recovering.iter().position(|r| r.id == id && r.welcome) else {
         return;
     };
     let p = x.recovering.swap_remove(i);
@@ -895,9 +908,7 @@ fn welcome_live(st: &mut SessionState, id: Option<u64>, out: &mut Vec<Action>) {
         // An idle connection keeps no `Extra`.
         st.extra = None;
     }
-    if let Some(welcome) = p.welcome {
-        out.push(Action::Reply(*welcome));
-    }
+    out.push(Action::Reply(welcome_envelope(st, cx, id, no_stream())));
     if !p.held.is_empty() {
         out.push(Action::Deliver(p.held));
     }
@@ -1046,23 +1057,17 @@ fn recovered(
         }
     }
     match p.welcome {
-        Some(mut welcome) => {
+        true => {
             // welcome.meta.stream = {epoch, seq, recovered?, reason?,
             // oldest?}: in every welcome, the outcome only for a `since`.
-            let mut w: serde_json::Map<String, serde_json::Value> = welcome
-                .meta
-                .as_deref()
-                .and_then(|m| serde_json::from_str(m).ok())
-                .unwrap_or_default();
             if !has_history {
                 meta.insert("epoch".into(), "".into());
             }
             meta.insert("seq".into(), r.pos.top.into());
-            w.insert("stream".into(), meta.into());
-            welcome.meta = Some(serde_json::Value::Object(w).to_string());
-            out.push(Action::Reply(*welcome));
+            let stream = serde_json::Value::Object(meta);
+            out.push(Action::Reply(welcome_envelope(st, cx, id, stream)));
         }
-        None => {
+        false => {
             let mut ok = Envelope::ok(id);
             if has_history {
                 ok.seq = Some(r.pos.top);
@@ -1480,7 +1485,7 @@ fn subscribe(
         id,
         since,
         held: Vec::new(),
-        welcome: None,
+        welcome: false,
         presence,
     });
     out.push(Action::Subscribe {
