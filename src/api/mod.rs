@@ -58,6 +58,39 @@ pub enum Call {
     },
     /// Close a user's connections on this shard.
     Kick(Kick),
+    /// Who is present in a channel (§8.3's query).
+    Presence {
+        /// Channel (`room:` or `user:`), checked.
+        ch: String,
+        /// Users per page.
+        limit: usize,
+        /// After this id.
+        after: Option<String>,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<crate::backbone::PresencePage, Refused>>,
+    },
+    /// A page of a channel's history (§8.4).
+    History {
+        /// Channel (`room:` or `user:`), checked.
+        ch: String,
+        /// Messages per page.
+        limit: usize,
+        /// Below this seq.
+        before: Option<u64>,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<crate::backbone::Page, Refused>>,
+    },
+    /// The rooms with someone present.
+    Channels {
+        /// Names start with this.
+        prefix: String,
+        /// After this name.
+        after: Option<String>,
+        /// Rooms per page.
+        limit: usize,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<crate::backbone::RoomsPage, Refused>>,
+    },
 }
 
 /// A publish from the API.

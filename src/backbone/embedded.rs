@@ -32,7 +32,7 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers};
 use glommio::channels::local_channel::{self, LocalSender};
 
 use super::history::{HistoryStore, Page, Recovery, Since, Stored};
-use super::presence::{PresencePage, PresenceStore, online_page};
+use super::presence::{PresencePage, PresenceStore, RoomsPage, online_page};
 use super::{
     Ack, Backbone, EPHEMERAL_META, Event, Probe, Publish, Refused, Request, Sink, embedded_service,
 };
@@ -79,6 +79,11 @@ pub enum MeshMsg {
     Online(Box<(String, u64, usize)>),
     /// The answer to `Online`.
     OnlineIs(u64, bool),
+    /// To every shard: its rooms with someone present (prefix, after,
+    /// limit, the asker's query number, the asker).
+    Rooms(Box<(String, Option<String>, usize, u64, usize)>),
+    /// The answer to `Rooms`.
+    RoomsAre(Box<(u64, Vec<(String, u64)>)>),
     /// To a channel's owner: a page of its history.
     PageOf(Box<(String, usize, Option<u64>, Ack)>),
     /// From a channel's owner: the answer to `PageOf`.
@@ -141,8 +146,8 @@ pub struct Embedded {
     presence: Option<(RefCell<PresenceStore>, u64)>,
     /// Control messages (presence) waiting for a full outbox, per peer.
     backlog: RefCell<Vec<VecDeque<MeshMsg>>>,
-    /// Online queries in flight: shards yet to answer, found, who asked.
-    online: RefCell<HashMap<u64, (usize, bool, String, Ack)>>,
+    /// Questions asked of every shard, in flight, by number.
+    gathers: RefCell<HashMap<u64, Gather>>,
     next_query: Cell<u64>,
     /// Whether this shard holds a subscriber of a channel (the shard's
     /// router; set by [`Backbone::start`]).
@@ -217,7 +222,7 @@ impl Embedded {
             history: None,
             presence: None,
             backlog: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
-            online: RefCell::new(HashMap::new()),
+            gathers: RefCell::new(HashMap::new()),
             next_query: Cell::new(0),
             probe: RefCell::new(None),
             users: None,
@@ -344,17 +349,39 @@ impl Embedded {
         self.probe.borrow().as_ref().is_some_and(|p| p(user_ch))
     }
 
-    /// One shard's answer to online query `q`; the last one answers the
-    /// client.
-    fn online_answer(&self, q: u64, found: bool, now: &mut Vec<Event>) {
-        let mut pending = self.online.borrow_mut();
-        let Some(e) = pending.get_mut(&q) else { return };
-        e.0 -= 1;
-        e.1 |= found;
-        if e.0 == 0
-            && let Some((_, found, user, ack)) = pending.remove(&q)
+    /// Asks every other shard `ask(q)` for gather `g`; answers at once
+    /// when there is no other shard.
+    fn gather(&self, g: Gather, ask: impl Fn(u64) -> MeshMsg, now: &mut Vec<Event>) {
+        let peers = self.outboxes.iter().flatten().count();
+        let q = self.next_query.get() + 1;
+        self.next_query.set(q);
+        if peers == 0 {
+            return now.push(g.answer());
+        }
+        self.gathers
+            .borrow_mut()
+            .insert(q, Gather { left: peers, ..g });
+        for peer in 0..self.outboxes.len() {
+            if peer != self.me {
+                self.send_control(peer, ask(q));
+            }
+        }
+    }
+
+    /// One shard's answer to gather `q`; the last one answers the caller.
+    fn gathered(&self, q: u64, part: Part, now: &mut Vec<Event>) {
+        let mut pending = self.gathers.borrow_mut();
+        let Some(g) = pending.get_mut(&q) else { return };
+        g.left -= 1;
+        match (&mut g.what, part) {
+            (Gathering::Online { found, .. }, Part::Online(f)) => *found |= f,
+            (Gathering::Rooms { lists, .. }, Part::Rooms(l)) => lists.push(l),
+            _ => {}
+        }
+        if g.left == 0
+            && let Some(g) = pending.remove(&q)
         {
-            now.push(Event::Presence(ack, Ok(online_page(&user, found))));
+            now.push(g.answer());
         }
     }
 
@@ -459,7 +486,16 @@ impl Embedded {
                 let found = self.holds(&user_ch);
                 self.answer(asker, MeshMsg::OnlineIs(q, found));
             }
-            MeshMsg::OnlineIs(q, found) => self.online_answer(q, found, now),
+            MeshMsg::OnlineIs(q, found) => self.gathered(q, Part::Online(found), now),
+            MeshMsg::Rooms(m) => {
+                let (prefix, after, limit, q, asker) = *m;
+                let rooms = self.rooms_after(&prefix, after.as_deref(), limit);
+                self.answer(asker, MeshMsg::RoomsAre(Box::new((q, rooms))));
+            }
+            MeshMsg::RoomsAre(m) => {
+                let (q, rooms) = *m;
+                self.gathered(q, Part::Rooms(rooms), now)
+            }
             MeshMsg::PageOf(m) => {
                 let (ch, limit, before, ack) = *m;
                 let page = self.page(&ch, limit, before);
@@ -499,6 +535,59 @@ impl Embedded {
         }
         now.push(Event::Deliver(env));
         full == 0
+    }
+}
+
+/// A question every shard answers, in flight.
+struct Gather {
+    /// Shards yet to answer.
+    left: usize,
+    ack: Ack,
+    what: Gathering,
+}
+
+/// What a gather collects.
+enum Gathering {
+    /// Whether any shard holds a connection of `user`.
+    Online { user: String, found: bool },
+    /// Every shard's rooms (this shard's first), for a page of `limit`.
+    Rooms {
+        lists: Vec<Vec<(String, u64)>>,
+        limit: usize,
+    },
+}
+
+/// One shard's part of a gather.
+enum Part {
+    Online(bool),
+    Rooms(Vec<(String, u64)>),
+}
+
+impl Gather {
+    fn new(ack: Ack, what: Gathering) -> Gather {
+        Gather { left: 0, ack, what }
+    }
+
+    /// The answer, once every shard gave its part.
+    fn answer(self) -> Event {
+        match self.what {
+            Gathering::Online { user, found } => {
+                Event::Presence(self.ack, Ok(online_page(&user, found)))
+            }
+            Gathering::Rooms { lists, limit } => {
+                Event::Channels(self.ack, Ok(RoomsPage::merge(lists, limit)))
+            }
+        }
+    }
+}
+
+impl Embedded {
+    /// As a shard that owns rooms: its rooms with someone present.
+    fn rooms_after(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(String, u64)> {
+        match &self.presence {
+            Some((p, _)) => p.borrow().rooms_after(prefix, after, limit),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -628,22 +717,22 @@ impl Backbone for Embedded {
     ) {
         if let Some(user) = ch.strip_prefix("user:") {
             // Online anywhere: every shard looks at its own connections.
-            let q = self.next_query.get() + 1;
-            self.next_query.set(q);
-            let peers = self.outboxes.iter().flatten().count();
-            let here = self.holds(ch);
-            if peers == 0 || here {
-                return now.push(Event::Presence(ack, Ok(online_page(user, here))));
+            if self.holds(ch) {
+                return now.push(Event::Presence(ack, Ok(online_page(user, true))));
             }
-            self.online
-                .borrow_mut()
-                .insert(q, (peers, false, user.to_owned(), ack));
-            for peer in 0..self.outboxes.len() {
-                if peer != self.me {
-                    self.send_control(peer, MeshMsg::Online(Box::new((ch.to_owned(), q, self.me))));
-                }
-            }
-            return;
+            let g = Gather::new(
+                ack,
+                Gathering::Online {
+                    user: user.to_owned(),
+                    found: false,
+                },
+            );
+            let me = self.me;
+            return self.gather(
+                g,
+                |q| MeshMsg::Online(Box::new((ch.to_owned(), q, me))),
+                now,
+            );
         }
         match self.remote_owner(ch) {
             Some(peer) => {
@@ -659,6 +748,31 @@ impl Backbone for Embedded {
             }
             None => now.push(Event::Presence(ack, Ok(self.query(ch, limit, after)))),
         }
+    }
+
+    fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
+        let mine = self.rooms_after(prefix, after, limit);
+        let g = Gather::new(
+            ack,
+            Gathering::Rooms {
+                lists: vec![mine],
+                limit,
+            },
+        );
+        let me = self.me;
+        let (prefix, after) = (prefix.to_owned(), after.map(str::to_owned));
+        self.gather(
+            g,
+            |q| MeshMsg::Rooms(Box::new((prefix.clone(), after.clone(), limit, q, me))),
+            now,
+        );
     }
 
     fn history_page(

@@ -414,13 +414,20 @@ impl Shard {
         let conn_for = |ack: &Ack| self.conns.get(ack.key, ack.serial, false);
         match ev {
             Event::Deliver(env) => self.deliver_local(env),
-            Event::Published(ack, r) if ack.is_api() => self.api_published(ack, r),
+            Event::Published(ack, _)
+            | Event::Sent(ack, _)
+            | Event::Presence(ack, _)
+            | Event::Page(ack, _)
+            | Event::Channels(ack, _)
+                if ack.is_api() =>
+            {
+                self.api_answer(ack, ev)
+            }
             Event::Published(ack, r) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::Published(ack.id, r));
                 }
             }
-            Event::Sent(ack, r) if ack.is_api() => self.api_published(ack, r.map(|()| None)),
             Event::Sent(ack, r) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::Sent(ack.id, r));
@@ -437,6 +444,8 @@ impl Shard {
                 }
             }
             Event::Members(env) => self.deliver_members(env),
+            // Only the server API asks for the rooms.
+            Event::Channels(..) => {}
             Event::History(ack, r) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::History(ack.id, r));
