@@ -264,6 +264,9 @@ pub struct BackboneStats {
     pub presence_entries: AtomicU64,
     /// Rooms whose cluster-wide presence this node keeps a view of.
     pub presence_views: AtomicU64,
+    /// Keys (rooms, and users online) whose lifecycle events this node
+    /// keeps.
+    pub presence_kept: AtomicU64,
     /// Presence syncs asked (views opened, gaps, reconnects).
     pub presence_syncs: AtomicU64,
     /// Presence deltas that skipped one (each followed by a sync).
@@ -707,6 +710,12 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                 "gauge",
                 "Rooms whose cluster-wide presence this node keeps a view of (it has watchers there).",
                 &n.presence_views,
+            ),
+            (
+                "edgegate_presence_kept_keys",
+                "gauge",
+                "Rooms and users whose cluster-wide lifecycle events this node keeps (emits).",
+                &n.presence_kept,
             ),
             (
                 "edgegate_presence_syncs_total",

@@ -257,7 +257,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             metrics.clone(),
             cfg.history.recovery_limit,
             &cfg.presence,
-            bus,
+            bus.clone(),
         )
         .map_err(StartError)?;
         if let Some(p) = prepared.as_mut() {
@@ -281,6 +281,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     } else {
         (None, None)
     };
+    // Embedded: the owner shard of a room emits its events (to webhooks).
+    let room_events = (!nats && cfg.webhooks.url.is_some()).then(|| bus.clone());
     let services_stats = prepared.as_ref().map(|p| p.stats.clone());
     let mut api_links: Vec<Option<crate::api::ShardLink>> = match prepared {
         Some(p) => {
@@ -394,7 +396,11 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let mesh = mesh.clone();
         let nats_link = nats_links[id].take();
         let api_link = api_links[id].take();
-        let users = users_tx.clone();
+        let reports = crate::events::Reports {
+            users: users_tx.clone(),
+            events: room_events.clone(),
+            node: Arc::from(node_name.as_str()),
+        };
         let quic = quic.clone();
         let listens: Vec<(String, SocketAddr, Transport)> = listens
             .iter()
@@ -409,7 +415,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
                 let links = Links {
                     nats: nats_link,
                     api: api_link,
-                    users,
+                    reports,
                 };
                 let r = shard_main(id, scfg, node.clone(), mesh, links, listens, quic).await;
                 node.shards_done.fetch_add(1, SeqCst);
@@ -457,8 +463,9 @@ struct Links {
     nats: Option<NatsBackbone>,
     /// The services thread's (API, HTTP services, hooks).
     api: Option<crate::api::ShardLink>,
-    /// Embedded: per-user connection changes for the services thread.
-    users: Option<crate::events::UserFeed>,
+    /// Embedded: per-user connection changes and room events for the
+    /// services thread and the webhooks.
+    reports: crate::events::Reports,
 }
 
 async fn shard_main(
@@ -470,7 +477,7 @@ async fn shard_main(
     listens: Vec<(String, SocketAddr, Transport)>,
     quic: Option<crate::transport::quic::QuicSetup>,
 ) -> Result<(), StartError> {
-    let Links { nats, api, users } = links;
+    let Links { nats, api, reports } = links;
     let n = cfg.shards;
     // Every shard joins the mesh (glommio's join waits for all of them),
     // whichever backbone the node uses.
@@ -485,7 +492,7 @@ async fn shard_main(
         node.metrics[id].clone(),
         history,
         presence,
-        users,
+        reports,
     )
     .await
     .map_err(StartError)?;

@@ -32,7 +32,7 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers};
 use glommio::channels::local_channel::{self, LocalSender};
 
 use super::history::{HistoryStore, Page, Recovery, Since, Stored};
-use super::presence::{PresencePage, PresenceStore, RoomsPage, online_page};
+use super::presence::{PresencePage, PresenceStore, RoomsPage, lifecycle_events, online_page};
 use super::{
     Ack, Backbone, EPHEMERAL_META, Event, Probe, Publish, Refused, Request, Sink, embedded_service,
 };
@@ -152,9 +152,9 @@ pub struct Embedded {
     /// Whether this shard holds a subscriber of a channel (the shard's
     /// router; set by [`Backbone::start`]).
     probe: RefCell<Option<Probe>>,
-    /// Per-user connection changes for the node's counts (server API,
-    /// webhooks), when something wants them.
-    users: Option<crate::events::UserFeed>,
+    /// Per-user connection changes and room events for core services
+    /// (server API, webhooks), when something wants them.
+    reports: crate::events::Reports,
     start: Instant,
 }
 
@@ -168,7 +168,7 @@ impl Embedded {
         metrics: Arc<ShardMetrics>,
         history: Option<HistoryStore>,
         presence: Option<crate::config::Presence>,
-        users: Option<crate::events::UserFeed>,
+        reports: crate::events::Reports,
     ) -> Result<Rc<Self>, String> {
         let (senders, receivers) = mesh
             .join()
@@ -189,7 +189,7 @@ impl Embedded {
         e.receivers = RefCell::new(Some(receivers));
         e.history = history.map(RefCell::new);
         e.presence = presence.map(|p| (RefCell::new(PresenceStore::new(p.diff_limit)), p.flush_ms));
-        e.users = users;
+        e.reports = reports;
         Ok(Rc::new(e))
     }
 
@@ -225,7 +225,7 @@ impl Embedded {
             gathers: RefCell::new(HashMap::new()),
             next_query: Cell::new(0),
             probe: RefCell::new(None),
-            users: None,
+            reports: crate::events::Reports::default(),
             start: Instant::now(),
         }
     }
@@ -288,7 +288,16 @@ impl Embedded {
     /// As a room's owner: a shard's count of `user` in `ch` moved.
     fn on_present(&self, ch: &str, user: &str, delta: i32) {
         if let Some((p, _)) = &self.presence {
-            p.borrow_mut().change(ch, user, delta);
+            let mut p = p.borrow_mut();
+            let t = p.change(ch, user, delta);
+            // This shard alone owns the room: its transitions are the
+            // node's, each event emitted once.
+            if let Some(bus) = &self.reports.events {
+                let node = &self.reports.node;
+                for ev in lifecycle_events(node, ch, user, t, p.count(ch)) {
+                    bus.emit(ev);
+                }
+            }
         }
     }
 
@@ -809,7 +818,7 @@ impl Backbone for Embedded {
     }
 
     fn presence(&self, user: &str, delta: i32) {
-        if let Some(tx) = &self.users {
+        if let Some(tx) = &self.reports.users {
             let _ = tx.send((user.to_owned(), delta));
         }
     }

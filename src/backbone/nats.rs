@@ -216,6 +216,7 @@ enum ToNats {
 }
 
 mod control;
+mod keeper;
 mod presence;
 
 pub use control::{Cluster, node_info};
@@ -937,6 +938,7 @@ async fn run(
         hub.shards.clone(),
         state.clone(),
         users.clone(),
+        bus.clone(),
     );
     if presence_cfg.enabled {
         presence.start(reconnected.clone());
@@ -1150,10 +1152,16 @@ async fn run(
                         let _ = client
                             .publish(format!("{prefix}.presence.{user}"), body.to_string().into())
                             .await;
-                        let name = if online { USER_ONLINE } else { USER_OFFLINE };
-                        let ev = crate::events::event(name, &node, &[("user", &user)]);
-                        ctl.publish_event(&ev).await;
-                        bus.emit(ev);
+                        if presence_cfg.enabled {
+                            // Once for the cluster, by the user's keeper.
+                            presence.on_online(&user, online);
+                        } else {
+                            // No cluster view: the node's own transitions.
+                            let name = if online { USER_ONLINE } else { USER_OFFLINE };
+                            let ev = crate::events::event(name, &node, &[("user", &user)]);
+                            ctl.publish_event(&ev).await;
+                            bus.emit(ev);
+                        }
                     }
                 }
                 ToNats::Gather {

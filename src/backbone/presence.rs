@@ -112,6 +112,45 @@ pub enum Transition {
     None,
 }
 
+/// The lifecycle events (docs/api.md, "Events") of transition `t` of
+/// `user` in `ch`, `count` users being present after it: `room.occupied`
+/// before a room's first `room.join`, `room.vacated` after its last
+/// `room.leave`; for `user:<id>` (someone online on any node) `user.online`
+/// and `user.offline`.
+pub fn lifecycle_events(
+    node: &str,
+    ch: &str,
+    user: &str,
+    t: Transition,
+    count: u64,
+) -> Vec<serde_json::Value> {
+    use crate::events::{
+        ROOM_JOIN, ROOM_LEAVE, ROOM_OCCUPIED, ROOM_VACATED, USER_OFFLINE, USER_ONLINE, event,
+    };
+    let user_kind = ch.starts_with("user:");
+    match t {
+        Transition::None => Vec::new(),
+        Transition::Joined if user_kind => vec![event(USER_ONLINE, node, &[("user", user)])],
+        Transition::Left if user_kind => vec![event(USER_OFFLINE, node, &[("user", user)])],
+        Transition::Joined => {
+            let join = event(ROOM_JOIN, node, &[("ch", ch), ("user", user)]);
+            if count == 1 {
+                vec![event(ROOM_OCCUPIED, node, &[("ch", ch)]), join]
+            } else {
+                vec![join]
+            }
+        }
+        Transition::Left => {
+            let leave = event(ROOM_LEAVE, node, &[("ch", ch), ("user", user)]);
+            if count == 0 {
+                vec![leave, event(ROOM_VACATED, node, &[("ch", ch)])]
+            } else {
+                vec![leave]
+            }
+        }
+    }
+}
+
 /// One room's presence. Most rooms have no watcher: what watching needs
 /// is boxed, so an unwatched room is its map and one pointer.
 #[derive(Default)]
@@ -302,7 +341,10 @@ impl PresenceStore {
             .rooms
             .iter()
             .filter(|(name, r)| {
+                // The NATS backbone also tracks `user:<id>` (who is online
+                // on a node) in its store: only rooms are listed.
                 !r.users.is_empty()
+                    && name.starts_with("room:")
                     && name.starts_with(prefix)
                     && after.is_none_or(|a| &***name > a)
             })
@@ -311,6 +353,15 @@ impl PresenceStore {
         v.sort_unstable();
         v.truncate(limit.saturating_add(1));
         v
+    }
+
+    /// Every room with someone present.
+    pub fn names(&self) -> Vec<String> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| !r.users.is_empty())
+            .map(|(name, _)| name.to_string())
+            .collect()
     }
 
     /// Every user present in `room` (a node's answer to a peer's sync).

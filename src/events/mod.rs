@@ -25,6 +25,14 @@ use crate::metrics::ServicesStats;
 pub const USER_ONLINE: &str = "user.online";
 /// `user.offline`.
 pub const USER_OFFLINE: &str = "user.offline";
+/// `room.occupied`: the first user present in a room.
+pub const ROOM_OCCUPIED: &str = "room.occupied";
+/// `room.vacated`: the last present user left the room.
+pub const ROOM_VACATED: &str = "room.vacated";
+/// `room.join`: a user became present in a room.
+pub const ROOM_JOIN: &str = "room.join";
+/// `room.leave`: a user is no longer present in a room.
+pub const ROOM_LEAVE: &str = "room.leave";
 
 /// An event: `{"event", "ts_ms", "node"}` plus `fields`.
 pub fn event(name: &str, node: &str, fields: &[(&str, &str)]) -> serde_json::Value {
@@ -41,6 +49,19 @@ pub fn event(name: &str, node: &str, fields: &[(&str, &str)]) -> serde_json::Val
 /// Per-user connection changes (`(user, ±1)`) sent to whoever keeps the
 /// node's [`UserCounts`].
 pub type UserFeed = tokio::sync::mpsc::UnboundedSender<(String, i32)>;
+
+/// What a shard of the embedded backbone reports to core services: its
+/// connection changes per user (the node's counts and `user.*` events) and
+/// the lifecycle events of the rooms it owns, with the node's name.
+#[derive(Clone, Default)]
+pub struct Reports {
+    /// Per-user connection changes, when something wants them.
+    pub users: Option<UserFeed>,
+    /// The room events' way out, when something wants them.
+    pub events: Option<Bus>,
+    /// The node's name (each event's `node`).
+    pub node: Arc<str>,
+}
 
 /// Publishes an event on the backbone (NATS: `P.events.<event>`).
 pub type Publisher = Arc<dyn Fn(&str, &serde_json::Value) + Send + Sync>;

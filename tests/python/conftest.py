@@ -19,6 +19,7 @@ import inspect
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -146,7 +147,29 @@ class Gateway:
             except OSError as e:
                 last = e
             time.sleep(0.05)
-        raise AssertionError(f"edgegate not ready after {timeout}s (last: {last}):\n{self.stderr_tail()}")
+        why = self._not_ready_why()
+        raise AssertionError(f"edgegate not ready after {timeout}s (last: {last}):\n{self.stderr_tail()}\n{why}")
+
+    def _not_ready_why(self) -> str:
+        """What a gateway that never became ready was doing: /readyz's body,
+        the readiness metrics and, with gdb, every thread's stack (saved
+        beside its stderr)."""
+        out = []
+        try:
+            _, body = http_get(self.admin + "/readyz", timeout=1)
+            out.append(f"readyz: {body[:300]!r}")
+        except OSError as e:
+            out.append(f"readyz: {e}")
+        if shutil.which("gdb"):
+            stacks = self.stderr_path.with_suffix(".stacks.txt")
+            try:
+                r = subprocess.run(["gdb", "-p", str(self.proc.pid), "-batch", "-ex", "thread apply all bt 30"],
+                                   capture_output=True, text=True, timeout=60)
+                stacks.write_text(r.stdout + r.stderr)
+                out.append(f"thread stacks in {stacks}:\n{r.stdout[-6000:]}")
+            except (OSError, subprocess.SubprocessError) as e:
+                out.append(f"gdb: {e}")
+        return "\n".join(out)
 
     def stderr_tail(self, n: int = 60) -> str:
         try:

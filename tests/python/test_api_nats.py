@@ -125,7 +125,7 @@ async def test_control_subjects_and_events_on_nats(nats_server, gateway):
             if len(mine) >= 4:
                 break
             await asyncio.sleep(0.05)
-        # per node transitions: online/offline on b, then on a
+        # the cluster's transitions, each naming the node of the connection
         assert [(e["event"], e["node"]) for e in mine] == [
             ("user.online", "b"), ("user.offline", "b"), ("user.online", "a"), ("user.offline", "a")], mine
         assert all(s == f"{PREFIX}.events.{e['event']}" for s, e in events)

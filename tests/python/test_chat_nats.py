@@ -7,12 +7,13 @@ JetStream, and every welcome carries the user stream's position."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 
 import pytest
 
 from helpers import msgs, new_user, session
-from natshelp import NatsServer, nats_client, nats_env, require_backbone, wait_for
+from natshelp import PREFIX, NatsServer, nats_client, nats_env, require_backbone, wait_for
 
 FLUSH_MS = 200
 TTL_MS = 3000
@@ -129,6 +130,7 @@ async def test_ephemeral_messages_cross_nodes_on_core_nats(gateway, nats):
         async def got(m):
             seen.append(m)
         sub = await nc.subscribe(f"eg.room.{room[5:]}", cb=got)
+        await nc.flush()    # the SUB is in place before the publish
         r = await a.call("pub", ch=room, d={"typing": True}, meta={"ephemeral": True})
         assert r["t"] == "ok" and "seq" not in r, r
         for c in (a, b):
@@ -188,3 +190,78 @@ async def test_without_history_the_welcome_says_so_and_pages_are_unavailable(gat
     assert a.welcome["meta"]["stream"] == {"epoch": "", "seq": 0}
     r = await a.call("history", ch=f"room:{new_user('x')}")
     assert r["d"] == {"epoch": "", "top": 0, "messages": [], "more": False, "reason": "unavailable"}
+
+
+def keeper(nodes: list[str], key: str) -> str:
+    """The node that keeps `key`'s events: the highest FNV-1a 64 score of
+    node + NUL + key (as the gateway computes it)."""
+    def score(n: str) -> int:
+        h = 0xcbf29ce484222325
+        for b in n.encode() + b"\0" + key.encode():
+            h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+        return h
+    return max(nodes, key=lambda n: (score(n), n))
+
+
+def kept_by(node: str, tag: str, kind: str) -> str:
+    """A fresh id whose `kind:<id>` key gw-a / gw-b keep at `node`."""
+    for i in range(1000):
+        ident = f"{new_user(tag)}x{i}"
+        if keeper(["gw-a", "gw-b"], f"{kind}:{ident}") == node:
+            return ident
+    raise AssertionError("no id found")
+
+
+async def test_lifecycle_events_once_for_the_cluster(gateway, nats):
+    """user.* and room.* are the cluster's transitions, each emitted once
+    (by the key's keeper), whichever node the connections are on; a killed
+    node's users leave through the keepers that survive it."""
+    a_gw, b_gw = two(gateway, nats.url)
+    room = f"room:{kept_by('gw-a', 'ev', 'room')}"
+    u = kept_by("gw-a", "eu", "user")
+    v = kept_by("gw-a", "ev", "user")
+    async with nats_client(nats.url) as nc:
+        events = []
+
+        async def got(m):
+            e = json.loads(m.data)
+            if e.get("ch") == room or e.get("user") in (u, v):
+                events.append((m.subject.split(".events.")[1], e))
+        sub = await nc.subscribe(f"{PREFIX}.events.>", cb=got)
+        await nc.flush()
+
+        async def settle(n):
+            await wait_for(lambda: len(events) >= n, timeout=10)
+            await asyncio.sleep(3 * FLUSH_MS / 1000)   # and nothing more
+            got_now = [(name, e.get("user") or e.get("ch"), e["node"]) for name, e in events]
+            events.clear()
+            return got_now
+
+        # u on both nodes, in the room on both: online once, joins once.
+        ua = await session(a_gw, "ws-json", u)
+        ub = await session(b_gw, "tcp", u)
+        await ua.sub(room)
+        await ub.sub(room)
+        got_now = await settle(3)
+        assert [g[:2] for g in got_now] == [("user.online", u), ("room.occupied", room),
+                                            ("room.join", u)], got_now
+        assert got_now[0][2] == "gw-a", got_now   # u's first connection
+        # v on node B joins.
+        vb = await session(b_gw, "ws-bin", v)
+        await vb.sub(room)
+        assert await settle(2) == [("user.online", v, "gw-b"), ("room.join", v, "gw-b")]
+        # u leaves node A: still on B, nothing; then B too.
+        await ua.close()
+        await asyncio.sleep(3 * FLUSH_MS / 1000)
+        assert events == []
+        await ub.close()
+        got_now = await settle(2)
+        assert sorted(got_now) == [("room.leave", u, "gw-b"), ("user.offline", u, "gw-b")], got_now
+        # Node B dies with v: its users leave, once, through gw-a.
+        b_gw.expect_exit()
+        b_gw.sigterm(signal.SIGKILL)
+        b_gw.wait_exit(10)
+        got_now = await settle(3)
+        assert sorted(got_now) == [("room.leave", v, "gw-b"), ("room.vacated", room, "gw-b"),
+                                   ("user.offline", v, "gw-b")], got_now
+        await sub.unsubscribe()

@@ -11,7 +11,7 @@ import pytest
 
 from apihelp import Server, json_answer, verify_signature
 from conftest import free_port
-from helpers import connect, msgs, new_user, session
+from helpers import connect, msgs, new_user, pair_on_different_shards, session
 
 SECRET = "0123456789abcdef0123456789abcdef"
 WH_SECRET = "webhook-secret-0123"
@@ -251,6 +251,41 @@ async def test_webhooks_user_online_offline_signed(gateway, servers):
     assert [e["event"] for e in evs] == ["user.online", "user.offline"], evs
     assert all(e["node"] == "nwh" and e["ts_ms"] > 0 for e in evs)
     assert gw.metric("edgegate_webhook_events_total", outcome="sent") >= 2
+
+
+async def test_webhooks_room_events_once_per_room_transition(gateway, servers):
+    """room.occupied / room.join / room.leave / room.vacated from the room's
+    presence, with its users on both shards: a second connection of a
+    present user, or one on the other shard, adds nothing."""
+    srv = servers(lambda p, h, b: (204, {}, b""))
+    gw = gateway(**wh_env(srv.url), EDGEGATE_BACKBONE__NODE_ID="nre")
+    room = f"room:{new_user('re')}"
+    a, b = await pair_on_different_shards(gw, "ws-json", "tcp")
+    a2 = await session(gw, "ws-bin", a.user)
+    for c in (a, b, a2):
+        await c.sub(room)
+    await a.close()            # a2 still holds a.user: no leave
+    r = await b.call("unsub", ch=room)
+    assert r["t"] == "ok", r
+    await a2.close()
+
+    def room_evs():
+        return [(e["event"], e.get("user")) for e in events_of(srv) if e.get("ch") == room]
+
+    want = [("room.occupied", None), ("room.join", a.user), ("room.join", b.user),
+            ("room.leave", b.user), ("room.leave", a.user), ("room.vacated", None)]
+    for _ in range(100):
+        if len(room_evs()) >= len(want):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)   # nothing more comes
+    got = room_evs()
+    # The two shards' reports reach the room's owner in either order; the
+    # room's own events frame them.
+    assert got[0] == want[0] and got[-1] == want[-1], got
+    assert sorted(got, key=str) == sorted(want, key=str), got
+    assert all(e["node"] == "nre" for e in events_of(srv) if e.get("ch") == room)
+    await b.close()
 
 
 async def test_webhooks_retried_after_the_receiver_was_down(gateway, servers):

@@ -54,9 +54,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::ShardTx;
+use super::keeper::{Applied, Kept, KeyChange, ToKeeper};
 use crate::backbone::presence::{PresencePage, PresenceStore, RoomsPage, Transition, online_page};
 use crate::backbone::{Event, Refused};
-use crate::events::UserCounts;
+use crate::events::{Bus, UserCounts};
 use crate::metrics::BackboneStats;
 
 /// How long a sync waits for the nodes it knows to answer.
@@ -172,6 +173,12 @@ pub(super) struct ClusterPresence {
     /// Since when this node is connected (a peer is dead only if not heard
     /// from for `ttl` while this node could hear it).
     up_since: Cell<Instant>,
+    /// The keys this node keeps the lifecycle events of (see `keeper`).
+    kept: RefCell<Kept>,
+    /// Lifecycle events to publish (`P.events.<event>`) and POST, in order.
+    events: tokio::sync::mpsc::UnboundedSender<serde_json::Value>,
+    events_rx: RefCell<Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>>,
+    bus: Bus,
 }
 
 impl ClusterPresence {
@@ -185,8 +192,14 @@ impl ClusterPresence {
         shards: Rc<Vec<ShardTx>>,
         state: Arc<BackboneStats>,
         online: Rc<RefCell<UserCounts>>,
+        bus: Bus,
     ) -> Rc<Self> {
+        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
         Rc::new(ClusterPresence {
+            kept: RefCell::new(Kept::new()),
+            events,
+            events_rx: RefCell::new(Some(events_rx)),
+            bus,
             client,
             prefix,
             me,
@@ -219,6 +232,32 @@ impl ClusterPresence {
 
     /// Starts the heartbeat, the sync responder, the flush and the reaper.
     pub(super) fn start(self: &Rc<Self>, mut reconnected: tokio::sync::watch::Receiver<u64>) {
+        // Lifecycle events out, in the order they happened.
+        if let Some(mut rx) = self.events_rx.borrow_mut().take() {
+            let (client, prefix, bus) =
+                (self.client.clone(), self.prefix.clone(), self.bus.clone());
+            tokio::task::spawn_local(async move {
+                while let Some(ev) = rx.recv().await {
+                    let name = ev["event"].as_str().unwrap_or("unknown");
+                    let subject = format!("{prefix}.events.{name}");
+                    let _ = client.publish(subject, ev.to_string().into()).await;
+                    bus.emit(ev);
+                }
+            });
+        }
+        // Other nodes' changes of the keys this node keeps.
+        let me = self.clone();
+        tokio::task::spawn_local(async move {
+            let subject = me.subject(&format!("k.{}", me.me));
+            let Ok(mut sub) = me.client.subscribe(subject).await else {
+                return warn!("backbone: cannot subscribe to presence changes for this keeper");
+            };
+            while let Some(m) = sub.next().await {
+                if let Ok(k) = serde_json::from_slice::<ToKeeper>(&m.payload) {
+                    me.to_keeper(k);
+                }
+            }
+        });
         // Heartbeats in, and peers' reconnects.
         let me = self.clone();
         tokio::task::spawn_local(async move {
@@ -323,8 +362,9 @@ impl ClusterPresence {
         if *b.n == *self.me {
             return;
         }
-        let restarted = {
+        let (new, restarted) = {
             let mut peers = self.peers.borrow_mut();
+            let new = !peers.contains_key(&b.n);
             let p = peers.entry(b.n.clone()).or_insert(Peer {
                 inc: b.i,
                 seen: Instant::now(),
@@ -332,11 +372,20 @@ impl ClusterPresence {
             p.seen = Instant::now();
             let restarted = p.inc != b.i;
             p.inc = b.i;
-            restarted
+            (new, restarted)
         };
         if restarted {
             // What the old incarnation held is gone with it.
             self.drop_node(&b.n);
+        }
+        if new {
+            // Answer at once, so that it knows this node (and the keepers
+            // it computes agree with ours) without waiting for our beat.
+            let me = self.clone();
+            tokio::task::spawn_local(async move { me.beat(false).await });
+        }
+        if new || restarted || b.r {
+            self.members_changed();
         }
         if b.r || restarted {
             let rooms: Vec<String> = self
@@ -353,7 +402,7 @@ impl ClusterPresence {
     }
 
     /// Drops the peers not heard from for `ttl` while this node was up.
-    fn reap(&self) {
+    fn reap(self: &Rc<Self>) {
         let now = Instant::now();
         let since = self.up_since.get();
         let dead: Vec<String> = self
@@ -363,18 +412,25 @@ impl ClusterPresence {
             .filter(|(_, p)| now.duration_since(p.seen.max(since)) >= self.ttl)
             .map(|(n, _)| n.clone())
             .collect();
+        let changed = !dead.is_empty();
         for n in dead {
             warn!(node = %n, "backbone: no presence heartbeat from a node for node_ttl_ms: its users leave");
             self.peers.borrow_mut().remove(&n);
             self.drop_node(&n);
+        }
+        if changed {
+            self.members_changed();
         }
         self.state
             .presence_nodes
             .store(self.peers.borrow().len() as u64 + 1, Relaxed);
     }
 
-    /// Removes every set of node `n` from the views.
+    /// Removes every set of node `n` from the views and the kept keys.
     fn drop_node(&self, n: &str) {
+        let mut out = Vec::new();
+        self.kept.borrow_mut().drop_node(n, &mut out);
+        self.emit(out);
         let mut views = self.views.borrow_mut();
         let mut cluster = self.cluster.borrow_mut();
         for (room, v) in views.iter_mut() {
@@ -388,16 +444,11 @@ impl ClusterPresence {
 
     /// This node's answer to a sync of `ch`.
     fn snapshot(&self, ch: &str) -> Bytes {
-        let (users, s) = match ch.strip_prefix("user:") {
-            Some(u) => {
-                let on = self.online.borrow().get(u) > 0;
-                (if on { vec![u.to_owned()] } else { Vec::new() }, 0)
-            }
-            None => (
-                self.local.borrow().users(ch),
-                self.seqs.borrow().get(ch).copied().unwrap_or(0),
-            ),
-        };
+        // `user:<id>` is in the local store too (see `on_online`).
+        let (users, s) = (
+            self.local.borrow().users(ch),
+            self.seqs.borrow().get(ch).copied().unwrap_or(0),
+        );
         let snap = Snapshot {
             n: self.me.to_string(),
             i: self.inc,
@@ -407,6 +458,14 @@ impl ClusterPresence {
         serde_json::to_vec(&snap)
             .map(Bytes::from)
             .unwrap_or_default()
+    }
+
+    /// `user` came online on this node (their first connection) or went
+    /// offline (their last): tracked as presence in `user:<id>`, so the
+    /// user's keeper emits `user.online` / `user.offline` once for the
+    /// cluster.
+    pub(super) fn on_online(&self, user: &str, online: bool) {
+        self.on_local(&format!("user:{user}"), user, if online { 1 } else { -1 });
     }
 
     /// A shard's count of `user` in room `ch` moved by `delta`.
@@ -449,8 +508,9 @@ impl ClusterPresence {
     }
 
     /// Publishes the changes of this batch of commands, one delta per room.
-    pub(super) async fn publish_changes(&self) {
+    pub(super) async fn publish_changes(self: &Rc<Self>) {
         let out = std::mem::take(&mut *self.outgoing.borrow_mut());
+        let mut keepers: HashMap<Option<String>, Vec<KeyChange>> = HashMap::new();
         for (room, (j, l)) in out {
             if j.is_empty() && l.is_empty() {
                 continue;
@@ -469,6 +529,19 @@ impl ClusterPresence {
                 }
                 s
             };
+            keepers
+                .entry(self.keeper(&room))
+                .or_default()
+                .push(KeyChange {
+                    c: room.clone(),
+                    s,
+                    j: j.clone(),
+                    l: l.clone(),
+                    u: None,
+                });
+            if room.starts_with("user:") {
+                continue; // nobody watches who is online: no delta
+            }
             let d = Delta {
                 n: self.me.to_string(),
                 i: self.inc,
@@ -483,6 +556,124 @@ impl ClusterPresence {
                     .await;
             }
         }
+        self.send_to_keepers(keepers).await;
+    }
+
+    /// Sends each keeper its changes (this node's own taken at once).
+    async fn send_to_keepers(self: &Rc<Self>, keepers: HashMap<Option<String>, Vec<KeyChange>>) {
+        for (keeper, d) in keepers {
+            let k = ToKeeper {
+                n: self.me.to_string(),
+                i: self.inc,
+                d,
+            };
+            match keeper {
+                None => self.to_keeper(k),
+                Some(node) => {
+                    if let Ok(body) = serde_json::to_vec(&k) {
+                        let subject = self.subject(&format!("k.{node}"));
+                        let _ = self.client.publish(subject, body.into()).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A node's changes of keys this node keeps; those of keys another
+    /// node keeps by this node's view of the cluster are not taken (their
+    /// sender claims them to that node once it sees the cluster as this
+    /// node does).
+    fn to_keeper(self: &Rc<Self>, k: ToKeeper) {
+        let mut out = Vec::new();
+        let mut gaps = Vec::new();
+        {
+            let mut kept = self.kept.borrow_mut();
+            for ch in k.d {
+                if self.keeper(&ch.c).is_some() {
+                    continue;
+                }
+                let key = ch.c.clone();
+                if kept.apply(&k.n, k.i, ch, &mut out) == Applied::Gap {
+                    gaps.push(key);
+                }
+            }
+            self.state.presence_kept.store(kept.len() as u64, Relaxed);
+        }
+        self.emit(out);
+        for key in gaps {
+            self.state.presence_gaps.fetch_add(1, Relaxed);
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                let snaps = me.gather(&key).await;
+                let mut out = Vec::new();
+                {
+                    let mut kept = me.kept.borrow_mut();
+                    for s in snaps {
+                        kept.set(&s.n, s.i, &key, s.s, s.u, &mut out);
+                    }
+                }
+                me.emit(out);
+            });
+        }
+    }
+
+    fn emit(&self, events: Vec<serde_json::Value>) {
+        for ev in events {
+            let _ = self.events.send(ev);
+        }
+    }
+
+    /// The node that keeps the events of `ch` (`None`: this one): the
+    /// highest-scoring node this node knows alive for it (rendezvous
+    /// hashing: a node coming or going moves only its own share).
+    fn keeper(&self, ch: &str) -> Option<String> {
+        let score = |n: &str| {
+            // FNV-1a: the same on every node and every build.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in n.bytes().chain([0]).chain(ch.bytes()) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            h
+        };
+        let peers = self.peers.borrow();
+        let mine = (score(&self.me), &*self.me);
+        peers
+            .keys()
+            .map(|n| (score(n), n.as_str()))
+            .filter(|p| *p > mine)
+            .max()
+            .map(|(_, n)| n.to_owned())
+    }
+
+    /// The nodes alive changed (or one reconnected), so keepers move or
+    /// may hold stale sets: this node gives up the keys another node keeps
+    /// now, and claims every key it has users in to its keeper with its
+    /// whole set.
+    fn members_changed(self: &Rc<Self>) {
+        self.kept
+            .borrow_mut()
+            .retain(|key| self.keeper(key).is_none());
+        let mut keepers: HashMap<Option<String>, Vec<KeyChange>> = HashMap::new();
+        {
+            let local = self.local.borrow();
+            let seqs = self.seqs.borrow();
+            for key in local.names() {
+                let users = local.users(&key);
+                let s = seqs.get(&key).copied().unwrap_or(0);
+                keepers
+                    .entry(self.keeper(&key))
+                    .or_default()
+                    .push(KeyChange {
+                        c: key,
+                        s,
+                        u: Some(users),
+                        ..KeyChange::default()
+                    });
+            }
+        }
+        let me = self.clone();
+        tokio::task::spawn_local(async move { me.send_to_keepers(keepers).await });
     }
 
     /// A shard begins (`on`) or stops watching room `ch`.
@@ -736,8 +927,10 @@ impl ClusterPresence {
         out
     }
 
-    /// Re-syncs every view (after this node's NATS reconnect).
+    /// Re-syncs every view and claims every key again (after this node's
+    /// NATS reconnect: what it sent meanwhile may be lost).
     fn resync_all(self: &Rc<Self>) {
+        self.members_changed();
         let rooms: Vec<String> = self.views.borrow().keys().cloned().collect();
         for room in rooms {
             self.sync(room);
