@@ -268,6 +268,10 @@ pub struct Ctx<'a> {
     pub now_ms: u64,
     /// Wall-clock time, Unix ms (token expiry).
     pub unix_ms: u64,
+    /// SSE: the connection's session token, for `welcome.meta.session`
+    /// (docs/protocol.md §10); made by the shard only while a `welcome`
+    /// may be due.
+    pub session: Option<&'a str>,
 }
 
 impl Ctx<'_> {
@@ -833,6 +837,9 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
     if since.is_none() && !cfg.positions {
         // No history: the position is known without asking (§8.1).
         meta["stream"] = serde_json::json!({"epoch": "", "seq": 0});
+    }
+    if let Some(token) = cx.session {
+        meta["session"] = token.into();
     }
     let mut welcome = Envelope::new(Type::Welcome);
     welcome.id = id;
