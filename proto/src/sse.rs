@@ -174,6 +174,24 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, RequestError> {
     }))
 }
 
+/// `s` percent-encoded as a query value: every byte but the unreserved
+/// characters (`A-Z a-z 0-9 - _ . ~`) as `%XX` (what a client puts in
+/// `hello=`).
+pub fn percent_encode(s: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(s.len() * 3);
+    for &b in s {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
+    }
+    out
+}
+
 /// Decodes `%XX` escapes, and `+` as a space (`application/x-www-form-urlencoded`,
 /// what `URLSearchParams` writes; `encodeURIComponent` writes `%20`, and a
 /// literal `+` is `%2B` in both). `None` on a bad escape.
@@ -509,6 +527,9 @@ mod tests {
         assert_eq!(percent_decode(b"%4"), None);
         assert_eq!(percent_decode(b"%g0"), None);
         assert_eq!(percent_decode(b""), Some(vec![]));
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(percent_decode(percent_encode(&all).as_bytes()), Some(all));
+        assert_eq!(percent_encode(b"{\"a b\"}"), "%7B%22a%20b%22%7D");
     }
 
     #[test]
