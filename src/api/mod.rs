@@ -42,8 +42,8 @@ use crate::metrics::{ApiMethodStats, ServicesStats, ShardMetrics};
 
 /// Calls waiting for one shard; more are answered 429.
 pub const SHARD_CALLS: usize = 4096;
-/// Service calls waiting for the services thread, node-wide; more are
-/// answered `err rate_limited` at once.
+/// Service calls waiting for the services thread, and in flight there,
+/// node-wide; more are answered `err rate_limited` at once.
 pub const SERVICE_CALLS: usize = 16 * 1024;
 
 /// A server API call one shard carries out.
@@ -58,6 +58,39 @@ pub enum Call {
     },
     /// Close a user's connections on this shard.
     Kick(Kick),
+    /// Who is present in a channel (§8.3's query).
+    Presence {
+        /// Channel (`room:` or `user:`), checked.
+        ch: String,
+        /// Users per page.
+        limit: usize,
+        /// After this id.
+        after: Option<String>,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<crate::backbone::PresencePage, Refused>>,
+    },
+    /// A page of a channel's history (§8.4).
+    History {
+        /// Channel (`room:` or `user:`), checked.
+        ch: String,
+        /// Messages per page.
+        limit: usize,
+        /// Below this seq.
+        before: Option<u64>,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<crate::backbone::Page, Refused>>,
+    },
+    /// The rooms with someone present.
+    Channels {
+        /// Names start with this.
+        prefix: String,
+        /// After this name.
+        after: Option<String>,
+        /// Rooms per page.
+        limit: usize,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<crate::backbone::RoomsPage, Refused>>,
+    },
 }
 
 /// A publish from the API.
@@ -72,6 +105,8 @@ pub struct ApiPublish {
     /// Deduplication key (`!api:<idempotency_key>`: no client's key looks
     /// like it).
     pub key: Option<String>,
+    /// Delivered to the current subscribers, never stored (no `seq`).
+    pub ephemeral: bool,
 }
 
 /// One shard's end of the services thread.

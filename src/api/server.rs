@@ -42,7 +42,18 @@ use crate::metrics::{ServicesStats, ShardMetrics};
 
 /// The methods served, in the order of their counters. The OpenAPI
 /// document names exactly these (a test checks it).
-pub const METHODS: [&str; 4] = ["publish", "broadcast", "disconnect", "info"];
+pub const METHODS: [&str; 7] = [
+    "publish",
+    "broadcast",
+    "disconnect",
+    "info",
+    "presence",
+    "history",
+    "channels",
+];
+
+/// Rooms a `channels` page lists by default, and at most.
+pub const CHANNELS_LIMIT_DEFAULT: usize = 100;
 
 /// Most channels one `broadcast` takes.
 pub const MAX_BROADCAST: usize = 1000;
@@ -64,6 +75,8 @@ pub struct Server {
     metrics: Vec<Arc<ShardMetrics>>,
     node: String,
     started: Instant,
+    /// `[presence] enabled`.
+    presence: bool,
 }
 
 /// A refusal.
@@ -124,6 +137,7 @@ struct PublishReq {
     b64data: Option<String>,
     from: Option<String>,
     idempotency_key: Option<String>,
+    ephemeral: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +161,56 @@ struct DisconnectReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InfoReq {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceReq {
+    ch: String,
+    limit: Option<u64>,
+    after: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryReq {
+    ch: String,
+    limit: Option<u64>,
+    before: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelsReq {
+    prefix: Option<String>,
+    limit: Option<u64>,
+    after: Option<String>,
+}
+
+/// A `room:` or `user:` channel, for the queries.
+fn query_channel(ch: &str) -> Result<(), Response> {
+    match channel::parse(ch) {
+        Ok(Channel::Room(_) | Channel::User(_)) => Ok(()),
+        Ok(Channel::Svc(_)) => Err(fail(
+            400,
+            "bad_channel",
+            "a room: or user: channel is needed",
+        )),
+        Err(e) => Err(fail(400, "bad_channel", e.to_string())),
+    }
+}
+
+/// A page's `limit`: 1 to `max`, `default` when absent.
+fn limit_of(v: Option<u64>, default: usize, max: usize) -> Result<usize, Response> {
+    match v {
+        None => Ok(default),
+        Some(n) if (1..=max as u64).contains(&n) => Ok(n as usize),
+        Some(_) => Err(fail(
+            400,
+            "bad_request",
+            format!("limit must be an integer from 1 to {max}"),
+        )),
+    }
+}
 
 fn body<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, Response> {
     serde_json::from_slice(b).map_err(|e| fail(400, "bad_request", format!("body: {e}")))
@@ -181,6 +245,7 @@ impl Server {
             metrics,
             node,
             started: Instant::now(),
+            presence: cfg.presence.enabled,
         }
     }
 
@@ -223,6 +288,9 @@ impl Server {
                 "publish" => self.publish(&req.body).await,
                 "broadcast" => self.broadcast(&req.body).await,
                 "disconnect" => self.disconnect(&req.body).await,
+                "presence" => self.presence(&req.body).await,
+                "history" => self.history(&req.body).await,
+                "channels" => self.channels(&req.body).await,
                 _ => self.info(&req.body).await,
             };
             r.unwrap_or_else(|e| e)
@@ -281,6 +349,14 @@ impl Server {
         publish_channel(&r.ch).map_err(|e| fail(400, "bad_channel", e))?;
         let from = from_of(r.from)?;
         let payload = payload(r.data, r.b64data)?;
+        let ephemeral = r.ephemeral.unwrap_or(false);
+        if ephemeral && r.idempotency_key.is_some() {
+            return Err(fail(
+                400,
+                "bad_request",
+                "an ephemeral message is never stored, so it takes no idempotency_key",
+            ));
+        }
         let key = match r.idempotency_key {
             Some(k)
                 if k.is_empty()
@@ -303,6 +379,7 @@ impl Server {
             from,
             payload,
             key,
+            ephemeral,
         };
         match self.publish_one(msg).await {
             Ok(v) => Ok(Response::json(200, &v)),
@@ -333,6 +410,7 @@ impl Server {
                     from,
                     payload,
                     key: None,
+                    ephemeral: false,
                 };
                 match self.publish_one(msg).await {
                     Ok(v) => v,
@@ -396,6 +474,101 @@ impl Server {
             200,
             &serde_json::json!({"closed": closed, "nodes": [{"node": self.node, "closed": closed}]}),
         ))
+    }
+
+    /// Sends one shard a call made with `make(reply)` and waits for its
+    /// answer (a shard: presence and pages are the backbone's to answer
+    /// from wherever; the channel's owner on the embedded backbone).
+    async fn ask<T>(
+        &self,
+        ch: &str,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, Refused>>) -> Call,
+    ) -> Result<T, Response> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let shard = self.shard_for(ch);
+        if !self.shards.get(shard).is_some_and(|s| s.call(make(reply))) {
+            return Err(fail(429, "rate_limited", "the node is busy: retry"));
+        }
+        match tokio::time::timeout(self.timeout, answer).await {
+            Err(_) => Err(fail(504, "timeout", "no answer from the backbone in time")),
+            Ok(Err(_)) => Err(fail(429, "rate_limited", "the node is busy: retry")),
+            Ok(Ok(Err(r))) => {
+                let (status, v) = refused(r);
+                Err(Response::json(status, &v))
+            }
+            Ok(Ok(Ok(v))) => Ok(v),
+        }
+    }
+
+    async fn presence(&self, b: &[u8]) -> Result<Response, Response> {
+        use crate::backbone::presence::{QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX};
+        let r: PresenceReq = body(b)?;
+        query_channel(&r.ch)?;
+        if !self.presence {
+            return Err(fail(400, "bad_request", "presence is off on this gateway"));
+        }
+        let limit = limit_of(r.limit, QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX)?;
+        let ch = r.ch.clone();
+        let page = self
+            .ask(&ch, |reply| Call::Presence {
+                ch: r.ch,
+                limit,
+                after: r.after,
+                reply,
+            })
+            .await?;
+        Ok(Response {
+            status: 200,
+            ctype: "application/json",
+            body: page.to_json().to_vec(),
+        })
+    }
+
+    async fn history(&self, b: &[u8]) -> Result<Response, Response> {
+        use crate::session::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX};
+        let r: HistoryReq = body(b)?;
+        query_channel(&r.ch)?;
+        let limit = limit_of(r.limit, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX)?;
+        let ch = r.ch.clone();
+        let page = self
+            .ask(&ch, |reply| Call::History {
+                ch: r.ch,
+                limit,
+                before: r.before,
+                reply,
+            })
+            .await?;
+        Ok(Response {
+            status: 200,
+            ctype: "application/json",
+            body: crate::session::page_json(&page).to_vec(),
+        })
+    }
+
+    async fn channels(&self, b: &[u8]) -> Result<Response, Response> {
+        use crate::backbone::presence::QUERY_LIMIT_MAX;
+        let r: ChannelsReq = body(if b.is_empty() { b"{}" } else { b })?;
+        if !self.presence {
+            return Err(fail(400, "bad_request", "presence is off on this gateway"));
+        }
+        let limit = limit_of(r.limit, CHANNELS_LIMIT_DEFAULT, QUERY_LIMIT_MAX)?;
+        let prefix = r.prefix.unwrap_or_else(|| "room:".to_owned());
+        if !prefix.starts_with("room:") && !"room:".starts_with(prefix.as_str()) {
+            return Err(fail(
+                400,
+                "bad_channel",
+                "channels lists room: channels: the prefix starts with room:",
+            ));
+        }
+        let page = self
+            .ask(&prefix, |reply| Call::Channels {
+                prefix: prefix.clone(),
+                after: r.after,
+                limit,
+                reply,
+            })
+            .await?;
+        Ok(Response::json(200, &page.to_json()))
     }
 
     async fn info(&self, b: &[u8]) -> Result<Response, Response> {

@@ -111,12 +111,27 @@ pub async fn run(
     node: String,
 ) {
     let node: Rc<str> = Rc::from(node);
+    // Calls in flight, node-wide: a slow service must not let calls pile
+    // up without bound (each waits up to its deadline).
+    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(super::SERVICE_CALLS));
     while let Some(c) = rx.recv().await {
         let Some(svc) = pools.get(c.service).cloned() else {
             continue;
         };
+        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+            stats.service_calls[5].fetch_add(1, Relaxed);
+            if let Some(s) = shards.get(c.ack.shard) {
+                s.answer(Request::outcome(
+                    c.hook.is_some(),
+                    c.ack,
+                    Err(ErrCode::RateLimited),
+                ));
+            }
+            continue;
+        };
         let (shards, stats, node) = (shards.clone(), stats.clone(), node.clone());
         tokio::task::spawn_local(async move {
+            let _permit = permit;
             let r = call(&svc, &c, &node).await;
             let k = match &r {
                 Ok(_) => 0,

@@ -32,50 +32,62 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers};
 use glommio::channels::local_channel::{self, LocalSender};
 
 use super::history::{HistoryStore, Page, Recovery, Since, Stored};
-use super::presence::{PresencePage, PresenceStore, online_page};
+use super::presence::{PresencePage, PresenceStore, RoomsPage, online_page};
 use super::{
     Ack, Backbone, EPHEMERAL_META, Event, Probe, Publish, Refused, Request, Sink, embedded_service,
 };
 use crate::metrics::ShardMetrics;
 
 /// What shards say to each other.
+///
+/// Sixteen bytes: every message but the deliveries carries its fields
+/// boxed. The mesh's rings and the outboxes hold messages by value, and a
+/// FIFO ring touches every slot it has as it turns, so what a slot weighs
+/// is what every peer pair's channels come to cost in RSS once traffic has
+/// gone round them (with 248-byte messages, 5 MB per direction).
 pub enum MeshMsg {
     /// To the channel's owner: store and sequence this message, fan it out,
-    /// and answer the publisher (`ack`) with where it was stored.
-    Route(Envelope, Ack, Option<String>),
+    /// and answer the publisher (`ack`) with where it was stored (the
+    /// dedupe key).
+    Route(Box<(Envelope, Ack, Option<String>)>),
     /// To the channel's owner: fan this ephemeral message out (never
     /// stored), and answer the publisher.
-    Send(Envelope, Ack),
+    Send(Box<(Envelope, Ack)>),
     /// From the channel's owner: deliver to local subscribers.
     Deliver(Arc<Envelope>),
     /// From the channel's owner: where a routed publish was stored.
-    Stored(Ack, Result<Option<Stored>, Refused>),
+    Stored(Box<(Ack, Result<Option<Stored>, Refused>)>),
     /// From the channel's owner: an ephemeral publish was handed on.
-    Sent(Ack, Result<(), Refused>),
+    Sent(Box<(Ack, Result<(), Refused>)>),
     /// To the channel's owner: the position of a channel (and, with
     /// `since`, the messages after it; with the flag, its present count).
-    Recover(String, Option<Since>, bool, Ack),
+    Recover(Box<(String, Option<Since>, bool, Ack)>),
     /// From the channel's owner: the answer to `Recover`.
-    Recovered(Ack, Recovery),
+    Recovered(Box<(Ack, Recovery)>),
     /// To a room's owner: the sender's count of a user in it moved.
-    Present(String, String, i32),
-    /// To a room's owner: shard `.1` begins or stops watching its presence.
-    Watch(String, usize, bool),
+    Present(Box<(String, String, i32)>),
+    /// To a room's owner: a shard begins or stops watching its presence.
+    Watch(Box<(String, usize, bool)>),
     /// From a room's owner: its presence changed, for the watchers here.
     Members(Arc<Envelope>),
     /// To a room's owner: who is present (`limit`, `after`).
-    Query(String, usize, Option<String>, Ack),
+    Query(Box<(String, usize, Option<String>, Ack)>),
     /// From a room's owner: the answer to `Query`.
-    Queried(Ack, PresencePage),
+    Queried(Box<(Ack, PresencePage)>),
     /// To every shard: does it hold a connection of this user? (the
-    /// asker's query number).
-    Online(String, u64, usize),
+    /// asker's query number, and the asker).
+    Online(Box<(String, u64, usize)>),
     /// The answer to `Online`.
     OnlineIs(u64, bool),
+    /// To every shard: its rooms with someone present (prefix, after,
+    /// limit, the asker's query number, the asker).
+    Rooms(Box<(String, Option<String>, usize, u64, usize)>),
+    /// The answer to `Rooms`.
+    RoomsAre(Box<(u64, Vec<(String, u64)>)>),
     /// To a channel's owner: a page of its history.
-    PageOf(String, usize, Option<u64>, Ack),
+    PageOf(Box<(String, usize, Option<u64>, Ack)>),
     /// From a channel's owner: the answer to `PageOf`.
-    Paged(Ack, Page),
+    Paged(Box<(Ack, Page)>),
 }
 
 /// The node's mesh, before the shards join it.
@@ -87,6 +99,28 @@ pub const MESH_CHANNEL: usize = 4096;
 /// Messages a shard may have waiting for one peer before publishers are
 /// told the node is overloaded.
 pub const MESH_OUTBOX: usize = 16 * 1024;
+
+/// What an outbox did with a message.
+enum Offer {
+    /// Queued.
+    Taken,
+    /// `MESH_OUTBOX` messages wait already: given back.
+    Full(MeshMsg),
+    /// The peer is gone (shutdown).
+    Gone,
+}
+
+/// Queues `m` on an outbox, within `MESH_OUTBOX`.
+fn offer(tx: &LocalSender<MeshMsg>, m: MeshMsg) -> Offer {
+    if tx.len() >= MESH_OUTBOX {
+        return Offer::Full(m);
+    }
+    match tx.try_send(m) {
+        Ok(()) => Offer::Taken,
+        Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => Offer::Full(m),
+        Err(_) => Offer::Gone,
+    }
+}
 
 /// The shard that sequences `ch` (stable across shards and restarts).
 pub fn owner(ch: &str, shards: usize) -> usize {
@@ -112,8 +146,8 @@ pub struct Embedded {
     presence: Option<(RefCell<PresenceStore>, u64)>,
     /// Control messages (presence) waiting for a full outbox, per peer.
     backlog: RefCell<Vec<VecDeque<MeshMsg>>>,
-    /// Online queries in flight: shards yet to answer, found, who asked.
-    online: RefCell<HashMap<u64, (usize, bool, String, Ack)>>,
+    /// Questions asked of every shard, in flight, by number.
+    gathers: RefCell<HashMap<u64, Gather>>,
     next_query: Cell<u64>,
     /// Whether this shard holds a subscriber of a channel (the shard's
     /// router; set by [`Backbone::start`]).
@@ -168,10 +202,13 @@ impl Embedded {
         metrics: Arc<ShardMetrics>,
         mut spawn_forwarder: impl FnMut(usize, local_channel::LocalReceiver<MeshMsg>),
     ) -> Self {
+        // Unbounded channels, bounded here (`MESH_OUTBOX`): a bounded one
+        // reserves its whole capacity, which the queue's ring then touches
+        // as it turns; this one grows to the deepest backlog only.
         let outboxes = (0..shards)
             .map(|peer| {
                 (peer != me).then(|| {
-                    let (tx, rx) = local_channel::new_bounded(MESH_OUTBOX);
+                    let (tx, rx) = local_channel::new_unbounded();
                     spawn_forwarder(peer, rx);
                     tx
                 })
@@ -185,7 +222,7 @@ impl Embedded {
             history: None,
             presence: None,
             backlog: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
-            online: RefCell::new(HashMap::new()),
+            gathers: RefCell::new(HashMap::new()),
             next_query: Cell::new(0),
             probe: RefCell::new(None),
             users: None,
@@ -200,7 +237,7 @@ impl Embedded {
     /// Sends `m` to `peer`'s shard; false when its outbox is full.
     fn send(&self, peer: usize, m: MeshMsg) -> bool {
         match self.outboxes.get(peer).and_then(Option::as_ref) {
-            Some(tx) => tx.try_send(m).is_ok(),
+            Some(tx) => matches!(offer(tx, m), Offer::Taken),
             None => false,
         }
     }
@@ -219,9 +256,7 @@ impl Embedded {
             return;
         };
         // A closed channel is a peer gone (shutdown): nothing to keep.
-        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) =
-            tx.try_send(m)
-        {
+        if let Offer::Full(m) = offer(tx, m) {
             q.push_back(m);
         }
     }
@@ -235,13 +270,13 @@ impl Embedded {
                 continue;
             };
             while let Some(m) = q.pop_front() {
-                match tx.try_send(m) {
-                    Ok(()) => {}
-                    Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => {
+                match offer(tx, m) {
+                    Offer::Taken => {}
+                    Offer::Full(m) => {
                         q.push_front(m);
                         break;
                     }
-                    Err(_) => {
+                    Offer::Gone => {
                         q.clear();
                         break;
                     }
@@ -314,17 +349,39 @@ impl Embedded {
         self.probe.borrow().as_ref().is_some_and(|p| p(user_ch))
     }
 
-    /// One shard's answer to online query `q`; the last one answers the
-    /// client.
-    fn online_answer(&self, q: u64, found: bool, now: &mut Vec<Event>) {
-        let mut pending = self.online.borrow_mut();
-        let Some(e) = pending.get_mut(&q) else { return };
-        e.0 -= 1;
-        e.1 |= found;
-        if e.0 == 0
-            && let Some((_, found, user, ack)) = pending.remove(&q)
+    /// Asks every other shard `ask(q)` for gather `g`; answers at once
+    /// when there is no other shard.
+    fn gather(&self, g: Gather, ask: impl Fn(u64) -> MeshMsg, now: &mut Vec<Event>) {
+        let peers = self.outboxes.iter().flatten().count();
+        let q = self.next_query.get() + 1;
+        self.next_query.set(q);
+        if peers == 0 {
+            return now.push(g.answer());
+        }
+        self.gathers
+            .borrow_mut()
+            .insert(q, Gather { left: peers, ..g });
+        for peer in 0..self.outboxes.len() {
+            if peer != self.me {
+                self.send_control(peer, ask(q));
+            }
+        }
+    }
+
+    /// One shard's answer to gather `q`; the last one answers the caller.
+    fn gathered(&self, q: u64, part: Part, now: &mut Vec<Event>) {
+        let mut pending = self.gathers.borrow_mut();
+        let Some(g) = pending.get_mut(&q) else { return };
+        g.left -= 1;
+        match (&mut g.what, part) {
+            (Gathering::Online { found, .. }, Part::Online(f)) => *found |= f,
+            (Gathering::Rooms { lists, .. }, Part::Rooms(l)) => lists.push(l),
+            _ => {}
+        }
+        if g.left == 0
+            && let Some(g) = pending.remove(&q)
         {
-            now.push(Event::Presence(ack, Ok(online_page(&user, found))));
+            now.push(g.answer());
         }
     }
 
@@ -384,40 +441,70 @@ impl Embedded {
     /// to `now`.
     fn on_mesh(&self, m: MeshMsg, now: &mut Vec<Event>) {
         match m {
-            MeshMsg::Route(env, ack, key) => {
+            MeshMsg::Route(m) => {
+                let (env, ack, key) = *m;
                 let r = self.store(env, key.as_deref(), now);
-                self.answer(ack.shard, MeshMsg::Stored(ack, r));
+                self.answer(ack.shard, MeshMsg::Stored(Box::new((ack, r))));
             }
-            MeshMsg::Send(env, ack) => {
+            MeshMsg::Send(m) => {
+                let (env, ack) = *m;
                 self.sequence(Arc::new(env), now);
-                self.answer(ack.shard, MeshMsg::Sent(ack, Ok(())));
+                self.answer(ack.shard, MeshMsg::Sent(Box::new((ack, Ok(())))));
             }
             MeshMsg::Deliver(env) => now.push(Event::Deliver(env)),
-            MeshMsg::Stored(ack, r) => now.push(Event::Published(ack, r)),
-            MeshMsg::Sent(ack, r) => now.push(Event::Sent(ack, r)),
-            MeshMsg::Recover(ch, since, present, ack) => {
+            MeshMsg::Stored(m) => {
+                let (ack, r) = *m;
+                now.push(Event::Published(ack, r))
+            }
+            MeshMsg::Sent(m) => {
+                let (ack, r) = *m;
+                now.push(Event::Sent(ack, r))
+            }
+            MeshMsg::Recover(m) => {
+                let (ch, since, present, ack) = *m;
                 let r = self.recover(&ch, since.as_ref(), present);
-                self.answer(ack.shard, MeshMsg::Recovered(ack, r));
+                self.answer(ack.shard, MeshMsg::Recovered(Box::new((ack, r))));
             }
-            MeshMsg::Recovered(ack, r) => now.push(Event::History(ack, r)),
-            MeshMsg::Present(ch, user, delta) => self.on_present(&ch, &user, delta),
-            MeshMsg::Watch(ch, shard, on) => self.on_watch(&ch, shard, on),
+            MeshMsg::Recovered(m) => {
+                let (ack, r) = *m;
+                now.push(Event::History(ack, r))
+            }
+            MeshMsg::Present(m) => self.on_present(&m.0, &m.1, m.2),
+            MeshMsg::Watch(m) => self.on_watch(&m.0, m.1, m.2),
             MeshMsg::Members(env) => now.push(Event::Members(env)),
-            MeshMsg::Query(ch, limit, after, ack) => {
+            MeshMsg::Query(m) => {
+                let (ch, limit, after, ack) = *m;
                 let page = self.query(&ch, limit, after.as_deref());
-                self.answer(ack.shard, MeshMsg::Queried(ack, page));
+                self.answer(ack.shard, MeshMsg::Queried(Box::new((ack, page))));
             }
-            MeshMsg::Queried(ack, page) => now.push(Event::Presence(ack, Ok(page))),
-            MeshMsg::Online(user_ch, q, asker) => {
+            MeshMsg::Queried(m) => {
+                let (ack, page) = *m;
+                now.push(Event::Presence(ack, Ok(page)))
+            }
+            MeshMsg::Online(m) => {
+                let (user_ch, q, asker) = *m;
                 let found = self.holds(&user_ch);
                 self.answer(asker, MeshMsg::OnlineIs(q, found));
             }
-            MeshMsg::OnlineIs(q, found) => self.online_answer(q, found, now),
-            MeshMsg::PageOf(ch, limit, before, ack) => {
-                let page = self.page(&ch, limit, before);
-                self.answer(ack.shard, MeshMsg::Paged(ack, page));
+            MeshMsg::OnlineIs(q, found) => self.gathered(q, Part::Online(found), now),
+            MeshMsg::Rooms(m) => {
+                let (prefix, after, limit, q, asker) = *m;
+                let rooms = self.rooms_after(&prefix, after.as_deref(), limit);
+                self.answer(asker, MeshMsg::RoomsAre(Box::new((q, rooms))));
             }
-            MeshMsg::Paged(ack, page) => now.push(Event::Page(ack, Ok(page))),
+            MeshMsg::RoomsAre(m) => {
+                let (q, rooms) = *m;
+                self.gathered(q, Part::Rooms(rooms), now)
+            }
+            MeshMsg::PageOf(m) => {
+                let (ch, limit, before, ack) = *m;
+                let page = self.page(&ch, limit, before);
+                self.answer(ack.shard, MeshMsg::Paged(Box::new((ack, page))));
+            }
+            MeshMsg::Paged(m) => {
+                let (ack, page) = *m;
+                now.push(Event::Page(ack, Ok(page)))
+            }
         }
     }
 
@@ -439,7 +526,7 @@ impl Embedded {
     fn sequence(&self, env: Arc<Envelope>, now: &mut Vec<Event>) -> bool {
         let mut full = 0;
         for tx in self.outboxes.iter().flatten() {
-            if tx.try_send(MeshMsg::Deliver(env.clone())).is_err() {
+            if !matches!(offer(tx, MeshMsg::Deliver(env.clone())), Offer::Taken) {
                 full += 1;
             }
         }
@@ -448,6 +535,59 @@ impl Embedded {
         }
         now.push(Event::Deliver(env));
         full == 0
+    }
+}
+
+/// A question every shard answers, in flight.
+struct Gather {
+    /// Shards yet to answer.
+    left: usize,
+    ack: Ack,
+    what: Gathering,
+}
+
+/// What a gather collects.
+enum Gathering {
+    /// Whether any shard holds a connection of `user`.
+    Online { user: String, found: bool },
+    /// Every shard's rooms (this shard's first), for a page of `limit`.
+    Rooms {
+        lists: Vec<Vec<(String, u64)>>,
+        limit: usize,
+    },
+}
+
+/// One shard's part of a gather.
+enum Part {
+    Online(bool),
+    Rooms(Vec<(String, u64)>),
+}
+
+impl Gather {
+    fn new(ack: Ack, what: Gathering) -> Gather {
+        Gather { left: 0, ack, what }
+    }
+
+    /// The answer, once every shard gave its part.
+    fn answer(self) -> Event {
+        match self.what {
+            Gathering::Online { user, found } => {
+                Event::Presence(self.ack, Ok(online_page(&user, found)))
+            }
+            Gathering::Rooms { lists, limit } => {
+                Event::Channels(self.ack, Ok(RoomsPage::merge(lists, limit)))
+            }
+        }
+    }
+}
+
+impl Embedded {
+    /// As a shard that owns rooms: its rooms with someone present.
+    fn rooms_after(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(String, u64)> {
+        match &self.presence {
+            Some((p, _)) => p.borrow().rooms_after(prefix, after, limit),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -497,7 +637,7 @@ impl Backbone for Embedded {
             env.meta = Some(EPHEMERAL_META.to_owned());
             match self.remote_owner(msg.ch) {
                 Some(peer) => {
-                    if !self.send(peer, MeshMsg::Send(env, ack)) {
+                    if !self.send(peer, MeshMsg::Send(Box::new((env, ack)))) {
                         now.push(Event::Sent(ack, Err(Refused::OVERLOADED)));
                     }
                 }
@@ -513,7 +653,7 @@ impl Backbone for Embedded {
         match self.remote_owner(msg.ch) {
             Some(peer) => {
                 // The owner answers with MeshMsg::Stored once it stored it.
-                if !self.send(peer, MeshMsg::Route(env, ack, msg.key)) {
+                if !self.send(peer, MeshMsg::Route(Box::new((env, ack, msg.key)))) {
                     now.push(Event::Published(ack, Err(Refused::OVERLOADED)));
                 }
             }
@@ -536,7 +676,7 @@ impl Backbone for Embedded {
             // The answer comes behind every delivery the owner sent before
             // it (the mesh keeps each pair of shards in order).
             Some(peer) => {
-                let m = MeshMsg::Recover(ch.to_owned(), since.clone(), present, ack);
+                let m = MeshMsg::Recover(Box::new((ch.to_owned(), since.clone(), present, ack)));
                 if !self.send(peer, m) {
                     now.push(Event::History(ack, Recovery::unavailable(since.as_ref())));
                 }
@@ -552,7 +692,7 @@ impl Backbone for Embedded {
         match self.remote_owner(ch) {
             Some(peer) => self.send_control(
                 peer,
-                MeshMsg::Present(ch.to_owned(), user.to_owned(), delta),
+                MeshMsg::Present(Box::new((ch.to_owned(), user.to_owned(), delta))),
             ),
             None => self.on_present(ch, user, delta),
         }
@@ -560,7 +700,9 @@ impl Backbone for Embedded {
 
     fn watch(&self, ch: &str, on: bool) {
         match self.remote_owner(ch) {
-            Some(peer) => self.send_control(peer, MeshMsg::Watch(ch.to_owned(), self.me, on)),
+            Some(peer) => {
+                self.send_control(peer, MeshMsg::Watch(Box::new((ch.to_owned(), self.me, on))))
+            }
             None => self.on_watch(ch, self.me, on),
         }
     }
@@ -575,32 +717,62 @@ impl Backbone for Embedded {
     ) {
         if let Some(user) = ch.strip_prefix("user:") {
             // Online anywhere: every shard looks at its own connections.
-            let q = self.next_query.get() + 1;
-            self.next_query.set(q);
-            let peers = self.outboxes.iter().flatten().count();
-            let here = self.holds(ch);
-            if peers == 0 || here {
-                return now.push(Event::Presence(ack, Ok(online_page(user, here))));
+            if self.holds(ch) {
+                return now.push(Event::Presence(ack, Ok(online_page(user, true))));
             }
-            self.online
-                .borrow_mut()
-                .insert(q, (peers, false, user.to_owned(), ack));
-            for peer in 0..self.outboxes.len() {
-                if peer != self.me {
-                    self.send_control(peer, MeshMsg::Online(ch.to_owned(), q, self.me));
-                }
-            }
-            return;
+            let g = Gather::new(
+                ack,
+                Gathering::Online {
+                    user: user.to_owned(),
+                    found: false,
+                },
+            );
+            let me = self.me;
+            return self.gather(
+                g,
+                |q| MeshMsg::Online(Box::new((ch.to_owned(), q, me))),
+                now,
+            );
         }
         match self.remote_owner(ch) {
             Some(peer) => {
-                let m = MeshMsg::Query(ch.to_owned(), limit, after.map(str::to_owned), ack);
+                let m = MeshMsg::Query(Box::new((
+                    ch.to_owned(),
+                    limit,
+                    after.map(str::to_owned),
+                    ack,
+                )));
                 if !self.send(peer, m) {
                     now.push(Event::Presence(ack, Err(Refused::OVERLOADED)));
                 }
             }
             None => now.push(Event::Presence(ack, Ok(self.query(ch, limit, after)))),
         }
+    }
+
+    fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
+        let mine = self.rooms_after(prefix, after, limit);
+        let g = Gather::new(
+            ack,
+            Gathering::Rooms {
+                lists: vec![mine],
+                limit,
+            },
+        );
+        let me = self.me;
+        let (prefix, after) = (prefix.to_owned(), after.map(str::to_owned));
+        self.gather(
+            g,
+            |q| MeshMsg::Rooms(Box::new((prefix.clone(), after.clone(), limit, q, me))),
+            now,
+        );
     }
 
     fn history_page(
@@ -613,7 +785,10 @@ impl Backbone for Embedded {
     ) {
         match self.remote_owner(ch) {
             Some(peer) => {
-                if !self.send(peer, MeshMsg::PageOf(ch.to_owned(), limit, before, ack)) {
+                if !self.send(
+                    peer,
+                    MeshMsg::PageOf(Box::new((ch.to_owned(), limit, before, ack))),
+                ) {
                     now.push(Event::Page(ack, Err(Refused::OVERLOADED)));
                 }
             }
@@ -641,5 +816,15 @@ impl Backbone for Embedded {
 
     fn is_up(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The mesh's rings hold messages by value: each slot of every peer
+    /// pair's channels is this big once traffic has gone round them.
+    #[test]
+    fn mesh_messages_are_small() {
+        assert_eq!(std::mem::size_of::<super::MeshMsg>(), 16);
     }
 }

@@ -25,7 +25,7 @@ pub mod nats;
 pub mod presence;
 
 pub use history::{Page, Position, Recovery, Since, Stored, Unrecovered};
-pub use presence::PresencePage;
+pub use presence::{PresencePage, RoomsPage};
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -239,6 +239,8 @@ pub enum Event {
     Presence(Ack, Result<PresencePage, Refused>),
     /// The answer to a [`Backbone::history_page`].
     Page(Ack, Result<Page, Refused>),
+    /// The answer to a [`Backbone::channels`].
+    Channels(Ack, Result<RoomsPage, Refused>),
     /// A `POST /sse` for one of this shard's connections, from another
     /// node (docs/protocol.md §10).
     Post(crate::sse::Post),
@@ -304,6 +306,18 @@ pub trait Backbone {
         ch: &str,
         limit: usize,
         after: Option<&str>,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    );
+
+    /// The rooms with at least one present user (names starting with
+    /// `prefix`, after `after`, at most `limit`), with their counts, across
+    /// the node (NATS: the cluster); answers [`Event::Channels`].
+    fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
         ack: Ack,
         now: &mut Vec<Event>,
     );

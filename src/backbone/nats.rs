@@ -170,6 +170,18 @@ enum ToNats {
         /// Who asked.
         ack: Ack,
     },
+    /// The cluster's rooms with someone present; answered with
+    /// [`Event::Channels`].
+    Channels {
+        /// Names start with this.
+        prefix: String,
+        /// After this name.
+        after: Option<String>,
+        /// Rooms per page.
+        limit: usize,
+        /// Who asked.
+        ack: Ack,
+    },
     /// A page of a channel's history; answered with [`Event::Page`].
     Page {
         /// Channel.
@@ -441,6 +453,25 @@ impl Backbone for NatsBackbone {
         };
         if !self.send_data(cmd) {
             now.push(Event::Presence(ack, Err(Refused::UNAVAILABLE)));
+        }
+    }
+
+    fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        ack: Ack,
+        now: &mut Vec<Event>,
+    ) {
+        let cmd = ToNats::Channels {
+            prefix: prefix.to_owned(),
+            after: after.map(str::to_owned),
+            limit,
+            ack,
+        };
+        if !self.is_up() || !self.send_data(cmd) {
+            now.push(Event::Channels(ack, Err(Refused::UNAVAILABLE)));
         }
     }
 
@@ -1104,6 +1135,18 @@ async fn run(
                     tokio::task::spawn_local(async move {
                         let r = p.query(&channel, limit, after.as_deref()).await;
                         hub.answer(ack, Event::Presence(ack, r));
+                    });
+                }
+                ToNats::Channels {
+                    prefix,
+                    after,
+                    limit,
+                    ack,
+                } => {
+                    let (hub, p) = (hub.clone(), presence.clone());
+                    tokio::task::spawn_local(async move {
+                        let r = p.channels(&prefix, after.as_deref(), limit).await;
+                        hub.answer(ack, Event::Channels(ack, r));
                     });
                 }
                 ToNats::Page {

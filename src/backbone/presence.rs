@@ -58,6 +58,49 @@ impl PresencePage {
     }
 }
 
+/// A page of rooms with someone present (the server API's `channels`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RoomsPage {
+    /// Rooms and their present users, by name.
+    pub rooms: Vec<(String, u64)>,
+    /// The last room listed, when more follow.
+    pub next: Option<String>,
+}
+
+impl RoomsPage {
+    /// The first `limit` of several lists of rooms (each sorted), merged by
+    /// name; a room in several lists keeps its largest count (a caller
+    /// that needs the cluster's count asks for it).
+    pub fn merge(lists: Vec<Vec<(String, u64)>>, limit: usize) -> RoomsPage {
+        let mut all: Vec<(String, u64)> = lists.into_iter().flatten().collect();
+        all.sort_unstable();
+        let mut rooms: Vec<(String, u64)> = Vec::new();
+        for (name, n) in all {
+            match rooms.last_mut() {
+                Some(last) if last.0 == name => last.1 = last.1.max(n),
+                _ => rooms.push((name, n)),
+            }
+        }
+        let more = rooms.len() > limit;
+        rooms.truncate(limit);
+        RoomsPage {
+            next: more.then(|| rooms.last().map(|r| r.0.clone())).flatten(),
+            rooms,
+        }
+    }
+
+    /// `{"channels":[{"ch","users"}],"next"?}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "channels": self.rooms.iter().map(|(ch, n)| serde_json::json!({"ch": ch, "users": n})).collect::<Vec<_>>(),
+        });
+        if let Some(n) = &self.next {
+            v["next"] = n.as_str().into();
+        }
+        v
+    }
+}
+
 /// What a change did to the room as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
@@ -69,16 +112,24 @@ pub enum Transition {
     None,
 }
 
-/// One room's presence.
+/// One room's presence. Most rooms have no watcher: what watching needs
+/// is boxed, so an unwatched room is its map and one pointer.
 #[derive(Default)]
 struct Room {
     /// Present users → how many reporters (shards, or nodes) hold them.
     users: BTreeMap<Box<str>, u32>,
+    /// Watchers and the batch for them, while anyone watches.
+    watch: Option<Box<Watch>>,
+}
+
+/// A watched room's watchers and batch.
+#[derive(Default)]
+struct Watch {
     /// Reporters that want `members` events for the room (shards with a
-    /// watching connection), each with how many times it asked.
+    /// watching connection), once per time they asked.
     watchers: Vec<u32>,
-    /// Since the last flush (kept only while the room has watchers): each
-    /// user whose count moved, and whether they were present before.
+    /// Since the last flush: each user whose count moved, and whether they
+    /// were present before.
     pending: HashMap<Box<str>, bool>,
 }
 
@@ -158,11 +209,13 @@ impl PresenceStore {
                 Transition::None
             }
         };
-        if t != Transition::None && !r.watchers.is_empty() {
-            if r.pending.is_empty() {
+        if t != Transition::None
+            && let Some(w) = r.watch.as_mut()
+        {
+            if w.pending.is_empty() {
                 self.dirty.push(Box::from(room));
             }
-            r.pending
+            w.pending
                 .entry(Box::from(user))
                 .or_insert(t == Transition::Left);
         }
@@ -174,13 +227,15 @@ impl PresenceStore {
     pub fn watch(&mut self, room: &str, who: u32, on: bool) {
         if on {
             let r = self.rooms.entry(Box::from(room)).or_default();
-            r.watchers.push(who);
+            r.watch.get_or_insert_with(Box::default).watchers.push(who);
         } else if let Some(r) = self.rooms.get_mut(room) {
-            if let Some(i) = r.watchers.iter().position(|&w| w == who) {
-                r.watchers.swap_remove(i);
-            }
-            if r.watchers.is_empty() {
-                r.pending = HashMap::new();
+            if let Some(w) = r.watch.as_mut()
+                && let Some(i) = w.watchers.iter().position(|&x| x == who)
+            {
+                w.watchers.swap_remove(i);
+                if w.watchers.is_empty() {
+                    r.watch = None;
+                }
             }
             self.forget_if_empty(room);
         }
@@ -190,7 +245,7 @@ impl PresenceStore {
         if self
             .rooms
             .get(room)
-            .is_some_and(|r| r.users.is_empty() && r.watchers.is_empty() && r.pending.is_empty())
+            .is_some_and(|r| r.users.is_empty() && r.watch.is_none())
         {
             self.rooms.remove(room);
         }
@@ -234,6 +289,30 @@ impl PresenceStore {
         }
     }
 
+    /// The rooms with someone present whose names start with `prefix` and
+    /// sort after `after`: the first `limit + 1`, sorted, with their counts
+    /// (one more than asked, so a merge can tell that more follow).
+    pub fn rooms_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .rooms
+            .iter()
+            .filter(|(name, r)| {
+                !r.users.is_empty()
+                    && name.starts_with(prefix)
+                    && after.is_none_or(|a| &***name > a)
+            })
+            .map(|(name, r)| (name.to_string(), r.users.len() as u64))
+            .collect();
+        v.sort_unstable();
+        v.truncate(limit.saturating_add(1));
+        v
+    }
+
     /// Every user present in `room` (a node's answer to a peer's sync).
     pub fn users(&self, room: &str) -> Vec<String> {
         self.rooms
@@ -250,10 +329,10 @@ impl PresenceStore {
             let Some(r) = self.rooms.get_mut(&*room) else {
                 continue;
             };
-            let pending = std::mem::take(&mut r.pending);
-            if r.watchers.is_empty() {
-                continue;
-            }
+            let Some(w) = r.watch.as_mut() else {
+                continue; // no watcher left: nobody to tell
+            };
+            let pending = std::mem::take(&mut w.pending);
             let mut join = Vec::new();
             let mut leave = Vec::new();
             for (user, was) in pending {
@@ -278,7 +357,7 @@ impl PresenceStore {
             let mut env = Envelope::new(Type::Members);
             env.ch = Some(room.to_string());
             env.meta = Some(meta.to_string());
-            let mut to: Vec<u32> = r.watchers.clone();
+            let mut to: Vec<u32> = w.watchers.clone();
             to.sort_unstable();
             to.dedup();
             out.push(Flushed {
@@ -405,6 +484,41 @@ mod tests {
         s.change("room:a", "u", -1);
         s.change("room:a", "v", -1);
         assert_eq!(s.rooms(), 0);
+    }
+
+    #[test]
+    fn rooms_are_listed_by_name_and_merged() {
+        let mut a = PresenceStore::new(10);
+        let mut b = PresenceStore::new(10);
+        a.change("room:b", "u", 1);
+        a.change("room:d", "u", 1);
+        a.change("room:d", "v", 1);
+        a.watch("room:e", 0, true); // watched, nobody present: not listed
+        b.change("room:a", "u", 1);
+        b.change("room:c", "u", 1);
+        b.change("other:x", "u", 1);
+        assert_eq!(
+            a.rooms_after("room:", None, 10),
+            vec![("room:b".into(), 1), ("room:d".into(), 2)]
+        );
+        let lists = vec![
+            a.rooms_after("room:", None, 2),
+            b.rooms_after("room:", None, 2),
+        ];
+        let p = RoomsPage::merge(lists, 2);
+        assert_eq!(p.rooms, vec![("room:a".into(), 1), ("room:b".into(), 1)]);
+        assert_eq!(p.next.as_deref(), Some("room:b"));
+        let lists = vec![
+            a.rooms_after("room:", p.next.as_deref(), 2),
+            b.rooms_after("room:", p.next.as_deref(), 2),
+        ];
+        let p = RoomsPage::merge(lists, 2);
+        assert_eq!(p.rooms, vec![("room:c".into(), 1), ("room:d".into(), 2)]);
+        assert_eq!(p.next, None);
+        assert_eq!(
+            p.to_json(),
+            serde_json::json!({"channels": [{"ch": "room:c", "users": 1}, {"ch": "room:d", "users": 2}]})
+        );
     }
 
     #[test]

@@ -182,8 +182,9 @@ pub struct Recovering {
     pub since: Option<Since>,
     /// Live messages that arrived meanwhile, in order.
     pub held: Vec<Arc<Envelope>>,
-    /// For `hello`: the `welcome` to send with the stream's position.
-    pub welcome: Option<Box<Envelope>>,
+    /// This is the user's own stream, and the `welcome` waits for it (it
+    /// is written when the answer comes: nothing is kept meanwhile).
+    pub welcome: bool,
     /// The `sub` asked for presence (`meta.presence`): its `ok` carries
     /// `meta.present`, and `members` follow it.
     pub presence: bool,
@@ -213,6 +214,16 @@ pub struct Gap;
 impl SessionState {
     fn extra(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// True while a `welcome` may still be written: before it (`hello` not
+    /// yet answered), or while it waits for the user stream's position.
+    pub fn welcome_due(&self) -> bool {
+        self.phase == Phase::Hello
+            || self
+                .extra
+                .as_ref()
+                .is_some_and(|x| x.recovering.iter().any(|r| r.welcome))
     }
 
     /// True while a recovery (or the position) of `ch` is being fetched.
@@ -270,7 +281,7 @@ pub struct Ctx<'a> {
     pub unix_ms: u64,
     /// SSE: the connection's session token, for `welcome.meta.session`
     /// (docs/protocol.md §10); made by the shard only while a `welcome`
-    /// may be due.
+    /// may be due ([`SessionState::welcome_due`]).
     pub session: Option<&'a str>,
 }
 
@@ -529,12 +540,12 @@ pub fn handle(st: &mut SessionState, cx: &Ctx<'_>, input: Input, out: &mut Vec<A
                 x.recovering
                     .iter()
                     .find(|r| r.id == id)
-                    .map(|r| (r.ch.clone(), r.since.clone(), r.welcome.is_some()))
+                    .map(|r| (r.ch.clone(), r.since.clone(), r.welcome))
             });
             match pending {
                 // The user's own channel is live and there is no position
                 // to learn: the welcome waited only for it.
-                Some((_, None, true)) if !cx.cfg.positions => welcome_live(st, id, out),
+                Some((_, None, true)) if !cx.cfg.positions => welcome_live(st, cx, id, out),
                 Some((ch, since, _)) => {
                     let presence = st
                         .extra
@@ -826,24 +837,6 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
         since,
     } = h;
     let cfg = cx.cfg;
-    let mut meta = serde_json::json!({
-        "conn": cx.conn_name(),
-        "user": &*user,
-        "node": cfg.node_id,
-        "shard": cx.shard,
-        "hb_ms": cfg.hb_ms,
-        "max_frame": cfg.max_frame,
-    });
-    if since.is_none() && !cfg.positions {
-        // No history: the position is known without asking (§8.1).
-        meta["stream"] = serde_json::json!({"epoch": "", "seq": 0});
-    }
-    if let Some(token) = cx.session {
-        meta["session"] = token.into();
-    }
-    let mut welcome = Envelope::new(Type::Welcome);
-    welcome.id = id;
-    welcome.meta = Some(meta.to_string());
     st.phase = Phase::Active;
     st.user = Some(user.clone());
     cx.metrics.sessions.fetch_add(1, Relaxed);
@@ -868,7 +861,7 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
             id,
             since,
             held: Vec::new(),
-            welcome: Some(Box::new(welcome)),
+            welcome: true,
             presence: false,
         });
         out.push(Action::Subscribe {
@@ -882,19 +875,49 @@ fn welcome(st: &mut SessionState, cx: &Ctx<'_>, h: hooks::HelloState, out: &mut 
             ok: None,
             presence: false,
         });
-        out.push(Action::Reply(welcome));
+        // No history: the position is known without asking (§8.1).
+        out.push(Action::Reply(welcome_envelope(st, cx, id, no_stream())));
     }
 }
 
-/// The user's own channel is live (no `since`): the `welcome` that waited
-/// for it, then whatever arrived meanwhile.
-fn welcome_live(st: &mut SessionState, id: Option<u64>, out: &mut Vec<Action>) {
+/// `welcome.meta.stream` where no history is kept.
+fn no_stream() -> serde_json::Value {
+    serde_json::json!({"epoch": "", "seq": 0})
+}
+
+/// The `welcome` answering `hello` `id`, with `stream` as `meta.stream`.
+/// Written when it is sent, not kept while it waits.
+fn welcome_envelope(
+    st: &SessionState,
+    cx: &Ctx<'_>,
+    id: Option<u64>,
+    stream: serde_json::Value,
+) -> Envelope {
+    let cfg = cx.cfg;
+    let user = st.user.as_deref().unwrap_or_default();
+    let mut meta = serde_json::json!({
+        "conn": cx.conn_name(),
+        "user": user,
+        "node": cfg.node_id,
+        "shard": cx.shard,
+        "hb_ms": cfg.hb_ms,
+        "max_frame": cfg.max_frame,
+    });
+    meta["stream"] = stream;
+    if let Some(token) = cx.session {
+        meta["session"] = token.into();
+    }
+    let mut welcome = Envelope::new(Type::Welcome);
+    welcome.id = id;
+    welcome.meta = Some(meta.to_string());
+    welcome
+}
+
+/// The user's own channel is live (no `since`, no history): the `welcome`
+/// that waited for it, then whatever arrived meanwhile.
+fn welcome_live(st: &mut SessionState, cx: &Ctx<'_>, id: Option<u64>, out: &mut Vec<Action>) {
     let Some(x) = st.extra.as_mut() else { return };
-    let Some(i) = x
-        .recovering
-        .iter()
-        .position(|r| r.id == id && r.welcome.is_some())
-    else {
+    let Some(i) = x.recovering.iter().position(|r| r.id == id && r.welcome) else {
         return;
     };
     let p = x.recovering.swap_remove(i);
@@ -902,9 +925,7 @@ fn welcome_live(st: &mut SessionState, id: Option<u64>, out: &mut Vec<Action>) {
         // An idle connection keeps no `Extra`.
         st.extra = None;
     }
-    if let Some(welcome) = p.welcome {
-        out.push(Action::Reply(*welcome));
-    }
+    out.push(Action::Reply(welcome_envelope(st, cx, id, no_stream())));
     if !p.held.is_empty() {
         out.push(Action::Deliver(p.held));
     }
@@ -1053,23 +1074,17 @@ fn recovered(
         }
     }
     match p.welcome {
-        Some(mut welcome) => {
+        true => {
             // welcome.meta.stream = {epoch, seq, recovered?, reason?,
             // oldest?}: in every welcome, the outcome only for a `since`.
-            let mut w: serde_json::Map<String, serde_json::Value> = welcome
-                .meta
-                .as_deref()
-                .and_then(|m| serde_json::from_str(m).ok())
-                .unwrap_or_default();
             if !has_history {
                 meta.insert("epoch".into(), "".into());
             }
             meta.insert("seq".into(), r.pos.top.into());
-            w.insert("stream".into(), meta.into());
-            welcome.meta = Some(serde_json::Value::Object(w).to_string());
-            out.push(Action::Reply(*welcome));
+            let stream = serde_json::Value::Object(meta);
+            out.push(Action::Reply(welcome_envelope(st, cx, id, stream)));
         }
-        None => {
+        false => {
             let mut ok = Envelope::ok(id);
             if has_history {
                 ok.seq = Some(r.pos.top);
@@ -1487,7 +1502,7 @@ fn subscribe(
         id,
         since,
         held: Vec::new(),
-        welcome: None,
+        welcome: false,
         presence,
     });
     out.push(Action::Subscribe {

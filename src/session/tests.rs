@@ -338,6 +338,19 @@ fn sse_welcome_carries_the_session_token_and_hello_may_hold_the_jwt() {
     let mut s = T::open();
     let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"gus"}}"#);
     assert!(welcome(&out).unwrap_or_default().get("session").is_none());
+    // With history, the welcome is written when the position comes: the
+    // shard makes the token while `welcome_due` says one may be due.
+    let mut s = T::open();
+    s.cfg.positions = true;
+    s.transport = Transport::Sse;
+    assert!(s.st.welcome_due());
+    s.client(r#"{"t":"hello","id":1,"meta":{"user":"hal"}}"#);
+    assert!(s.st.welcome_due(), "still waiting for the position");
+    s.run(Input::SubReady(Some(1)));
+    s.session = Some("n1.1.0.7.mac".into());
+    let out = s.run(Input::History(Some(1), position("e1", 2, Ok(vec![]))));
+    assert_eq!(welcome(&out).unwrap_or_default()["session"], "n1.1.0.7.mac");
+    assert!(!s.st.welcome_due());
 }
 
 fn jwt_welcomed(policy: RoomPolicy, rooms: &[&str], exp_s: u64) -> T {

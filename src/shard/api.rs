@@ -19,7 +19,7 @@ use edgegate_proto::{CloseCode, Payload};
 use super::Shard;
 use crate::api::services::ServiceCall;
 use crate::api::{Call, ShardLink};
-use crate::backbone::{self, Ack, Event, Kick, Refused, Stored};
+use crate::backbone::{self, Ack, Event, Kick, Page, PresencePage, Refused, RoomsPage, Stored};
 use crate::conn::Conn;
 use crate::session::hooks::Hook;
 use crate::session::{CloseReq, Input, UserId};
@@ -30,14 +30,23 @@ const BATCH: usize = 256;
 /// and if none has, all.
 const CACHE_MAX: usize = 64 * 1024;
 
-/// A publish waiting for the backbone's answer.
-type PubReply = tokio::sync::oneshot::Sender<Result<Option<Stored>, Refused>>;
+/// An API call waiting for the backbone's answer.
+pub enum ApiReply {
+    /// A publish.
+    Publish(tokio::sync::oneshot::Sender<Result<Option<Stored>, Refused>>),
+    /// A presence query.
+    Presence(tokio::sync::oneshot::Sender<Result<PresencePage, Refused>>),
+    /// A history page.
+    Page(tokio::sync::oneshot::Sender<Result<Page, Refused>>),
+    /// The rooms with someone present.
+    Channels(tokio::sync::oneshot::Sender<Result<RoomsPage, Refused>>),
+}
 
 /// What the shard keeps for the services thread.
 pub struct ApiSide {
     link: ShardLink,
-    /// API publishes waiting for the backbone, by ticket.
-    pending: RefCell<slab::Slab<PubReply>>,
+    /// API calls waiting for the backbone, by ticket.
+    pending: RefCell<slab::Slab<ApiReply>>,
     /// `user\nch` → until when (shard clock) the subscribe hook's allow holds.
     cache: RefCell<HashMap<Box<str>, u64>>,
 }
@@ -89,9 +98,9 @@ impl Shard {
     fn api_call(&self, c: Call) {
         match c {
             Call::Publish { msg, reply } => {
-                let Some(api) = self.api.as_ref() else { return };
-                let ticket = api.pending.borrow_mut().insert(reply);
-                let ack = Ack::api(self.id, ticket as u64);
+                let Some(ack) = self.api_ticket(ApiReply::Publish(reply)) else {
+                    return;
+                };
                 let conn = format!("{}-api", self.cfg.node_id);
                 let p = backbone::Publish {
                     ch: &msg.ch,
@@ -100,23 +109,79 @@ impl Shard {
                     conn: &conn,
                     payload: msg.payload,
                     key: msg.key,
-                    ephemeral: false,
+                    ephemeral: msg.ephemeral,
                 };
                 let mut events = self.events.take();
                 self.backbone.publish(p, ack, &mut events);
                 self.dispatch(events);
             }
             Call::Kick(k) => self.kick(k),
+            Call::Presence {
+                ch,
+                limit,
+                after,
+                reply,
+            } => {
+                let Some(ack) = self.api_ticket(ApiReply::Presence(reply)) else {
+                    return;
+                };
+                let mut events = self.events.take();
+                self.backbone
+                    .presence_query(&ch, limit, after.as_deref(), ack, &mut events);
+                self.dispatch(events);
+            }
+            Call::History {
+                ch,
+                limit,
+                before,
+                reply,
+            } => {
+                let Some(ack) = self.api_ticket(ApiReply::Page(reply)) else {
+                    return;
+                };
+                let mut events = self.events.take();
+                self.backbone
+                    .history_page(&ch, limit, before, ack, &mut events);
+                self.dispatch(events);
+            }
+            Call::Channels {
+                prefix,
+                after,
+                limit,
+                reply,
+            } => {
+                let Some(ack) = self.api_ticket(ApiReply::Channels(reply)) else {
+                    return;
+                };
+                let mut events = self.events.take();
+                self.backbone
+                    .channels(&prefix, after.as_deref(), limit, ack, &mut events);
+                self.dispatch(events);
+            }
         }
     }
 
-    /// The backbone's answer to an API publish.
-    pub(super) fn api_published(&self, ack: Ack, r: Result<Option<Stored>, Refused>) {
+    /// Keeps `reply` until the backbone answers; its answer address.
+    fn api_ticket(&self, reply: ApiReply) -> Option<Ack> {
+        let api = self.api.as_ref()?;
+        let ticket = api.pending.borrow_mut().insert(reply);
+        Some(Ack::api(self.id, ticket as u64))
+    }
+
+    /// The backbone's answer to an API call (`ack.is_api()`).
+    pub(super) fn api_answer(&self, ack: Ack, ev: Event) {
         let Some(api) = self.api.as_ref() else { return };
-        let tx = api.pending.borrow_mut().try_remove(ack.serial as usize);
-        if let Some(tx) = tx {
-            let _ = tx.send(r);
-        }
+        let Some(reply) = api.pending.borrow_mut().try_remove(ack.serial as usize) else {
+            return;
+        };
+        let _ = match (reply, ev) {
+            (ApiReply::Publish(tx), Event::Published(_, r)) => tx.send(r).map_err(drop),
+            (ApiReply::Publish(tx), Event::Sent(_, r)) => tx.send(r.map(|()| None)).map_err(drop),
+            (ApiReply::Presence(tx), Event::Presence(_, r)) => tx.send(r).map_err(drop),
+            (ApiReply::Page(tx), Event::Page(_, r)) => tx.send(r).map_err(drop),
+            (ApiReply::Channels(tx), Event::Channels(_, r)) => tx.send(r).map_err(drop),
+            _ => Ok(()), // not the answer it waits for: dropped, the caller times out
+        };
     }
 
     /// Closes `k.user`'s connections on this shard; reports how many.

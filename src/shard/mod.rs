@@ -267,7 +267,7 @@ impl Shard {
             let mut st = conn.session.borrow_mut();
             // SSE: the session token goes in `welcome` (made only while
             // one may be due: an HMAC per input would be waste).
-            let token = (conn.transport == Transport::Sse && st.phase == session::Phase::Hello)
+            let token = (conn.transport == Transport::Sse && st.welcome_due())
                 .then(|| self.sse_token(conn))
                 .flatten();
             let cx = Ctx {
@@ -431,7 +431,15 @@ impl Shard {
         let conn_for = |ack: &Ack| self.conns.get(ack.key, ack.serial, false);
         match ev {
             Event::Deliver(env) => self.deliver_local(env),
-            Event::Published(ack, r) if ack.is_api() => self.api_published(ack, r),
+            Event::Published(ack, _)
+            | Event::Sent(ack, _)
+            | Event::Presence(ack, _)
+            | Event::Page(ack, _)
+            | Event::Channels(ack, _)
+                if ack.is_api() =>
+            {
+                self.api_answer(ack, ev)
+            }
             Event::Published(ack, r) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::Published(ack.id, r));
@@ -453,6 +461,8 @@ impl Shard {
                 }
             }
             Event::Members(env) => self.deliver_members(env),
+            // Only the server API asks for the rooms.
+            Event::Channels(..) => {}
             Event::History(ack, r) => {
                 if let Some(c) = conn_for(&ack) {
                     self.input(&c, Input::History(ack.id, r));

@@ -44,6 +44,16 @@ async def test_publish_reaches_subscribers_like_a_client_pub(gateway):
     assert got[0]["d"] == 2
     st, r = await call(api, "publish", {"ch": room, "data": 3})
     assert r["seq"] == 3 and (await msgs(a, room, 1))[0]["d"] == 3, "the duplicate was not delivered again"
+    # ephemeral: delivered, never stored (no seq anywhere)
+    st, r = await call(api, "publish", {"ch": room, "data": "typing", "ephemeral": True})
+    assert st == 200 and r == {}, r
+    for c in (a, b):
+        m = await c.recv_until(lambda e: e["t"] == "msg" and e.get("d") == "typing")
+        assert "seq" not in m and m["meta"]["ephemeral"] is True, m
+    st, r = await call(api, "publish", {"ch": room, "data": 4})
+    assert r["seq"] == 4, "the ephemeral message took no seq"
+    st, r = await call(api, "publish", {"ch": room, "data": 1, "ephemeral": True, "idempotency_key": "k"})
+    assert st == 400
     api.close()
 
 
@@ -186,7 +196,8 @@ async def test_openapi_document_matches_what_the_server_accepts(gateway):
     assert st == 200 and doc["openapi"].startswith("3.")
     schemas = doc["components"]["schemas"]
     methods = [p.removeprefix("/api/") for p in doc["paths"]]
-    assert set(methods) == {"publish", "broadcast", "disconnect", "info"}
+    assert set(methods) == {"publish", "broadcast", "disconnect", "info", "presence", "history",
+                            "channels"}
     wrong = {"string": 12345, "integer": "x", "array": "x", "object": [], "boolean": "x"}
     for m in methods:
         ref = doc["paths"][f"/api/{m}"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
@@ -208,7 +219,80 @@ async def test_openapi_document_matches_what_the_server_accepts(gateway):
             st, r = await call(api, m, body)
             assert st == 400, (m, prop, r)
     # A method the document does not name is not served.
-    for m in ("presence", "history", "channels", "kick", "openapi"):
+    for m in ("kick", "openapi", "members"):
         st, r = await call(api, m, {})
         assert st == 404, (m, r)
+    api.close()
+
+
+async def test_presence_history_and_channels(gateway):
+    """The chat features' queries for core services: who is in a room (and
+    whether a user is online), a page of history, the rooms with someone
+    present; every refusal."""
+    gw = gateway(**api_env())
+    api = Api(gw)
+    tag = new_user("q")
+    rooms = [f"room:{tag}-{i}" for i in range(3)]
+    users = [await session(gw, ("ws-json", "tcp")[i % 2], f"{tag}u{i}") for i in range(4)]
+    for i, c in enumerate(users):
+        for r in rooms[: i % 3 + 1]:
+            await c.sub(r)
+    # presence: rooms[0] has all four, rooms[2] only users[2]
+    st, r = await call(api, "presence", {"ch": rooms[0]})
+    assert st == 200 and r == {"total": 4, "users": sorted(c.user for c in users)}, r
+    st, r = await call(api, "presence", {"ch": rooms[0], "limit": 3})
+    assert st == 200 and len(r["users"]) == 3 and r["next"] == r["users"][-1], r
+    st, r2 = await call(api, "presence", {"ch": rooms[0], "after": r["next"]})
+    assert r2 == {"total": 4, "users": [sorted(c.user for c in users)[3]]}, r2
+    st, r = await call(api, "presence", {"ch": f"user:{users[1].user}"})
+    assert r == {"total": 1, "users": [users[1].user]}, r
+    st, r = await call(api, "presence", {"ch": f"user:{tag}nobody"})
+    assert r == {"total": 0, "users": []}, r
+    # history: what clients published, oldest first
+    for i in range(5):
+        ok = await users[0].call("pub", ch=rooms[1], d={"n": i})
+        assert ok["t"] == "ok"
+    st, r = await call(api, "history", {"ch": rooms[1], "limit": 3})
+    assert st == 200 and [m["d"]["n"] for m in r["messages"]] == [2, 3, 4] and r["more"] is True, r
+    assert r["top"] == 5 and r["epoch"] and r["messages"][0]["from"] == users[0].user
+    st, r = await call(api, "history", {"ch": rooms[1], "before": 3})
+    assert [m["seq"] for m in r["messages"]] == [1, 2] and r["more"] is False, r
+    # channels: the rooms with someone present, by name, with their counts
+    st, r = await call(api, "channels", {"prefix": f"room:{tag}"})
+    assert st == 200 and r == {"channels": [
+        {"ch": rooms[0], "users": 4}, {"ch": rooms[1], "users": 2}, {"ch": rooms[2], "users": 1}]}, r
+    st, r = await call(api, "channels", {"prefix": f"room:{tag}", "limit": 2})
+    assert [c["ch"] for c in r["channels"]] == rooms[:2] and r["next"] == rooms[1], r
+    st, r = await call(api, "channels", {"prefix": f"room:{tag}", "after": rooms[1]})
+    assert r == {"channels": [{"ch": rooms[2], "users": 1}]}, r
+    await users[2].close()
+    await asyncio.sleep(0.3)
+    st, r = await call(api, "channels", {"prefix": f"room:{tag}"})
+    assert [c["ch"] for c in r["channels"]] == rooms[:2], r
+    # refusals: 400 with the protocol's code, nothing changes
+    for method, body, code in [
+        ("presence", {"ch": "svc:echo"}, "bad_channel"),
+        ("presence", {"ch": "room:bad id"}, "bad_channel"),
+        ("presence", {"ch": rooms[0], "limit": 0}, "bad_request"),
+        ("presence", {"ch": rooms[0], "limit": 1001}, "bad_request"),
+        ("presence", {"ch": rooms[0], "limit": -1}, "bad_request"),
+        ("presence", {"ch": rooms[0], "after": 5}, "bad_request"),
+        ("history", {"ch": rooms[0], "limit": 201}, "bad_request"),
+        ("history", {"ch": rooms[0], "before": -1}, "bad_request"),
+        ("history", {"ch": rooms[0], "before": "x"}, "bad_request"),
+        ("history", {"ch": "svc:x"}, "bad_channel"),
+        ("channels", {"prefix": "user:"}, "bad_channel"),
+        ("channels", {"limit": 0}, "bad_request"),
+    ]:
+        st, r = await call(api, method, body)
+        assert st == 400 and r["error"]["code"] == code, (method, body, st, r)
+    api.close()
+
+
+async def test_presence_queries_refused_when_presence_is_off(gateway):
+    gw = gateway(**api_env(EDGEGATE_PRESENCE__ENABLED="false"))
+    api = Api(gw)
+    for method, body in [("presence", {"ch": "room:x"}), ("channels", {})]:
+        st, r = await call(api, method, body)
+        assert st == 400 and "presence is off" in r["error"]["reason"], r
     api.close()

@@ -52,6 +52,12 @@ async def test_api_methods_across_two_nodes(nats_server, gateway):
     for c in (ca, cb):
         m = (await msgs(c, room, 1))[0]
         assert m["d"] == {"n": 1} and m["from"] == "bot"
+    # ephemeral from node b reaches both, no seq
+    st, r = await call(api_b, "publish", {"ch": room, "data": "typing", "ephemeral": True})
+    assert st == 200 and r == {}, r
+    for c in (ca, cb):
+        m = await c.recv_until(lambda e: e["t"] == "msg" and e.get("d") == "typing")
+        assert "seq" not in m and m["meta"]["ephemeral"] is True
     # broadcast from node b
     st, r = await call(api_b, "broadcast", {"channels": [room, f"user:{ca.user}"], "data": 2})
     assert st == 200 and all("error" not in x for x in r["results"]), r
@@ -155,3 +161,66 @@ async def test_hooks_and_services_on_nats(nats_server, gateway, tmp_path):
             await s.unsubscribe()
     finally:
         http_svc.stop()
+
+
+async def test_webhooks_on_nats(nats_server, gateway):
+    from apihelp import verify_signature
+    got = []
+    srv = Server(lambda p, h, b: (got.append((h, b)), (204, {}, b""))[1]).start()
+    try:
+        secret = "webhook-secret-on-nats"
+        ga = gateway(**nats_env(nats_server.url, "a", EDGEGATE_WEBHOOKS__URL=srv.url,
+                                EDGEGATE_WEBHOOKS__SECRET=secret))
+        u = new_user("wn")
+        c = await session(ga, "tcp", u)
+        await c.close()
+        for _ in range(100):
+            evs = [e for h, b in got for e in json.loads(b)["events"] if e.get("user") == u]
+            if len(evs) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [(e["event"], e["node"]) for e in evs] == [("user.online", "a"), ("user.offline", "a")], evs
+        assert all(verify_signature(secret, b, h["eg-signature"]) for h, b in got)
+    finally:
+        srv.stop()
+
+
+async def test_presence_and_channels_are_the_clusters(nats_server, gateway):
+    ga, gb = two(gateway, nats_server.url)
+    api_a = Api(ga)
+    tag = new_user("cq")
+    room, other = f"room:{tag}-a", f"room:{tag}-b"
+    on_a = await session(ga, "ws-json")
+    on_b = await session(gb, "tcp")
+    both = await session(gb, "ws-bin", on_a.user)       # the same user on both nodes
+    for c in (on_a, on_b, both):
+        await c.sub(room)
+    await on_b.sub(other)
+    st, r = await call(api_a, "presence", {"ch": room})
+    assert st == 200 and r == {"total": 2, "users": sorted([on_a.user, on_b.user])}, r
+    st, r = await call(api_a, "presence", {"ch": f"user:{on_b.user}"})
+    assert r == {"total": 1, "users": [on_b.user]}, r
+    st, r = await call(api_a, "channels", {"prefix": f"room:{tag}"})
+    assert st == 200 and r == {"channels": [{"ch": room, "users": 2}, {"ch": other, "users": 1}]}, r
+    st, r = await call(api_a, "history", {"ch": room})
+    assert st == 200 and r["reason"] == "unavailable", r   # no JetStream here
+    api_a.close()
+
+
+async def test_history_pages_from_jetstream_through_the_api(tmp_path, gateway):
+    js = NatsServer(tmp_path, "js", jetstream=True).start()
+    try:
+        ga, gb = two(gateway, js.url, EDGEGATE_BACKBONE__NATS__HISTORY="jetstream")
+        room = f"room:{new_user('jh')}"
+        c = await session(gb, "ws-json")
+        seqs = []
+        for i in range(6):
+            ok = await c.call("pub", ch=room, d={"n": i})
+            seqs.append(ok["seq"])
+        api_a = Api(ga)
+        st, r = await call(api_a, "history", {"ch": room, "limit": 4})
+        assert st == 200 and [m["seq"] for m in r["messages"]] == seqs[2:] and r["more"] is True, r
+        assert [m["d"]["n"] for m in r["messages"]] == [2, 3, 4, 5]
+        api_a.close()
+    finally:
+        js.stop()

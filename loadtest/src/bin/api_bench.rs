@@ -113,6 +113,9 @@ fn main() -> Result<()> {
 struct Tcp {
     s: TcpStream,
     buf: Vec<u8>,
+    /// The last request id (ids are never reused: the gateway would
+    /// answer a reused one as a duplicate and deliver nothing).
+    id: u64,
 }
 
 impl Tcp {
@@ -120,7 +123,11 @@ impl Tcp {
         let mut s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         s.write_all(&frame::PREFACE).await?;
-        let mut t = Tcp { s, buf: Vec::new() };
+        let mut t = Tcp {
+            s,
+            buf: Vec::new(),
+            id: 10,
+        };
         let mut hello = Envelope::new(Type::Hello);
         hello.id = Some(1);
         hello.meta = Some(format!("{{\"user\":\"{user}\"}}"));
@@ -373,10 +380,10 @@ async fn hook_latency(
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                     // Stagger the clients over one period.
                     tokio::time::sleep(per_client.mul_f64(c as f64 / 20.0)).await;
-                    let mut id = 10u64;
                     while Instant::now() < until {
                         tick.tick().await;
-                        id += 1;
+                        cl.id += 1;
+                        let id = cl.id;
                         let mut p = Envelope::new(Type::Pub);
                         p.id = Some(id);
                         p.ch = Some(ch.clone());
@@ -386,14 +393,23 @@ async fn hook_latency(
                             break;
                         }
                         // Our own message back (the ok comes too).
-                        loop {
-                            match cl.recv().await {
-                                Ok(e) if e.t == Type::Msg && e.id == Some(id) => {
-                                    let _ = h.record(t0.elapsed().as_micros() as u64);
-                                    break;
+                        let back = tokio::time::timeout(Duration::from_secs(5), async {
+                            loop {
+                                match cl.recv().await {
+                                    Ok(e) if e.t == Type::Msg && e.id == Some(id) => return true,
+                                    Ok(_) => {}
+                                    Err(_) => return false,
                                 }
-                                Ok(_) => {}
-                                Err(_) => return (cl, h),
+                            }
+                        })
+                        .await;
+                        match back {
+                            Ok(true) => {
+                                let _ = h.record(t0.elapsed().as_micros() as u64);
+                            }
+                            _ => {
+                                eprintln!("hook-latency: {ch}: message {id} did not come back");
+                                return (cl, h);
                             }
                         }
                     }

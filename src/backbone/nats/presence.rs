@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::ShardTx;
-use crate::backbone::presence::{PresencePage, PresenceStore, Transition, online_page};
+use crate::backbone::presence::{PresencePage, PresenceStore, RoomsPage, Transition, online_page};
 use crate::backbone::{Event, Refused};
 use crate::events::UserCounts;
 use crate::metrics::BackboneStats;
@@ -87,6 +87,21 @@ struct Snapshot {
     s: u64,
     #[serde(default)]
     u: Vec<String>,
+}
+
+/// A question for every node's rooms (the server API's `channels`).
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct RoomsAsk {
+    prefix: String,
+    after: Option<String>,
+    limit: usize,
+}
+
+/// A node's answer to [`RoomsAsk`].
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct RoomsAre {
+    n: String,
+    r: Vec<(String, u64)>,
 }
 
 /// A heartbeat.
@@ -233,6 +248,32 @@ impl ClusterPresence {
                 };
                 let body = me.snapshot(&format!("{kind}:{id}"));
                 let _ = me.client.publish(reply, body).await;
+            }
+        });
+        // Room listings: every node answers with its own rooms.
+        let me = self.clone();
+        tokio::task::spawn_local(async move {
+            let Ok(mut sub) = me.client.subscribe(me.subject("rooms")).await else {
+                return warn!("backbone: cannot subscribe to presence room listings");
+            };
+            while let Some(m) = sub.next().await {
+                let (Some(reply), Ok(ask)) =
+                    (m.reply, serde_json::from_slice::<RoomsAsk>(&m.payload))
+                else {
+                    continue;
+                };
+                let limit = ask.limit.min(super::super::presence::QUERY_LIMIT_MAX);
+                let r = me
+                    .local
+                    .borrow()
+                    .rooms_after(&ask.prefix, ask.after.as_deref(), limit);
+                let body = RoomsAre {
+                    n: me.me.to_string(),
+                    r,
+                };
+                if let Ok(b) = serde_json::to_vec(&body) {
+                    let _ = me.client.publish(reply, b.into()).await;
+                }
             }
         });
         // Heartbeats out, the reaper, and (after a reconnect) resyncs.
@@ -674,37 +715,22 @@ impl ClusterPresence {
         });
     }
 
-    /// Sends a sync request for `ch` and collects the answers of the nodes
-    /// this node knows (or what came within [`SYNC_WAIT`]).
+    /// Sends a sync request for `ch` and collects the answers of the other
+    /// nodes this node knows (or what came within [`SYNC_WAIT`]).
     async fn gather(&self, ch: &str) -> Vec<Snapshot> {
         let Some(key) = Self::key(ch) else {
             return Vec::new();
         };
-        let expect = self.peers.borrow().len();
-        let inbox = self.client.new_inbox();
-        let Ok(mut sub) = self.client.subscribe(inbox.clone()).await else {
-            return Vec::new();
-        };
-        let subject = self.subject(&format!("s.{key}"));
-        if self
-            .client
-            .publish_with_reply(subject, inbox, Bytes::new())
-            .await
-            .is_err()
-        {
-            return Vec::new();
-        }
         let mut out: Vec<Snapshot> = Vec::new();
-        let deadline = tokio::time::Instant::now() + SYNC_WAIT;
-        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            if let Ok(s) = serde_json::from_slice::<Snapshot>(&m.payload)
+        for a in self
+            .ask_all(&self.subject(&format!("s.{key}")), Bytes::new())
+            .await
+        {
+            if let Ok(s) = serde_json::from_slice::<Snapshot>(&a)
                 && *s.n != *self.me
                 && !out.iter().any(|o| o.n == s.n)
             {
                 out.push(s);
-                if out.len() >= expect && expect > 0 {
-                    break;
-                }
             }
         }
         out
@@ -734,6 +760,75 @@ impl ClusterPresence {
                 }
             }
         }
+    }
+
+    /// The cluster's rooms with someone present: every node's names, then
+    /// each listed room's count asked as a presence query (a user on two
+    /// nodes counts once).
+    pub(super) async fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<RoomsPage, Refused> {
+        let ask = RoomsAsk {
+            prefix: prefix.to_owned(),
+            after: after.map(str::to_owned),
+            limit,
+        };
+        let mut lists = vec![self.local.borrow().rooms_after(prefix, after, limit)];
+        let body = serde_json::to_vec(&ask).map_err(|_| Refused::UNAVAILABLE)?;
+        for a in self.ask_all(&self.subject("rooms"), body.into()).await {
+            if let Ok(r) = serde_json::from_slice::<RoomsAre>(&a)
+                && *r.n != *self.me
+            {
+                lists.push(r.r);
+            }
+        }
+        let mut page = RoomsPage::merge(lists, limit);
+        let counts = futures_util::future::join_all(
+            page.rooms
+                .iter()
+                .map(|(ch, _)| async move { self.query(ch, 1, None).await.map(|p| p.total) }),
+        )
+        .await;
+        for ((_, n), c) in page.rooms.iter_mut().zip(counts) {
+            *n = c?;
+        }
+        Ok(page)
+    }
+
+    /// Publishes `body` on `subject` with a reply inbox and collects the
+    /// answers of the nodes this node knows (or what came within
+    /// [`SYNC_WAIT`]).
+    async fn ask_all(&self, subject: &str, body: Bytes) -> Vec<Bytes> {
+        // Itself answers too; knowing no peer yet (heartbeats not seen), wait
+        // the whole time rather than take its own answer for the cluster's.
+        let expect = match self.peers.borrow().len() {
+            0 => usize::MAX,
+            n => n + 1,
+        };
+        let inbox = self.client.new_inbox();
+        let Ok(mut sub) = self.client.subscribe(inbox.clone()).await else {
+            return Vec::new();
+        };
+        if self
+            .client
+            .publish_with_reply(subject.to_owned(), inbox, body)
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            out.push(m.payload);
+            if out.len() >= expect {
+                break;
+            }
+        }
+        out
     }
 
     /// Who is present in `ch`: from the view when this node keeps one,
