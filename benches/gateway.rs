@@ -116,6 +116,7 @@ fn shard() -> Shard {
         admin_token: None,
         credentials: Default::default(),
         admin_queues: vec![crossbeam_channel::bounded(4)],
+        posts: vec![Default::default()],
     });
     let cfg = ShardConfig::from_config(&Config::default(), 1, "bench".into());
     let backbone = Embedded::detached(1, 0, node.metrics[0].clone(), |_, _| {});

@@ -3,7 +3,7 @@
 # connections of one transport from the bundled harness, held 10 s; prints
 # the harness's "RSS per connection" line. Recorded in docs/bench-notes.md
 # ("Issue 13 in one session"; the same method as "QUIC idle memory").
-# usage: scripts/bench-idle.sh ws|wss|quic N GATEWAY_BIN
+# usage: scripts/bench-idle.sh ws|wss|quic|sse N GATEWAY_BIN
 # env: LT (loadtest binary, default target/release/loadtest), OUT (default /tmp/bench-idle)
 # Ports 28080 (ws), 27443/udp (quic), 29090 (admin) on 127.0.0.1.
 set -u
@@ -16,7 +16,8 @@ case $tr in
   ws)   tls=false; args=(--transport ws --target 127.0.0.1:28080) ;;
   wss)  tls=true;  args=(--transport ws --tls --ca "$OUT/ca.pem" --target 127.0.0.1:28080) ;;
   quic) tls=false; args=(--transport quic --ca "$OUT/ca.pem" --target 127.0.0.1:27443) ;;
-  *) echo "bench-idle: transport ws, wss or quic" >&2; exit 2 ;;
+  sse)  tls=false; args=(--transport sse --target 127.0.0.1:28080) ;;
+  *) echo "bench-idle: transport ws, wss, quic or sse" >&2; exit 2 ;;
 esac
 EDGEGATE_TLS__CERT_CHAIN=$OUT/leaf.pem EDGEGATE_TLS__KEY=$OUT/leaf.key EDGEGATE_WS__TLS=$tls \
 EDGEGATE_QUIC__LISTEN=127.0.0.1:27443 EDGEGATE_WS__LISTEN=127.0.0.1:28080 \

@@ -13,7 +13,7 @@ shift || true
 cd "$(dirname "$0")/.."
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(decode_json decode_binary frames ws_frames ws_extensions http)
+    targets=(decode_json decode_binary frames ws_frames ws_extensions http sse)
 fi
 export RUSTC_BOOTSTRAP="${RUSTC_BOOTSTRAP:-1}"
 for t in "${targets[@]}"; do

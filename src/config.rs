@@ -170,6 +170,12 @@ pub struct Ws {
     /// shard, and its subscribers get the same bytes. `false` compresses it
     /// for each connection instead, only to measure what sharing saves.
     pub compression_shared: bool,
+    /// SSE on this listener (protocol §10): `GET <sse_path>?hello=…` opens
+    /// an event stream, `POST <sse_path>` sends envelopes to it. On by
+    /// default: the fallback for networks that refuse WebSocket.
+    pub sse: bool,
+    /// Request path of SSE, `"/sse"` by default (the protocol's `/sse`).
+    pub sse_path: String,
 }
 
 /// Value of `ws.compression`.
@@ -194,6 +200,8 @@ impl Default for Ws {
             compression: WsCompression::Negotiate,
             compression_min_bytes: 128,
             compression_shared: true,
+            sse: true,
+            sse_path: "/sse".to_owned(),
         }
     }
 }
@@ -894,6 +902,19 @@ impl Config {
                     format!("{echo:?} is also ws.path; the two endpoints need distinct paths"),
                 );
             }
+        }
+        check_http_path(&self.ws.sse_path).or_else(|m| fail("ws.sse_path", m))?;
+        if self.ws.sse
+            && (self.ws.sse_path == self.ws.path
+                || self.ws.echo_path.as_ref() == Some(&self.ws.sse_path))
+        {
+            return fail(
+                "ws.sse_path",
+                format!(
+                    "{:?} is also ws.path or ws.echo_path; each endpoint needs its own path",
+                    self.ws.sse_path
+                ),
+            );
         }
 
         // Listeners.

@@ -308,7 +308,9 @@ impl Conn {
             peer: peer.into(),
             started_ms: now_ms,
             framing: Cell::new(match transport {
-                Transport::Ws => Framing::WsJson,
+                // SSE batches like a WebSocket text message; its wire
+                // writes each envelope as a `data:` line.
+                Transport::Ws | Transport::Sse => Framing::WsJson,
                 _ => Framing::Stream,
             }),
             session: RefCell::new(SessionState::default()),

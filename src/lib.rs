@@ -66,6 +66,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod shard;
+pub mod sse;
 pub mod timer;
 pub(crate) mod tls;
 pub(crate) mod transport;

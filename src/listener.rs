@@ -24,6 +24,7 @@ use crate::session::Input;
 use crate::shard::Shard;
 use crate::tls::{TlsAcceptorHandle, TlsStream};
 use crate::transport::quic::QuicWire;
+use crate::transport::sse::{self, HttpWire};
 use crate::transport::tcp::TcpWire;
 use crate::transport::ws::{self, Route, WsWire};
 use crate::transport::{self, Wire};
@@ -118,7 +119,9 @@ fn admit(shard: &Shard, admission: &Admission, ip: std::net::IpAddr) -> Option<R
 /// is released (dropping the slot releases it).
 struct Slot {
     shard: Rc<Shard>,
-    transport: Transport,
+    /// The listener's transport, until the request says otherwise (SSE
+    /// comes in on the WebSocket listener).
+    transport: std::cell::Cell<Transport>,
     admitted: bool,
 }
 
@@ -130,16 +133,27 @@ impl Slot {
         let open = shard.node.open.fetch_add(1, AcqRel) + 1;
         Slot {
             shard: shard.clone(),
-            transport,
+            transport: std::cell::Cell::new(transport),
             admitted: open <= shard.node.max_connections,
         }
+    }
+
+    /// The socket turned out to be `transport`'s (an SSE request on the
+    /// WebSocket listener): its open socket counts there from now on, and
+    /// it is counted as accepted there too.
+    fn retag(&self, transport: Transport) {
+        let m = &self.shard.metrics;
+        let old = self.transport.replace(transport);
+        m.connections[old as usize].fetch_sub(1, Relaxed);
+        m.connections[transport as usize].fetch_add(1, Relaxed);
+        m.accepted[transport as usize].fetch_add(1, Relaxed);
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.shard.node.open.fetch_sub(1, AcqRel);
-        self.shard.metrics.connections[self.transport as usize].fetch_sub(1, Relaxed);
+        self.shard.metrics.connections[self.transport.get() as usize].fetch_sub(1, Relaxed);
     }
 }
 
@@ -240,6 +254,7 @@ async fn serve_wss(
     tls: TlsAcceptorHandle,
 ) {
     let shard = &slot.shard;
+    let at = &slot;
     // Handshake and upgrade in one boxed future: their state is large and
     // short-lived (see serve_ws).
     let Some((conn, mut wire)) = Box::pin(async move {
@@ -248,9 +263,7 @@ async fn serve_wss(
         let peer = stream.peer_addr().ok()?;
         let tls_stream = tls_handshake(shard, &tls, stream, peer, left(shard, start)).await?;
         // The upgrade reads through TLS, in what is left of the hello timeout.
-        let r = upgrade(shard, tls_stream, peer, left(shard, start)).await;
-        drop(permit);
-        r
+        upgrade(at, tls_stream, peer, left(shard, start), permit).await
     })
     .await
     else {
@@ -262,6 +275,7 @@ async fn serve_wss(
 
 async fn serve_ws(slot: Slot, stream: Box<TcpStream>, permit: Option<StaticPermit>) {
     let shard = &slot.shard;
+    let at = &slot;
     // The upgrade runs in its own boxed future: its state is large and
     // short-lived, and inline it would stay in the connection's task for the
     // connection's whole life.
@@ -269,9 +283,7 @@ async fn serve_ws(slot: Slot, stream: Box<TcpStream>, permit: Option<StaticPermi
         let stream = *stream;
         let peer = stream.peer_addr().ok()?;
         let hello = Duration::from_millis(shard.cfg.hello_ms);
-        let r = upgrade(shard, stream, peer, hello).await;
-        drop(permit);
-        r
+        upgrade(at, stream, peer, hello, permit).await
     })
     .await
     else {
@@ -282,18 +294,23 @@ async fn serve_ws(slot: Slot, stream: Box<TcpStream>, permit: Option<StaticPermi
 }
 
 /// The WebSocket upgrade, bounded by the hello timeout (a socket that never
-/// sends its HTTP request is closed, not kept). Serves the echo endpoint
-/// itself; for a session returns the registered connection and its wire.
+/// sends its HTTP request is closed, not kept); the handshake `permit` is
+/// given back once the request head is read. Serves the echo endpoint
+/// itself, and SSE's POSTs ([`sse::serve`]); for a session (a WebSocket or
+/// an SSE stream) returns the registered connection and its wire.
 async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: &Rc<Shard>,
+    slot: &Slot,
     mut stream: S,
     peer: SocketAddr,
     hello: Duration,
-) -> Option<(Rc<Conn>, WsWire<S>)> {
+    permit: Option<StaticPermit>,
+) -> Option<(Rc<Conn>, HttpWire<S>)> {
+    let shard = &slot.shard;
     let accepted = glommio::timer::timeout(hello, async {
         Ok(ws::accept(&mut stream, &shard.cfg).await)
     })
     .await;
+    drop(permit);
     let up = match accepted {
         Ok(Ok(up)) => up,
         Ok(Err(e)) => {
@@ -310,9 +327,14 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
             return None;
         }
     };
+    if up.route == Route::Sse {
+        slot.retag(Transport::Sse);
+        let (conn, wire) = sse::serve(shard, stream, up.rest, peer).await?;
+        return Some((conn, HttpWire::Sse(wire)));
+    }
     let wire = WsWire::new(stream, up.route, up.rest, up.deflate, shard.cfg.max_frame);
     match up.route {
-        Route::Echo => {
+        Route::Echo | Route::Sse => {
             ws::echo(shard, wire).await;
             None
         }
@@ -325,7 +347,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(token) = up.token {
                 shard.input(&conn, Input::UpgradeToken(token));
             }
-            Some((conn, wire))
+            Some((conn, HttpWire::Ws(wire)))
         }
     }
 }
@@ -341,7 +363,7 @@ async fn refuse(
     refusal: Refusal,
     retry_ms: u64,
 ) {
-    let (shard, transport) = (&slot.shard, slot.transport);
+    let (shard, transport) = (&slot.shard, slot.transport.get());
     let node = &shard.node;
     if node.refusing.fetch_add(1, AcqRel) >= node.max_refusing {
         node.refusing.fetch_sub(1, AcqRel);
@@ -357,7 +379,7 @@ async fn refuse(
                 shard,
                 transport,
                 stream,
-                bye,
+                (bye, retry_ms),
                 code,
                 reason,
                 left(shard, start),
@@ -369,19 +391,29 @@ async fn refuse(
             if let Ok(peer) = stream.peer_addr()
                 && let Some(s) = tls_handshake(shard, &tls, stream, peer, left(shard, start)).await
             {
-                say_bye(shard, transport, s, bye, code, reason, left(shard, start)).await;
+                say_bye(
+                    shard,
+                    transport,
+                    s,
+                    (bye, retry_ms),
+                    code,
+                    reason,
+                    left(shard, start),
+                )
+                .await;
             }
         }
     }
     node.refusing.fetch_sub(1, AcqRel);
 }
 
-/// Sends `bye` on a refused socket, in the transport's framing, within `budget`.
+/// Sends `bye` (with its `retry_ms`) on a refused socket, in the
+/// transport's framing, within `budget`.
 async fn say_bye<S: AsyncRead + AsyncWrite + Unpin>(
     shard: &Shard,
     transport: Transport,
     stream: S,
-    bye: Envelope,
+    (bye, retry_ms): (Envelope, u64),
     code: edgegate_proto::CloseCode,
     reason: &'static str,
     budget: Duration,
@@ -394,6 +426,10 @@ async fn say_bye<S: AsyncRead + AsyncWrite + Unpin>(
                     let framing = match up.route {
                         Route::Session(f) => f,
                         Route::Echo => Framing::WsJson,
+                        Route::Sse => {
+                            sse::refuse(&mut stream, &up.rest, &bye, retry_ms).await;
+                            return Ok(());
+                        }
                     };
                     let mut last = Vec::new();
                     Out::Own(Box::new(bye)).write(framing, &mut last);
@@ -507,4 +543,22 @@ async fn serve_quic(
     let conn = shard.register(Transport::Quic, wire.peer());
     transport::drive(shard, &conn, &mut wire).await;
     shard.release(&conn);
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// The size of the future an async fn of three arguments returns.
+    fn future_size<A, B, C, F: std::future::Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle WebSocket (and SSE stream) is one task whose future is
+    /// `serve_ws`'s: with glommio's 40-byte task header it stays in
+    /// mimalloc's 384-byte class (docs/architecture.md, "Memory per idle
+    /// connection"); the SSE path adds nothing to it.
+    #[test]
+    fn an_idle_connections_task_stays_in_its_class() {
+        let ws = future_size(super::serve_ws);
+        assert!(ws + 40 <= 384, "serve_ws's future is {ws} bytes");
+    }
 }

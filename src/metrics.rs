@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Transports, as labels.
-pub const TRANSPORTS: [&str; 3] = ["ws", "tcp", "quic"];
+pub const TRANSPORTS: [&str; 4] = ["ws", "tcp", "quic", "sse"];
 
 /// Close codes counted (docs/protocol.md §5), in label order.
 pub const CLOSE_CODES: [u16; 12] = [
@@ -34,6 +34,8 @@ pub enum Transport {
     Tcp = 1,
     /// QUIC.
     Quic = 2,
+    /// SSE (an event stream and POSTs, on the WebSocket listener).
+    Sse = 3,
 }
 
 impl Transport {
@@ -48,11 +50,11 @@ impl Transport {
 #[repr(align(128))]
 pub struct ShardMetrics {
     /// Open sockets per transport, from accept until released.
-    pub connections: [AtomicU64; 3],
+    pub connections: [AtomicU64; 4],
     /// Accepted sockets per transport.
-    pub accepted: [AtomicU64; 3],
+    pub accepted: [AtomicU64; 4],
     /// Sockets refused because the node is at `limits.max_connections`.
-    pub refused_max_conn: [AtomicU64; 3],
+    pub refused_max_conn: [AtomicU64; 4],
     /// Connections past `welcome`.
     pub sessions: AtomicU64,
     /// Envelopes received from clients.
@@ -126,7 +128,23 @@ pub struct ShardMetrics {
     pub history_pages: AtomicU64,
     /// Hook questions by hook ([`HOOKS`]) and outcome ([`HOOK_OUTCOMES`]).
     pub hooks: [[AtomicU64; 6]; 3],
+    /// `POST /sse` requests read on this shard, by answer ([`SSE_POSTS`]).
+    pub sse_posts: [AtomicU64; 6],
+    /// POSTs this shard sent on to their connection's owner: another
+    /// shard, another node.
+    pub sse_forwarded: [AtomicU64; 2],
 }
+
+/// `POST /sse` answers, in label order: taken (204), unknown session (404),
+/// busy (429), owner unreachable (503), body too large (413), bad request (400).
+pub const SSE_POSTS: [&str; 6] = [
+    "taken",
+    "unknown",
+    "busy",
+    "unavailable",
+    "too_large",
+    "bad_request",
+];
 
 /// Hooks, in label order (`[hooks]` keys).
 pub const HOOKS: [&str; 3] = ["connect", "subscribe", "publish"];
@@ -317,7 +335,7 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                 let _ = writeln!(s, "{name}{{{labels}}} {v}");
             }
         };
-    let per_transport = |f: fn(&ShardMetrics) -> &[AtomicU64; 3]| {
+    let per_transport = |f: fn(&ShardMetrics) -> &[AtomicU64; 4]| {
         node.shards.iter().enumerate().flat_map(move |(i, m)| {
             TRANSPORTS.iter().enumerate().map(move |(t, name)| {
                 (format!("shard=\"{i}\",transport=\"{name}\""), get(&f(m)[t]))
@@ -578,6 +596,32 @@ pub fn render(node: &NodeInfo<'_>) -> String {
                         get(&m.hooks[h][k]),
                     )
                 })
+            })
+        }),
+    );
+    family(
+        "edgegate_sse_posts_total",
+        "counter",
+        "POST /sse requests by answer (taken: 204; unknown: 404; busy: 429; unavailable: 503; too_large: 413; bad_request: 400), counted where read.",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            SSE_POSTS.iter().enumerate().map(move |(k, o)| {
+                (
+                    format!("shard=\"{i}\",outcome=\"{o}\""),
+                    get(&m.sse_posts[k]),
+                )
+            })
+        }),
+    );
+    family(
+        "edgegate_sse_posts_forwarded_total",
+        "counter",
+        "POST /sse bodies sent on to the shard or node that owns the session.",
+        &mut node.shards.iter().enumerate().flat_map(|(i, m)| {
+            ["shard", "node"].iter().enumerate().map(move |(k, to)| {
+                (
+                    format!("shard=\"{i}\",to=\"{to}\""),
+                    get(&m.sse_forwarded[k]),
+                )
             })
         }),
     );

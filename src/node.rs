@@ -50,6 +50,9 @@ pub struct Node {
         crossbeam_channel::Sender<AdminReq>,
         crossbeam_channel::Receiver<AdminReq>,
     )>,
+    /// `POST /sse` bodies for each shard's connections that another shard
+    /// read (index = shard id), served at once by a task on the shard.
+    pub posts: Vec<crate::sse::PostLane>,
 }
 
 impl Node {
@@ -104,7 +107,7 @@ pub struct ConnInfo {
     pub conn: String,
     /// User id, once welcomed.
     pub user: Option<String>,
-    /// `ws`, `tcp` or `quic`.
+    /// `ws`, `tcp`, `quic` or `sse`.
     pub transport: &'static str,
     /// Owning shard.
     pub shard: usize,

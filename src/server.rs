@@ -317,8 +317,15 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         credentials: Default::default(),
         // Bounded and small: the admin thread asks one shard at a time.
         admin_queues: (0..n).map(|_| crossbeam_channel::bounded(4)).collect(),
+        posts: (0..n).map(|_| crate::sse::PostLane::default()).collect(),
     });
     let mut scfg = ShardConfig::from_config(&cfg, n, node_name.clone());
+    if scfg.sse_path.is_some() {
+        // One key for the node: any shard can tell its tokens.
+        scfg.sse_key = Some(Arc::new(
+            crate::sse::SessionKey::random().map_err(StartError)?,
+        ));
+    }
     if cfg.auth.mode == crate::config::AuthMode::Jwt {
         // Read and parse the key now: a bad file must stop the start, not
         // the first client.
@@ -506,6 +513,7 @@ async fn shard_main(
     }
     let shard = Rc::new(shard);
     shard.serve_api();
+    shard.serve_posts();
     let weak = Rc::downgrade(&shard);
     let probe = Rc::downgrade(&shard);
     backbone.start(

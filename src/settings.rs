@@ -61,6 +61,11 @@ pub struct ShardConfig {
     pub ws_path: String,
     /// WebSocket echo path (conformance testing), if on.
     pub echo_path: Option<String>,
+    /// SSE path (`ws.sse_path`), when `ws.sse` is on.
+    pub sse_path: Option<String>,
+    /// The key of SSE session tokens: drawn by the server at start (like
+    /// `auth`); `None` serves no SSE.
+    pub sse_key: Option<Arc<crate::sse::SessionKey>>,
     /// permessage-deflate is accepted (`ws.compression = "negotiate"`).
     pub ws_deflate: bool,
     /// `ws.compression_min_bytes`.
@@ -156,6 +161,8 @@ impl ShardConfig {
             room_policy: cfg.rooms.policy,
             ws_path: cfg.ws.path.clone(),
             echo_path: cfg.ws.echo_path.clone(),
+            sse_path: cfg.ws.sse.then(|| cfg.ws.sse_path.clone()),
+            sse_key: None,
             ws_deflate: cfg.ws.compression == crate::config::WsCompression::Negotiate,
             ws_deflate_min: cfg.ws.compression_min_bytes,
             ws_deflate_shared: cfg.ws.compression_shared,

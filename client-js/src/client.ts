@@ -1,6 +1,15 @@
 /**
- * The reconnecting client: one WebSocket at a time, the protocol's client
- * rules (docs/protocol.md §5–§7) on top.
+ * The reconnecting client: one connection at a time — a WebSocket, or
+ * where WebSocket cannot get through, SSE (docs/protocol.md §10: an event
+ * stream and POSTs, `sse.ts`) — with the protocol's client rules
+ * (docs/protocol.md §5–§7) on top.
+ *
+ * - Transports are tried in the order of `transports` (WebSocket, then
+ *   SSE): the next one is taken at once when a WebSocket cannot be made
+ *   (no `WebSocket` here, a constructor that throws), and after two
+ *   failures in a row before any `welcome` (a refused upgrade, a proxy
+ *   that drops it) of a transport that never worked for this client. One
+ *   that worked is kept: a gateway restart does not move a client off it.
  *
  * - Reconnects with exponential backoff and full jitter, waits at least a
  *   `bye`'s `retry_ms`, never reconnects after 4000/4005/4006, asks the
@@ -29,6 +38,10 @@ import { type BackoffOptions, classify, delay } from "./backoff.js";
 import {
   decodeBinaryBatch, decodeJsonBatch, encodeBinaryBatch, encodeJson, type Envelope, type Type,
 } from "./codec.js";
+import { SseSocket, sseUrl } from "./sse.js";
+
+/** A way to the gateway: WebSocket, or SSE (an event stream and POSTs). */
+export type Transport = "websocket" | "sse";
 
 /** What the client needs of a WebSocket: the browser's, or `ws`'s in Node. */
 export interface WebSocketLike {
@@ -69,6 +82,10 @@ export interface ClientOptions {
   clientName?: string;
   /** The WebSocket constructor; default `globalThis.WebSocket` (Node < 22 has none: pass `ws`). */
   WebSocket?: WebSocketCtor;
+  /** Transports to try, in order; default `["websocket", "sse"]`. SSE is JSON only. */
+  transports?: Transport[];
+  /** The SSE URL; default: `url` with `http(s):` and `/ws` → `/sse`. */
+  sseUrl?: string;
   /** Reconnect backoff. */
   backoff?: BackoffOptions;
   /** How long `subscribe`/`unsubscribe`/`publish`/`request` wait for an answer, ms. Default 10 000. */
@@ -93,6 +110,8 @@ export interface Welcome {
   maxFrame: number;
   /** The user's own stream: its position, and a recovery's outcome. */
   stream?: SubResult;
+  /** The transport this connection came over. */
+  transport: Transport;
 }
 
 /** The answer to a `sub`: the stream's top and the recovery's outcome. */
@@ -292,9 +311,16 @@ export class Client {
   readonly instance: string;
   /** Publishes resent after a reconnect, and re-delivered messages dropped. */
   readonly stats = { resent: 0, dropped: 0 };
+  /** The transport in use (or last tried). */
+  transport: Transport;
 
   private readonly o: ClientOptions;
-  private readonly Ws: WebSocketCtor;
+  private readonly Ws?: WebSocketCtor;
+  private readonly transports: Transport[];
+  /** Transports that got a `welcome`; failures in a row before one. */
+  private readonly worked = new Set<Transport>();
+  private failures = 0;
+  private gotWelcome = false;
   private ws?: WebSocketLike;
   private token?: string;
   private nextId = 1;
@@ -314,9 +340,28 @@ export class Client {
     this.o = options;
     this.token = options.token;
     this.instance = options.instance ?? randomId();
-    const Ws = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketCtor }).WebSocket;
-    if (!Ws) throw new TypeError("no WebSocket here: pass options.WebSocket (e.g. the `ws` package)");
-    this.Ws = Ws;
+    this.Ws = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketCtor }).WebSocket;
+    this.transports = options.transports?.length ? options.transports : ["websocket", "sse"];
+    this.transport = this.transports[0]!;
+  }
+
+  /** Opens a connection over `t` (throws when it cannot even be made). */
+  private open(t: Transport): WebSocketLike {
+    if (t === "sse") return new SseSocket(this.o.sseUrl ?? sseUrl(this.o.url));
+    if (!this.Ws) throw new TypeError("no WebSocket here (pass options.WebSocket, e.g. the `ws` package)");
+    return new this.Ws(this.o.url, this.o.encoding === "binary" ? "edgegate.v1.bin" : "edgegate.v1.json");
+  }
+
+  /** On to the next transport. */
+  private fallBack(): void {
+    const i = this.transports.indexOf(this.transport);
+    this.transport = this.transports[(i + 1) % this.transports.length]!;
+    this.failures = 0;
+  }
+
+  /** Envelopes are binary (a WebSocket with `encoding: "binary"`; SSE is JSON). */
+  private get bin(): boolean {
+    return this.o.encoding === "binary" && this.transport === "websocket";
   }
 
   /** Calls `fn` on every `event`; returns a function that stops it. */
@@ -349,12 +394,21 @@ export class Client {
     this.clearTimers();
     this.setState("connecting");
     this.bye = undefined;
-    const bin = this.o.encoding === "binary";
-    let ws: WebSocketLike;
-    try {
-      ws = new this.Ws(this.o.url, bin ? "edgegate.v1.bin" : "edgegate.v1.json");
-    } catch (err) {
-      this.stop({ reason: "fatal", message: String(err) });
+    this.gotWelcome = false;
+    let ws: WebSocketLike | undefined;
+    let why: unknown;
+    // A transport that cannot even be made (no WebSocket, a blocked
+    // constructor): the next one at once.
+    for (let n = 0; !ws && n < this.transports.length; n++) {
+      try {
+        ws = this.open(this.transport);
+      } catch (err) {
+        why = err;
+        this.fallBack();
+      }
+    }
+    if (!ws) {
+      this.stop({ reason: "fatal", message: String(why) });
       return;
     }
     ws.binaryType = "arraybuffer";
@@ -520,7 +574,7 @@ export class Client {
       this.queue = [];
       const ws = this.ws;
       if (!ws) return;
-      const bin = this.o.encoding === "binary";
+      const bin = this.bin;
       const max = this.welcome?.maxFrame ?? Infinity;
       let batch: (string | Uint8Array)[] = [];
       let size = 0;
@@ -647,6 +701,7 @@ export class Client {
       shard: Number(m.shard ?? 0),
       hbMs: Number(m.hb_ms ?? 0),
       maxFrame: Number(m.max_frame ?? Infinity),
+      transport: this.transport,
     };
     this.own = `user:${w.user}`;
     if (m.stream && typeof m.stream === "object") {
@@ -655,6 +710,9 @@ export class Client {
     }
     this.welcome = w;
     this.attempt = 0;
+    this.gotWelcome = true;
+    this.failures = 0;
+    this.worked.add(this.transport);
     this.setState("connected");
     this.emit("connected", w);
     for (const ch of this.subs.keys()) this.sendSub(ch);
@@ -758,6 +816,10 @@ export class Client {
         this.settle(p, new EdgegateError("disconnected"));
       }
     }
+    // Failures before any welcome on a transport that never worked for
+    // this client (a refused upgrade, a proxy that drops it): after two in
+    // a row, the next transport.
+    if (!this.gotWelcome && !this.worked.has(this.transport) && ++this.failures >= 2) this.fallBack();
     const bye = this.bye;
     // 1005/1006: no close frame came (a broken connection has no code).
     const code = bye?.code ?? (closeCode && closeCode !== 1005 && closeCode !== 1006 ? closeCode : undefined);

@@ -41,12 +41,14 @@ after(async () => {
   await gw?.stop();
 });
 
-async function demo(user) {
+/** A page of the demo; `opts.blockWebSocket` takes `WebSocket` away from it before any script runs. */
+async function demo(user, opts = {}) {
   const page = await browser.newPage();
   await page.setViewport({ width: 900, height: 520 });
   const errors = [];
   page.on("pageerror", (e) => errors.push(e));
-  await page.goto(`${base}/examples/chat/?gw=${encodeURIComponent(gw.url)}&user=${user}`);
+  if (opts.blockWebSocket) await page.evaluateOnNewDocument(() => { window.WebSocket = undefined; });
+  await page.goto(`${base}/examples/chat/?gw=${encodeURIComponent(gw.url)}&user=${user}${opts.query ?? ""}`);
   await page.click("#connect");
   await page.waitForFunction(() => document.getElementById("state").textContent === "connected");
   page.errors = errors;
@@ -154,9 +156,57 @@ test("the demo shows who is here, who is typing, and a room's last messages", { 
   await a.close();
 });
 
+test("a page whose WebSocket is blocked falls back to SSE and chats with a WebSocket page in a room and by direct message", { skip }, async () => {
+  const [sn, wn] = [newUser("sse"), newUser("web")];
+  const room = newUser("fall");
+  const s = await demo(sn, { blockWebSocket: true });
+  const w = await demo(wn);
+  assert.equal(await s.$eval("#transport", (el) => el.textContent), "SSE");
+  assert.equal(await w.$eval("#transport", (el) => el.textContent), "WebSocket");
+  for (const p of [s, w]) {
+    await p.bringToFront();
+    await p.type("#room", room);
+    await p.click("#join");
+    await p.waitForFunction((r) => document.getElementById("target").textContent === `room:${r}`, {}, room);
+  }
+  await say(s, "hello over sse");
+  await waitLog(w, "hello over sse");
+  await say(w, "hello over websocket");
+  await waitLog(s, "hello over websocket");
+  // Who is here works over SSE too.
+  await s.waitForFunction((u) => document.getElementById("people").innerText.includes(u), { polling: 100 }, wn);
+  // Direct messages both ways.
+  await s.bringToFront();
+  await s.type("#dmto", wn);
+  await s.click("#dm");
+  await say(s, "a secret over sse");
+  await waitLog(w, "a secret over sse");
+  await say(w, "got it over websocket");
+  await waitLog(s, "got it over websocket");
+  assert.ok(!(await logText(s)).includes("disconnected"));
+  assert.deepEqual([...s.errors, ...w.errors], []);
+  assert.ok((await metric("edgegate_connections", 'transport="sse"')) >= 1, "the page's stream counts as SSE");
+  // ?transport=sse asks for SSE whatever the browser can do.
+  const e = await demo(newUser("explicit"), { query: "&transport=sse" });
+  assert.equal(await e.$eval("#transport", (el) => el.textContent), "SSE");
+  await e.close();
+  await s.close();
+  await w.close();
+});
+
 /** Runs the SDK inside the page (imported as the browser loads it). */
-async function sdkPage() {
+async function sdkPage(opts = {}) {
   const page = await browser.newPage();
+  // A network (or a policy) that lets no WebSocket through: the constructor throws.
+  if (opts.blockWebSocket) {
+    await page.evaluateOnNewDocument(() => {
+      window.WebSocket = class {
+        constructor() {
+          throw new DOMException("blocked", "SecurityError");
+        }
+      };
+    });
+  }
   await page.goto(`${base}/examples/chat/`);
   await page.evaluate(async () => {
     const sdk = await import("/client-js/dist/index.js");
@@ -174,8 +224,8 @@ async function sdkPage() {
   return page;
 }
 
-test("a page keeps working across a gateway restart and reports the honest recovery outcome", { skip }, async () => {
-  const page = await sdkPage();
+for (const blocked of [false, true]) test(`a page keeps working across a gateway restart and reports the honest recovery outcome${blocked ? " (WebSocket blocked: over SSE)" : ""}`, { skip }, async () => {
+  const page = await sdkPage({ blockWebSocket: blocked });
   const room = `room:${newUser("r")}`;
   await page.evaluate(async (url, user, room) => {
     window.c = window.make({ url, user, backoff: { baseMs: 50, capMs: 500 } });
@@ -201,6 +251,8 @@ test("a page keeps working across a gateway restart and reports the honest recov
   assert.deepEqual(got.texts, ["before", "after"]);
   const disc = await page.evaluate(() => window.events.filter(([e]) => e === "disconnected").map(([, d]) => d));
   assert.ok(disc.length >= 1 && disc.every((d) => d.retryInMs !== undefined), "it kept retrying by itself");
+  const over = await page.evaluate(() => window.events.filter(([e]) => e === "connected").map(([, w]) => w.transport));
+  assert.deepEqual(over, blocked ? ["sse", "sse"] : ["websocket", "websocket"]);
   await page.evaluate(() => window.c.close());
   await page.close();
 });

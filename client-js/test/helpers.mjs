@@ -181,6 +181,14 @@ export function record(client) {
   return log;
 }
 
+/** A client of the SDK (`Client`), connecting at once, with its event log: `{ c, log }`. */
+export function started(Client, url, extra = {}) {
+  const c = new Client({ url, user: newUser(), ...extra });
+  const log = record(c);
+  c.connect();
+  return { c, log };
+}
+
 let users = 0;
 /** A user id no other test uses. */
 export const newUser = (p = "u") => `${p}${process.pid}x${users++}`;

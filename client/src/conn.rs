@@ -2,8 +2,8 @@
 //! receive envelopes.
 //!
 //! [`Connection`] hides the transport behind a private `Link` enum:
-//! WebSocket, or a u32-framed byte stream (raw TCP, TCP+TLS, or the QUIC
-//! session stream). Both run over a boxed byte stream, plain or TLS
+//! WebSocket, a u32-framed byte stream (raw TCP, TCP+TLS, or the QUIC
+//! session stream), or SSE (an event stream and POSTs, `crate::sse`). Both run over a boxed byte stream, plain or TLS
 //! (rustls, ring provider). Everything above the link — batching, `ping`
 //! answers, `bye` handling — is transport-agnostic.
 //!
@@ -34,6 +34,7 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::policy::{Backoff, CloseInfo};
+use crate::sse::{Dial, SseLink};
 
 /// The transport a client connects over (docs/protocol.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -47,6 +48,9 @@ pub enum Transport {
     /// QUIC (always TLS 1.3, ALPN `edgegate/1`): one bidirectional stream
     /// framed as TCP, without the preface.
     Quic,
+    /// SSE on the WebSocket listener (`GET /sse` and POSTs; plain, or TLS
+    /// with [`ClientConfig::tls`]): JSON envelopes only.
+    Sse,
 }
 
 impl Transport {
@@ -56,6 +60,7 @@ impl Transport {
             Transport::Ws => "ws",
             Transport::Tcp => "tcp",
             Transport::Quic => "quic",
+            Transport::Sse => "sse",
         }
     }
 
@@ -72,7 +77,8 @@ impl std::str::FromStr for Transport {
             "ws" => Ok(Transport::Ws),
             "tcp" => Ok(Transport::Tcp),
             "quic" => Ok(Transport::Quic),
-            other => Err(format!("unknown transport {other:?} (ws, tcp, quic)")),
+            "sse" => Ok(Transport::Sse),
+            other => Err(format!("unknown transport {other:?} (ws, tcp, quic, sse)")),
         }
     }
 }
@@ -381,14 +387,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 const READ_CHUNK: usize = 4096;
 
 /// A byte stream: plain TCP, TLS over TCP, or a QUIC bidirectional stream.
-trait IoStream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait IoStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoStream for T {}
-type BoxIo = Box<dyn IoStream>;
+pub(crate) type BoxIo = Box<dyn IoStream>;
 
 enum Link {
     Ws(Box<WebSocketStream<BoxIo>>),
     /// u32-framed binary envelopes: TCP (plain or TLS) and QUIC.
     Tcp(TcpLink),
+    /// SSE: the event stream, and POSTs.
+    Sse(Box<SseLink>),
 }
 
 struct TcpLink {
@@ -421,15 +429,16 @@ impl fmt::Debug for Connection {
     }
 }
 
-/// Splits `ws://host:port/path`, `wss://…` or `host:port` into (`host:port`, path).
-fn split_addr(addr: &str) -> (String, String) {
-    let rest = ["ws://", "WS://", "wss://", "WSS://"]
+/// Splits `ws://host:port/path`, `wss://…`, `http(s)://…` or `host:port`
+/// into (`host:port`, path); the path defaults to `default`.
+fn split_addr(addr: &str, default: &str) -> (String, String) {
+    let rest = ["ws://", "WS://", "wss://", "WSS://", "http://", "https://"]
         .iter()
         .find_map(|p| addr.strip_prefix(p))
         .unwrap_or(addr);
     match rest.find('/') {
         Some(i) => (rest[..i].to_string(), rest[i..].to_string()),
-        None => (rest.to_string(), "/ws".to_string()),
+        None => (rest.to_string(), default.to_string()),
     }
 }
 
@@ -443,7 +452,7 @@ async fn resolve(hostport: &str) -> Result<SocketAddr> {
         .ok_or_else(|| Error::Config(format!("{hostport}: no address")))
 }
 
-async fn tcp_connect(target: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream> {
+pub(crate) async fn tcp_connect(target: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream> {
     let sock = if target.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -469,26 +478,40 @@ impl Connection {
     }
 
     async fn connect_inner(config: &ClientConfig) -> Result<Connection> {
-        let (hostport, path) = split_addr(&config.addr);
+        let sse = config.transport == Transport::Sse;
+        let (hostport, path) = split_addr(&config.addr, if sse { "/sse" } else { "/ws" });
         let target = resolve(&hostport).await?;
-        let stream: BoxIo = match config.transport {
-            Transport::Quic => Box::new(quic_connect(config, target).await?),
-            Transport::Ws | Transport::Tcp => {
-                let tcp = tcp_connect(target, config.source_addr).await?;
-                if config.tls {
-                    let tls = tls_config(config.ca_file.as_ref(), false)?;
-                    let name = server_name(config)?;
-                    let s = tokio_rustls::TlsConnector::from(tls)
-                        .connect(name, tcp)
-                        .await?;
-                    Box::new(s)
-                } else {
-                    Box::new(tcp)
-                }
-            }
+        let mut meta = serde_json::Map::new();
+        meta.insert("user".into(), config.user.clone().into());
+        if let Some(t) = &config.token {
+            meta.insert("token".into(), t.clone().into());
+        }
+        if let Some(c) = &config.client_name {
+            meta.insert("client".into(), c.clone().into());
+        }
+        if let Some(i) = &config.instance {
+            meta.insert("instance".into(), i.clone().into());
+        }
+        if let Some(p) = &config.since {
+            meta.insert("since".into(), p.to_json());
+        }
+        let mut hello = Envelope::new(Type::Hello);
+        hello.id = Some(1);
+        hello.meta = Some(serde_json::Value::Object(meta).to_string());
+        let dial = Dial {
+            target,
+            source: config.source_addr,
+            tls: match config.tls {
+                true => Some((
+                    tls_config(config.ca_file.as_ref(), false)?,
+                    server_name(config)?,
+                )),
+                false => None,
+            },
         };
         let (link, encoding) = match config.transport {
             Transport::Ws => {
+                let stream = dial.open().await?;
                 let url = format!("ws://{hostport}{path}");
                 let mut req = url
                     .as_str()
@@ -507,6 +530,11 @@ impl Connection {
                 (Link::Ws(Box::new(ws)), config.encoding)
             }
             Transport::Tcp | Transport::Quic => {
+                let stream: BoxIo = if config.transport == Transport::Quic {
+                    Box::new(quic_connect(config, target).await?)
+                } else {
+                    dial.open().await?
+                };
                 let mut link = TcpLink {
                     stream,
                     rbuf: Vec::new(),
@@ -517,37 +545,26 @@ impl Connection {
                 }
                 (Link::Tcp(link), Encoding::Binary)
             }
+            // The hello goes in the GET that opens the stream.
+            Transport::Sse => {
+                let link = SseLink::open(dial, hostport, path, &hello).await?;
+                (Link::Sse(Box::new(link)), Encoding::Json)
+            }
         };
         let mut conn = Connection {
             link,
             encoding,
             welcome: Welcome::default(),
-            next_id: 1,
+            next_id: 2,
             inbox: VecDeque::new(),
             outbox: Vec::new(),
             closed: None,
             scratch: Vec::new(),
             last_rx: tokio::time::Instant::now(),
         };
-        let mut meta = serde_json::Map::new();
-        meta.insert("user".into(), config.user.clone().into());
-        if let Some(t) = &config.token {
-            meta.insert("token".into(), t.clone().into());
+        if !sse {
+            conn.send(&hello).await?;
         }
-        if let Some(c) = &config.client_name {
-            meta.insert("client".into(), c.clone().into());
-        }
-        if let Some(i) = &config.instance {
-            meta.insert("instance".into(), i.clone().into());
-        }
-        if let Some(p) = &config.since {
-            meta.insert("since".into(), p.to_json());
-        }
-        let hello_id = conn.next_id();
-        let mut hello = Envelope::new(Type::Hello);
-        hello.id = Some(hello_id);
-        hello.meta = Some(serde_json::Value::Object(meta).to_string());
-        conn.send(&hello).await?;
         loop {
             let env = conn.recv().await?;
             match env.t {
@@ -686,6 +703,7 @@ impl Connection {
                 }
                 t.flush().await?;
             }
+            Link::Sse(s) => s.post(envs).await?,
         }
         Ok(())
     }
@@ -739,6 +757,7 @@ impl Connection {
                             frame::encode_frame(e, &mut t.wbuf);
                         }
                     }
+                    Link::Sse(s) => s.post(&out).await?,
                 }
             }
             match &mut self.link {
@@ -814,6 +833,14 @@ impl Connection {
                     }
                     self.last_rx = tokio::time::Instant::now();
                 }
+                Link::Sse(s) => {
+                    // Envelopes, and a ping per heartbeat comment (sent
+                    // at the top of the loop).
+                    if s.read(&mut self.inbox, &mut self.outbox).await? == 0 {
+                        return Err(Error::Eof);
+                    }
+                    self.last_rx = tokio::time::Instant::now();
+                }
             }
         }
     }
@@ -836,6 +863,7 @@ impl Connection {
                 let _ = t.flush().await;
                 let _ = t.stream.shutdown().await;
             }
+            Link::Sse(s) => s.close().await,
         }
         Ok(())
     }
@@ -1043,12 +1071,22 @@ mod tests {
     #[test]
     fn addr_splitting() {
         assert_eq!(
-            split_addr("127.0.0.1:80"),
+            split_addr("127.0.0.1:80", "/ws"),
             ("127.0.0.1:80".into(), "/ws".into())
         );
-        assert_eq!(split_addr("ws://h:1/x/y"), ("h:1".into(), "/x/y".into()));
-        assert_eq!(split_addr("ws://h:1"), ("h:1".into(), "/ws".into()));
-        assert_eq!(split_addr("wss://h:1/x"), ("h:1".into(), "/x".into()));
+        assert_eq!(
+            split_addr("ws://h:1/x/y", "/ws"),
+            ("h:1".into(), "/x/y".into())
+        );
+        assert_eq!(split_addr("ws://h:1", "/ws"), ("h:1".into(), "/ws".into()));
+        assert_eq!(
+            split_addr("wss://h:1/x", "/ws"),
+            ("h:1".into(), "/x".into())
+        );
+        assert_eq!(
+            split_addr("http://h:1", "/sse"),
+            ("h:1".into(), "/sse".into())
+        );
     }
 
     #[test]
@@ -1069,6 +1107,7 @@ mod tests {
         assert_eq!("ws".parse::<Transport>().unwrap(), Transport::Ws);
         assert_eq!("tcp".parse::<Transport>().unwrap(), Transport::Tcp);
         assert_eq!("quic".parse::<Transport>().unwrap(), Transport::Quic);
+        assert_eq!("sse".parse::<Transport>().unwrap(), Transport::Sse);
         assert!("udp".parse::<Transport>().is_err());
         assert_eq!("bin".parse::<Encoding>().unwrap(), Encoding::Binary);
         assert_eq!("json".parse::<Encoding>().unwrap(), Encoding::Json);

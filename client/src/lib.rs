@@ -4,8 +4,9 @@
 //! (`docs/protocol.md`), over WebSocket (subprotocols `edgegate.v1.json` /
 //! `edgegate.v1.bin`), raw TCP (`EG1\n` preface, u32 big-endian framing),
 //! both optionally over TLS (rustls, ring; [`ClientConfig::tls`] with a CA
-//! file), and QUIC (quinn, ALPN `edgegate/1`, one bidirectional stream framed
-//! as TCP without the preface).
+//! file), QUIC (quinn, ALPN `edgegate/1`, one bidirectional stream framed
+//! as TCP without the preface), and SSE (`GET /sse?hello=` for the event
+//! stream, envelopes POSTed with the session's token; JSON only).
 //! Envelope codecs and framing come from the sans-IO `edgegate-proto` crate.
 //!
 //! Three layers:
@@ -79,6 +80,7 @@
 mod client;
 mod conn;
 pub mod policy;
+mod sse;
 
 pub use client::{
     Client, ClientHandle, Event, HistoryPage, OUTBOX_LIMIT, PageMessage, PresencePage, ResumeStats,

@@ -152,7 +152,7 @@ async fn wait_for(client: &mut Client, what: &str, pred: impl Fn(&Event) -> bool
 }
 
 fn config(p: &Ports, transport: Transport, encoding: Encoding, user: &str) -> ClientConfig {
-    let port = if transport == Transport::Ws {
+    let port = if matches!(transport, Transport::Ws | Transport::Sse) {
         p.ws
     } else {
         p.tcp
@@ -200,13 +200,14 @@ async fn publish_and_expect(
     other.close().await.unwrap();
 }
 
-const KINDS: [(Transport, Encoding, &str); 3] = [
+const KINDS: [(Transport, Encoding, &str); 4] = [
     (Transport::Ws, Encoding::Json, "alice"),
     (Transport::Ws, Encoding::Binary, "carol"),
     (Transport::Tcp, Encoding::Binary, "dave"),
+    (Transport::Sse, Encoding::Json, "erin"),
 ];
 
-/// One gateway, three reconnecting clients (ws/json, ws/bin, tcp): kill -9,
+/// One gateway, four reconnecting clients (ws/json, ws/bin, tcp, sse): kill -9,
 /// restart on the same ports, all reconnect and re-subscribe; then SIGTERM,
 /// all get bye 1001 and wait at least its retry_ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,7 @@
 // The demo chat page: the SDK and nothing else. Query parameters preset the
-// form: ?gw=ws://127.0.0.1:8080/ws&user=alice&enc=binary
+// form: ?gw=ws://127.0.0.1:8080/ws&user=alice&enc=binary; ?transport=sse
+// talks SSE only (as where WebSocket is refused: the SDK falls back to it by
+// itself when WebSocket cannot get through).
 //
 // Rooms show who is here (presence: the count and `members` events), who is
 // typing (ephemeral messages: never stored), and open with their last 50
@@ -128,12 +130,16 @@ $("connect").onclick = () => {
   $("rooms").replaceChildren();
   $("dms").replaceChildren();
   const user = $("user").value.trim();
-  client = new Client({ url: $("url").value.trim(), user, encoding: q.get("enc") === "binary" ? "binary" : "json" });
+  const transports = q.get("transport") === "sse" ? ["sse"] : undefined;
+  client = new Client({ url: $("url").value.trim(), user, encoding: q.get("enc") === "binary" ? "binary" : "json", transports });
   client.on("state", (s) => {
     $("state").textContent = s;
     $("state").className = s;
   });
-  client.on("connected", (w) => ($("info").textContent = `${w.user} on ${w.node || "node"} shard ${w.shard}`));
+  client.on("connected", (w) => {
+    $("info").textContent = `${w.user} on ${w.node || "node"} shard ${w.shard}, over`;
+    $("transport").textContent = w.transport === "sse" ? "SSE" : "WebSocket";
+  });
   client.on("disconnected", (d) =>
     line([[`disconnected${d.code ? ` (${d.code})` : ""}: ${d.reason}` + (d.retryInMs !== undefined ? `, retrying in ${d.retryInMs} ms` : ""), "sys"]]));
   client.on("unrecovered", (u) => line([[`${u.ch}: missed messages could not be recovered (${u.reason})`, "sys"]]));

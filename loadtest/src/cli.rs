@@ -57,7 +57,8 @@ pub enum Scenario {
 /// Options every scenario takes.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Transport: ws, tcp or quic.
+    /// Transport: ws, tcp, quic or sse (SSE on the WebSocket listener:
+    /// JSON; `fanout` publishes over WebSocket and measures SSE subscribers).
     #[arg(long, default_value = "ws")]
     pub transport: Transport,
     /// TLS: wss:// for ws, TLS over TCP for tcp (quic is always encrypted). Needs --ca.
@@ -134,6 +135,7 @@ impl Common {
         match (self.transport, self.tls) {
             (Transport::Ws, true) => "wss",
             (Transport::Tcp, true) => "tcp+tls",
+            (Transport::Sse, true) => "sse+tls",
             (t, _) => t.name(),
         }
     }
@@ -143,9 +145,11 @@ impl Common {
         self.threads.unwrap_or(default).max(1)
     }
 
-    /// The effective encoding (tcp and quic force bin).
+    /// The effective encoding (tcp and quic force bin, sse json).
     pub fn encoding(&self) -> Encoding {
-        if self.transport.is_framed() {
+        if self.transport == Transport::Sse {
+            Encoding::Json
+        } else if self.transport.is_framed() {
             Encoding::Binary
         } else {
             self.encoding

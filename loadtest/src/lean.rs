@@ -22,8 +22,11 @@
 //! The handshake, `hello` and `sub` are done here too (the library's socket
 //! cannot be taken over with tungstenite's buffer), with tungstenite's key
 //! helpers and httparse. Plain WebSocket (JSON or binary, optionally with
-//! permessage-deflate) and raw TCP; TLS and QUIC subscribers use the client
-//! library. [`crate::nats`] speaks NATS over the same WebSocket code.
+//! permessage-deflate), raw TCP and SSE (the stream read line by line: a
+//! `data:` line is one envelope, a comment the server's heartbeat, answered
+//! by POSTing a `pong`; the `sub` is POSTed too, each POST on a connection
+//! of its own); TLS and QUIC subscribers use the client library.
+//! [`crate::nats`] speaks NATS over the same WebSocket code.
 
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -56,7 +59,20 @@ pub fn serves(c: &Common) -> bool {
 }
 
 fn takes(transport: Transport, tls: bool) -> bool {
-    !tls && matches!(transport, Transport::Ws | Transport::Tcp)
+    !tls && matches!(transport, Transport::Ws | Transport::Tcp | Transport::Sse)
+}
+
+/// What an SSE subscriber needs beside its stream: where to POST.
+struct SseSide {
+    target: SocketAddr,
+    src: Option<std::net::IpAddr>,
+    /// `Host` and the SSE path.
+    host: String,
+    path: String,
+    /// The stream is open (its GET, with the `hello`, was answered).
+    open: bool,
+    /// `welcome.meta.session`.
+    session: Option<String>,
 }
 
 /// One subscriber connection read without the client library.
@@ -73,6 +89,8 @@ pub struct LeanSub {
     next_id: u64,
     /// Envelopes decoded during setup behind the one it waited for.
     pending: std::collections::VecDeque<Envelope>,
+    /// SSE: the stream is read line by line, and envelopes are POSTed.
+    sse: Option<Box<SseSide>>,
 }
 
 impl LeanSub {
@@ -103,7 +121,12 @@ impl LeanSub {
     }
 
     async fn connect_inner(cfg: &ClientConfig, deflate: bool) -> Result<Self> {
-        let mut s = Self::open(cfg, deflate, Some(cfg.encoding.subprotocol()), "/ws").await?;
+        let path = if cfg.transport == Transport::Sse {
+            "/sse"
+        } else {
+            "/ws"
+        };
+        let mut s = Self::open(cfg, deflate, Some(cfg.encoding.subprotocol()), path).await?;
         let mut hello = Envelope::new(Type::Hello);
         hello.id = Some(s.id());
         hello.meta = Some(
@@ -111,7 +134,16 @@ impl LeanSub {
         );
         s.send(&hello).await?;
         match s.recv_setup().await? {
-            e if e.t == Type::Welcome => Ok(s),
+            e if e.t == Type::Welcome => {
+                if let Some(side) = s.sse.as_mut() {
+                    side.session = e
+                        .meta
+                        .as_deref()
+                        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+                        .and_then(|v| v.get("session")?.as_str().map(str::to_owned));
+                }
+                Ok(s)
+            }
             e => bail!(
                 "{}: expected welcome, got {:?} {:?}",
                 cfg.addr,
@@ -130,7 +162,10 @@ impl LeanSub {
         default_path: &str,
     ) -> Result<Self> {
         let src = cfg.source_addr;
-        let rest = cfg.addr.strip_prefix("ws://").unwrap_or(&cfg.addr);
+        let rest = ["ws://", "http://"]
+            .iter()
+            .find_map(|p| cfg.addr.strip_prefix(p))
+            .unwrap_or(&cfg.addr);
         let (addr, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, default_path),
@@ -159,13 +194,15 @@ impl LeanSub {
             .await
             .with_context(|| format!("connect {target}"))?;
         stream.set_nodelay(true)?;
+        let sse = cfg.transport == Transport::Sse;
         let mut s = LeanSub {
             stream,
-            ws: cfg.transport == Transport::Ws,
-            enc: if cfg.transport == Transport::Ws {
-                cfg.encoding
-            } else {
-                Encoding::Binary
+            // SSE lines are JSON envelopes, read as a WebSocket text message's.
+            ws: cfg.transport == Transport::Ws || sse,
+            enc: match cfg.transport {
+                Transport::Ws => cfg.encoding,
+                Transport::Sse => Encoding::Json,
+                _ => Encoding::Binary,
             },
             deflate: false,
             buf: vec![0; READ_CHUNK],
@@ -173,8 +210,20 @@ impl LeanSub {
             end: 0,
             next_id: 1,
             pending: Default::default(),
+            sse: sse.then(|| {
+                Box::new(SseSide {
+                    target,
+                    src,
+                    host: addr.to_owned(),
+                    path: path.to_owned(),
+                    open: false,
+                    session: None,
+                })
+            }),
         };
-        if s.ws {
+        if s.sse.is_some() {
+            // The stream opens with the first envelope sent (the hello).
+        } else if s.ws {
             s.upgrade(addr, path, deflate, subprotocol).await?;
         } else {
             s.stream.write_all(&frame::PREFACE).await?;
@@ -208,41 +257,27 @@ impl LeanSub {
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{proto}{ext}\r\n"
         );
-        self.stream.write_all(req.as_bytes()).await?;
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&self.buf[..self.end])? {
-                httparse::Status::Complete(n) => {
-                    if resp.code != Some(101) {
-                        bail!("{addr}: upgrade answered {:?} {:?}", resp.code, resp.reason);
-                    }
-                    let want = tungstenite::handshake::derive_accept_key(key.as_bytes());
-                    let got = resp
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
-                        .map(|h| h.value);
-                    if got != Some(want.as_bytes()) {
-                        bail!("{addr}: bad Sec-WebSocket-Accept");
-                    }
-                    self.deflate = resp.headers.iter().any(|h| {
-                        h.name.eq_ignore_ascii_case("sec-websocket-extensions")
-                            && memchr::memmem::find(h.value, b"permessage-deflate").is_some()
-                    });
-                    if deflate && !self.deflate {
-                        bail!("{addr}: permessage-deflate asked for, not agreed");
-                    }
-                    self.start = n;
-                    return Ok(());
-                }
-                httparse::Status::Partial => {
-                    if self.fill().await? == 0 {
-                        bail!("{addr}: closed during the upgrade");
-                    }
-                }
-            }
+        let (status, headers, n) = self.exchange(&req).await?;
+        if status != 101 {
+            bail!("{addr}: upgrade answered {status}");
         }
+        let want = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let got = headers
+            .iter()
+            .find(|(name, _)| name == "sec-websocket-accept")
+            .map(|(_, v)| v.as_slice());
+        if got != Some(want.as_bytes()) {
+            bail!("{addr}: bad Sec-WebSocket-Accept");
+        }
+        self.deflate = headers.iter().any(|(name, v)| {
+            name == "sec-websocket-extensions"
+                && memchr::memmem::find(v, b"permessage-deflate").is_some()
+        });
+        if deflate && !self.deflate {
+            bail!("{addr}: permessage-deflate asked for, not agreed");
+        }
+        self.start = n;
+        Ok(())
     }
 
     /// Reads more bytes after `end` (compacting and growing the buffer as
@@ -282,8 +317,63 @@ impl LeanSub {
         Ok(())
     }
 
-    /// Sends one envelope (a masked text or binary frame, or a TCP frame).
+    /// SSE: the first envelope (the `hello`) opens the stream with
+    /// `GET <path>?hello=`; later ones are POSTed.
+    async fn send_sse(&mut self, env: &Envelope) -> Result<()> {
+        let mut text = Vec::new();
+        json::encode(env, &mut text);
+        let Some(side) = self.sse.as_mut() else {
+            bail!("not an SSE subscriber");
+        };
+        if side.open {
+            return post(side, &text).await;
+        }
+        side.open = true;
+        let req = format!(
+            "GET {}?hello={} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+            side.path,
+            edgegate_proto::sse::percent_encode(&text),
+            side.host
+        );
+        let (status, _, n) = self.exchange(&req).await?;
+        if status != 200 {
+            bail!("GET /sse answered {status}");
+        }
+        self.start = n;
+        Ok(())
+    }
+
+    /// Writes the request `req` and reads its response head: the status,
+    /// the headers (names in lower case) and the head's length.
+    async fn exchange(&mut self, req: &str) -> Result<(u16, Vec<(String, Vec<u8>)>, usize)> {
+        self.stream.write_all(req.as_bytes()).await?;
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.buf[..self.end])? {
+                httparse::Status::Complete(n) => {
+                    let hs = resp
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+                        .collect();
+                    return Ok((resp.code.unwrap_or(0), hs, n));
+                }
+                httparse::Status::Partial => {
+                    if self.fill().await? == 0 {
+                        bail!("closed before the response head");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one envelope (a masked text or binary frame, a TCP frame, or
+    /// for SSE the stream's GET or a POST).
     async fn send(&mut self, env: &Envelope) -> Result<()> {
+        if self.sse.is_some() {
+            return self.send_sse(env).await;
+        }
         let mut body = Vec::new();
         if !self.ws {
             frame::encode_frame(env, &mut body);
@@ -304,9 +394,41 @@ impl LeanSub {
             .await
     }
 
+    /// SSE: the next whole line that matters — a `data:` line (one
+    /// envelope, as a text message's) or a comment (the heartbeat, as a
+    /// ping); blank lines and other fields are passed over.
+    fn next_sse_line(&mut self) -> Option<Next> {
+        loop {
+            let avail = &self.buf[self.start..self.end];
+            let nl = memchr::memchr(b'\n', avail)?;
+            let line = self.start..self.start + nl;
+            self.start += nl + 1;
+            let text = &self.buf[line.clone()];
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            if let Some(env) = text.strip_prefix(b"data:") {
+                let skip = 5 + usize::from(env.first() == Some(&b' '));
+                return Some(Next {
+                    op: Some(OpCode::Data(Data::Text)),
+                    body: line.start + skip..line.start + text.len(),
+                    deflated: false,
+                });
+            }
+            if text.first() == Some(&b':') {
+                return Some(Next {
+                    op: Some(OpCode::Control(Control::Ping)),
+                    body: line.start..line.start,
+                    deflated: false,
+                });
+            }
+        }
+    }
+
     /// The next whole frame in the buffer: (opcode or `None` for a raw TCP
     /// frame, payload range); advances past it.
     pub(crate) fn next_frame(&mut self) -> Result<Option<Next>> {
+        if self.sse.is_some() {
+            return Ok(self.next_sse_line());
+        }
         let avail = &self.buf[self.start..self.end];
         if self.ws {
             let mut cur = Cursor::new(avail);
@@ -388,6 +510,10 @@ impl LeanSub {
     }
 
     pub(crate) async fn pong(&mut self, body: &[u8]) -> Result<()> {
+        if self.sse.is_some() {
+            // The server's heartbeat comment: any POST counts as activity.
+            return self.send(&Envelope::pong(None)).await;
+        }
         self.send_masked(Frame::pong(body.to_vec())).await
     }
 
@@ -407,6 +533,40 @@ impl LeanSub {
             }
         }
     }
+}
+
+/// POSTs `body` for an SSE subscriber's session, on a connection of its
+/// own (`Connection: close`): 204 expected.
+async fn post(side: &SseSide, body: &[u8]) -> Result<()> {
+    let Some(session) = side.session.as_deref() else {
+        bail!("SSE: no session before welcome");
+    };
+    let sock = if side.target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = side.src {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let mut stream = sock.connect(side.target).await?;
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nEg-Session: {session}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        side.path,
+        side.host,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    if !answer.starts_with(b"HTTP/1.1 204") {
+        bail!(
+            "POST /sse answered {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(40)])
+        );
+    }
+    Ok(())
 }
 
 /// One whole frame found in the buffer.

@@ -109,7 +109,7 @@ fn has_token(headers: &[httparse::Header<'_>], name: &str, token: &str) -> bool 
 
 /// The body framing from `Content-Length` / `Transfer-Encoding` (RFC 9112
 /// §6.3): chunked wins; several lengths must agree; anything else is refused.
-fn framing(headers: &[httparse::Header<'_>], default: Body) -> Result<Body, HttpError> {
+pub(crate) fn framing(headers: &[httparse::Header<'_>], default: Body) -> Result<Body, HttpError> {
     let te = header_value(headers, "transfer-encoding");
     if !te.is_empty() {
         let codings: Vec<String> = te

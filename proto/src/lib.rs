@@ -18,6 +18,7 @@
 //!  framing   (frame)           TCP/QUIC: u32-BE length + body, "EG1\n" preface on TCP
 //!                              WebSocket text: envelopes separated by '\n' (json::decode_batch)
 //!                              WebSocket binary: LEB128 length + envelope, repeated
+//!                              SSE (sse): a batch as one event, a `data:` line per envelope
 //!  names     (channel)         user:<id>, room:<id>, svc:<name>; ids [A-Za-z0-9_-]{1,128}
 //!  numbers   (codes)           close codes (bye) and err codes (name in JSON, number in binary)
 //! ```
@@ -80,6 +81,7 @@ pub mod frame;
 pub mod http;
 pub mod json;
 pub mod leb128;
+pub mod sse;
 pub mod ws;
 
 pub use codes::{CloseCode, ErrCode};

@@ -241,6 +241,9 @@ pub enum Event {
     Page(Ack, Result<Page, Refused>),
     /// The answer to a [`Backbone::channels`].
     Channels(Ack, Result<RoomsPage, Refused>),
+    /// A `POST /sse` for one of this shard's connections, from another
+    /// node (docs/protocol.md §10).
+    Post(crate::sse::Post),
 }
 
 /// Where asynchronous events go: the shard's event handler.
@@ -332,6 +335,14 @@ pub trait Backbone {
 
     /// True while the backbone can carry messages.
     fn is_up(&self) -> bool;
+
+    /// Sends a `POST /sse` on to `node` (as `edgegate_proto::sse::node_token`
+    /// writes it), which owns its session; the outcome goes to
+    /// `post.reply`. A backbone with no other node answers `Unknown`.
+    fn forward_post(&self, node: &str, post: crate::sse::Post) {
+        let _ = node;
+        let _ = post.reply.send(crate::sse::PostOutcome::Unknown);
+    }
 }
 
 /// The embedded backbone's built-in services.

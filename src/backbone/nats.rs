@@ -213,6 +213,14 @@ enum ToNats {
     },
     /// A lifecycle event to publish on `P.events.<event>`.
     Event(serde_json::Value),
+    /// A `POST /sse` for a session of another node: a request on
+    /// `P.ctl.sse.<node>`, whose answer is the POST's outcome.
+    Post {
+        /// The node, as `edgegate_proto::sse::node_token` writes it.
+        node: String,
+        /// The POST.
+        post: crate::sse::Post,
+    },
 }
 
 mod control;
@@ -488,6 +496,19 @@ impl Backbone for NatsBackbone {
         if !self.send_data(cmd) {
             now.push(Event::Page(ack, Err(Refused::UNAVAILABLE)));
         }
+    }
+
+    fn forward_post(&self, node: &str, post: crate::sse::Post) {
+        if !self.state.up.load(Relaxed) {
+            let _ = post.reply.send(crate::sse::PostOutcome::Unavailable);
+            return;
+        }
+        // A full bridge drops the command, and with it the reply: the
+        // waiting POST then answers 503.
+        self.send_data(ToNats::Post {
+            node: node.to_owned(),
+            post,
+        });
     }
 }
 
@@ -929,6 +950,7 @@ async fn run(
         started,
     });
     ctl.clone().spawn();
+    ctl.clone().serve_posts();
     // With `[presence]`, the cluster-wide view of rooms (its own tasks).
     let presence = ClusterPresence::new(
         client.clone(),
@@ -1177,6 +1199,11 @@ async fn run(
                     });
                 }
                 ToNats::Event(ev) => ctl.publish_event(&ev).await,
+                ToNats::Post { node, post } => {
+                    let client = client.clone();
+                    let subject = format!("{prefix}.ctl.sse.{node}");
+                    tokio::task::spawn_local(control::forward_post(client, subject, post, timeout));
+                }
             }
         }
         for (channel, shard, on, ack) in interest {

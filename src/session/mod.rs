@@ -216,6 +216,16 @@ impl SessionState {
         self.extra.get_or_insert_with(Box::default)
     }
 
+    /// True while a `welcome` may still be written: before it (`hello` not
+    /// yet answered), or while it waits for the user stream's position.
+    pub fn welcome_due(&self) -> bool {
+        self.phase == Phase::Hello
+            || self
+                .extra
+                .as_ref()
+                .is_some_and(|x| x.recovering.iter().any(|r| r.welcome))
+    }
+
     /// True while a recovery (or the position) of `ch` is being fetched.
     pub fn is_recovering(&self, ch: &str) -> bool {
         self.extra
@@ -269,6 +279,10 @@ pub struct Ctx<'a> {
     pub now_ms: u64,
     /// Wall-clock time, Unix ms (token expiry).
     pub unix_ms: u64,
+    /// SSE: the connection's session token, for `welcome.meta.session`
+    /// (docs/protocol.md §10); made by the shard only while a `welcome`
+    /// may be due ([`SessionState::welcome_due`]).
+    pub session: Option<&'a str>,
 }
 
 impl Ctx<'_> {
@@ -890,6 +904,9 @@ fn welcome_envelope(
         "max_frame": cfg.max_frame,
     });
     meta["stream"] = stream;
+    if let Some(token) = cx.session {
+        meta["session"] = token.into();
+    }
     let mut welcome = Envelope::new(Type::Welcome);
     welcome.id = id;
     welcome.meta = Some(meta.to_string());

@@ -22,6 +22,8 @@ struct T {
     transport: Transport,
     now: u64,
     unix: u64,
+    /// The SSE session token the shard would pass.
+    session: Option<String>,
 }
 
 impl T {
@@ -38,6 +40,7 @@ impl T {
             transport: Transport::Tcp,
             now: 1_000,
             unix: UNIX,
+            session: None,
         }
     }
 
@@ -64,6 +67,7 @@ impl T {
             transport: self.transport,
             now_ms: self.now,
             unix_ms: self.unix,
+            session: self.session.as_deref(),
         };
         let mut out = Vec::new();
         handle(&mut self.st, &cx, input, &mut out);
@@ -313,6 +317,40 @@ fn upgrade_token_is_verified_and_then_hello_needs_none() {
     let mut bad = T::jwt(RoomPolicy::Open);
     let out = bad.run(Input::UpgradeToken("garbage".into()));
     assert_close(&out, CloseCode::UNAUTHORIZED);
+}
+
+#[test]
+fn sse_welcome_carries_the_session_token_and_hello_may_hold_the_jwt() {
+    // SSE: the token comes in hello= (docs/protocol.md §10), whatever
+    // `auth.token_sources` says of WebSocket's carriers.
+    let tok = token("fay", UNIX / 1000 + 60, &[]);
+    let mut s = T::jwt(RoomPolicy::Open);
+    s.transport = Transport::Sse;
+    s.cfg.token_sources[TokenSource::Hello as usize] = false;
+    s.session = Some("n1.1.0.7.mac".into());
+    let out = s.client(&format!(
+        r#"{{"t":"hello","id":1,"meta":{{"token":"{tok}"}}}}"#
+    ));
+    let w = welcome(&out).unwrap_or_default();
+    assert_eq!(w["user"], "fay");
+    assert_eq!(w["session"], "n1.1.0.7.mac");
+    // Other transports' welcomes have none.
+    let mut s = T::open();
+    let out = s.client(r#"{"t":"hello","id":1,"meta":{"user":"gus"}}"#);
+    assert!(welcome(&out).unwrap_or_default().get("session").is_none());
+    // With history, the welcome is written when the position comes: the
+    // shard makes the token while `welcome_due` says one may be due.
+    let mut s = T::open();
+    s.cfg.positions = true;
+    s.transport = Transport::Sse;
+    assert!(s.st.welcome_due());
+    s.client(r#"{"t":"hello","id":1,"meta":{"user":"hal"}}"#);
+    assert!(s.st.welcome_due(), "still waiting for the position");
+    s.run(Input::SubReady(Some(1)));
+    s.session = Some("n1.1.0.7.mac".into());
+    let out = s.run(Input::History(Some(1), position("e1", 2, Ok(vec![]))));
+    assert_eq!(welcome(&out).unwrap_or_default()["session"], "n1.1.0.7.mac");
+    assert!(!s.st.welcome_due());
 }
 
 fn jwt_welcomed(policy: RoomPolicy, rooms: &[&str], exp_s: u64) -> T {

@@ -23,6 +23,7 @@
 pub mod api;
 pub mod conns;
 pub mod liveness;
+pub mod posts;
 pub mod subs;
 
 use std::cell::{Cell, OnceCell, RefCell};
@@ -95,6 +96,8 @@ pub struct Shard {
     /// The services thread's link (server API, HTTP services, hooks), when
     /// it runs.
     pub api: Option<api::ApiSide>,
+    /// Bodies POSTed to this shard's SSE connections, not yet read.
+    pub posts: posts::PostBox,
     start: Instant,
     clock: Cell<u64>,
 }
@@ -130,6 +133,7 @@ impl Shard {
             actions: Cell::new(Vec::new()),
             events: Cell::new(Vec::new()),
             api: None,
+            posts: posts::PostBox::default(),
             start: Instant::now(),
             clock: Cell::new(0),
         }
@@ -164,6 +168,12 @@ impl Shard {
         session::conn_name(&self.cfg.node_id, self.id, conn.serial)
     }
 
+    /// An SSE connection's session token (`welcome.meta.session`).
+    pub fn sse_token(&self, conn: &Conn) -> Option<String> {
+        let key = self.cfg.sse_key.as_ref()?;
+        Some(key.token(&self.cfg.node_id, self.id, conn.key, conn.serial))
+    }
+
     /// Registers a new connection and arms its hello timeout.
     pub fn register(&self, transport: Transport, peer: SocketAddr) -> Rc<Conn> {
         let now = self.refresh_clock();
@@ -191,6 +201,7 @@ impl Shard {
             self.metrics.sessions.fetch_sub(1, Relaxed);
             self.backbone.presence(&user, -1);
         }
+        self.posts.forget(conn.key, conn.serial);
         self.conns.remove(conn);
         self.dispatch(events);
     }
@@ -254,6 +265,11 @@ impl Shard {
         let mut out = self.actions.take();
         {
             let mut st = conn.session.borrow_mut();
+            // SSE: the session token goes in `welcome` (made only while
+            // one may be due: an HMAC per input would be waste).
+            let token = (conn.transport == Transport::Sse && st.welcome_due())
+                .then(|| self.sse_token(conn))
+                .flatten();
             let cx = Ctx {
                 cfg: &self.cfg,
                 metrics: &self.metrics,
@@ -262,6 +278,7 @@ impl Shard {
                 transport: conn.transport,
                 now_ms: self.now_ms(),
                 unix_ms: crate::auth::unix_ms(),
+                session: token.as_deref(),
             };
             session::handle(&mut st, &cx, input, &mut out);
         }
@@ -468,6 +485,7 @@ impl Shard {
             }
             // Every welcomed connection is subscribed to its user channel.
             Event::Kick(k) => self.kick(k),
+            Event::Post(p) => self.take_post(p),
             Event::Gap(ch) => self.tell_subscribers(&ch, || Input::Gap),
         }
     }

@@ -8,6 +8,7 @@
 //! the shard asked for. Everything above this module is transport-agnostic.
 
 pub mod quic;
+pub mod sse;
 pub mod tcp;
 pub mod ws;
 
@@ -238,6 +239,26 @@ impl TxBuf {
         std::task::ready!(std::pin::Pin::new(stream).poll_flush(cx))?;
         Poll::Ready(Ok(()))
     }
+}
+
+/// FIN (after TLS close_notify on a TLS stream), then read and discard for
+/// a short linger, so that a reset caused by unread input cannot destroy
+/// the `bye` just written (docs/protocol.md §6).
+pub async fn fin_and_linger<S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin>(
+    stream: &mut S,
+) {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.close().await;
+    let _ = glommio::timer::timeout(LINGER, async {
+        let mut sink = [0u8; 512];
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }
 
 /// [`Wire::send_queued`] as one batch: what every wire does without
@@ -499,6 +520,10 @@ mod size_tests {
         assert_eq!(size_of::<glommio::net::TcpStream>(), 56);
         let ws = size_of::<super::ws::WsWire<glommio::net::TcpStream>>();
         assert!(ws <= 120, "WsWire is {ws} bytes");
+        // One task type carries a WebSocket or an SSE stream: no larger
+        // than the WebSocket wire alone.
+        let either = size_of::<super::sse::HttpWire<glommio::net::TcpStream>>();
+        assert!(either <= 120, "HttpWire is {either} bytes");
     }
 
     /// Every socket also has glommio's readiness source behind an `Rc`: the

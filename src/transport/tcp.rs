@@ -8,10 +8,10 @@
 use std::task::{Context, Poll, ready};
 
 use edgegate_proto::{Envelope, binary, frame};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
-use super::{LINGER, RxCarry, TxBuf, Wire, WireError, poll_read_scratch};
+use super::{RxCarry, TxBuf, Wire, WireError, poll_read_scratch};
 use crate::shard::Shard;
 
 /// A TCP connection after accept, over a plain socket (`S` = glommio's
@@ -126,20 +126,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for TcpWire<S> {
         if self.flush_all().await.is_err() {
             return;
         }
-        // FIN, then read and discard for a short linger so that a reset
-        // caused by unread input cannot destroy the `bye` (docs/protocol.md §6).
-        // FIN (after TLS close_notify on a TLS stream).
-        let _ = self.stream.close().await;
-        let _ = glommio::timer::timeout(LINGER, async {
-            let mut sink = [0u8; 512];
-            loop {
-                match self.stream.read(&mut sink).await {
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
+        super::fin_and_linger(&mut self.stream).await;
     }
 
     async fn finish(&mut self) {}

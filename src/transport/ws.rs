@@ -55,6 +55,8 @@ pub enum Route {
     Session(Framing),
     /// The conformance echo endpoint.
     Echo,
+    /// SSE (`ws.sse_path`): not an upgrade; [`super::sse`] serves it.
+    Sse,
 }
 
 /// permessage-deflate on one connection, as negotiated.
@@ -95,7 +97,8 @@ pub struct Upgrade {
     pub route: Route,
     /// The answer to send (101 Switching Protocols).
     pub response: String,
-    /// Bytes after the request head.
+    /// Bytes after the request head; for [`Route::Sse`], every byte read
+    /// (the head included), for [`super::sse`] to parse.
     pub rest: Vec<u8>,
     /// A token from `Authorization: Bearer` or `?token=`, where
     /// `auth.token_sources` accepts them; verified by the caller, so that
@@ -125,14 +128,24 @@ pub fn parse_upgrade(buf: &[u8], cfg: &ShardConfig) -> Result<Option<Upgrade>, U
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(UpgradeError::Refused(400, "malformed HTTP request")),
     };
-    if req.method != Some("GET") {
-        return Err(UpgradeError::Refused(405, "WebSocket upgrades use GET"));
-    }
     let (path, query) = req
         .path
         .unwrap_or("/")
         .split_once('?')
         .unwrap_or((req.path.unwrap_or("/"), ""));
+    if cfg.sse_path.as_deref() == Some(path) {
+        // Not an upgrade: GET, POST and OPTIONS of SSE (§10).
+        return Ok(Some(Upgrade {
+            route: Route::Sse,
+            response: String::new(),
+            rest: buf.to_vec(),
+            token: None,
+            deflate: Deflate::Off,
+        }));
+    }
+    if req.method != Some("GET") {
+        return Err(UpgradeError::Refused(405, "WebSocket upgrades use GET"));
+    }
     let echo = cfg.echo_path.as_deref() == Some(path);
     if !echo && path != cfg.ws_path {
         return Err(UpgradeError::Refused(
@@ -259,6 +272,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         }
         buf.extend_from_slice(&chunk[..n]);
         match parse_upgrade(&buf, cfg) {
+            Ok(Some(up)) if up.route == Route::Sse => return Ok(up),
             Ok(Some(up)) => {
                 stream
                     .write_all(up.response.as_bytes())
@@ -332,6 +346,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWire<S> {
         let (json, echo) = match route {
             Route::Session(f) => (f == Framing::WsJson, false),
             Route::Echo => (false, true),
+            // Never a WebSocket (the listener hands it to `sse`).
+            Route::Sse => (true, false),
         };
         WsWire {
             stream,

@@ -40,14 +40,18 @@ def fanout(gw, tmp_path, *args: str) -> dict:
 
 @pytest.mark.parametrize("transport,encoding,receiver", [
     ("ws", "json", "lean"), ("ws", "bin", "lean"), ("tcp", "bin", "lean"),
-    ("ws", "json", "client"),
+    ("ws", "json", "client"), ("sse", "json", "lean"), ("sse", "json", "client"),
 ])
 def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encoding, receiver):
     gw = gateway()
-    port = gw.ws_port if transport == "ws" else gw.tcp_port
+    port = gw.tcp_port if transport == "tcp" else gw.ws_port
     r = fanout(gw, tmp_path, "--transport", transport, "--encoding", encoding,
                "--target", f"127.0.0.1:{port}", "--receiver", receiver)
     assert r["params"]["receiver"] == receiver
+    if transport == "sse":
+        # The subscribers' streams are SSE (the publishers speak WebSocket).
+        assert r["params"]["transport"] == "sse"
+        assert gw.metric("edgegate_connections_accepted_total", transport="sse") >= 30
     n = sent_of(r)
     assert r["expected_deliveries"] == 30 * n
     assert (r["received"], r["unique"], r["lost"]) == (30 * n, 30 * n, 0), r
@@ -62,6 +66,26 @@ def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encodi
     user, system = r["harness_cpu_user_us_per_delivery"], r["harness_cpu_sys_us_per_delivery"]
     assert user >= 0 and system >= 0
     assert user + system == pytest.approx(r["harness_cpu_us_per_delivery"], rel=1e-6)
+
+
+def test_idle_sse_connections(gateway, tmp_path):
+    """idle --transport sse: every connection an SSE stream, held open (the
+    heartbeat comments answered), memory per connection reported."""
+    gw = gateway(EDGEGATE_HEARTBEAT__INTERVAL_MS=500, EDGEGATE_HEARTBEAT__IDLE_TIMEOUT_MS=1500)
+    out = tmp_path / "idle.json"
+    p = subprocess.run(
+        [str(LT), "idle", "--transport", "sse", "--connections", "200", "--rate", "400",
+         "--hold-secs", "3", "--target", f"127.0.0.1:{gw.ws_port}", "--admin",
+         f"127.0.0.1:{gw.admin_port}", "--gateway-pid", str(gw.proc.pid), "--quiet",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"loadtest failed:\n{p.stdout}\n{p.stderr}"
+    r = json.loads(out.read_text())
+    assert r["params"]["transport"] == "sse", r["params"]
+    assert r["connected"] == 200 and r["failed"] == 0, r
+    # Held past twice the idle timeout: the comments were answered.
+    assert r["dropped_during_run"] == 0 and r["alive_after_hold"] == 200, r
+    assert r["gateway_rss_per_conn_kib"] > 0, r
 
 
 def test_lean_receivers_inflate_compressed_deliveries(gateway, tmp_path):

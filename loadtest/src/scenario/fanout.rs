@@ -103,8 +103,22 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             .await?,
         )
     } else {
+        // SSE subscribers hear publishers on WebSocket: what is measured is
+        // the delivery to them (a publisher over SSE would be one POST per
+        // batch, its round trips the bound).
+        let mut pc = c.clone();
+        if pc.transport == crate::Transport::Sse {
+            pc.transport = crate::Transport::Ws;
+        }
         Pubs::Client(
-            peer::connect_all(c, pub_users, a.connect_rate, &pb, |c| async move { Ok(c) }).await?,
+            peer::connect_all(
+                &pc,
+                pub_users,
+                a.connect_rate,
+                &pb,
+                |c| async move { Ok(c) },
+            )
+            .await?,
         )
     };
     pb.finish_and_clear();

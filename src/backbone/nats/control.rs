@@ -15,6 +15,9 @@
 //!   cluster.
 //! * `P.events.<event>`: lifecycle events (`user.online` / `user.offline`
 //!   per node transition), beside `P.presence.<id>`.
+//! * `P.ctl.sse.<node>`: a `POST /sse` that another node read for one of
+//!   this node's SSE sessions (header `Eg-Session`, the body as posted); the
+//!   answer is the HTTP status the owner gave it (`204`, `404`, `429`).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -29,6 +32,7 @@ use super::{ShardTx, ToNats};
 use crate::backbone::{Event, Kick};
 use crate::events::UserCounts;
 use crate::metrics::ShardMetrics;
+use crate::sse::{Post, PostOutcome};
 
 /// How long a node waits for its shards to report a kick's closes.
 const SHARDS_ANSWER: Duration = Duration::from_secs(2);
@@ -135,6 +139,54 @@ impl Control {
         });
     }
 
+    /// Serves `P.ctl.sse.<this node>`: each POST goes to the shard its
+    /// token names, and its outcome is the answer.
+    pub fn serve_posts(self: Rc<Self>) {
+        tokio::task::spawn_local(async move {
+            let node = edgegate_proto::sse::node_token(&self.node).into_owned();
+            let subject = format!("{}.ctl.sse.{node}", self.prefix);
+            let mut sub = match self.client.subscribe(subject.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return warn!(error = %e, subject, "backbone: cannot subscribe to SSE posts");
+                }
+            };
+            while let Some(m) = sub.next().await {
+                let Some(reply) = m.reply else { continue };
+                let session = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Eg-Session"))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                let me = self.clone();
+                tokio::task::spawn_local(async move {
+                    let outcome = me.post(session, m.payload).await;
+                    let status = outcome.status().to_string();
+                    let _ = me.client.publish(reply, status.into()).await;
+                });
+            }
+        });
+    }
+
+    /// Hands a POST to the shard its session names; its outcome.
+    async fn post(&self, session: String, body: Bytes) -> PostOutcome {
+        let shard = edgegate_proto::sse::parse_session(&session).map(|id| id.shard);
+        let Some(tx) = shard.and_then(|i| self.shards.get(i)) else {
+            return PostOutcome::Unknown;
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.answer(Event::Post(Post {
+            session,
+            body,
+            reply,
+        }));
+        match tokio::time::timeout(SHARDS_ANSWER, answer).await {
+            Ok(Ok(o)) => o,
+            _ => PostOutcome::Unavailable,
+        }
+    }
+
     /// Closes `kick.user`'s connections on every shard of this node; the
     /// number closed.
     async fn kick(&self, mut kick: Kick) -> usize {
@@ -162,6 +214,35 @@ impl Control {
         let subject = format!("{}.events.{name}", self.prefix);
         let _ = self.client.publish(subject, ev.to_string().into()).await;
     }
+}
+
+/// Sends a POST on to the node that owns its session (`subject` =
+/// `P.ctl.sse.<node>`) and gives its answer to the waiting POST: no node
+/// listening means the session is gone (404); no answer in time, 503.
+pub(super) async fn forward_post(
+    client: async_nats::Client,
+    subject: String,
+    post: Post,
+    within: Duration,
+) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Eg-Session", post.session.as_str());
+    let r = tokio::time::timeout(
+        within,
+        client.request_with_headers(subject, headers, post.body),
+    )
+    .await;
+    let outcome = match r {
+        Ok(Ok(m)) => std::str::from_utf8(&m.payload)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .map_or(PostOutcome::Unavailable, PostOutcome::from_status),
+        Ok(Err(e)) if matches!(e.kind(), async_nats::RequestErrorKind::NoResponders) => {
+            PostOutcome::Unknown
+        }
+        _ => PostOutcome::Unavailable,
+    };
+    let _ = post.reply.send(outcome);
 }
 
 /// Gathers every answer to `body` on `subject` that comes within `within`.
