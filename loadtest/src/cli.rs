@@ -46,6 +46,10 @@ pub enum Scenario {
     /// typing indicators (ephemeral) and users coming and going: latency,
     /// CPU per delivery, members events, memory per present (room, user).
     Chat(ChatArgs),
+    /// Fill the history: publishers write M messages to each of R rooms,
+    /// round after round of new rooms; the gateway's RSS above its start
+    /// against the history budget and what the history says it holds.
+    Fill(FillArgs),
     /// Internal: a worker process of `idle` (reports JSON lines on stdout).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -459,6 +463,39 @@ pub struct ChatArgs {
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+/// `fill` options.
+#[derive(Args, Debug, Clone)]
+pub struct FillArgs {
+    /// Shared options (`--gateway-pid` and `--admin` are needed).
+    #[command(flatten)]
+    pub common: Common,
+    /// Publishing connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Rooms written per round (new names each round).
+    #[arg(long, default_value_t = 400_000)]
+    pub rooms: usize,
+    /// Messages per room per round.
+    #[arg(long, default_value_t = 1)]
+    pub messages: usize,
+    /// Rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Padding characters in each message's JSON payload.
+    #[arg(long, default_value_t = 16)]
+    pub size: usize,
+    /// The gateway's history budget in all, MiB (shards × `history.shard_bytes`;
+    /// the default config: 2 × 64).
+    #[arg(long, default_value_t = 128.0)]
+    pub budget_mib: f64,
+    /// Publishes in flight per connection.
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Publish without ids (no deduplication key kept).
+    #[arg(long)]
+    pub no_ids: bool,
 }
 
 /// `soak` options.

@@ -18,6 +18,7 @@ fn main() -> Result<()> {
         Scenario::Chaos(a) => a.common.threads_or(1),
         Scenario::Herd(a) => a.common.threads_or(1),
         Scenario::Chat(a) => a.common.threads_or(1),
+        Scenario::Fill(a) => a.common.threads_or(1),
     };
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -66,6 +67,10 @@ fn main() -> Result<()> {
             Scenario::Chat(a) => {
                 let o = out(&a.common);
                 (scenario::chat::run(a).await?, o)
+            }
+            Scenario::Fill(a) => {
+                let o = out(&a.common);
+                (scenario::fill::run(a).await?, o)
             }
         };
         report.emit(json.as_deref(), svg.as_deref())

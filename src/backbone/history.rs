@@ -27,7 +27,18 @@
 //!
 //! Publish deduplication: a publish that names a key (`user:instance:id`)
 //! already stored on the channel within the window is not stored again;
-//! its answer is the original `seq`, marked duplicate.
+//! its answer is the original `seq`, marked duplicate. A key is kept with
+//! its message (it leaves when the message does) and counts only within
+//! the window; the keys are one shard-wide table, not one per channel: most
+//! channels of a chat get a message now and then, and a table per channel
+//! would cost each of them more than its message.
+//!
+//! **The budget counts what the memory holds.** Every heap block is
+//! charged at the allocator's size for it ([`block`]), and the tables
+//! (channel records, keys, the FIFO, the rings) at their capacity, not
+//! their length, so that `history.shard_bytes` bounds the history's real
+//! memory (docs/architecture.md, "Memory of the history"; measured with
+//! the harness's `fill` scenario, docs/benchmarks.md).
 //!
 //! Sans-IO: time comes in as arguments; unit tests below.
 
@@ -39,17 +50,45 @@ use edgegate_proto::Envelope;
 
 use crate::config::History as HistoryConfig;
 
-/// Bytes a channel record costs beyond its messages (map entry, ring, name).
-const CHANNEL_OVERHEAD: usize = 160;
-/// Bytes a stored message costs beyond its payload and names: the shared
-/// envelope (`Arc` header and struct), its slot in the ring, and the
-/// allocator's rounding of its three heap blocks. Measured against the
-/// gateway's RSS (docs/bench-notes.md), so that `history.shard_bytes`
-/// bounds real memory, not a fraction of it.
-const MESSAGE_OVERHEAD: usize = std::mem::size_of::<Envelope>() + 16 + 16 + 3 * 16;
-/// Bytes a dedupe entry costs beyond its key: the `Rc<str>` header, the map
-/// entry and the expiry queue's slot.
-const DEDUPE_OVERHEAD: usize = 16 + 40 + 24 + 16;
+/// The header of an `Rc`/`Arc` allocation (two counts).
+const RC_HEADER: usize = 16;
+
+/// The bytes the allocator hands out for a request of `n`: mimalloc's size
+/// classes, 8-byte steps up to 64, then four classes per doubling. (With
+/// the system allocator the figure is close: glibc rounds to 16 and adds
+/// 8.)
+pub fn block(n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    if n <= 64 {
+        return n.div_ceil(8) * 8;
+    }
+    // Four classes between 2^k and 2^(k+1): steps of 2^(k-2).
+    let k = usize::BITS - 1 - n.leading_zeros();
+    let step = 1usize << (k - 2);
+    n.div_ceil(step) * step
+}
+
+/// The bytes of a hash table that can hold `cap` entries of `slot` bytes
+/// (hashbrown: a power of two of buckets, 7/8 of them usable, one control
+/// byte each plus a group's worth).
+fn table(cap: usize, slot: usize) -> usize {
+    if cap == 0 {
+        return 0;
+    }
+    let buckets = if cap < 8 {
+        (cap + 1).next_power_of_two()
+    } else {
+        (cap * 8 / 7).next_power_of_two()
+    };
+    block(buckets * slot + buckets + 16)
+}
+
+/// The bytes of a ring (`VecDeque`) of `cap` elements of `T`.
+fn ring<T>(cap: usize) -> usize {
+    block(cap * std::mem::size_of::<T>())
+}
 
 /// A position in a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +192,8 @@ struct Entry {
     at_ms: u64,
     bytes: usize,
     env: Arc<Envelope>,
+    /// The publish key it was stored under.
+    key: Option<Rc<str>>,
 }
 
 struct Channel {
@@ -160,17 +201,37 @@ struct Channel {
     epoch: Arc<str>,
     top: u64,
     ring: VecDeque<Entry>,
-    /// Publish keys stored within the window: key → (seq, stored at).
-    dedupe: HashMap<Rc<str>, (u64, u64)>,
-    dedupe_order: VecDeque<(u64, Rc<str>)>,
 }
 
-/// What the shard-wide FIFO remembers, in storing order.
-enum Item {
-    /// A message of a channel (its generation and seq).
-    Message(Rc<str>, u64, u64),
-    /// A channel record was made (its generation).
-    Record(Rc<str>, u64),
+/// A publish key stored within the window: where its message went.
+struct Key {
+    /// The channel (its record's name) and the record's generation: a
+    /// retry to another channel, or to a record made since, is not this
+    /// publish.
+    ch: Rc<str>,
+    generation: u64,
+    seq: u64,
+    at_ms: u64,
+}
+
+/// What the shard-wide FIFO remembers, in storing order: a message of a
+/// channel (its record's generation and its seq), or, with seq 0 (no
+/// message has it), that a channel record was made. A struct rather than an
+/// enum of the two: 32 bytes, not 40, in a queue of one per message.
+struct Item {
+    ch: Rc<str>,
+    generation: u64,
+    seq: u64,
+}
+
+impl Item {
+    fn record(ch: Rc<str>, generation: u64) -> Item {
+        Item {
+            ch,
+            generation,
+            seq: 0,
+        }
+    }
 }
 
 /// One shard's history of the channels it owns.
@@ -178,7 +239,11 @@ pub struct HistoryStore {
     cfg: HistoryConfig,
     prefix: Rc<str>,
     channels: HashMap<Rc<str>, Channel>,
+    /// The publish keys of the messages held, shard-wide.
+    keys: HashMap<Rc<str>, Key>,
     fifo: VecDeque<Item>,
+    /// The heap blocks held (names, epochs, messages, rings, keys), at the
+    /// allocator's sizes; the tables are added by [`HistoryStore::bytes`].
     bytes: usize,
     generation: u64,
     /// Messages evicted for the byte budget (not for count or age).
@@ -265,12 +330,33 @@ impl Page {
     }
 }
 
-/// A message's size for the byte budget.
+/// Removes the publish key of `e` (a message of a record of `generation`
+/// leaving history), unless the key was stored again since.
+fn forget_key(keys: &mut HashMap<Rc<str>, Key>, e: Entry, generation: u64) {
+    if let Some(k) = e.key
+        && keys
+            .get(&k)
+            .is_some_and(|x| x.seq == e.seq && x.generation == generation)
+    {
+        keys.remove(&k);
+    }
+}
+
+/// A stored message's heap blocks: the shared envelope and its strings.
 fn size_of(env: &Envelope) -> usize {
-    MESSAGE_OVERHEAD
-        + env.payload.bytes().len()
-        + env.ch.as_ref().map_or(0, String::len)
-        + env.from.as_ref().map_or(0, String::len)
+    let s = |o: &Option<String>| o.as_ref().map_or(0, |s| block(s.len()));
+    block(RC_HEADER + std::mem::size_of::<Envelope>())
+        + block(env.payload.bytes().len())
+        + s(&env.ch)
+        + s(&env.from)
+        + s(&env.meta)
+        + s(&env.reason)
+}
+
+/// A record's own heap blocks: its name, and its epoch when it is not the
+/// shared base.
+fn record_size(name: &str, epoch: Option<&str>) -> usize {
+    block(RC_HEADER + name.len()) + epoch.map_or(0, |e| block(RC_HEADER + e.len()))
 }
 
 impl HistoryStore {
@@ -280,6 +366,7 @@ impl HistoryStore {
             cfg,
             prefix: Rc::from(prefix),
             channels: HashMap::new(),
+            keys: HashMap::new(),
             fifo: VecDeque::new(),
             bytes: 0,
             generation: 0,
@@ -296,6 +383,14 @@ impl HistoryStore {
         (!self.gone.contains(ch)).then(|| self.base.clone())
     }
 
+    /// Whether `epoch` is a record's own (`<prefix>-<generation>`), not a
+    /// base epoch (`<prefix>-b<round>`) shared by many records.
+    fn own_epoch(&self, epoch: &str) -> bool {
+        !epoch
+            .get(self.prefix.len() + 1..)
+            .is_some_and(|rest| rest.starts_with('b'))
+    }
+
     /// Remembers that `ch`'s record was evicted.
     fn evict_name(&mut self, ch: &str) {
         if !self.gone.insert(ch) {
@@ -308,9 +403,17 @@ impl HistoryStore {
         }
     }
 
-    /// Bytes held.
+    /// Bytes held: the heap blocks and the tables that index them.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.tables()
+    }
+
+    /// The tables at their capacity (they grow, and do not shrink).
+    fn tables(&self) -> usize {
+        use std::mem::size_of;
+        table(self.channels.capacity(), size_of::<(Rc<str>, Channel)>())
+            + table(self.keys.capacity(), size_of::<(Rc<str>, Key)>())
+            + ring::<Item>(self.fifo.capacity())
     }
 
     /// Channel records held.
@@ -328,10 +431,14 @@ impl HistoryStore {
         if !self.channels.contains_key(ch) {
             self.generation += 1;
             let name: Rc<str> = Rc::from(ch);
-            let epoch = match self.absent_epoch(ch) {
-                Some(base) => base,
-                None => Arc::from(format!("{}-{}", self.prefix, self.generation)),
+            let (epoch, own) = match self.absent_epoch(ch) {
+                Some(base) => (base, false),
+                None => (
+                    Arc::from(format!("{}-{}", self.prefix, self.generation)),
+                    true,
+                ),
             };
+            self.bytes += record_size(ch, own.then_some(&*epoch));
             self.channels.insert(
                 name.clone(),
                 Channel {
@@ -339,12 +446,9 @@ impl HistoryStore {
                     epoch,
                     top: 0,
                     ring: VecDeque::new(),
-                    dedupe: HashMap::new(),
-                    dedupe_order: VecDeque::new(),
                 },
             );
-            self.bytes += CHANNEL_OVERHEAD + ch.len();
-            self.fifo.push_back(Item::Record(name, self.generation));
+            self.fifo.push_back(Item::record(name, self.generation));
         }
         // Just inserted or already there.
         match self.channels.get_mut(ch) {
@@ -353,9 +457,9 @@ impl HistoryStore {
         }
     }
 
-    /// Drops what is older than the age bound from `ch`'s ring and dedupe keys.
+    /// Drops what is older than the age bound from `ch`'s ring.
     fn trim(&mut self, ch: &str, now_ms: u64) {
-        let (max_age, window) = (self.cfg.max_age_ms, self.cfg.dedupe_window_ms);
+        let max_age = self.cfg.max_age_ms;
         let Some(c) = self.channels.get_mut(ch) else {
             return;
         };
@@ -366,18 +470,38 @@ impl HistoryStore {
         {
             if let Some(e) = c.ring.pop_front() {
                 self.bytes -= e.bytes;
+                forget_key(&mut self.keys, e, c.generation);
             }
         }
-        while c
-            .dedupe_order
-            .front()
-            .is_some_and(|(at, _)| now_ms.saturating_sub(*at) >= window)
-        {
-            if let Some((at, key)) = c.dedupe_order.pop_front()
-                && c.dedupe.get(&key).is_some_and(|(_, t)| *t == at)
-            {
-                c.dedupe.remove(&key);
-                self.bytes -= key.len() + DEDUPE_OVERHEAD;
+    }
+
+    /// Drops up to `n` items at the front of the FIFO that nothing needs
+    /// any more (messages already gone by count or age, records evicted),
+    /// so that it stays about as long as what it orders.
+    fn pop_stale(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(i) = self.fifo.front() else {
+                return;
+            };
+            // A message already gone, or any item of a record evicted.
+            let stale = self.channels.get(&i.ch).is_none_or(|c| {
+                c.generation != i.generation
+                    || (i.seq != 0 && c.ring.front().is_none_or(|e| e.seq > i.seq))
+            });
+            match (stale, i.seq) {
+                (true, _) => {
+                    self.fifo.pop_front();
+                }
+                // A live record holding messages: its turn comes again
+                // later (as in the budget's loop), so that it does not keep
+                // what is behind it. An empty one is the next to go when
+                // the budget is spent: it stays first.
+                (false, 0) if self.channels.get(&i.ch).is_some_and(|c| !c.ring.is_empty()) => {
+                    if let Some(r) = self.fifo.pop_front() {
+                        self.fifo.push_back(r);
+                    }
+                }
+                (false, _) => return,
             }
         }
     }
@@ -396,48 +520,78 @@ impl HistoryStore {
         self.trim(ch, now_ms);
         let max_messages = self.cfg.max_messages;
         let c = self.channel(ch);
+        let generation = c.generation;
+        let window = self.cfg.dedupe_window_ms;
         if let Some(k) = key
-            && let Some(&(seq, _)) = c.dedupe.get(k)
+            && let Some(seq) = self
+                .keys
+                .get(k)
+                .filter(|k| *k.ch == *ch && k.generation == generation)
+                .filter(|k| now_ms.saturating_sub(k.at_ms) < window)
+                .map(|k| k.seq)
         {
             let dup = Stored {
                 seq,
-                epoch: c.epoch.clone(),
+                epoch: self.channel(ch).epoch.clone(),
                 duplicate: true,
             };
             return (dup, None);
         }
+        // The record exists (made above): the fields are borrowed apart so
+        // that the keys can be updated while its ring is.
+        let Some(c) = self.channels.get_mut(ch) else {
+            unreachable!("the channel record was just made")
+        };
         c.top += 1;
         let seq = c.top;
         let epoch = c.epoch.clone();
         env.seq = Some(seq);
-        let bytes = size_of(&env);
-        let generation = c.generation;
+        let key: Option<Rc<str>> = key.map(Rc::from);
+        let bytes = size_of(&env) + key.as_ref().map_or(0, |k| block(RC_HEADER + k.len()));
         let env = Arc::new(env);
+        let cap = c.ring.capacity();
+        if cap == 0 {
+            // Most rooms of a chat hold a few messages: no room for four
+            // before the first.
+            c.ring.reserve_exact(1);
+        }
         c.ring.push_back(Entry {
             seq,
             at_ms: now_ms,
             bytes,
             env: env.clone(),
+            key: key.clone(),
         });
-        let mut freed = 0;
+        let mut freed = ring::<Entry>(cap);
+        let added = bytes + ring::<Entry>(c.ring.capacity());
         while c.ring.len() > max_messages {
             if let Some(e) = c.ring.pop_front() {
                 freed += e.bytes;
+                forget_key(&mut self.keys, e, generation);
             }
         }
-        let mut added = bytes;
-        if let Some(k) = key {
-            let k: Rc<str> = Rc::from(k);
-            added += k.len() + DEDUPE_OVERHEAD;
-            c.dedupe.insert(k.clone(), (seq, now_ms));
-            c.dedupe_order.push_back((now_ms, k));
-        }
-        self.bytes = self.bytes + added - freed;
         let name = match self.channels.get_key_value(ch) {
             Some((n, _)) => n.clone(),
             None => Rc::from(ch),
         };
-        self.fifo.push_back(Item::Message(name, generation, seq));
+        if let Some(k) = key {
+            self.keys.insert(
+                k,
+                Key {
+                    ch: name.clone(),
+                    generation,
+                    seq,
+                    at_ms: now_ms,
+                },
+            );
+        }
+        self.bytes = self.bytes + added - freed;
+        self.pop_stale(3);
+        self.fifo.push_back(Item {
+            ch: name,
+            generation,
+            seq,
+        });
         self.enforce_budget();
         let stored = Stored {
             seq,
@@ -450,13 +604,18 @@ impl HistoryStore {
     /// Frees the shard's oldest items until the byte budget holds.
     fn enforce_budget(&mut self) {
         let mut rounds = self.fifo.len();
-        while self.bytes > self.cfg.shard_bytes && rounds > 0 {
+        while self.bytes() > self.cfg.shard_bytes && rounds > 0 {
             rounds -= 1;
             let Some(item) = self.fifo.pop_front() else {
                 break;
             };
-            match item {
-                Item::Message(ch, generation, seq) => {
+            let Item {
+                ch,
+                generation,
+                seq,
+            } = item;
+            match seq {
+                1.. => {
                     if let Some(c) = self.channels.get_mut(&ch)
                         && c.generation == generation
                         && c.ring.front().is_some_and(|e| e.seq <= seq)
@@ -465,11 +624,12 @@ impl HistoryStore {
                             if let Some(e) = c.ring.pop_front() {
                                 self.bytes -= e.bytes;
                                 self.evicted += 1;
+                                forget_key(&mut self.keys, e, generation);
                             }
                         }
                     }
                 }
-                Item::Record(ch, generation) => {
+                0 => {
                     let live = self
                         .channels
                         .get(&ch)
@@ -478,18 +638,36 @@ impl HistoryStore {
                         // An empty record goes: the channel comes back with a
                         // new generation (a new epoch) if it is used again.
                         Some(c) if c.ring.is_empty() => {
-                            let dedupe: usize =
-                                c.dedupe.keys().map(|k| k.len() + DEDUPE_OVERHEAD).sum();
-                            self.bytes -= CHANNEL_OVERHEAD + ch.len() + dedupe;
+                            let own = self.own_epoch(&c.epoch).then_some(&*c.epoch);
+                            self.bytes -= record_size(&ch, own) + ring::<Entry>(c.ring.capacity());
                             self.channels.remove(&ch);
                             self.evict_name(&ch);
                         }
                         // Still holding messages: its turn comes again later.
-                        Some(_) => self.fifo.push_back(Item::Record(ch, generation)),
+                        Some(_) => self.fifo.push_back(Item::record(ch, generation)),
                         None => {}
                     }
                 }
             }
+        }
+        self.shrink();
+    }
+
+    /// Gives back the tables' room when three quarters of it is unused (a
+    /// table grows by doubling, and the budget then frees entries to pay
+    /// for it: without this, a table could hold the budget all by itself).
+    fn shrink(&mut self) {
+        fn sparse(len: usize, cap: usize) -> bool {
+            cap > 64 && len * 4 < cap
+        }
+        if sparse(self.channels.len(), self.channels.capacity()) {
+            self.channels.shrink_to(self.channels.len() * 2);
+        }
+        if sparse(self.keys.len(), self.keys.capacity()) {
+            self.keys.shrink_to(self.keys.len() * 2);
+        }
+        if sparse(self.fifo.len(), self.fifo.capacity()) {
+            self.fifo.shrink_to(self.fifo.len() * 2);
         }
     }
 
@@ -911,5 +1089,90 @@ mod tests {
             a.recover("room:a", None, 0).pos.epoch,
             b.recover("room:a", None, 0).pos.epoch
         );
+    }
+
+    #[test]
+    fn blocks_are_the_allocators_classes() {
+        let classes: Vec<usize> = [1, 8, 9, 64, 65, 80, 81, 128, 129, 200, 256, 257, 1000]
+            .iter()
+            .map(|&n| block(n))
+            .collect();
+        assert_eq!(
+            classes,
+            vec![8, 8, 16, 64, 80, 80, 96, 128, 160, 224, 256, 320, 1024]
+        );
+        assert_eq!(block(0), 0);
+        // A table of 100 entries has 128 buckets; of 7, 8.
+        assert_eq!(table(100, 10), block(128 * 11 + 16));
+        assert_eq!(table(7, 10), block(8 * 11 + 16));
+    }
+
+    #[test]
+    fn the_budget_holds_with_the_tables_counted() {
+        // Many small channels, each message with a key: the shape whose
+        // tables cost more than the messages.
+        let budget = 256 << 10;
+        let mut h = HistoryStore::new(
+            HistoryConfig {
+                shard_bytes: budget,
+                ..cfg()
+            },
+            "p",
+        );
+        for i in 0..20_000u64 {
+            let key = format!("u:c:{i}");
+            h.append(&format!("room:{i}"), msg("1"), Some(&key), i);
+            assert!(
+                h.bytes() <= budget,
+                "{} > {budget} after {i}: blocks {}, channels {}/{}, keys {}/{}, fifo {}/{}",
+                h.bytes(),
+                h.bytes,
+                h.channels.len(),
+                h.channels.capacity(),
+                h.keys.len(),
+                h.keys.capacity(),
+                h.fifo.len(),
+                h.fifo.capacity()
+            );
+        }
+        assert!(h.evicted() > 10_000, "{}", h.evicted());
+        // The tables are counted: what the heap blocks alone hold is less.
+        assert!(h.tables() > 0 && h.bytes > 0);
+        assert_eq!(h.bytes(), h.bytes + h.tables());
+        // Keys leave with their messages.
+        let kept: usize = h.channels.values().map(|c| c.ring.len()).sum();
+        assert_eq!(h.keys.len(), kept);
+    }
+
+    #[test]
+    fn the_fifo_stays_as_long_as_what_it_orders() {
+        // The count bound keeps the bytes far under the budget, so the
+        // budget never evicts: the FIFO must not keep an item per message
+        // ever stored.
+        let mut h = HistoryStore::new(cfg(), "p");
+        for i in 0..100_000u64 {
+            h.append("room:a", msg("1"), Some(&format!("u:c:{i}")), i / 100);
+        }
+        assert!(h.fifo.len() <= 16, "{}", h.fifo.len());
+        assert_eq!(h.keys.len(), 5, "a key per message kept");
+        // A retry of a message still kept (within the window) is known;
+        // one whose message left is stored again.
+        let (d, none) = h.append("room:a", msg("1"), Some("u:c:99999"), 1_000);
+        assert!(d.duplicate && none.is_none());
+        let (d, _) = h.append("room:a", msg("1"), Some("u:c:1"), 1_000);
+        assert!(!d.duplicate);
+    }
+
+    #[test]
+    fn a_key_on_another_channel_or_record_is_not_a_duplicate() {
+        let mut h = HistoryStore::new(cfg(), "p");
+        let (a, _) = h.append("room:a", msg("1"), Some("u:i:1"), 0);
+        let (b, e) = h.append("room:b", msg("1"), Some("u:i:1"), 0);
+        assert!(!a.duplicate && !b.duplicate && e.is_some());
+        // The key now points at room:b's message; room:a's retry is not
+        // mistaken for it.
+        let (b2, _) = h.append("room:b", msg("1"), Some("u:i:1"), 0);
+        assert!(b2.duplicate);
+        assert_eq!(b2.seq, b.seq);
     }
 }

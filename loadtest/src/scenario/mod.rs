@@ -3,6 +3,7 @@
 pub mod chaos;
 pub mod chat;
 pub mod fanout;
+pub mod fill;
 pub mod herd;
 pub mod idle;
 pub mod pubsub;
