@@ -185,6 +185,15 @@ pub struct IdleArgs {
     /// Settle time between the ramp's end and the start of the hold measurement.
     #[arg(long, default_value_t = 1.0)]
     pub settle_secs: f64,
+    /// Rooms each connection joins once connected (pipelined `sub`s, each
+    /// answered `ok` before the connection counts as ramped): what a chat
+    /// user costs, not only a bare connection.
+    #[arg(long, default_value_t = 0)]
+    pub rooms: u64,
+    /// Members of each room when `--rooms` is set: connections × rooms ÷
+    /// members rooms, connection c's r-th room is (c × rooms + r) mod that.
+    #[arg(long, default_value_t = 10)]
+    pub members: u64,
 }
 
 /// `pubsub` options.
@@ -301,6 +310,16 @@ pub struct WorkerArgs {
     /// Hard bound on the worker's life, seconds.
     #[arg(long)]
     pub max_life_secs: f64,
+    /// Index of this worker's first connection among all workers' (its rooms
+    /// follow from it).
+    #[arg(long, default_value_t = 0)]
+    pub first: u64,
+    /// Rooms each connection joins (`room:idle-<k>`).
+    #[arg(long, default_value_t = 0)]
+    pub rooms: u64,
+    /// Rooms in all (`--rooms` of connection c: (c × rooms + r) mod this).
+    #[arg(long, default_value_t = 1)]
+    pub room_count: u64,
 }
 
 /// What the storm does to the gateway.

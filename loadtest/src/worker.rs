@@ -4,7 +4,8 @@
 //! stdout (worker → parent), one JSON object per line, field `ev`:
 //! `progress` {connected, failed, alive, connect_n, connect_p50_ms,
 //! connect_p99_ms (connects completed since the last line)} every 250 ms
-//! during the ramp;
+//! during the ramp; with `--rooms`, a connection counts as connected once
+//! every room's `sub` is answered `ok` (`joined` counts the rooms);
 //! `ramped` {connected, failed, alive, secs, errors}; `status` {alive,
 //! dropped, drop_reasons} when asked; `done` {…} before exiting.
 //! stdin (parent → worker), one word per line: `status`, `close`.
@@ -27,6 +28,7 @@ use crate::peer;
 #[derive(Default)]
 struct State {
     connected: AtomicU64,
+    joined: AtomicU64,
     failed: AtomicU64,
     alive: AtomicU64,
     dropped: AtomicU64,
@@ -76,6 +78,12 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
                 let global = u64::from(a.index) * a.connections + n;
                 let src = (!ips.is_empty()).then(|| ips[(global % ips.len() as u64) as usize]);
                 let cfg = peer::config(&c, format!("lt{}x{n}", a.index), src);
+                let rooms: Vec<String> = (0..a.rooms)
+                    .map(|r| {
+                        let k = ((a.first + n) * a.rooms + r) % a.room_count.max(1);
+                        format!("room:idle-{k}")
+                    })
+                    .collect();
                 let st = st.clone();
                 let mut stop = stop_rx.clone();
                 tokio::spawn(async move {
@@ -83,6 +91,14 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
                     let conn = tokio::select! {
                         r = edgegate_client::Connection::connect(&cfg) => r,
                         _ = stop.changed() => return,
+                    };
+                    let connect_us = (t_conn.elapsed().as_micros() as u64).max(1);
+                    let conn = match conn {
+                        Ok(mut c) => match join(&mut c, &rooms).await {
+                            Ok(()) => Ok(c),
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
                     };
                     st.done.fetch_add(1, Relaxed);
                     let mut conn = match conn {
@@ -94,10 +110,11 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
                         }
                     };
                     st.connected.fetch_add(1, Relaxed);
+                    st.joined.fetch_add(rooms.len() as u64, Relaxed);
                     st.alive.fetch_add(1, Relaxed);
                     if let Ok(mut g) = st.connect_us.lock() {
                         let h = g.get_or_insert_with(crate::track::new_histogram);
-                        let _ = h.record((t_conn.elapsed().as_micros() as u64).max(1));
+                        let _ = h.record(connect_us);
                     }
                     loop {
                         tokio::select! {
@@ -146,6 +163,7 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
     }
     emit(
         json!({"ev": "ramped", "connected": st.connected.load(Relaxed),
+        "joined": st.joined.load(Relaxed),
         "failed": st.failed.load(Relaxed), "alive": st.alive.load(Relaxed),
         "secs": last_done_at.as_secs_f64(), "issued": pacer.issued(),
         "errors": snapshot(&st.errors)}),
@@ -174,6 +192,49 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
         json!({"ev": "done", "connected": st.connected.load(Relaxed),
         "dropped": st.dropped.load(Relaxed), "cpu_secs": crate::procfs::self_cpu_secs()}),
     );
+    Ok(())
+}
+
+/// Subscribes `conn` to `rooms` (pipelined) and waits for every `ok`.
+async fn join(
+    conn: &mut edgegate_client::Connection,
+    rooms: &[String],
+) -> edgegate_client::Result<()> {
+    use edgegate_client::{Envelope, Type};
+    if rooms.is_empty() {
+        return Ok(());
+    }
+    let first = conn.next_id();
+    for _ in 1..rooms.len() {
+        conn.next_id();
+    }
+    let ids = first..first + rooms.len() as u64;
+    let subs: Vec<Envelope> = rooms
+        .iter()
+        .zip(ids.clone())
+        .map(|(r, id)| {
+            let mut e = Envelope::new(Type::Sub);
+            e.id = Some(id);
+            e.ch = Some(r.clone());
+            e
+        })
+        .collect();
+    conn.send_batch(&subs).await?;
+    let mut left = rooms.len();
+    while left > 0 {
+        let e = conn.recv().await?;
+        let ours = e.id.is_some_and(|id| ids.contains(&id));
+        match e.t {
+            Type::Ok if ours => left -= 1,
+            Type::Err if ours => {
+                return Err(edgegate_client::Error::Decode(format!(
+                    "sub refused: {}",
+                    e.code.map_or("?".into(), |c| c.to_string())
+                )));
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 

@@ -296,6 +296,16 @@ impl Shard {
         match a {
             Action::Reply(env) => conn.reply(env),
             Action::Subscribe { ch, ok, presence } => {
+                // The router's table first (it tells nobody): the session
+                // keeps the shard's copy of the name.
+                let (first, name) = self.router.borrow_mut().subscribe(&ch, conn.key);
+                if !Rc::ptr_eq(&name, &ch) {
+                    let mut st = conn.session.borrow_mut();
+                    if let Some(s) = st.subs.iter_mut().rev().find(|s| Rc::ptr_eq(s, &ch)) {
+                        *s = name.clone();
+                    }
+                }
+                let ch = name;
                 if self.tracks_presence(&ch) {
                     if let Some(u) = conn.user()
                         && !self.held_elsewhere(&u, &ch, conn.key)
@@ -309,7 +319,6 @@ impl Shard {
                         self.backbone.watch(&ch, true);
                     }
                 }
-                let first = self.router.borrow_mut().subscribe(&ch, conn.key);
                 if first {
                     let ack = ok.map(|id| self.ack(conn, id));
                     self.backbone.interest(&ch, true, ack, events);

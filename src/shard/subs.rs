@@ -41,20 +41,26 @@ impl Keys {
 
 impl Router {
     /// Subscribes connection `key` to `ch`. Returns `true` when this is the
-    /// shard's first interest in `ch` (the backbone may need to know).
-    pub fn subscribe(&mut self, ch: &Rc<str>, key: u32) -> bool {
-        match self.subs.get_mut(&**ch) {
-            Some(keys) => {
-                match keys {
-                    Keys::One(k) if *k != key => *keys = Keys::Many(vec![*k, key]),
-                    Keys::Many(v) if !v.contains(&key) => v.push(key),
-                    _ => {}
+    /// shard's first interest in `ch` (the backbone may need to know), and
+    /// the shard's copy of the name: a connection keeps that one, so that
+    /// the members of a room on a shard share one allocation of its name
+    /// rather than one each.
+    pub fn subscribe(&mut self, ch: &Rc<str>, key: u32) -> (bool, Rc<str>) {
+        match self.subs.get_key_value(&**ch) {
+            Some((name, _)) => {
+                let name = name.clone();
+                if let Some(keys) = self.subs.get_mut(&*name) {
+                    match keys {
+                        Keys::One(k) if *k != key => *keys = Keys::Many(vec![*k, key]),
+                        Keys::Many(v) if !v.contains(&key) => v.push(key),
+                        _ => {}
+                    }
                 }
-                false
+                (false, name)
             }
             None => {
                 self.subs.insert(ch.clone(), Keys::One(key));
-                true
+                (true, ch.clone())
             }
         }
     }
@@ -214,9 +220,11 @@ mod tests {
     fn first_and_last_interest_are_reported() {
         let mut r = Router::default();
         let ch: Rc<str> = Rc::from("room:a");
-        assert!(r.subscribe(&ch, 1));
-        assert!(!r.subscribe(&ch, 2));
-        assert!(!r.subscribe(&ch, 2), "idempotent");
+        assert!(r.subscribe(&ch, 1).0);
+        let (first, name) = r.subscribe(&Rc::from("room:a"), 2);
+        assert!(!first);
+        assert!(Rc::ptr_eq(&name, &ch), "one name per shard");
+        assert!(!r.subscribe(&ch, 2).0, "idempotent");
         assert_eq!(r.subscribers("room:a"), 2);
         assert!(!r.unsubscribe("room:a", 1));
         assert!(r.unsubscribe("room:a", 2));

@@ -88,6 +88,43 @@ def test_idle_sse_connections(gateway, tmp_path):
     assert r["gateway_rss_per_conn_kib"] > 0, r
 
 
+def test_idle_connections_join_rooms(gateway, tmp_path):
+    """idle --rooms R --members M: each connection joins R rooms before it
+    counts as connected, and every room gets M distinct members (seen by
+    the server API's presence query while the connections are held)."""
+    from apihelp import Api, api_env
+
+    gw = gateway(**api_env())
+    out = tmp_path / "idle.json"
+    p = subprocess.Popen(
+        [str(LT), "idle", "--transport", "ws", "--connections", "100", "--rate", "400",
+         "--hold-secs", "6", "--rooms", "4", "--members", "10",
+         "--target", f"127.0.0.1:{gw.ws_port}", "--admin", f"127.0.0.1:{gw.admin_port}",
+         "--gateway-pid", str(gw.proc.pid), "--quiet", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        api = Api(gw)
+        deadline = time.monotonic() + 30
+        totals = []
+        while time.monotonic() < deadline:
+            totals = [api.call("presence", {"ch": f"room:idle-{k}"})[1].get("total") for k in range(40)]
+            if totals == [10] * 40:
+                break
+            time.sleep(0.2)
+        assert totals == [10] * 40, totals
+        assert api.call("presence", {"ch": "room:idle-40"})[1]["total"] == 0
+        api.close()
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, f"loadtest failed:\n{stdout}\n{stderr}"
+    r = json.loads(out.read_text())
+    assert r["connected"] == 100 and r["failed"] == 0, r
+    assert r["subscriptions"] == 400 and r["params"]["rooms"] == 40, r
+    assert r["alive_after_hold"] == 100, r
+
+
 def test_lean_receivers_inflate_compressed_deliveries(gateway, tmp_path):
     """With --deflate the lean subscribers negotiate permessage-deflate and
     inflate what the gateway compressed once per shard: every delivery is

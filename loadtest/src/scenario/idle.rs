@@ -5,6 +5,11 @@
 //! and measures again:
 //!
 //! RSS per connection = (RSS after hold − baseline RSS) / connected.
+//!
+//! With `--rooms R --members M` each connection also joins R rooms of M
+//! members before it counts as connected, so the figure is what a chat
+//! user costs: run it with and without rooms for the cost of a
+//! subscription.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -82,6 +87,10 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
     let max_ramp = a
         .max_ramp_secs
         .unwrap_or(2.0 * n as f64 / a.rate.max(1.0) + 15.0);
+    if a.rooms > 0 && (a.members == 0 || n * a.rooms < a.members) {
+        bail!("--connections × --rooms must be at least --members (and --members at least 1)");
+    }
+    let room_count = (n * a.rooms).div_ceil(a.members.max(1)).max(1);
     let gw = gateway_pid(c.gateway_pid);
     if gw.is_none() {
         eprintln!("no gateway pid (pass --gateway-pid): RSS and CPU of the gateway not measured");
@@ -113,6 +122,9 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
             .args(["--connections", &share.to_string()])
             .args(["--rate", &rate.to_string()])
             .args(["--max-ramp-secs", &max_ramp.to_string()])
+            .args(["--first", &(u64::from(i) * per).to_string()])
+            .args(["--rooms", &a.rooms.to_string()])
+            .args(["--room-count", &room_count.to_string()])
             .args([
                 "--max-life-secs",
                 &(max_ramp + c.connect_timeout_secs + a.settle_secs + a.hold_secs + 60.0)
@@ -188,6 +200,10 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
     let connected: u64 = ramped
         .values()
         .map(|v| v["connected"].as_u64().unwrap_or(0))
+        .sum();
+    let joined: u64 = ramped
+        .values()
+        .map(|v| v["joined"].as_u64().unwrap_or(0))
         .sum();
     let failed: u64 = ramped
         .values()
@@ -307,10 +323,12 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
             "connections": n, "rate": a.rate, "hold_secs": a.hold_secs, "workers": workers,
             "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "source_ips": c.source_ips, "threads_per_worker": c.threads_or(1),
+            "rooms_per_connection": a.rooms, "members": a.members, "rooms": if a.rooms > 0 { room_count } else { 0 },
         }),
     );
     r.set("connected", connected);
     r.set("failed", failed);
+    r.set("subscriptions", joined);
     r.set("connect_errors", json!(errors));
     r.set("ramp_secs", ramp_secs);
     r.set("connect_rate", rate);
@@ -342,6 +360,15 @@ pub async fn run(a: IdleArgs) -> Result<Report> {
         format!("{} / {}", c.transport_label(), c.encoding().name()),
     );
     r.row("workers", format!("{workers} × ≤{per} connections"));
+    if a.rooms > 0 {
+        r.row(
+            "rooms",
+            format!(
+                "{} per connection, {room_count} rooms of {}: {joined} subscriptions",
+                a.rooms, a.members
+            ),
+        );
+    }
     r.row(
         "connected / failed",
         format!("{connected} / {failed} of {n}  {errors:?}"),
