@@ -43,6 +43,8 @@ print(f'{r["params"].get("dialect", "edgegate"):8} {r["params"]["receiver"]:6} K
       f'{r["deliveries_per_sec"]:>10.0f} deliv/s  lost {r["lost"]}  disc {r["disconnects"]}  '
       f'p50 {l["p50_ms"]:.3f} p99 {l["p99_ms"]:.3f} p99.9 {l["p999_ms"]:.3f} ms  '
       f'gw {r["gateway_cpu_pct"]:.1f}% {r["gateway_cpu_us_per_delivery"]:.3f} us/d  '
-      f'harness {r["harness_cpu_pct"]:.1f}% {r["harness_cpu_us_per_delivery"]:.3f} us/d')
+      f'harness {r["harness_cpu_pct"]:.1f}% {r["harness_cpu_us_per_delivery"]:.3f} us/d'
+      + (f'  steady p50 {r["latency_steady"]["p50_ms"]:.3f} p99 {r["latency_steady"]["p99_ms"]:.3f} ms'
+         if "latency_steady" in r else ''))
 PY
 sleep 1

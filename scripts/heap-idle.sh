@@ -7,6 +7,8 @@
 # (scripts/heap_peak.py). docs/bench-notes.md, "What an idle connection holds".
 #
 # usage: scripts/heap-idle.sh ws|wss|tcp|quic N OUTDIR
+#   IDLE_ARGS="--rooms 20 --members 10": more arguments for `loadtest idle`
+#   (each connection joined to rooms: what a subscription holds)
 #   needs: heaptrack (apt), openssl, curl, and
 #   CARGO_TARGET_DIR=target/sysalloc cargo build --release --bin edgegate --features system-alloc
 #   cargo build --release -p edgegate-loadtest
@@ -35,7 +37,7 @@ for _ in $(seq 100); do curl -sf http://127.0.0.1:29090/readyz >/dev/null && bre
 # suite's, say): only what this script started is signalled.
 pid=$(pgrep -P "$ht" -x edgegate) || { echo "heap-idle: no edgegate under heaptrack ($ht)" >&2; kill "$ht"; exit 1; }
 "$lt" idle "${args[@]}" --connections "$n" --rate 300 --hold-secs 6 --quiet \
-    --source-ips 127.0.0.2-127.0.0.50 > "$out/harness-$tr.log" 2>&1 &
+    --source-ips 127.0.0.2-127.0.0.50 ${IDLE_ARGS:-} > "$out/harness-$tr.log" 2>&1 &
 h=$!
 sleep $(( n / 300 + 4 ))
 kill -TERM "$pid"

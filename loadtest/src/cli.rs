@@ -253,6 +253,21 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 2000.0)]
     pub connect_rate: f64,
     /// Room id (default: a fresh one per run).
+    /// Also report the latency of what was delivered after the first this
+    /// many seconds of publishing (`latency_steady`): the harness's own
+    /// start (thousands of publisher tasks' first sends) out of the figure.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_secs: f64,
+    /// Rooms (default one): subscriber s is in `--rooms-per-subscriber`
+    /// of them, the r-th being (s × rooms-per-subscriber + r) mod rooms, so
+    /// each room has subscribers × rooms-per-subscriber ÷ rooms members
+    /// (which must divide); publisher p publishes to room p mod rooms. The
+    /// shape of chat traffic: many small rooms. Lean receivers only.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: u64,
+    /// Rooms each subscriber joins (with `--rooms`).
+    #[arg(long, default_value_t = 1)]
+    pub rooms_per_subscriber: u64,
     #[arg(long)]
     pub room: Option<String>,
     /// How subscribers read: `lean` (own socket, deliveries counted in

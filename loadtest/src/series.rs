@@ -195,6 +195,20 @@ impl Timeline {
         }
     }
 
+    /// The latencies observed from `from_ns` on (whole buckets: those that
+    /// begin at or after it), at the buckets' precision (2 digits).
+    pub fn since(&self, from_ns: u64) -> Histogram<u64> {
+        let mut h = crate::track::new_histogram();
+        if let Ok(g) = self.inner.lock() {
+            for (b, x) in &g.buckets {
+                if b.saturating_mul(self.bucket_ns) >= from_ns {
+                    let _ = h.add(x);
+                }
+            }
+        }
+        h
+    }
+
     /// Per bucket: (bucket end in `now_ns` nanoseconds, count, p50, p99, max in ms).
     pub fn rows(&self) -> Vec<(u64, u64, f64, f64, f64)> {
         let Ok(g) = self.inner.lock() else {

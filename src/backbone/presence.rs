@@ -23,10 +23,17 @@
 //! join/leave fan-out: 5 000 users joining one room would otherwise send
 //! each of them the names of all the others).
 //!
+//! Memory: a (room, user) pair is 8 bytes in a small room (the user's
+//! id in the store's name table and the count, in a vector sorted by
+//! name), each name being kept once however many rooms hold it; a room
+//! past [`SMALL_ROOM`] users keeps a B-tree by name, so that a join stays
+//! O(log n) in a room of thousands.
+//!
 //! Sans-IO: unit tests below.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use edgegate_proto::{Envelope, Type};
@@ -151,12 +158,193 @@ pub fn lifecycle_events(
     }
 }
 
+/// Users a room holds in its sorted vector before it turns to a B-tree
+/// (and below a quarter of which it turns back).
+pub const SMALL_ROOM: usize = 64;
+
+/// The store's user names, each kept once: a room holds ids.
+#[derive(Default)]
+struct Names {
+    ids: HashMap<Rc<str>, u32>,
+    /// By id: the name and how many rooms hold it (`None`: a free id).
+    by_id: Vec<(Option<Rc<str>>, u32)>,
+    free: Vec<u32>,
+}
+
+impl Names {
+    fn name(&self, id: u32) -> &str {
+        self.by_id
+            .get(id as usize)
+            .and_then(|(n, _)| n.as_deref())
+            .unwrap_or("")
+    }
+
+    fn rc(&self, id: u32) -> Option<Rc<str>> {
+        self.by_id.get(id as usize).and_then(|(n, _)| n.clone())
+    }
+
+    fn id(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    /// The id of `name` for one more room.
+    fn acquire(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            if let Some(e) = self.by_id.get_mut(id as usize) {
+                e.1 += 1;
+            }
+            return id;
+        }
+        let rc: Rc<str> = Rc::from(name);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.by_id[id as usize] = (Some(rc.clone()), 1);
+                id
+            }
+            None => {
+                self.by_id.push((Some(rc.clone()), 1));
+                (self.by_id.len() - 1) as u32
+            }
+        };
+        self.ids.insert(rc, id);
+        id
+    }
+
+    /// One room fewer holds `id`; the last one frees the name.
+    fn release(&mut self, id: u32) {
+        let Some(e) = self.by_id.get_mut(id as usize) else {
+            return;
+        };
+        e.1 = e.1.saturating_sub(1);
+        if e.1 == 0
+            && let Some(name) = e.0.take()
+        {
+            self.ids.remove(&name);
+            self.free.push(id);
+        }
+    }
+}
+
+/// The users present in one room and how many reporters hold each.
+enum Members {
+    /// (user id, count), sorted by the user's name; exact capacity.
+    Small(Vec<(u32, u32)>),
+    /// A room past [`SMALL_ROOM`] users.
+    Large(BTreeMap<Rc<str>, u32>),
+}
+
+impl Default for Members {
+    fn default() -> Self {
+        Members::Small(Vec::new())
+    }
+}
+
+impl Members {
+    fn len(&self) -> usize {
+        match self {
+            Members::Small(v) => v.len(),
+            Members::Large(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `Ok(index)` of `user` in a small room, or where it would go.
+    fn find(v: &[(u32, u32)], names: &Names, user: &str) -> Result<usize, usize> {
+        v.binary_search_by(|&(id, _)| names.name(id).cmp(user))
+    }
+
+    fn get(&self, names: &Names, user: &str) -> Option<u32> {
+        match self {
+            Members::Small(v) => Self::find(v, names, user).ok().map(|i| v[i].1),
+            Members::Large(m) => m.get(user).copied(),
+        }
+    }
+
+    /// Sets `user`'s count (0: removes them), keeping the name table's
+    /// holds.
+    fn set(&mut self, names: &mut Names, user: &str, n: u32) {
+        match self {
+            Members::Small(v) => match (Self::find(v, names, user), n) {
+                (Ok(i), 0) => {
+                    let (id, _) = v.remove(i);
+                    names.release(id);
+                    if v.capacity() > v.len() + 4 {
+                        v.shrink_to_fit();
+                    }
+                }
+                (Ok(i), n) => v[i].1 = n,
+                (Err(_), 0) => {}
+                (Err(i), n) => {
+                    // Exact growth: a room of ten holds 80 bytes, not 128.
+                    v.reserve_exact(1);
+                    v.insert(i, (names.acquire(user), n));
+                    if v.len() > SMALL_ROOM {
+                        let m = v
+                            .iter()
+                            .filter_map(|&(id, n)| names.rc(id).map(|rc| (rc, n)))
+                            .collect();
+                        *self = Members::Large(m);
+                    }
+                }
+            },
+            Members::Large(m) => {
+                if n == 0 {
+                    if m.remove(user).is_some()
+                        && let Some(id) = names.id(user)
+                    {
+                        names.release(id);
+                    }
+                    if m.len() < SMALL_ROOM / 4 {
+                        let mut v: Vec<(u32, u32)> = Vec::with_capacity(m.len());
+                        v.extend(m.iter().filter_map(|(u, &n)| names.id(u).map(|id| (id, n))));
+                        *self = Members::Small(v);
+                    }
+                } else if let Some(c) = m.get_mut(user) {
+                    *c = n;
+                } else {
+                    let id = names.acquire(user);
+                    if let Some(rc) = names.rc(id) {
+                        m.insert(rc, n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The names after `after` (all: `None`), in byte order.
+    fn after<'a>(
+        &'a self,
+        names: &'a Names,
+        after: Option<&str>,
+    ) -> Box<dyn Iterator<Item = &'a str> + 'a> {
+        match self {
+            Members::Small(v) => {
+                let from = after.map_or(0, |a| v.partition_point(|&(id, _)| names.name(id) <= a));
+                Box::new(v[from..].iter().map(move |&(id, _)| names.name(id)))
+            }
+            Members::Large(m) => {
+                let from = match after {
+                    Some(a) => Bound::Excluded(a),
+                    None => Bound::Unbounded,
+                };
+                Box::new(
+                    m.range::<str, _>((from, Bound::Unbounded))
+                        .map(|(u, _)| &**u),
+                )
+            }
+        }
+    }
+}
+
 /// One room's presence. Most rooms have no watcher: what watching needs
-/// is boxed, so an unwatched room is its map and one pointer.
+/// is boxed, so an unwatched room is its members and one pointer.
 #[derive(Default)]
 struct Room {
     /// Present users → how many reporters (shards, or nodes) hold them.
-    users: BTreeMap<Box<str>, u32>,
+    users: Members,
     /// Watchers and the batch for them, while anyone watches.
     watch: Option<Box<Watch>>,
 }
@@ -175,6 +363,7 @@ struct Watch {
 /// The presence of many rooms, with batching for their watchers.
 pub struct PresenceStore {
     rooms: HashMap<Box<str>, Room>,
+    names: Names,
     /// Rooms with a pending batch, in the order they got one.
     dirty: Vec<Box<str>>,
     diff_limit: usize,
@@ -199,6 +388,7 @@ impl PresenceStore {
     pub fn new(diff_limit: usize) -> Self {
         PresenceStore {
             rooms: HashMap::new(),
+            names: Names::default(),
             dirty: Vec::new(),
             diff_limit,
             entries: 0,
@@ -227,27 +417,21 @@ impl PresenceStore {
         let Some(r) = self.rooms.get_mut(room) else {
             return Transition::None;
         };
-        let before = r.users.get(user).copied().unwrap_or(0);
+        let before = r.users.get(&self.names, user).unwrap_or(0);
         let after = before.saturating_add_signed(delta);
         let t = match (before, after) {
             (0, 0) => return Transition::None,
             (0, _) => {
-                r.users.insert(Box::from(user), after);
                 self.entries += 1;
                 Transition::Joined
             }
             (_, 0) => {
-                r.users.remove(user);
                 self.entries -= 1;
                 Transition::Left
             }
-            _ => {
-                if let Some(n) = r.users.get_mut(user) {
-                    *n = after;
-                }
-                Transition::None
-            }
+            _ => Transition::None,
         };
+        r.users.set(&mut self.names, user, after);
         if t != Transition::None
             && let Some(w) = r.watch.as_mut()
         {
@@ -299,7 +483,7 @@ impl PresenceStore {
     pub fn contains(&self, room: &str, user: &str) -> bool {
         self.rooms
             .get(room)
-            .is_some_and(|r| r.users.contains_key(user))
+            .is_some_and(|r| r.users.get(&self.names, user).is_some())
     }
 
     /// The users of `room` after `after` (sorted, at most `limit`).
@@ -307,16 +491,8 @@ impl PresenceStore {
         let Some(r) = self.rooms.get(room) else {
             return PresencePage::default();
         };
-        let from = match after {
-            Some(a) => Bound::Excluded(a),
-            None => Bound::Unbounded,
-        };
-        let mut it = r.users.range::<str, _>((from, Bound::Unbounded));
-        let users: Vec<String> = it
-            .by_ref()
-            .take(limit)
-            .map(|(u, _)| u.to_string())
-            .collect();
+        let mut it = r.users.after(&self.names, after);
+        let users: Vec<String> = it.by_ref().take(limit).map(str::to_owned).collect();
         let next = match it.next() {
             Some(_) => users.last().cloned(),
             None => None,
@@ -368,7 +544,12 @@ impl PresenceStore {
     pub fn users(&self, room: &str) -> Vec<String> {
         self.rooms
             .get(room)
-            .map(|r| r.users.keys().map(|u| u.to_string()).collect())
+            .map(|r| {
+                r.users
+                    .after(&self.names, None)
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -387,7 +568,7 @@ impl PresenceStore {
             let mut join = Vec::new();
             let mut leave = Vec::new();
             for (user, was) in pending {
-                match (was, r.users.contains_key(&*user)) {
+                match (was, r.users.get(&self.names, &user).is_some()) {
                     (false, true) => join.push(user),
                     (true, false) => leave.push(user),
                     _ => {} // back where it was: no net change
@@ -594,5 +775,63 @@ mod tests {
             &s.query("room:a", 1, None).to_json()[..],
             br#"{"next":"Bob","total":5,"users":["Bob"]}"#
         );
+    }
+
+    #[test]
+    fn a_room_turns_to_a_tree_and_back_and_names_are_kept_once() {
+        let mut s = PresenceStore::new(usize::MAX);
+        let n = SMALL_ROOM + 10;
+        // Users in a scrambled order, in a big room and a small one.
+        let users: Vec<String> = (0..n).map(|i| format!("u{:03}", (i * 31) % n)).collect();
+        for u in &users {
+            assert_eq!(s.change("room:big", u, 1), Transition::Joined);
+            assert_eq!(
+                s.change("room:big", u, 1),
+                Transition::None,
+                "a second reporter"
+            );
+        }
+        for u in &users[..3] {
+            s.change("room:small", u, 1);
+        }
+        assert!(matches!(s.rooms["room:big"].users, Members::Large(_)));
+        assert!(matches!(s.rooms["room:small"].users, Members::Small(_)));
+        assert_eq!(s.names.ids.len(), n, "one name per user, not per room");
+        let mut sorted = users.clone();
+        sorted.sort();
+        let all = s.query("room:big", QUERY_LIMIT_MAX, None);
+        assert_eq!(all.users, sorted);
+        let page = s.query("room:big", 5, Some(&sorted[9]));
+        assert_eq!(page.users, sorted[10..15].to_vec());
+        // Leaving: one reporter's hold first (still present), then the
+        // other's, until the room is small again.
+        for u in &users {
+            assert_eq!(s.change("room:big", u, -1), Transition::None);
+        }
+        let keep = SMALL_ROOM / 4 - 1;
+        for u in &sorted[keep..] {
+            assert_eq!(s.change("room:big", u, -1), Transition::Left);
+        }
+        assert!(matches!(s.rooms["room:big"].users, Members::Small(_)));
+        assert_eq!(
+            s.query("room:big", QUERY_LIMIT_MAX, None).users,
+            sorted[..keep].to_vec()
+        );
+        assert!(s.contains("room:big", &sorted[0]) && !s.contains("room:big", &sorted[keep]));
+        assert_eq!(s.entries(), (keep + 3) as u64);
+        // The names of users in no room are gone, their ids reused.
+        let held: std::collections::HashSet<&String> =
+            sorted[..keep].iter().chain(&users[..3]).collect();
+        assert_eq!(s.names.ids.len(), held.len());
+        for u in sorted[..keep].iter() {
+            s.change("room:big", u, -1);
+        }
+        for u in &users[..3] {
+            s.change("room:small", u, -1);
+        }
+        assert_eq!((s.rooms(), s.entries(), s.names.ids.len()), (0, 0, 0));
+        s.change("room:c", "zed", 1);
+        assert!(s.names.by_id.len() <= n, "a freed id is reused");
+        assert_eq!(s.query("room:c", 10, None).users, vec!["zed"]);
     }
 }

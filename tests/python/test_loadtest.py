@@ -68,6 +68,31 @@ def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encodi
     assert user + system == pytest.approx(r["harness_cpu_us_per_delivery"], rel=1e-6)
 
 
+def test_fanout_over_many_small_rooms(gateway, tmp_path):
+    """fanout --rooms N --rooms-per-subscriber R: 40 subscribers in 8 rooms
+    of 10 (each in 2), 8 publishers, one room each: every member gets every
+    message of its rooms once and in order, so the expected deliveries are
+    10 per message sent; impossible shapes are refused."""
+    gw = gateway()
+    out = tmp_path / "fanout.json"
+    base = [str(LT), "fanout", "--publishers", "8", "--rate", "300", "--duration", "2",
+            "--target", f"127.0.0.1:{gw.ws_port}", "--admin", f"127.0.0.1:{gw.admin_port}",
+            "--gateway-pid", str(gw.proc.pid), "--quiet", "--json", str(out)]
+    p = subprocess.run(base + ["--subscribers", "40", "--rooms", "8", "--rooms-per-subscriber", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"loadtest failed:\n{p.stdout}\n{p.stderr}"
+    r = json.loads(out.read_text())
+    assert (r["params"]["rooms"], r["params"]["members"]) == (8, 10), r["params"]
+    n = sent_of(r)
+    assert r["expected_deliveries"] == 10 * n
+    assert (r["received"], r["unique"], r["lost"]) == (10 * n, 10 * n, 0), r
+    assert (r["duplicates"], r["order_violations"], r["malformed"]) == (0, 0, 0), r
+    # 41 subscriptions do not split into rooms of equal size.
+    p = subprocess.run(base + ["--subscribers", "41", "--rooms", "8", "--rooms-per-subscriber", "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "multiple of N" in p.stderr, p.stderr
+
+
 def test_idle_sse_connections(gateway, tmp_path):
     """idle --transport sse: every connection an SSE stream, held open (the
     heartbeat comments answered), memory per connection reported."""

@@ -2,6 +2,12 @@
 //!
 //! Every subscriber must receive every message once, in each publisher's
 //! order: expected deliveries = K × sent.
+//!
+//! With `--rooms N --rooms-per-subscriber R`, many small rooms instead:
+//! each subscriber joins R of the N rooms (every room gets M = K × R ÷ N
+//! distinct members) and publisher p publishes to room p mod N, so every
+//! member still sees each of its publishers' streams whole and in order:
+//! expected deliveries = M × sent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +55,33 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     );
     let k = a.subscribers;
     let p = a.publishers.max(1);
+    let (n_rooms, per_sub) = (a.rooms.max(1), a.rooms_per_subscriber.max(1));
+    if n_rooms > 1 || per_sub > 1 {
+        if a.dialect == Dialect::Nats || a.receiver != Receiver::Lean {
+            anyhow::bail!("--rooms takes lean receivers on the edgegate dialect");
+        }
+        if per_sub > n_rooms || !(k * per_sub).is_multiple_of(n_rooms) || p < n_rooms {
+            anyhow::bail!(
+                "--rooms N: subscribers × rooms-per-subscriber must be a multiple of N, \
+                 rooms-per-subscriber at most N, and publishers at least N"
+            );
+        }
+    }
+    // Members of each room: every one gets every message sent to it.
+    let members = k * per_sub / n_rooms;
+    let room_names: Vec<String> = if n_rooms == 1 {
+        vec![room.clone()]
+    } else {
+        (0..n_rooms).map(|r| format!("{room}-{r}")).collect()
+    };
+    let rooms_of = {
+        let names = room_names.clone();
+        move |s: u64| -> Vec<String> {
+            (0..per_sub)
+                .map(|r| names[((s * per_sub + r) % n_rooms) as usize].clone())
+                .collect()
+        }
+    };
     let pb = peer::bar(c.quiet, k + p, "connect");
     let mut chart = crate::series::Chart::new(Instant::now());
     let chart_ns0 = peer::now_ns();
@@ -60,6 +93,9 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         anyhow::bail!("--dialect nats takes plain ws, without --deflate");
     }
     let lean = nats || (a.receiver == Receiver::Lean && crate::lean::serves(c));
+    if n_rooms > 1 && !lean {
+        anyhow::bail!("--rooms takes lean receivers, which this transport has not");
+    }
     if a.deflate && !(lean && c.transport == crate::Transport::Ws) {
         anyhow::bail!("--deflate takes lean receivers over plain ws");
     }
@@ -80,10 +116,33 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             .await?,
         )
     } else if lean {
-        let lean_subs = peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
-            crate::lean::LeanSub::subscribed(cfg, r2.clone(), deflate)
-        })
-        .await?;
+        let lean_subs = if n_rooms == 1 {
+            peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
+                crate::lean::LeanSub::subscribed(cfg, r2.clone(), deflate)
+            })
+            .await?
+        } else {
+            peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
+                // The subscriber's index is its user name's suffix.
+                let s = cfg
+                    .user
+                    .rsplit('-')
+                    .next()
+                    .and_then(|x| x.parse::<u64>().ok())
+                    .unwrap_or(0);
+                let rooms = rooms_of(s);
+                async move {
+                    let mut l = crate::lean::LeanSub::connect(&cfg, deflate)
+                        .await
+                        .map_err(|e| format!("{e:#}"))?;
+                    for r in &rooms {
+                        l.subscribe(r).await.map_err(|e| format!("{e:#}"))?;
+                    }
+                    Ok(l)
+                }
+            })
+            .await?
+        };
         Subs::Lean(lean_subs)
     } else {
         let conns = peer::connect_all(c, subs_users, a.connect_rate, &pb, move |conn| {
@@ -152,7 +211,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     match pubs {
         Pubs::Client(v) => {
             for (i, conn) in v.into_iter().enumerate() {
-                let ch = room.clone();
+                let ch = room_names[i % room_names.len()].clone();
                 start_pub(peer::spawn_publisher(
                     conn, i as u64, ch, a.size, &counters, &stop_rx,
                 ));
@@ -172,6 +231,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let pb = peer::bar(c.quiet, (a.duration * 10.0) as u64, "publish");
     let mut pacer = Pacer::new(a.rate, Some((a.rate * a.duration).round() as u64));
     let t0 = Instant::now();
+    let publish_ns0 = peer::now_ns();
     let limit = Duration::from_secs_f64(a.duration);
     let mut last_sample = Instant::now();
     let mut next = 0usize;
@@ -203,7 +263,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let cnt = counters.clone();
     let drained = wait_until(Duration::from_secs_f64(a.drain_secs), move || {
         let s = cnt.sent.load(Relaxed);
-        s >= issued && cnt.received.load(Relaxed) >= s * k
+        s >= issued && cnt.received.load(Relaxed) >= s * members
     })
     .await;
     let total_secs = t0.elapsed().as_secs_f64();
@@ -218,7 +278,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     g.join(pub_tasks).await?;
     g.latency_from(&counters.timeline);
     let (sent, received) = (g.sent, g.d.received);
-    let expected = sent * k;
+    let expected = sent * members;
     let lost = expected.saturating_sub(g.d.unique);
     let mut r = Report::new(
         "fanout",
@@ -226,6 +286,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             "subscribers": k, "publishers": p, "rate": a.rate, "duration": a.duration,
             "size": a.size, "transport": c.transport_label(), "tls": c.tls || c.transport == crate::Transport::Quic, "encoding": c.encoding().name(),
             "target": c.target(), "threads": fanout_threads(c), "room": room,
+            "rooms": n_rooms, "rooms_per_subscriber": per_sub, "members": members,
             "receiver": if lean { "lean" } else { "client" }, "deflate": deflate,
             "dialect": if nats { "nats" } else { "edgegate" },
         }),
@@ -254,6 +315,12 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             if lean { "lean" } else { "client" }
         ),
     );
+    if n_rooms > 1 {
+        r.row(
+            "rooms",
+            format!("{n_rooms} of {members} members, {per_sub} per subscriber"),
+        );
+    }
     r.row(
         "offered / achieved",
         format!(
@@ -270,6 +337,24 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         ),
     );
     g.report(&mut r, lost);
+    if a.warmup_secs > 0.0 {
+        let from = publish_ns0 + (a.warmup_secs * 1e9) as u64;
+        let steady = counters.timeline.since(from);
+        let s = crate::track::summary(&steady);
+        r.row(
+            "latency after warm-up",
+            format!(
+                "p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3} ms  (n={}, after {} s)",
+                s["p50_ms"].as_f64().unwrap_or(0.0),
+                s["p99_ms"].as_f64().unwrap_or(0.0),
+                s["p999_ms"].as_f64().unwrap_or(0.0),
+                s["max_ms"].as_f64().unwrap_or(0.0),
+                steady.len(),
+                a.warmup_secs
+            ),
+        );
+        r.set("latency_steady", s);
+    }
     measured.report(&mut r, gw);
     measured.report_per_delivery(&mut r, received, fanout_threads(c));
     counters.timeline.chart_into(&mut chart, chart_ns0, "");
