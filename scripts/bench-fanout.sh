@@ -8,7 +8,9 @@
 # listener (pinned the same way; the harness speaks --dialect nats):
 #   scripts/bench-fanout.sh nats .venv/bin/nats-server lean 100 10 2000
 # env: LT (loadtest binary, default target/release/loadtest), OUT (default /tmp/bench),
-#      SECS (publishing seconds, default 10), SIZE (payload padding bytes, default 64)
+#      SECS (publishing seconds, default 10), SIZE (payload padding bytes, default 64),
+#      TLS=1: WSS (a throwaway CA and localhost certificate in $OUT/certs; the
+#      lean receivers and the publishers speak TLS; edgegate only)
 set -u
 label=$1; bin=$2; recv=$3; k=$4; p=$5; rate=$6; shift 6
 LT=${LT:-target/release/loadtest}
@@ -22,13 +24,20 @@ if [ "$(basename "$bin")" = nats-server ]; then
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18880) 2>/dev/null && break; sleep 0.1; done
     server=(--dialect nats --target 127.0.0.1:18880)
 else
+    tls=()
+    if [ "${TLS:-0}" = 1 ]; then
+        "$(dirname "$0")/test-certs.sh" "$OUT/certs"
+        export EDGEGATE_WS__TLS=true EDGEGATE_TLS__CERT_CHAIN=$OUT/certs/leaf.pem \
+            EDGEGATE_TLS__KEY=$OUT/certs/leaf.key
+        tls=(--tls --ca "$OUT/certs/ca.pem")
+    fi
     EDGEGATE_WS__LISTEN=127.0.0.1:18580 EDGEGATE_TCP__LISTEN=127.0.0.1:17500 \
     EDGEGATE_ADMIN__LISTEN=127.0.0.1:19590 EDGEGATE_QUIC__LISTEN= \
     EDGEGATE_SHARDS__COUNT=1 EDGEGATE_SHARDS__CPUS=0 RUST_LOG=warn \
         taskset -c 0 "$bin" run > "$out.gw.log" 2>&1 &
     GW=$!
     for _ in $(seq 100); do curl -sf 127.0.0.1:19590/readyz >/dev/null && break; sleep 0.1; done
-    server=(--target 127.0.0.1:18580 --admin 127.0.0.1:19590)
+    server=(--target 127.0.0.1:18580 --admin 127.0.0.1:19590 "${tls[@]}")
 fi
 taskset -c 1 "$LT" fanout --subscribers "$k" --publishers "$p" --rate "$rate" \
     --duration "${SECS:-10}" --size "${SIZE:-64}" --receiver "$recv" "${server[@]}" \

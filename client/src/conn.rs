@@ -938,6 +938,21 @@ fn tls_config(ca_file: Option<&PathBuf>, quic: bool) -> Result<Arc<rustls::Clien
     Ok(cfg)
 }
 
+/// The rustls client config and server name a TLS connection of `config`
+/// uses (its CA file, its server name): for callers that open their own
+/// TLS streams, such as the load-test harness's lean receivers.
+pub fn tls_client(
+    config: &ClientConfig,
+) -> Result<(
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+)> {
+    Ok((
+        tls_config(config.ca_file.as_ref(), false)?,
+        server_name(config)?,
+    ))
+}
+
 fn server_name(config: &ClientConfig) -> Result<rustls::pki_types::ServerName<'static>> {
     rustls::pki_types::ServerName::try_from(config.server_name.clone())
         .map_err(|e| Error::Config(format!("server name {:?}: {e}", config.server_name)))

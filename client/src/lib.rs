@@ -88,6 +88,9 @@ pub use client::{
 };
 pub use conn::{
     ClientConfig, Connection, Encoding, Error, Position, Result, StreamState, Transport, Welcome,
+    tls_client,
 };
 pub use edgegate_proto::{Envelope, Payload, Type};
 pub use policy::{Action, Backoff, CloseClass, CloseInfo, ReconnectPolicy, StopReason};
+/// The TLS library's types that [`tls_client`] returns.
+pub use rustls;

@@ -25,17 +25,22 @@
 //! permessage-deflate), raw TCP and SSE (the stream read line by line: a
 //! `data:` line is one envelope, a comment the server's heartbeat, answered
 //! by POSTing a `pong`; the `sub` is POSTed too, each POST on a connection
-//! of its own); TLS and QUIC subscribers use the client library.
+//! of its own). WebSocket and raw TCP also over TLS (rustls, through
+//! tokio-rustls: a 64 KiB read decrypts whatever records have arrived), so
+//! that WSS is measured at full speed too; QUIC and SSE over TLS use the
+//! client library.
 //! [`crate::nats`] speaks NATS over the same WebSocket code.
 
 use std::io::Cursor;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result, anyhow, bail};
 use edgegate_proto::{Envelope, Type, binary, frame, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
@@ -53,13 +58,72 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Largest frame accepted (the buffer grows up to this).
 const MAX_FRAME: usize = 16 << 20;
 
-/// True when [`LeanSub`] can serve this transport (plain WebSocket or raw TCP).
+/// True when [`LeanSub`] can serve this transport (WebSocket or raw TCP,
+/// plain or over TLS; SSE in plain text).
 pub fn serves(c: &Common) -> bool {
     takes(c.transport, c.tls)
 }
 
 fn takes(transport: Transport, tls: bool) -> bool {
-    !tls && matches!(transport, Transport::Ws | Transport::Tcp | Transport::Sse)
+    match transport {
+        Transport::Ws | Transport::Tcp => true,
+        Transport::Sse => !tls,
+        _ => false,
+    }
+}
+
+/// A lean subscriber's socket: plain, or TLS over it.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Stream {
+    /// Writes all of `data` and flushes it (TLS records leave at once).
+    async fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.write_all(data).await?;
+        self.flush().await
+    }
 }
 
 /// What an SSE subscriber needs beside its stream: where to POST.
@@ -77,7 +141,7 @@ struct SseSide {
 
 /// One subscriber connection read without the client library.
 pub struct LeanSub {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     ws: bool,
     enc: Encoding,
     /// permessage-deflate agreed (no context takeover either way).
@@ -171,7 +235,7 @@ impl LeanSub {
             None => (rest, default_path),
         };
         if !takes(cfg.transport, cfg.tls) {
-            bail!("the lean reader takes plain ws and tcp only");
+            bail!("the lean reader takes ws and tcp (plain or TLS) and plain sse only");
         }
         let target: SocketAddr = match addr.parse() {
             Ok(a) => a,
@@ -194,6 +258,16 @@ impl LeanSub {
             .await
             .with_context(|| format!("connect {target}"))?;
         stream.set_nodelay(true)?;
+        let stream = if cfg.tls {
+            let (tls, name) = edgegate_client::tls_client(cfg).map_err(|e| anyhow!("{e}"))?;
+            let s = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, stream)
+                .await
+                .with_context(|| format!("TLS handshake with {target}"))?;
+            Stream::Tls(Box::new(s))
+        } else {
+            Stream::Plain(stream)
+        };
         let sse = cfg.transport == Transport::Sse;
         let mut s = LeanSub {
             stream,
@@ -226,7 +300,7 @@ impl LeanSub {
         } else if s.ws {
             s.upgrade(addr, path, deflate, subprotocol).await?;
         } else {
-            s.stream.write_all(&frame::PREFACE).await?;
+            s.stream.put(&frame::PREFACE).await?;
         }
         Ok(s)
     }
@@ -313,7 +387,7 @@ impl LeanSub {
         f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
         let mut out = Vec::new();
         f.format(&mut out)?;
-        self.stream.write_all(&out).await?;
+        self.stream.put(&out).await?;
         Ok(())
     }
 
@@ -346,7 +420,7 @@ impl LeanSub {
     /// Writes the request `req` and reads its response head: the status,
     /// the headers (names in lower case) and the head's length.
     async fn exchange(&mut self, req: &str) -> Result<(u16, Vec<(String, Vec<u8>)>, usize)> {
-        self.stream.write_all(req.as_bytes()).await?;
+        self.stream.put(req.as_bytes()).await?;
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut resp = httparse::Response::new(&mut headers);
@@ -377,7 +451,7 @@ impl LeanSub {
         let mut body = Vec::new();
         if !self.ws {
             frame::encode_frame(env, &mut body);
-            self.stream.write_all(&body).await?;
+            self.stream.put(&body).await?;
             return Ok(());
         }
         let op = match self.enc {

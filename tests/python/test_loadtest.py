@@ -93,6 +93,25 @@ def test_fanout_over_many_small_rooms(gateway, tmp_path):
     assert p.returncode != 0 and "multiple of N" in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("transport", ["ws", "tcp"])
+def test_lean_receivers_over_tls(gateway, tmp_path, transport):
+    """--tls with lean receivers: the subscribers read WSS (or raw TCP over
+    TLS) in place, so TLS fan-out is measured without the client library;
+    every delivery is accounted for as over plain text."""
+    from test_tls import Pki, tls_gateway
+
+    pki = Pki(tmp_path / "pki")
+    gw = tls_gateway(gateway, pki)
+    port = gw.tcp_port if transport == "tcp" else gw.ws_port
+    r = fanout(gw, tmp_path, "--transport", transport, "--tls", "--ca", str(pki.ca_path),
+               "--target", f"127.0.0.1:{port}", "--receiver", "lean")
+    assert r["params"]["receiver"] == "lean" and r["params"]["tls"] is True, r["params"]
+    n = sent_of(r)
+    assert (r["received"], r["unique"], r["lost"]) == (30 * n, 30 * n, 0), r
+    assert (r["duplicates"], r["order_violations"], r["malformed"]) == (0, 0, 0), r
+    assert gw.metric("edgegate_connections_accepted_total", transport=("tcp" if transport == "tcp" else "ws")) >= 33
+
+
 def test_idle_sse_connections(gateway, tmp_path):
     """idle --transport sse: every connection an SSE stream, held open (the
     heartbeat comments answered), memory per connection reported."""
