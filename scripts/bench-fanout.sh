@@ -7,6 +7,10 @@
 # A GATEWAY_BIN named nats-server runs the same fan-out against its WebSocket
 # listener (pinned the same way; the harness speaks --dialect nats):
 #   scripts/bench-fanout.sh nats .venv/bin/nats-server lean 100 10 2000
+# A GATEWAY_BIN named sockudo (cargo install sockudo) runs it on the Pusher
+# dialect: subscribers over its WebSocket, publishers through its HTTP API,
+# an app "app-id:app-key:app-secret" with limits raised, no Redis:
+#   scripts/bench-fanout.sh sockudo ~/.cargo/bin/sockudo lean 100 10 2000
 # env: LT (loadtest binary, default target/release/loadtest), OUT (default /tmp/bench),
 #      SECS (publishing seconds, default 10), SIZE (payload padding bytes, default 64),
 #      TLS=1: WSS (a throwaway CA and localhost certificate in $OUT/certs; the
@@ -23,6 +27,17 @@ if [ "$(basename "$bin")" = nats-server ]; then
     GW=$!
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18880) 2>/dev/null && break; sleep 0.1; done
     server=(--dialect nats --target 127.0.0.1:18880)
+elif [ "$(basename "$bin")" = sockudo ]; then
+    HOST=127.0.0.1 PORT=18680 ADAPTER_DRIVER=local CACHE_DRIVER=memory QUEUE_DRIVER=memory \
+    APP_MANAGER_DRIVER=memory RATE_LIMITER_ENABLED=false RATE_LIMITER_DRIVER=memory \
+    METRICS_ENABLED=false SOCKUDO_DEFAULT_APP_ID=app-id SOCKUDO_DEFAULT_APP_KEY=app-key \
+    SOCKUDO_DEFAULT_APP_SECRET=app-secret SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS=1000000 \
+    SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND=100000000 \
+    SOCKUDO_DEFAULT_APP_MAX_EVENT_BATCH_SIZE=10 SOCKUDO_MAX_CONNECTIONS=1000000 \
+        taskset -c 0 "$bin" > "$out.gw.log" 2>&1 &
+    GW=$!
+    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18680) 2>/dev/null && break; sleep 0.1; done
+    server=(--dialect pusher --target 127.0.0.1:18680)
 else
     tls=()
     if [ "${TLS:-0}" = 1 ]; then

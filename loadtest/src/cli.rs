@@ -258,6 +258,9 @@ pub struct FanoutArgs {
     /// start (thousands of publisher tasks' first sends) out of the figure.
     #[arg(long, default_value_t = 0.0)]
     pub warmup_secs: f64,
+    /// The app on a Pusher server (`--dialect pusher`): `id:key:secret`.
+    #[arg(long, default_value = "app-id:app-key:app-secret")]
+    pub pusher_app: String,
     /// Rooms (default one): subscriber s is in `--rooms-per-subscriber`
     /// of them, the r-th being (s × rooms-per-subscriber + r) mod rooms, so
     /// each room has subscribers × rooms-per-subscriber ÷ rooms members
@@ -293,6 +296,9 @@ pub enum Dialect {
     Edgegate,
     /// NATS over WebSocket, for a side-by-side with nats-server.
     Nats,
+    /// Pusher Channels: subscribers over its WebSocket protocol, publishers
+    /// through its signed HTTP API (sockudo, soketi).
+    Pusher,
 }
 
 /// How a scenario's subscribers read their deliveries.

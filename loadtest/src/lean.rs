@@ -382,6 +382,12 @@ impl LeanSub {
             .await
     }
 
+    /// Sends `data` as one masked text WebSocket frame.
+    pub(crate) async fn send_text(&mut self, data: Vec<u8>) -> Result<()> {
+        self.send_masked(Frame::message(data, OpCode::Data(Data::Text), true))
+            .await
+    }
+
     /// Masks `f` (a client's frames must be) and writes it.
     async fn send_masked(&mut self, mut f: Frame) -> Result<()> {
         f.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());

@@ -51,6 +51,7 @@ pub mod pacer;
 pub mod payload;
 pub mod peer;
 pub mod procfs;
+pub mod pusher;
 pub mod report;
 pub mod scenario;
 pub mod series;

@@ -171,10 +171,7 @@ pub fn spawn_publisher(
     pad: usize,
     counters: &Arc<Counters>,
     stop: &watch::Receiver<bool>,
-) -> (
-    mpsc::UnboundedSender<u32>,
-    tokio::task::JoinHandle<PeerStats>,
-) {
+) -> crate::peer::Publisher {
     let (tx, rx) = mpsc::unbounded_channel();
     let role = Some((rx, index, subject, pad));
     (

@@ -196,6 +196,13 @@ pub fn spawn_receiver(
     tokio::spawn(run_peer(conn, role, counters.clone(), stop.clone()))
 }
 
+/// A publisher's command sender (each command: publish that many) and its
+/// task.
+pub type Publisher = (
+    mpsc::UnboundedSender<u32>,
+    tokio::task::JoinHandle<PeerStats>,
+);
+
 /// Starts a peer that publishes to `publish_to` on command (and records
 /// deliveries); returns the command sender and the task.
 pub fn spawn_publisher(
@@ -205,10 +212,7 @@ pub fn spawn_publisher(
     pad: usize,
     counters: &Arc<Counters>,
     stop: &watch::Receiver<bool>,
-) -> (
-    mpsc::UnboundedSender<u32>,
-    tokio::task::JoinHandle<PeerStats>,
-) {
+) -> Publisher {
     let (tx, rx) = mpsc::unbounded_channel();
     let role = PeerRole {
         index,

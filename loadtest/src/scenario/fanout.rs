@@ -29,12 +29,14 @@ enum Subs {
     Lean(Vec<crate::lean::LeanSub>),
     Client(Vec<edgegate_client::Connection>),
     Nats(Vec<crate::nats::NatsConn>),
+    Pusher(Vec<crate::pusher::PusherSub>),
 }
 
 /// The publishers.
 enum Pubs {
     Client(Vec<edgegate_client::Connection>),
     Nats(Vec<crate::nats::NatsConn>),
+    Pusher(Vec<crate::pusher::PusherPub>),
 }
 
 /// The fan-out's worker threads: `--threads`, else one per CPU this
@@ -57,7 +59,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let p = a.publishers.max(1);
     let (n_rooms, per_sub) = (a.rooms.max(1), a.rooms_per_subscriber.max(1));
     if n_rooms > 1 || per_sub > 1 {
-        if a.dialect == Dialect::Nats || a.receiver != Receiver::Lean {
+        if a.dialect != Dialect::Edgegate || a.receiver != Receiver::Lean {
             anyhow::bail!("--rooms takes lean receivers on the edgegate dialect");
         }
         if per_sub > n_rooms || !(k * per_sub).is_multiple_of(n_rooms) || p < n_rooms {
@@ -89,10 +91,12 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let t_setup = Instant::now();
     let subs_users: Vec<String> = (0..k).map(|i| format!("lt-fs-{i}")).collect();
     let nats = a.dialect == Dialect::Nats;
-    if nats && (a.deflate || c.transport != crate::Transport::Ws || c.tls) {
-        anyhow::bail!("--dialect nats takes plain ws, without --deflate");
+    let pusher = a.dialect == Dialect::Pusher;
+    if (nats || pusher) && (a.deflate || c.transport != crate::Transport::Ws || c.tls) {
+        anyhow::bail!("--dialect nats and pusher take plain ws, without --deflate");
     }
-    let lean = nats || (a.receiver == Receiver::Lean && crate::lean::serves(c));
+    let app = crate::pusher::App::parse(&a.pusher_app)?;
+    let lean = nats || pusher || (a.receiver == Receiver::Lean && crate::lean::serves(c));
     if n_rooms > 1 && !lean {
         anyhow::bail!("--rooms takes lean receivers, which this transport has not");
     }
@@ -102,7 +106,21 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let deflate = a.deflate;
     let r2 = room.clone();
     let subject = crate::nats::subject(&room);
-    let subs = if nats {
+    let pusher_ch = crate::pusher::channel(&room);
+    let subs = if pusher {
+        let (ch, app) = (pusher_ch.clone(), app.clone());
+        Subs::Pusher(
+            peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
+                let (ch, app) = (ch.clone(), app.clone());
+                async move {
+                    crate::pusher::PusherSub::connect(&cfg, &app, Some(&ch))
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                }
+            })
+            .await?,
+        )
+    } else if nats {
         let s2 = subject.clone();
         Subs::Nats(
             peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
@@ -152,7 +170,20 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         Subs::Client(conns)
     };
     let pub_users: Vec<String> = (0..p).map(|i| format!("lt-fp-{i}")).collect();
-    let pubs = if nats {
+    let pubs = if pusher {
+        let app = app.clone();
+        Pubs::Pusher(
+            peer::connect_paced(c, pub_users, a.connect_rate, &pb, move |cfg| {
+                let app = app.clone();
+                async move {
+                    crate::pusher::PusherPub::connect(&cfg, &app)
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                }
+            })
+            .await?,
+        )
+    } else if nats {
         Pubs::Nats(
             peer::connect_paced(c, pub_users, a.connect_rate, &pb, |cfg| async move {
                 crate::nats::NatsConn::connect(&cfg, None)
@@ -201,6 +232,10 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             .into_iter()
             .map(|s| crate::nats::spawn_subscriber(s, &counters, &stop_rx))
             .collect(),
+        Subs::Pusher(v) => v
+            .into_iter()
+            .map(|s| crate::pusher::spawn_subscriber(s, &counters, &stop_rx))
+            .collect(),
     };
     let mut senders = Vec::new();
     let mut pub_tasks = Vec::new();
@@ -222,6 +257,18 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
                 let s = subject.clone();
                 start_pub(crate::nats::spawn_publisher(
                     conn, i as u64, s, a.size, &counters, &stop_rx,
+                ));
+            }
+        }
+        Pubs::Pusher(v) => {
+            for (i, p) in v.into_iter().enumerate() {
+                start_pub(crate::pusher::spawn_publisher(
+                    p,
+                    i as u64,
+                    pusher_ch.clone(),
+                    a.size,
+                    &counters,
+                    &stop_rx,
                 ));
             }
         }
@@ -288,7 +335,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             "target": c.target(), "threads": fanout_threads(c), "room": room,
             "rooms": n_rooms, "rooms_per_subscriber": per_sub, "members": members,
             "receiver": if lean { "lean" } else { "client" }, "deflate": deflate,
-            "dialect": if nats { "nats" } else { "edgegate" },
+            "dialect": if nats { "nats" } else if pusher { "pusher" } else { "edgegate" },
         }),
     );
     let deliv_rate = received as f64 / total_secs;
@@ -302,7 +349,12 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
 
     r.row(
         "transport / encoding",
-        if nats {
+        if pusher {
+            format!(
+                "{} / Pusher protocol, publishes by its HTTP API",
+                c.transport_label()
+            )
+        } else if nats {
             format!("{} / NATS text protocol (nats-server)", c.transport_label())
         } else {
             format!("{} / {}", c.transport_label(), c.encoding().name())
