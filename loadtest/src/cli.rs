@@ -265,7 +265,8 @@ pub struct FanoutArgs {
     /// of them, the r-th being (s × rooms-per-subscriber + r) mod rooms, so
     /// each room has subscribers × rooms-per-subscriber ÷ rooms members
     /// (which must divide); publisher p publishes to room p mod rooms. The
-    /// shape of chat traffic: many small rooms. Lean receivers only.
+    /// shape of chat traffic: many small rooms. Lean receivers, on every
+    /// dialect.
     #[arg(long, default_value_t = 1)]
     pub rooms: u64,
     /// Rooms each subscriber joins (with `--rooms`).

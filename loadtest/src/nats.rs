@@ -48,16 +48,17 @@ enum Op {
 
 impl NatsConn {
     /// Connects (WebSocket upgrade on `/` unless the address names a path),
-    /// reads `INFO`, sends `CONNECT` (and `SUB subject 1` when given), and
-    /// waits for the `PONG` of a `PING`, within `cfg.connect_timeout`.
-    pub async fn connect(cfg: &ClientConfig, sub: Option<&str>) -> Result<NatsConn> {
+    /// reads `INFO`, sends `CONNECT` (and `SUB <subject> <n>` for each of
+    /// `subs`), and waits for the `PONG` of a `PING`, within
+    /// `cfg.connect_timeout`.
+    pub async fn connect(cfg: &ClientConfig, subs: &[String]) -> Result<NatsConn> {
         let t = cfg.connect_timeout;
-        tokio::time::timeout(t, Self::connect_inner(cfg, sub))
+        tokio::time::timeout(t, Self::connect_inner(cfg, subs))
             .await
             .map_err(|_| anyhow!("{}: NATS connect timed out after {t:?}", cfg.addr))?
     }
 
-    async fn connect_inner(cfg: &ClientConfig, sub: Option<&str>) -> Result<NatsConn> {
+    async fn connect_inner(cfg: &ClientConfig, subs: &[String]) -> Result<NatsConn> {
         let ws = LeanSub::open(cfg, false, None, "/").await?;
         let mut c = NatsConn {
             ws,
@@ -67,8 +68,8 @@ impl NatsConn {
             "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false,\"name\":\"{}\"}}\r\n",
             cfg.user
         );
-        if let Some(s) = sub {
-            hello.push_str(&format!("SUB {s} 1\r\n"));
+        for (i, s) in subs.iter().enumerate() {
+            hello.push_str(&format!("SUB {s} {}\r\n", i + 1));
         }
         hello.push_str("PING\r\n");
         c.ws.send_frame(hello.into_bytes()).await?;

@@ -125,16 +125,16 @@ fn encode_stamp(st: Stamp, pad: usize) -> String {
 }
 
 impl PusherSub {
-    /// Connects, waits for the connection, subscribes to `channel` (when
-    /// given) and waits for the subscription, within `cfg.connect_timeout`.
-    pub async fn connect(cfg: &ClientConfig, app: &App, channel: Option<&str>) -> Result<Self> {
+    /// Connects, waits for the connection, subscribes to each of `channels`
+    /// and waits for each subscription, within `cfg.connect_timeout`.
+    pub async fn connect(cfg: &ClientConfig, app: &App, channels: &[String]) -> Result<Self> {
         let t = cfg.connect_timeout;
-        tokio::time::timeout(t, Self::connect_inner(cfg, app, channel))
+        tokio::time::timeout(t, Self::connect_inner(cfg, app, channels))
             .await
             .map_err(|_| anyhow!("{}: Pusher subscribe timed out after {t:?}", cfg.addr))?
     }
 
-    async fn connect_inner(cfg: &ClientConfig, app: &App, channel: Option<&str>) -> Result<Self> {
+    async fn connect_inner(cfg: &ClientConfig, app: &App, channels: &[String]) -> Result<Self> {
         let path = format!(
             "/app/{}?protocol=7&client=edgegate-loadtest&version=1.0",
             app.key
@@ -142,7 +142,7 @@ impl PusherSub {
         let ws = LeanSub::open(cfg, false, None, &path).await?;
         let mut s = PusherSub { ws };
         s.wait_for(b"pusher:connection_established").await?;
-        if let Some(ch) = channel {
+        for ch in channels {
             let sub = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": ch}});
             s.ws.send_text(sub.to_string().into_bytes()).await?;
             s.wait_for(b"pusher_internal:subscription_succeeded")

@@ -59,13 +59,13 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     let p = a.publishers.max(1);
     let (n_rooms, per_sub) = (a.rooms.max(1), a.rooms_per_subscriber.max(1));
     if n_rooms > 1 || per_sub > 1 {
-        if a.dialect != Dialect::Edgegate || a.receiver != Receiver::Lean {
-            anyhow::bail!("--rooms takes lean receivers on the edgegate dialect");
+        if a.dialect == Dialect::Edgegate && a.receiver != Receiver::Lean {
+            anyhow::bail!("--rooms takes lean receivers");
         }
-        if per_sub > n_rooms || !(k * per_sub).is_multiple_of(n_rooms) || p < n_rooms {
+        if per_sub > n_rooms || !(k * per_sub).is_multiple_of(n_rooms) {
             anyhow::bail!(
                 "--rooms N: subscribers × rooms-per-subscriber must be a multiple of N, \
-                 rooms-per-subscriber at most N, and publishers at least N"
+                 and rooms-per-subscriber at most N"
             );
         }
     }
@@ -83,6 +83,14 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
                 .map(|r| names[((s * per_sub + r) % n_rooms) as usize].clone())
                 .collect()
         }
+    };
+    // The subscriber's index is its user name's suffix (`lt-fs-<i>`).
+    let index_of = |cfg: &edgegate_client::ClientConfig| -> u64 {
+        cfg.user
+            .rsplit('-')
+            .next()
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0)
     };
     let pb = peer::bar(c.quiet, k + p, "connect");
     let mut chart = crate::series::Chart::new(Instant::now());
@@ -105,15 +113,17 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     }
     let deflate = a.deflate;
     let r2 = room.clone();
-    let subject = crate::nats::subject(&room);
-    let pusher_ch = crate::pusher::channel(&room);
     let subs = if pusher {
-        let (ch, app) = (pusher_ch.clone(), app.clone());
+        let (rooms_of, app) = (rooms_of.clone(), app.clone());
         Subs::Pusher(
             peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
-                let (ch, app) = (ch.clone(), app.clone());
+                let app = app.clone();
+                let chans: Vec<String> = rooms_of(index_of(&cfg))
+                    .iter()
+                    .map(|r| crate::pusher::channel(r))
+                    .collect();
                 async move {
-                    crate::pusher::PusherSub::connect(&cfg, &app, Some(&ch))
+                    crate::pusher::PusherSub::connect(&cfg, &app, &chans)
                         .await
                         .map_err(|e| format!("{e:#}"))
                 }
@@ -121,12 +131,15 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             .await?,
         )
     } else if nats {
-        let s2 = subject.clone();
+        let rooms_of = rooms_of.clone();
         Subs::Nats(
             peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
-                let s2 = s2.clone();
+                let subjects: Vec<String> = rooms_of(index_of(&cfg))
+                    .iter()
+                    .map(|r| crate::nats::subject(r))
+                    .collect();
                 async move {
-                    crate::nats::NatsConn::connect(&cfg, Some(&s2))
+                    crate::nats::NatsConn::connect(&cfg, &subjects)
                         .await
                         .map_err(|e| format!("{e:#}"))
                 }
@@ -141,14 +154,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             .await?
         } else {
             peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
-                // The subscriber's index is its user name's suffix.
-                let s = cfg
-                    .user
-                    .rsplit('-')
-                    .next()
-                    .and_then(|x| x.parse::<u64>().ok())
-                    .unwrap_or(0);
-                let rooms = rooms_of(s);
+                let rooms = rooms_of(index_of(&cfg));
                 async move {
                     let mut l = crate::lean::LeanSub::connect(&cfg, deflate)
                         .await
@@ -186,7 +192,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
     } else if nats {
         Pubs::Nats(
             peer::connect_paced(c, pub_users, a.connect_rate, &pb, |cfg| async move {
-                crate::nats::NatsConn::connect(&cfg, None)
+                crate::nats::NatsConn::connect(&cfg, &[])
                     .await
                     .map_err(|e| format!("{e:#}"))
             })
@@ -254,7 +260,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         }
         Pubs::Nats(v) => {
             for (i, conn) in v.into_iter().enumerate() {
-                let s = subject.clone();
+                let s = crate::nats::subject(&room_names[i % room_names.len()]);
                 start_pub(crate::nats::spawn_publisher(
                     conn, i as u64, s, a.size, &counters, &stop_rx,
                 ));
@@ -265,7 +271,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
                 start_pub(crate::pusher::spawn_publisher(
                     p,
                     i as u64,
-                    pusher_ch.clone(),
+                    crate::pusher::channel(&room_names[i % room_names.len()]),
                     a.size,
                     &counters,
                     &stop_rx,
