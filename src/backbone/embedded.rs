@@ -16,7 +16,10 @@
 //! shards one `members` batch per room that changed. Those control
 //! messages must not be lost (a lost `-1` would keep a user present for
 //! good): when a peer's outbox is full they wait in a backlog of their own,
-//! in order, sent again on the next tick. Whether a user is online at all
+//! in order, sent by a task that wakes when the backlog fills and retries
+//! every [`BACKLOG_RETRY`] until it is empty (publish answers are control
+//! messages too: a publisher that does not wait for them must neither make
+//! them late nor pile them up). Whether a user is online at all
 //! (a presence query on `user:<id>`) is asked of every shard: each knows
 //! its own connections, and no shard keeps a table of everybody's.
 
@@ -96,6 +99,10 @@ pub type Mesh = MeshBuilder<MeshMsg, Full>;
 /// Capacity of each shard-to-shard channel.
 pub const MESH_CHANNEL: usize = 4096;
 
+/// How often a shard with a backlog of control messages tries the full
+/// outbox again.
+pub const BACKLOG_RETRY: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// Messages a shard may have waiting for one peer before publishers are
 /// told the node is overloaded.
 pub const MESH_OUTBOX: usize = 16 * 1024;
@@ -144,8 +151,11 @@ pub struct Embedded {
     /// The presence of the rooms this shard owns (`None`: presence off),
     /// and how often it flushes.
     presence: Option<(RefCell<PresenceStore>, u64)>,
-    /// Control messages (presence) waiting for a full outbox, per peer.
+    /// Control messages (presence, answers) waiting for a full outbox, per
+    /// peer.
     backlog: RefCell<Vec<VecDeque<MeshMsg>>>,
+    /// Wakes the task that empties the backlogs (set by [`Backbone::start`]).
+    backlog_wake: RefCell<Option<LocalSender<()>>>,
     /// Questions asked of every shard, in flight, by number.
     gathers: RefCell<HashMap<u64, Gather>>,
     next_query: Cell<u64>,
@@ -222,6 +232,7 @@ impl Embedded {
             history: None,
             presence: None,
             backlog: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
+            backlog_wake: RefCell::new(None),
             gathers: RefCell::new(HashMap::new()),
             next_query: Cell::new(0),
             probe: RefCell::new(None),
@@ -250,7 +261,8 @@ impl Embedded {
             return;
         };
         if !q.is_empty() {
-            return q.push_back(m);
+            q.push_back(m);
+            return;
         }
         let Some(tx) = self.outboxes.get(peer).and_then(Option::as_ref) else {
             return;
@@ -258,12 +270,18 @@ impl Embedded {
         // A closed channel is a peer gone (shutdown): nothing to keep.
         if let Offer::Full(m) = offer(tx, m) {
             q.push_back(m);
+            drop(backlog);
+            if let Some(w) = self.backlog_wake.borrow().as_ref() {
+                // Full: a wake is pending already, and the task drains
+                // until every backlog is empty.
+                let _ = w.try_send(());
+            }
         }
     }
 
     /// Sends what waits in the backlogs, in order, as far as the outboxes
-    /// take it.
-    fn drain_backlog(&self) {
+    /// take it; true when nothing waits any more.
+    fn drain_backlog(&self) -> bool {
         let mut backlog = self.backlog.borrow_mut();
         for (peer, q) in backlog.iter_mut().enumerate() {
             let Some(tx) = self.outboxes.get(peer).and_then(Option::as_ref) else {
@@ -283,6 +301,7 @@ impl Embedded {
                 }
             }
         }
+        backlog.iter().all(VecDeque::is_empty)
     }
 
     /// As a room's owner: a shard's count of `user` in `ch` moved.
@@ -605,18 +624,30 @@ impl Backbone for Embedded {
         *self.probe.borrow_mut() = Some(probe);
         let sink = Rc::new(sink);
         if let Some((_, flush_ms)) = &self.presence {
-            // The owner's presence batches, and control messages that
-            // waited for a full outbox.
+            // The owner's presence batches.
             let (me, sink, every) = (self.clone(), sink.clone(), *flush_ms);
             glommio::spawn_local(async move {
                 loop {
                     glommio::timer::sleep(std::time::Duration::from_millis(every)).await;
-                    me.drain_backlog();
                     me.flush_presence(&sink);
                 }
             })
             .detach();
         }
+        // Control messages that waited for a full outbox: sent as soon as
+        // the forwarders make room, not on some later tick.
+        let (wake, woken) = local_channel::new_bounded::<()>(1);
+        let _ = wake.try_send(());
+        *self.backlog_wake.borrow_mut() = Some(wake);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            while woken.recv().await.is_some() {
+                while !me.drain_backlog() {
+                    glommio::timer::sleep(BACKLOG_RETRY).await;
+                }
+            }
+        })
+        .detach();
         let Some(mut receivers) = self.receivers.borrow_mut().take() else {
             return;
         };
@@ -830,10 +861,58 @@ impl Backbone for Embedded {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::time::Duration;
+
     /// The mesh's rings hold messages by value: each slot of every peer
     /// pair's channels is this big once traffic has gone round them.
     #[test]
     fn mesh_messages_are_small() {
         assert_eq!(std::mem::size_of::<super::MeshMsg>(), 16);
+    }
+
+    /// Control messages (answers among them) that find the outbox full
+    /// wait, and leave in order as soon as the forwarder makes room: not
+    /// on a presence tick (none here: presence is off), which once a
+    /// second sent at most one outbox of them.
+    #[test]
+    fn a_backlog_leaves_as_the_outbox_makes_room() {
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(256 << 10)
+            .spawn(|| async {
+                let slot: Rc<RefCell<Option<local_channel::LocalReceiver<MeshMsg>>>> =
+                    Rc::default();
+                let s = slot.clone();
+                let e = Rc::new(Embedded::detached(
+                    2,
+                    0,
+                    Arc::new(ShardMetrics::default()),
+                    move |_, rx| *s.borrow_mut() = Some(rx),
+                ));
+                e.clone().start(Box::new(|_| {}), Box::new(|_| false));
+                let n = MESH_OUTBOX as u64 + 100;
+                for q in 0..n {
+                    e.send_control(1, MeshMsg::OnlineIs(q, true));
+                }
+                assert_eq!(e.backlog.borrow()[1].len(), 100, "the outbox is full");
+                let Some(rx) = slot.borrow_mut().take() else {
+                    panic!("no forwarder end")
+                };
+                // The forwarder takes them as the peer would.
+                let got = glommio::timer::timeout(Duration::from_secs(5), async {
+                    for want in 0..n {
+                        match rx.recv().await {
+                            Some(MeshMsg::OnlineIs(q, _)) => assert_eq!(q, want, "in order"),
+                            _ => panic!("not the message sent"),
+                        }
+                    }
+                    Ok::<(), glommio::GlommioError<()>>(())
+                })
+                .await;
+                assert!(got.is_ok(), "the backlog did not follow the outbox");
+                assert!(e.backlog.borrow()[1].is_empty());
+            })
+            .expect("executor");
+        ex.join().expect("test executor");
     }
 }
