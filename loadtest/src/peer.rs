@@ -135,6 +135,58 @@ where
     Ok(out.into_iter().flatten().collect())
 }
 
+/// Subscribes `conn` to `rooms` in one pipelined batch (with `meta`, such
+/// as `{"presence":true}`) and waits for every `ok`: `on_ok` is called for
+/// each, `other` sees every other envelope read meanwhile; a refusal is an
+/// error.
+pub async fn join_rooms(
+    conn: &mut Connection,
+    rooms: &[String],
+    meta: Option<&str>,
+    mut on_ok: impl FnMut(),
+    mut other: impl FnMut(&Envelope),
+) -> edgegate_client::Result<()> {
+    if rooms.is_empty() {
+        return Ok(());
+    }
+    let first = conn.next_id();
+    for _ in 1..rooms.len() {
+        conn.next_id();
+    }
+    let ids = first..first + rooms.len() as u64;
+    let subs: Vec<Envelope> = rooms
+        .iter()
+        .zip(ids.clone())
+        .map(|(r, id)| {
+            let mut e = Envelope::new(Type::Sub);
+            e.id = Some(id);
+            e.ch = Some(r.clone());
+            e.meta = meta.map(str::to_owned);
+            e
+        })
+        .collect();
+    conn.send_batch(&subs).await?;
+    let mut left = rooms.len();
+    while left > 0 {
+        let e = conn.recv().await?;
+        let ours = e.id.is_some_and(|id| ids.contains(&id));
+        match e.t {
+            Type::Ok if ours => {
+                left -= 1;
+                on_ok();
+            }
+            Type::Err if ours => {
+                return Err(edgegate_client::Error::Decode(format!(
+                    "sub refused: {:?} {:?}",
+                    e.code, e.reason
+                )));
+            }
+            _ => other(&e),
+        }
+    }
+    Ok(())
+}
+
 /// Subscribes `conn` to `ch` and waits for the `ok` (messages published after it arrive).
 pub async fn subscribe_and_wait(
     mut conn: Connection,

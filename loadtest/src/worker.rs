@@ -80,7 +80,7 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
                 let cfg = peer::config(&c, format!("lt{}x{n}", a.index), src);
                 let rooms: Vec<String> = (0..a.rooms)
                     .map(|r| {
-                        let k = ((a.first + n) * a.rooms + r) % a.room_count.max(1);
+                        let k = crate::scenario::room_of(a.first + n, r, a.rooms, a.room_count);
                         format!("room:idle-{k}")
                     })
                     .collect();
@@ -93,13 +93,12 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
                         _ = stop.changed() => return,
                     };
                     let connect_us = (t_conn.elapsed().as_micros() as u64).max(1);
-                    let conn = match conn {
-                        Ok(mut c) => match join(&mut c, &rooms).await {
-                            Ok(()) => Ok(c),
-                            Err(e) => Err(e),
-                        },
-                        Err(e) => Err(e),
-                    };
+                    let conn = async {
+                        let mut c = conn?;
+                        peer::join_rooms(&mut c, &rooms, None, || {}, |_| {}).await?;
+                        Ok(c)
+                    }
+                    .await;
                     st.done.fetch_add(1, Relaxed);
                     let mut conn = match conn {
                         Ok(c) => c,
@@ -192,49 +191,6 @@ pub async fn run(a: WorkerArgs) -> Result<()> {
         json!({"ev": "done", "connected": st.connected.load(Relaxed),
         "dropped": st.dropped.load(Relaxed), "cpu_secs": crate::procfs::self_cpu_secs()}),
     );
-    Ok(())
-}
-
-/// Subscribes `conn` to `rooms` (pipelined) and waits for every `ok`.
-async fn join(
-    conn: &mut edgegate_client::Connection,
-    rooms: &[String],
-) -> edgegate_client::Result<()> {
-    use edgegate_client::{Envelope, Type};
-    if rooms.is_empty() {
-        return Ok(());
-    }
-    let first = conn.next_id();
-    for _ in 1..rooms.len() {
-        conn.next_id();
-    }
-    let ids = first..first + rooms.len() as u64;
-    let subs: Vec<Envelope> = rooms
-        .iter()
-        .zip(ids.clone())
-        .map(|(r, id)| {
-            let mut e = Envelope::new(Type::Sub);
-            e.id = Some(id);
-            e.ch = Some(r.clone());
-            e
-        })
-        .collect();
-    conn.send_batch(&subs).await?;
-    let mut left = rooms.len();
-    while left > 0 {
-        let e = conn.recv().await?;
-        let ours = e.id.is_some_and(|id| ids.contains(&id));
-        match e.t {
-            Type::Ok if ours => left -= 1,
-            Type::Err if ours => {
-                return Err(edgegate_client::Error::Decode(format!(
-                    "sub refused: {}",
-                    e.code.map_or("?".into(), |c| c.to_string())
-                )));
-            }
-            _ => {}
-        }
-    }
     Ok(())
 }
 

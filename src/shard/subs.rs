@@ -8,6 +8,7 @@
 //! subscribers.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::rc::Rc;
 
 use edgegate_proto::CloseCode;
@@ -46,20 +47,18 @@ impl Router {
     /// the members of a room on a shard share one allocation of its name
     /// rather than one each.
     pub fn subscribe(&mut self, ch: &Rc<str>, key: u32) -> (bool, Rc<str>) {
-        match self.subs.get_key_value(&**ch) {
-            Some((name, _)) => {
-                let name = name.clone();
-                if let Some(keys) = self.subs.get_mut(&*name) {
-                    match keys {
-                        Keys::One(k) if *k != key => *keys = Keys::Many(vec![*k, key]),
-                        Keys::Many(v) if !v.contains(&key) => v.push(key),
-                        _ => {}
-                    }
+        match self.subs.entry(ch.clone()) {
+            Entry::Occupied(mut e) => {
+                let keys = e.get_mut();
+                match keys {
+                    Keys::One(k) if *k != key => *keys = Keys::Many(vec![*k, key]),
+                    Keys::Many(v) if !v.contains(&key) => v.push(key),
+                    _ => {}
                 }
-                (false, name)
+                (false, e.key().clone())
             }
-            None => {
-                self.subs.insert(ch.clone(), Keys::One(key));
+            Entry::Vacant(e) => {
+                e.insert(Keys::One(key));
                 (true, ch.clone())
             }
         }

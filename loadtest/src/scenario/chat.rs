@@ -80,17 +80,10 @@ struct Tally {
 
 /// The rooms of user `u`.
 fn rooms_of(u: usize, per_user: usize, rooms: usize) -> Vec<usize> {
-    (0..per_user).map(|r| (u * per_user + r) % rooms).collect()
-}
-
-fn sub_env(id: u64, room: &str, presence: bool) -> Envelope {
-    let mut e = Envelope::new(Type::Sub);
-    e.id = Some(id);
-    e.ch = Some(room.to_owned());
-    if presence {
-        e.meta = Some(r#"{"presence":true}"#.into());
-    }
-    e
+    let (u, per, n) = (u as u64, per_user as u64, rooms as u64);
+    (0..per)
+        .map(|r| crate::scenario::room_of(u, r, per, n) as usize)
+        .collect()
 }
 
 /// Subscribes `conn` to `rooms` (pipelined) and waits for every `ok`.
@@ -100,36 +93,17 @@ async fn join(
     presence: bool,
     tally: &Tally,
 ) -> edgegate_client::Result<()> {
-    let first = conn.next_id();
-    let subs: Vec<Envelope> = rooms
-        .iter()
-        .enumerate()
-        .map(|(i, r)| sub_env(first + i as u64, r, presence))
-        .collect();
-    for _ in 1..rooms.len() {
-        conn.next_id();
-    }
-    conn.send_batch(&subs).await?;
-    let mut left = rooms.len();
-    while left > 0 {
-        let e = conn.recv().await?;
-        let ours =
-            e.id.is_some_and(|id| (first..first + rooms.len() as u64).contains(&id));
-        match e.t {
-            Type::Ok if ours => {
-                left -= 1;
-                tally.joined.fetch_add(1, Relaxed);
-            }
-            Type::Err if ours => {
-                return Err(edgegate_client::Error::Decode(format!(
-                    "sub refused: {:?} {:?}",
-                    e.code, e.reason
-                )));
-            }
-            _ => observe(&e, tally),
-        }
-    }
-    Ok(())
+    let meta = presence.then_some(r#"{"presence":true}"#);
+    peer::join_rooms(
+        conn,
+        rooms,
+        meta,
+        || {
+            tally.joined.fetch_add(1, Relaxed);
+        },
+        |e| observe(e, tally),
+    )
+    .await
 }
 
 /// Counts what a user receives besides answers.

@@ -80,7 +80,7 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
         let names = room_names.clone();
         move |s: u64| -> Vec<String> {
             (0..per_sub)
-                .map(|r| names[((s * per_sub + r) % n_rooms) as usize].clone())
+                .map(|r| names[crate::scenario::room_of(s, r, per_sub, n_rooms) as usize].clone())
                 .collect()
         }
     };

@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 
 use crate::peer::Counters;
 
+/// The room of member `m`'s `r`-th membership when every member holds
+/// `per` of `rooms` rooms: (m × per + r) mod rooms. The memberships
+/// m × per + r enumerate 0 .. members × per once each, so every room gets
+/// the same number of distinct members when `rooms` divides that (and
+/// `per` ≤ `rooms`). The chat, idle and fan-out scenarios all use it.
+pub fn room_of(m: u64, r: u64, per: u64, rooms: u64) -> u64 {
+    (m * per + r) % rooms.max(1)
+}
+
 /// Resolves the gateway pid: the flag, else the only process named `edgegate`.
 pub fn gateway_pid(flag: Option<u32>) -> Option<u32> {
     if flag.is_some() {
