@@ -141,7 +141,7 @@ fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for n in [1usize, 100, 10_000] {
         let shard = shard();
-        let ch: Rc<str> = Rc::from("room:bench");
+        let ch = edgegate::session::Name::from("room:bench");
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("literal address");
         // Conns live in the shard's slab exactly as accepted ones do.
         let conns: Vec<Rc<Conn>> = (0..n)

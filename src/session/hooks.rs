@@ -70,7 +70,7 @@ pub enum Pending {
         /// Its id.
         id: Option<u64>,
         /// The channel.
-        ch: Rc<str>,
+        ch: super::Name,
         /// `meta.since`.
         since: Option<Since>,
         /// `meta.presence`.
@@ -88,7 +88,7 @@ pub struct HookState {
     /// The last question's ticket.
     pub next_ask: u64,
     /// `room:` channels a channel token granted, while subscribed.
-    pub grants: Vec<Rc<str>>,
+    pub grants: Vec<super::Name>,
 }
 
 impl HookState {

@@ -37,18 +37,18 @@ use crate::timer::Check;
 /// A user id, kept as its channel name `user:<id>`: the id and the channel
 /// every connection is subscribed to share one allocation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserId(Rc<str>);
+pub struct UserId(Name);
 
 impl UserId {
     const PREFIX: &'static str = "user:";
 
     /// The id `id` (already validated as a channel id).
     pub fn new(id: &str) -> Self {
-        UserId(Rc::from(format!("{}{id}", Self::PREFIX)))
+        UserId(Name::from(format!("{}{id}", Self::PREFIX)))
     }
 
     /// The user's own channel, `user:<id>`.
-    pub fn channel(&self) -> &Rc<str> {
+    pub fn channel(&self) -> &Name {
         &self.0
     }
 }
@@ -120,7 +120,7 @@ pub struct SessionState {
     /// refresh; set before `hello` when the upgrade request carried one.
     pub claims: Option<Rc<Claims>>,
     /// Channels subscribed (the shard's router holds the reverse table).
-    pub subs: Vec<Rc<str>>,
+    pub subs: Vec<Name>,
     /// What few sessions need (an instance, recoveries in flight): boxed,
     /// so an idle connection pays one pointer for it.
     pub extra: Option<Box<Extra>>,
@@ -175,7 +175,7 @@ pub const MAX_QUEUED_PUBLISHES: usize = 1024;
 #[derive(Debug)]
 pub struct Recovering {
     /// The channel.
-    pub ch: Rc<str>,
+    pub ch: Name,
     /// The `sub`'s id (or `hello`'s, for the user's own stream).
     pub id: Option<u64>,
     /// The client's position, when it asked to recover.
@@ -348,7 +348,7 @@ pub enum Action {
     /// answer [`Input::SubReady`] with that id once the subscription is live.
     Subscribe {
         /// Channel.
-        ch: Rc<str>,
+        ch: Name,
         /// The `sub`'s id, when the client waits for an `ok`.
         ok: Option<Option<u64>>,
         /// The client will watch the room's presence: its shard must hear
@@ -358,15 +358,15 @@ pub enum Action {
     },
     /// The `ok` of a `sub` with presence went out: queue the room's
     /// `members` for this connection from now on.
-    Watch(Rc<str>),
+    Watch(Name),
     /// Unsubscribe from `ch` (already out of the session's list).
-    Unsubscribe(Rc<str>),
+    Unsubscribe(Name),
     /// Ask the backbone for the position of `ch` (and, with `since`, the
     /// messages after it; with `presence`, how many users are present);
     /// answer [`Input::History`] with `id`.
     History {
         /// Channel.
-        ch: Rc<str>,
+        ch: Name,
         /// The client's position.
         since: Option<Since>,
         /// The id to answer with.
@@ -432,11 +432,11 @@ pub enum Action {
         body: Vec<u8>,
         /// For the subscribe hook: the channel (a remembered allow answers
         /// at once).
-        ch: Option<Rc<str>>,
+        ch: Option<Name>,
     },
     /// The subscribe hook allowed this user `ch`: remember it for
     /// `[hooks] subscribe_cache_ms`.
-    CacheAllow(Rc<str>),
+    CacheAllow(Name),
 }
 
 /// A client's message to publish.
@@ -1187,7 +1187,7 @@ fn refresh(
     }
     // Rooms the new token no longer grants are left.
     if cx.cfg.room_policy == RoomPolicy::Claims {
-        let grants: Vec<Rc<str>> = st.hooks().map(|h| h.grants.clone()).unwrap_or_default();
+        let grants: Vec<Name> = st.hooks().map(|h| h.grants.clone()).unwrap_or_default();
         st.subs.retain(|ch| {
             let granted = grants.contains(ch);
             let lost = !granted
@@ -1379,7 +1379,7 @@ fn sub(
             "presence is off on this gateway",
         );
     }
-    let ch_rc: Rc<str> = Rc::from(ch);
+    let ch_rc = Name::from(ch);
     if let Some(token) = token {
         // A channel token decides alone: no room policy, no hook.
         if let Err(reason) = channel_token(cx, user, ch, parsed, &token) {
@@ -1484,7 +1484,7 @@ fn channel_token(
 fn subscribe(
     st: &mut SessionState,
     cx: &Ctx<'_>,
-    (id, ch, since, presence): (Option<u64>, Rc<str>, Option<Since>, bool),
+    (id, ch, since, presence): (Option<u64>, Name, Option<Since>, bool),
     out: &mut Vec<Action>,
 ) {
     if st.subs.contains(&ch) {
@@ -1701,6 +1701,8 @@ fn on_check(
 }
 
 pub mod hooks;
+mod name;
+pub use name::Name;
 
 #[cfg(test)]
 mod tests;

@@ -239,7 +239,7 @@ impl Shard {
         conn: &Conn,
         (hook, ticket, user): (Hook, u64, UserId),
         body: Vec<u8>,
-        ch: Option<Rc<str>>,
+        ch: Option<crate::session::Name>,
         events: &mut Vec<Event>,
     ) {
         let ack = self.ack(conn, Some(ticket));

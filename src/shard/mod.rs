@@ -299,9 +299,14 @@ impl Shard {
                 // The router's table first (it tells nobody): the session
                 // keeps the shard's copy of the name.
                 let (first, name) = self.router.borrow_mut().subscribe(&ch, conn.key);
-                if !Rc::ptr_eq(&name, &ch) {
+                if !session::Name::ptr_eq(&name, &ch) {
                     let mut st = conn.session.borrow_mut();
-                    if let Some(s) = st.subs.iter_mut().rev().find(|s| Rc::ptr_eq(s, &ch)) {
+                    if let Some(s) = st
+                        .subs
+                        .iter_mut()
+                        .rev()
+                        .find(|s| session::Name::ptr_eq(s, &ch))
+                    {
                         *s = name.clone();
                     }
                 }

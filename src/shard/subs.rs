@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::rc::Rc;
 
+use crate::session::Name;
+
 use edgegate_proto::CloseCode;
 
 use super::conns::ConnTable;
@@ -21,7 +23,7 @@ use crate::session::CloseReq;
 /// Channel name → slab keys of subscribed connections.
 #[derive(Default)]
 pub struct Router {
-    subs: HashMap<Rc<str>, Keys>,
+    subs: HashMap<Name, Keys>,
 }
 
 /// Subscribers of one channel. Most channels on a shard are `user:`
@@ -46,7 +48,7 @@ impl Router {
     /// the shard's copy of the name: a connection keeps that one, so that
     /// the members of a room on a shard share one allocation of its name
     /// rather than one each.
-    pub fn subscribe(&mut self, ch: &Rc<str>, key: u32) -> (bool, Rc<str>) {
+    pub fn subscribe(&mut self, ch: &Name, key: u32) -> (bool, Name) {
         match self.subs.entry(ch.clone()) {
             Entry::Occupied(mut e) => {
                 let keys = e.get_mut();
@@ -152,14 +154,14 @@ impl Router {
 /// taken) and gets `members` once its `ok` went out (`active`).
 #[derive(Default)]
 pub struct Watchers {
-    rooms: HashMap<Rc<str>, Vec<(u32, bool)>>,
+    rooms: HashMap<Name, Vec<(u32, bool)>>,
 }
 
 impl Watchers {
     /// Lists connection `key` for `ch`, not yet active. Returns `true`
     /// when it is the shard's first watcher of `ch`.
-    pub fn add(&mut self, ch: &Rc<str>, key: u32) -> bool {
-        match self.rooms.get_mut(&**ch) {
+    pub fn add(&mut self, ch: &Name, key: u32) -> bool {
+        match self.rooms.get_mut(ch.as_str()) {
             Some(v) => {
                 if !v.iter().any(|&(k, _)| k == key) {
                     v.push((key, false));
@@ -218,11 +220,11 @@ mod tests {
     #[test]
     fn first_and_last_interest_are_reported() {
         let mut r = Router::default();
-        let ch: Rc<str> = Rc::from("room:a");
+        let ch: Name = Name::from("room:a");
         assert!(r.subscribe(&ch, 1).0);
-        let (first, name) = r.subscribe(&Rc::from("room:a"), 2);
+        let (first, name) = r.subscribe(&Name::from("room:a"), 2);
         assert!(!first);
-        assert!(Rc::ptr_eq(&name, &ch), "one name per shard");
+        assert!(Name::ptr_eq(&name, &ch), "one name per shard");
         assert!(!r.subscribe(&ch, 2).0, "idempotent");
         assert_eq!(r.subscribers("room:a"), 2);
         assert!(!r.unsubscribe("room:a", 1));
@@ -234,7 +236,7 @@ mod tests {
     #[test]
     fn watchers_get_members_once_active() {
         let mut w = Watchers::default();
-        let ch: Rc<str> = Rc::from("room:a");
+        let ch: Name = Name::from("room:a");
         assert!(w.add(&ch, 1));
         assert!(!w.add(&ch, 2));
         assert!(!w.add(&ch, 2), "idempotent");
