@@ -15,6 +15,8 @@
 #      SECS (publishing seconds, default 10), SIZE (payload padding bytes, default 64),
 #      TLS=1: WSS (a throwaway CA and localhost certificate in $OUT/certs; the
 #      lean receivers and the publishers speak TLS; edgegate only)
+#      QUIC=1: QUIC instead (the same certificate; receivers and publishers
+#      over QUIC on 127.0.0.1:17443/udp; edgegate only)
 set -u
 label=$1; bin=$2; recv=$3; k=$4; p=$5; rate=$6; shift 6
 LT=${LT:-target/release/loadtest}
@@ -39,20 +41,26 @@ elif [ "$(basename "$bin")" = sockudo ]; then
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18680) 2>/dev/null && break; sleep 0.1; done
     server=(--dialect pusher --target 127.0.0.1:18680)
 else
-    tls=()
-    if [ "${TLS:-0}" = 1 ]; then
+    via=(--target 127.0.0.1:18580)
+    quic=
+    if [ "${TLS:-0}" = 1 ] || [ "${QUIC:-0}" = 1 ]; then
         "$(dirname "$0")/test-certs.sh" "$OUT/certs"
-        export EDGEGATE_WS__TLS=true EDGEGATE_TLS__CERT_CHAIN=$OUT/certs/leaf.pem \
-            EDGEGATE_TLS__KEY=$OUT/certs/leaf.key
-        tls=(--tls --ca "$OUT/certs/ca.pem")
+        export EDGEGATE_TLS__CERT_CHAIN=$OUT/certs/leaf.pem EDGEGATE_TLS__KEY=$OUT/certs/leaf.key
+        if [ "${QUIC:-0}" = 1 ]; then
+            quic=127.0.0.1:17443
+            via=(--transport quic --target $quic --ca "$OUT/certs/ca.pem")
+        else
+            export EDGEGATE_WS__TLS=true
+            via=(--target 127.0.0.1:18580 --tls --ca "$OUT/certs/ca.pem")
+        fi
     fi
     EDGEGATE_WS__LISTEN=127.0.0.1:18580 EDGEGATE_TCP__LISTEN=127.0.0.1:17500 \
-    EDGEGATE_ADMIN__LISTEN=127.0.0.1:19590 EDGEGATE_QUIC__LISTEN= \
+    EDGEGATE_ADMIN__LISTEN=127.0.0.1:19590 EDGEGATE_QUIC__LISTEN=$quic \
     EDGEGATE_SHARDS__COUNT=1 EDGEGATE_SHARDS__CPUS=0 RUST_LOG=warn \
         taskset -c 0 "$bin" run > "$out.gw.log" 2>&1 &
     GW=$!
     for _ in $(seq 100); do curl -sf 127.0.0.1:19590/readyz >/dev/null && break; sleep 0.1; done
-    server=(--target 127.0.0.1:18580 --admin 127.0.0.1:19590 "${tls[@]}")
+    server=(--admin 127.0.0.1:19590 "${via[@]}")
 fi
 taskset -c 1 "$LT" fanout --subscribers "$k" --publishers "$p" --rate "$rate" \
     --duration "${SECS:-10}" --size "${SIZE:-64}" --receiver "$recv" "${server[@]}" \

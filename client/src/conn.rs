@@ -1014,8 +1014,17 @@ async fn quic_connect(config: &ClientConfig, target: SocketAddr) -> Result<QuicI
     Ok(QuicIo { send, recv, conn })
 }
 
-/// The QUIC session stream as one byte stream.
-struct QuicIo {
+/// A QUIC connection to the gateway at `target` and its session stream,
+/// as one byte stream carrying the raw-TCP framing (no preface): for
+/// callers that frame envelopes themselves, such as the load-test
+/// harness's lean receivers.
+pub async fn quic_stream(config: &ClientConfig, target: SocketAddr) -> Result<QuicIo> {
+    quic_connect(config, target).await
+}
+
+/// The QUIC session stream as one byte stream (closes the connection when
+/// dropped).
+pub struct QuicIo {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     conn: quinn::Connection,

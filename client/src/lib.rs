@@ -87,8 +87,8 @@ pub use client::{
     TokenRefresh,
 };
 pub use conn::{
-    ClientConfig, Connection, Encoding, Error, Position, Result, StreamState, Transport, Welcome,
-    tls_client,
+    ClientConfig, Connection, Encoding, Error, Position, QuicIo, Result, StreamState, Transport,
+    Welcome, quic_stream, tls_client,
 };
 pub use edgegate_proto::{Envelope, Payload, Type};
 pub use policy::{Action, Backoff, CloseClass, CloseInfo, ReconnectPolicy, StopReason};

@@ -275,8 +275,9 @@ pub struct FanoutArgs {
     #[arg(long)]
     pub room: Option<String>,
     /// How subscribers read: `lean` (own socket, deliveries counted in
-    /// place; plain ws and tcp) or `client` (the client library, as an
-    /// application would). TLS and QUIC always use `client`.
+    /// place; ws and tcp, plain or over TLS, QUIC, plain sse) or `client`
+    /// (the client library, as an application would). SSE over TLS always
+    /// uses `client`.
     #[arg(long, default_value = "lean")]
     pub receiver: Receiver,
     /// Lean WebSocket subscribers ask for permessage-deflate (no context

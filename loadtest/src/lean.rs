@@ -59,23 +59,25 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_FRAME: usize = 16 << 20;
 
 /// True when [`LeanSub`] can serve this transport (WebSocket or raw TCP,
-/// plain or over TLS; SSE in plain text).
+/// plain or over TLS; QUIC; SSE in plain text).
 pub fn serves(c: &Common) -> bool {
     takes(c.transport, c.tls)
 }
 
 fn takes(transport: Transport, tls: bool) -> bool {
     match transport {
-        Transport::Ws | Transport::Tcp => true,
+        Transport::Ws | Transport::Tcp | Transport::Quic => true,
         Transport::Sse => !tls,
         _ => false,
     }
 }
 
-/// A lean subscriber's socket: plain, or TLS over it.
+/// A lean subscriber's socket: plain, or TLS over it, or a QUIC session
+/// stream.
 pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Quic(Box<edgegate_client::QuicIo>),
 }
 
 impl AsyncRead for Stream {
@@ -87,6 +89,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Quic(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -100,6 +103,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Quic(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -107,6 +111,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Quic(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -114,6 +119,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Quic(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -124,6 +130,36 @@ impl Stream {
         self.write_all(data).await?;
         self.flush().await
     }
+}
+
+/// A TCP connection to `target` from the configured source address, with
+/// TLS over it when the config asks.
+async fn tcp_stream(cfg: &ClientConfig, target: SocketAddr) -> Result<Stream> {
+    let src = cfg.source_addr;
+    let sock = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = src {
+        sock.bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("bind {ip}"))?;
+    }
+    let stream = sock
+        .connect(target)
+        .await
+        .with_context(|| format!("connect {target}"))?;
+    stream.set_nodelay(true)?;
+    Ok(if cfg.tls {
+        let (tls, name) = edgegate_client::tls_client(cfg).map_err(|e| anyhow!("{e}"))?;
+        let s = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, stream)
+            .await
+            .with_context(|| format!("TLS handshake with {target}"))?;
+        Stream::Tls(Box::new(s))
+    } else {
+        Stream::Plain(stream)
+    })
 }
 
 /// What an SSE subscriber needs beside its stream: where to POST.
@@ -235,7 +271,7 @@ impl LeanSub {
             None => (rest, default_path),
         };
         if !takes(cfg.transport, cfg.tls) {
-            bail!("the lean reader takes ws and tcp (plain or TLS) and plain sse only");
+            bail!("the lean reader takes ws and tcp (plain or TLS), quic and plain sse only");
         }
         let target: SocketAddr = match addr.parse() {
             Ok(a) => a,
@@ -244,29 +280,13 @@ impl LeanSub {
                 .next()
                 .ok_or_else(|| anyhow!("{addr}: no address"))?,
         };
-        let sock = if target.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = src {
-            sock.bind(SocketAddr::new(ip, 0))
-                .with_context(|| format!("bind {ip}"))?;
-        }
-        let stream = sock
-            .connect(target)
-            .await
-            .with_context(|| format!("connect {target}"))?;
-        stream.set_nodelay(true)?;
-        let stream = if cfg.tls {
-            let (tls, name) = edgegate_client::tls_client(cfg).map_err(|e| anyhow!("{e}"))?;
-            let s = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, stream)
+        let stream = if cfg.transport == Transport::Quic {
+            let io = edgegate_client::quic_stream(cfg, target)
                 .await
-                .with_context(|| format!("TLS handshake with {target}"))?;
-            Stream::Tls(Box::new(s))
+                .map_err(|e| anyhow!("QUIC connection to {target}: {e}"))?;
+            Stream::Quic(Box::new(io))
         } else {
-            Stream::Plain(stream)
+            tcp_stream(cfg, target).await?
         };
         let sse = cfg.transport == Transport::Sse;
         let mut s = LeanSub {
@@ -299,7 +319,7 @@ impl LeanSub {
             // The stream opens with the first envelope sent (the hello).
         } else if s.ws {
             s.upgrade(addr, path, deflate, subprotocol).await?;
-        } else {
+        } else if cfg.transport == Transport::Tcp {
             s.stream.put(&frame::PREFACE).await?;
         }
         Ok(s)

@@ -112,6 +112,30 @@ def test_lean_receivers_over_tls(gateway, tmp_path, transport):
     assert gw.metric("edgegate_connections_accepted_total", transport=("tcp" if transport == "tcp" else "ws")) >= 33
 
 
+def test_lean_receivers_over_quic(gateway, tmp_path):
+    """--transport quic with lean receivers: each subscriber reads its QUIC
+    session stream in place (the raw-TCP framing, no preface), so QUIC
+    fan-out is measured without the client library; every delivery is
+    accounted for as over TCP."""
+    import socket
+
+    from conftest import free_port
+    from test_quic import make_certs
+
+    ca, chain, key = make_certs(str(tmp_path))
+    port = free_port(socket.SOCK_DGRAM)
+    gw = gateway(EDGEGATE_QUIC__LISTEN=f"127.0.0.1:{port}", EDGEGATE_TLS__CERT_CHAIN=chain,
+                 EDGEGATE_TLS__KEY=key)
+    r = fanout(gw, tmp_path, "--transport", "quic", "--ca", ca,
+               "--target", f"127.0.0.1:{port}", "--receiver", "lean")
+    assert r["params"]["receiver"] == "lean" and r["params"]["transport"] == "quic", r["params"]
+    n = sent_of(r)
+    assert (r["received"], r["unique"], r["lost"]) == (30 * n, 30 * n, 0), r
+    assert (r["duplicates"], r["order_violations"], r["malformed"]) == (0, 0, 0), r
+    assert r["latency"]["count"] == 30 * n
+    assert gw.metric("edgegate_connections_accepted_total", transport="quic") >= 33
+
+
 def test_idle_sse_connections(gateway, tmp_path):
     """idle --transport sse: every connection an SSE stream, held open (the
     heartbeat comments answered), memory per connection reported."""
