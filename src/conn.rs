@@ -63,6 +63,9 @@ pub enum Framing {
 /// this shard however many subscribers it reaches.
 pub struct Delivery {
     env: Arc<Envelope>,
+    /// [`approx_len`] of `env`, counted once per shard rather than at each
+    /// subscriber's queue, twice (push and drain).
+    approx: usize,
     json: OnceCell<Bytes>,
     bin: OnceCell<Bytes>,
     /// permessage-deflate payloads of the message alone, per WebSocket
@@ -75,6 +78,7 @@ impl Delivery {
     /// Wraps an envelope (shared with other shards through the `Arc`).
     pub fn new(env: Arc<Envelope>) -> Rc<Self> {
         Rc::new(Delivery {
+            approx: approx_len(&env),
             env,
             json: OnceCell::new(),
             bin: OnceCell::new(),
@@ -156,7 +160,7 @@ impl Delivery {
     }
 
     fn approx_len(&self) -> usize {
-        approx_len(&self.env)
+        self.approx
     }
 
     /// The message.
@@ -205,9 +209,16 @@ impl Out {
 
     /// Appends this item to `buf` in `framing`.
     pub fn write(&self, framing: Framing, buf: &mut Vec<u8>) {
+        self.write_after(framing, buf, 0)
+    }
+
+    /// Appends this item to `buf` in `framing`, as part of a message that
+    /// starts at `buf[from..]` (a JSON batch separates envelopes by
+    /// newlines).
+    pub fn write_after(&self, framing: Framing, buf: &mut Vec<u8>, from: usize) {
         match framing {
             Framing::WsJson => {
-                if !buf.is_empty() {
+                if buf.len() > from {
                     buf.push(b'\n');
                 }
                 match self {
@@ -454,10 +465,16 @@ impl Conn {
     /// Moves queued items into `buf` in this connection's framing, up to about
     /// `max` bytes (at least one item). Returns the number of envelopes.
     pub fn drain_into(&self, buf: &mut Vec<u8>, max: usize) -> usize {
+        self.drain_after(buf, 0, max)
+    }
+
+    /// [`Conn::drain_into`], for a message that starts at `buf[from..]`
+    /// (written in place after a frame header's room).
+    pub fn drain_after(&self, buf: &mut Vec<u8>, from: usize, max: usize) -> usize {
         let framing = self.framing.get();
         self.drain_each(max, |item| {
             let before = buf.len();
-            item.write(framing, buf);
+            item.write_after(framing, buf, from);
             buf.len() - before
         })
     }
@@ -551,6 +568,24 @@ mod size_tests {
         let n = std::mem::size_of::<super::Conn>();
         assert!(n + 16 <= 224, "Conn is {n} bytes");
         assert_eq!(std::mem::size_of::<super::Peer>(), 20);
+    }
+
+    /// A JSON batch written after a frame header's room separates its
+    /// envelopes by newlines, and does not start with one.
+    #[test]
+    fn a_batch_in_place_starts_at_its_first_envelope() {
+        use super::{Framing, Out};
+        let mut buf = vec![0u8; 10];
+        let ping = Out::Own(Box::new(edgegate_proto::Envelope::ping(None)));
+        ping.write_after(Framing::WsJson, &mut buf, 10);
+        assert_eq!(buf[10], b'{');
+        let one = buf.len() - 10;
+        ping.write_after(Framing::WsJson, &mut buf, 10);
+        assert_eq!(buf[10 + one], b'\n');
+        let mut plain = Vec::new();
+        ping.write(Framing::WsJson, &mut plain);
+        ping.write(Framing::WsJson, &mut plain);
+        assert_eq!(&buf[10..], &plain[..]);
     }
 
     #[test]

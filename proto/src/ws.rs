@@ -43,19 +43,38 @@ pub fn write_frame_deflated(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
 /// RSV1: "this message is compressed" under permessage-deflate.
 const RSV1: u8 = 0x40;
 
-fn write_frame_bits(b0: u8, payload: &[u8], out: &mut Vec<u8>) {
-    out.reserve(payload.len() + 10);
-    out.push(b0);
-    let n = payload.len();
-    if n < 126 {
-        out.push(n as u8);
+/// The longest header of an unmasked frame (a 64-bit length).
+pub const MAX_HEADER: usize = 10;
+
+/// The header of an unmasked, final frame of `len` payload bytes, for a
+/// caller that writes the payload first: the bytes, and how many of them
+/// it uses.
+pub fn frame_header(opcode: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
+    header_bits(0x80 | opcode, len)
+}
+
+fn header_bits(b0: u8, n: usize) -> ([u8; MAX_HEADER], usize) {
+    let mut h = [0u8; MAX_HEADER];
+    h[0] = b0;
+    let used = if n < 126 {
+        h[1] = n as u8;
+        2
     } else if n <= usize::from(u16::MAX) {
-        out.push(126);
-        out.extend_from_slice(&(n as u16).to_be_bytes());
+        h[1] = 126;
+        h[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+        4
     } else {
-        out.push(127);
-        out.extend_from_slice(&(n as u64).to_be_bytes());
-    }
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+        10
+    };
+    (h, used)
+}
+
+fn write_frame_bits(b0: u8, payload: &[u8], out: &mut Vec<u8>) {
+    let (h, used) = header_bits(b0, payload.len());
+    out.reserve(payload.len() + used);
+    out.extend_from_slice(&h[..used]);
     out.extend_from_slice(payload);
 }
 

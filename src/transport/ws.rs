@@ -22,8 +22,8 @@ use std::task::{Context, Poll, ready};
 
 use edgegate_proto::deflate;
 use edgegate_proto::ws::{
-    Event, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, ReadError, Reader, write_close,
-    write_frame, write_frame_deflated,
+    Event, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, ReadError, Reader, frame_header,
+    write_close, write_frame, write_frame_deflated,
 };
 use edgegate_proto::{Envelope, binary, frame, json};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -495,7 +495,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<S> {
     /// as usual and compressed for this connection when big enough.
     fn send_queued(&mut self, shard: &Shard, conn: &Conn) -> Result<(), WireError> {
         let Some(z) = self.compressor(shard) else {
-            return super::send_batch(self, shard, conn);
+            // Straight into the write buffer, behind room for the header:
+            // the batch is not copied a second time into a frame.
+            let opcode = if self.json { OP_TEXT } else { OP_BINARY };
+            let (n, len) = self.tx.frame_in_place(
+                |buf, from| conn.drain_after(buf, from, BATCH_BYTES),
+                |len| frame_header(opcode, len),
+            );
+            super::count_out(shard, n, len);
+            return Ok(());
         };
         let (framing, m) = (conn.framing.get(), &*shard.metrics);
         let (min, shared) = (shard.cfg.ws_deflate_min, shard.cfg.ws_deflate_shared);
