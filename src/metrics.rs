@@ -65,6 +65,9 @@ pub struct ShardMetrics {
     pub bytes_in: AtomicU64,
     /// Bytes sent to clients.
     pub bytes_out: AtomicU64,
+    /// Batches of envelopes handed to client transports: `messages_out`
+    /// over this is envelopes per write.
+    pub writes_out: AtomicU64,
     /// WebSocket messages sent compressed (permessage-deflate): bytes before
     /// and after compression, `[uncompressed, compressed]`.
     pub deflate_out: [AtomicU64; 2],
@@ -403,6 +406,12 @@ pub fn render(node: &NodeInfo<'_>) -> String {
         "counter",
         "Envelope bytes sent.",
         &mut per_shard(|m| &m.bytes_out),
+    );
+    family(
+        "edgegate_writes_out_total",
+        "counter",
+        "Batches of envelopes handed to client transports, one per connection per write turn (a WebSocket message, or several with permessage-deflate; an SSE event; a TCP or QUIC write): edgegate_messages_out_total over this is envelopes per write.",
+        &mut per_shard(|m| &m.writes_out),
     );
     family(
         "edgegate_ws_deflate_bytes_total",

@@ -79,6 +79,8 @@ pub struct Snapshot {
     pub messages_in: Option<f64>,
     /// `edgegate_messages_out_total` summed.
     pub messages_out: Option<f64>,
+    /// `edgegate_writes_out_total` summed (batches handed to transports).
+    pub writes_out: Option<f64>,
     /// `edgegate_drops_total` summed.
     pub drops: Option<f64>,
     /// `edgegate_connections_refused_total` summed.
@@ -98,6 +100,7 @@ pub async fn snapshot(addr: &str) -> Option<Snapshot> {
         sessions: metric_sum(&body, "edgegate_sessions"),
         messages_in: metric_sum(&body, "edgegate_messages_in_total"),
         messages_out: metric_sum(&body, "edgegate_messages_out_total"),
+        writes_out: metric_sum(&body, "edgegate_writes_out_total"),
         drops: metric_sum(&body, "edgegate_drops_total"),
         refused: metric_sum(&body, "edgegate_connections_refused_total"),
         rss_bytes: metric_sum(&body, "process_resident_memory_bytes"),

@@ -307,8 +307,11 @@ pub fn send_batch<W: Wire>(wire: &mut W, shard: &Shard, conn: &Conn) -> Result<(
     wire.send(batch)
 }
 
-/// Counts `n` envelopes sent in `bytes` bytes.
+/// Counts `n` envelopes sent in `bytes` bytes, as one write.
 pub fn count_out(shard: &Shard, n: usize, bytes: usize) {
+    if n > 0 {
+        shard.metrics.writes_out.fetch_add(1, Relaxed);
+    }
     shard.metrics.messages_out.fetch_add(n as u64, Relaxed);
     shard.metrics.bytes_out.fetch_add(bytes as u64, Relaxed);
 }

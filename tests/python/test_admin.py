@@ -12,7 +12,7 @@ from helpers import connect, session, wait_until
 METRICS_ALWAYS = [
     "edgegate_connections", "edgegate_connections_accepted_total", "edgegate_sessions",
     "edgegate_messages_in_total", "edgegate_messages_out_total", "edgegate_bytes_in_total",
-    "edgegate_bytes_out_total", "edgegate_closes_total",
+    "edgegate_bytes_out_total", "edgegate_writes_out_total", "edgegate_closes_total",
 ]
 
 

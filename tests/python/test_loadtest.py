@@ -60,6 +60,10 @@ def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encodi
     # The gateway sent at least what the harness counted (welcome, ok and
     # heartbeat envelopes besides).
     assert gw.metric("edgegate_messages_out_total") >= 30 * n + n + 30 + 33
+    # Envelopes per write over the phase: each write carried at least one.
+    epw = r["gateway_envelopes_per_write"]
+    assert epw is not None and epw >= 1.0, epw
+    assert gw.metric("edgegate_writes_out_total") <= gw.metric("edgegate_messages_out_total")
     assert r["harness_cpu_us_per_delivery"] > 0
     assert r["gateway_cpu_us_per_delivery"] > 0
     # The harness's share, user and system apart, adds up to the whole.

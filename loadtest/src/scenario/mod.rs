@@ -144,6 +144,15 @@ impl Meters {
 }
 
 impl Measured {
+    /// Envelopes the gateway sent per batch handed to a transport over the
+    /// phase (`edgegate_messages_out_total` over `edgegate_writes_out_total`).
+    pub fn envelopes_per_write(&self) -> Option<f64> {
+        let (b, a) = (self.before.as_ref()?, self.after.as_ref()?);
+        let writes = a.writes_out? - b.writes_out?;
+        let envelopes = a.messages_out? - b.messages_out?;
+        (writes > 0.0).then(|| envelopes / writes)
+    }
+
     /// The keys and rows about CPU and metrics, last in every traffic report.
     pub fn report(&self, r: &mut crate::report::Report, gw: Option<u32>) {
         use crate::report::opt;
@@ -152,7 +161,13 @@ impl Measured {
         r.set("harness_cpu_pct", self.me_pct);
         r.set("metrics_before", serde_json::json!(self.before));
         r.set("metrics_after", serde_json::json!(self.after));
+        let per_write = self.envelopes_per_write();
+        r.set("gateway_envelopes_per_write", per_write);
         r.row("gateway CPU", opt(self.gw_pct, 1, " % of one core"));
+        r.row(
+            "envelopes per write",
+            opt(per_write, 2, " (gateway, over the phase)"),
+        );
         r.row("harness CPU", opt(self.me_pct, 1, " % of one core"));
     }
 
