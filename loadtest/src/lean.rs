@@ -207,19 +207,6 @@ impl LeanSub {
             .map_err(|_| anyhow!("{addr}: connect + hello timed out after {t:?}"))?
     }
 
-    /// Connects as `cfg` says and subscribes to `ch`.
-    pub async fn subscribed(
-        cfg: ClientConfig,
-        ch: String,
-        deflate: bool,
-    ) -> std::result::Result<Self, String> {
-        let mut s = Self::connect(&cfg, deflate)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        s.subscribe(&ch).await.map_err(|e| format!("{e:#}"))?;
-        Ok(s)
-    }
-
     async fn connect_inner(cfg: &ClientConfig, deflate: bool) -> Result<Self> {
         let path = if cfg.transport == Transport::Sse {
             "/sse"

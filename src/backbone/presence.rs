@@ -33,9 +33,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
+use std::ops::Bound;
 
 use hashbrown::HashTable;
-use std::ops::Bound;
 
 use bytes::Bytes;
 use edgegate_proto::{Envelope, Type};

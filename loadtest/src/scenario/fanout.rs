@@ -147,26 +147,20 @@ pub async fn run(a: FanoutArgs) -> Result<Report> {
             .await?,
         )
     } else if lean {
-        let lean_subs = if n_rooms == 1 {
-            peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
-                crate::lean::LeanSub::subscribed(cfg, r2.clone(), deflate)
-            })
-            .await?
-        } else {
-            peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
-                let rooms = rooms_of(index_of(&cfg));
-                async move {
-                    let mut l = crate::lean::LeanSub::connect(&cfg, deflate)
-                        .await
-                        .map_err(|e| format!("{e:#}"))?;
-                    for r in &rooms {
-                        l.subscribe(r).await.map_err(|e| format!("{e:#}"))?;
-                    }
-                    Ok(l)
+        // One room is the case of rooms_of giving every subscriber `room`.
+        let lean_subs = peer::connect_paced(c, subs_users, a.connect_rate, &pb, move |cfg| {
+            let rooms = rooms_of(index_of(&cfg));
+            async move {
+                let mut l = crate::lean::LeanSub::connect(&cfg, deflate)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                for r in &rooms {
+                    l.subscribe(r).await.map_err(|e| format!("{e:#}"))?;
                 }
-            })
-            .await?
-        };
+                Ok(l)
+            }
+        })
+        .await?;
         Subs::Lean(lean_subs)
     } else {
         let conns = peer::connect_all(c, subs_users, a.connect_rate, &pb, move |conn| {
