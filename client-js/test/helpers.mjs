@@ -13,8 +13,12 @@ export const BIN = process.env.EDGEGATE_BIN ?? join(REPO, "target/debug/edgegate
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** A free TCP port on 127.0.0.1. */
-export function freePort() {
+// Ports handed out so far in this test process: the kernel may give the same
+// free port to two binds in a row (CI once saw the admin port equal the TCP
+// port), and ports are picked before anything listens on them.
+const ISSUED = new Set();
+
+function bindFree() {
   return new Promise((resolve, reject) => {
     const s = net.createServer();
     s.once("error", reject);
@@ -23,6 +27,18 @@ export function freePort() {
       s.close(() => resolve(port));
     });
   });
+}
+
+/** A TCP port free on 127.0.0.1 now and never handed out before in this process. */
+export async function freePort() {
+  for (let i = 0; i < 1000; i++) {
+    const port = await bindFree();
+    if (!ISSUED.has(port)) {
+      ISSUED.add(port);
+      return port;
+    }
+  }
+  throw new Error("no fresh free port on 127.0.0.1");
 }
 
 /** Polls `fn` until it returns a truthy value; fails with `what` after `ms`. */
