@@ -344,10 +344,12 @@ impl Conn {
         }
     }
 
-    /// Wakes the connection's task.
+    /// Wakes the connection's task after the shard's next poll of its
+    /// ring, so that what that poll brings leaves in the same send
+    /// ([`crate::flush`]).
     pub fn wake(&self) {
         if let Some(w) = self.waker.take() {
-            w.wake_by_ref();
+            crate::flush::wake(&w);
             self.waker.set(Some(w));
         }
     }

@@ -55,6 +55,7 @@ pub mod config;
 pub mod config_ref;
 pub mod conn;
 pub mod events;
+pub(crate) mod flush;
 pub(crate) mod http;
 pub mod jwks;
 pub(crate) mod listener;

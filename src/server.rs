@@ -30,6 +30,9 @@ use crate::shard::Shard;
 /// File descriptors kept for everything that is not a client connection
 /// (listeners, io_uring, logs, admin, backbone, /proc reads).
 const FD_RESERVE: usize = 256;
+/// The longest a shard runs tasks without polling its ring (glommio's
+/// preemption timer).
+const PREEMPT: Duration = Duration::from_millis(2);
 
 /// A start-up failure, with what to fix.
 #[derive(Debug)]
@@ -418,6 +421,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             // We do no file I/O: keep the registered DMA memory small (it
             // counts against RLIMIT_MEMLOCK without CAP_IPC_LOCK).
             .io_memory(256 << 10)
+            // However busy the shard, its ring is polled at least this often:
+            // new input is seen, and the output `flush` holds for the next
+            // poll goes out (the default is 100 ms).
+            .preempt_timer(PREEMPT)
             .spawn(move || async move {
                 let links = Links {
                     nats: nats_link,
@@ -557,6 +564,9 @@ async fn shard_main(
         }
         None => None,
     };
+    // Connections' output waits for the next poll of the ring (`flush`);
+    // detached, the flusher runs as long as the shard's executor.
+    glommio::spawn_local(crate::flush::run()).detach();
     node.shards_ready.fetch_add(1, SeqCst);
     let stop_quic = quic.clone();
     shard

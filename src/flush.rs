@@ -1,0 +1,187 @@
+//! A connection's output waits for the end of its shard's turn.
+//!
+//! A message fanned out to a room queues one envelope on every member's
+//! connection and wakes each connection's task; a woken task writes all
+//! its queue holds with one `send`. That `send`, with the TCP work behind
+//! it, costs far more than the envelopes it carries (about 6 µs against
+//! 0.1 µs per envelope on the benchmark machine: `docs/bench-notes.md`,
+//! "Envelopes per write"), so what decides a shard's CPU per delivery at
+//! high load is how many envelopes each send carries.
+//!
+//! Woken at once, a task runs in the same pass of the executor as the
+//! publishes that woke it, and sends before the input of the next poll of
+//! the ring (more publishes, from any connection or shard) is read. So the
+//! wake-up of a connection that has output is not handed to the executor
+//! at once: [`wake`] puts it in this shard's list, and the shard's
+//! [`run`] task wakes the whole list after the executor's next poll of its
+//! ring. Whatever that poll brings is fanned out into the same queues
+//! first and leaves in the same sends. No time is waited beyond that poll:
+//! an idle shard polls again at once.
+//!
+//! The list is per thread, because a shard is one thread (and one
+//! executor), and the callers of [`Conn::wake`](crate::conn::Conn::wake)
+//! (replies, the router, the heartbeat) do not all have the shard at hand.
+//! On a thread where no [`run`] task is running (unit tests, benchmarks),
+//! [`wake`] wakes at once.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+thread_local! {
+    /// Wake-ups held until the next poll of the ring.
+    static HELD: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
+    /// The [`run`] task of this thread's shard, while it runs.
+    static FLUSHER: RefCell<Option<Waker>> = const { RefCell::new(None) };
+    /// Whether a [`run`] task is running on this thread.
+    static RUNNING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The list's capacity kept between turns; a larger one (after a fan-out
+/// to very many connections) is given back once the turns are small again.
+const KEEP: usize = 1024;
+
+/// Wakes a connection's task after the executor's next poll of its ring
+/// (at once where no [`run`] task is running on this thread).
+pub fn wake(w: &Waker) {
+    if !RUNNING.with(Cell::get) {
+        w.wake_by_ref();
+        return;
+    }
+    let first = HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        h.push(w.clone());
+        h.len() == 1
+    });
+    if first {
+        FLUSHER.with(|f| {
+            if let Some(f) = f.borrow().as_ref() {
+                f.wake_by_ref();
+            }
+        });
+    }
+}
+
+/// The shard's flusher: whenever wake-ups are held, waits for the next poll
+/// of the ring, then wakes them all. Runs until the shard's executor ends.
+pub async fn run() {
+    RUNNING.with(|r| r.set(true));
+    let _running = Running;
+    let mut batch: Vec<Waker> = Vec::new();
+    loop {
+        poll_fn(|cx| {
+            if HELD.with(|h| h.borrow().is_empty()) {
+                FLUSHER.with(|f| {
+                    let mut f = f.borrow_mut();
+                    if !f.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *f = Some(cx.waker().clone());
+                    }
+                });
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        // A timer that is due at once is only seen by the reactor: the task
+        // comes back after the next poll of the ring, with the tasks that
+        // poll woke ahead of the connections it wakes.
+        glommio::timer::sleep(Duration::from_micros(1)).await;
+        HELD.with(|h| std::mem::swap(&mut *h.borrow_mut(), &mut batch));
+        let n = batch.len();
+        for w in batch.drain(..) {
+            w.wake();
+        }
+        if batch.capacity() > KEEP.max(4 * n) {
+            batch.shrink_to(KEEP);
+        }
+    }
+}
+
+/// Clears the thread's state when the flusher's task is dropped (its
+/// executor ends), so that later wake-ups on the thread are not held for
+/// a flusher that is gone. The held ones are dropped, not woken: their
+/// tasks go with the same executor.
+struct Running;
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.with(|r| r.set(false));
+        drop(FLUSHER.with(|f| f.borrow_mut().take()));
+        drop(HELD.with(|h| std::mem::take(&mut *h.borrow_mut())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::future::poll_fn;
+    use std::rc::Rc;
+    use std::task::Poll;
+
+    /// A task parked on a flag, woken through [`super::wake`] by another
+    /// task: with the flusher running, the wake-up is held and then given;
+    /// without it, given at once. Either way the task finishes.
+    fn woken_through_flush(with_flusher: bool) -> (bool, bool) {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                if with_flusher {
+                    glommio::spawn_local(super::run()).detach();
+                    yield_once().await;
+                }
+                let held_seen = Rc::new(Cell::new(false));
+                let flag = Rc::new(Cell::new(false));
+                let waiter = {
+                    let flag = flag.clone();
+                    glommio::spawn_local(poll_fn(move |cx| {
+                        if flag.get() {
+                            Poll::Ready(())
+                        } else {
+                            super::wake(cx.waker());
+                            Poll::Pending
+                        }
+                    }))
+                };
+                // The waiter parks and asks for a wake-up; the flag is set
+                // before any wake-up is given.
+                yield_once().await;
+                held_seen.set(super::HELD.with(|h| !h.borrow().is_empty()));
+                flag.set(true);
+                waiter.await;
+                (super::RUNNING.with(Cell::get), held_seen.get())
+            })
+            .expect("executor")
+            .join()
+            .expect("join")
+    }
+
+    /// Goes to the back of the run queue once.
+    async fn yield_once() {
+        let mut yielded = false;
+        poll_fn(|cx| {
+            if yielded {
+                Poll::Ready(())
+            } else {
+                yielded = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    #[test]
+    fn a_held_wake_up_is_given_after_the_next_poll() {
+        let (running, held) = woken_through_flush(true);
+        assert!(running, "the flusher runs");
+        assert!(held, "the wake-up waited in the list");
+    }
+
+    #[test]
+    fn without_a_flusher_a_wake_up_is_given_at_once() {
+        let (running, held) = woken_through_flush(false);
+        assert!(!running);
+        assert!(!held, "nothing is held without a flusher");
+    }
+}
