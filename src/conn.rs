@@ -191,6 +191,9 @@ fn approx_len(env: &Envelope) -> usize {
         + env.meta.as_ref().map_or(0, String::len)
 }
 
+/// Bytes reserved beyond a batch's estimate, for a batch of one short reply.
+const RESERVE_SLACK: usize = 64;
+
 /// One queued outbound item.
 pub enum Out {
     /// A routed message, shared by all its local recipients.
@@ -474,6 +477,12 @@ impl Conn {
     /// (written in place after a frame header's room).
     pub fn drain_after(&self, buf: &mut Vec<u8>, from: usize, max: usize) -> usize {
         let framing = self.framing.get();
+        // Room for the batch at once: grown envelope by envelope, a batch of
+        // a few KiB was copied whole on each of its half-dozen regrowths.
+        // The estimate leaves out most of the JSON's keys and quotes, so
+        // half again is reserved (the buffer is given back once written).
+        let est = self.out_bytes.get().min(max);
+        buf.reserve(est + est / 2 + RESERVE_SLACK);
         self.drain_each(max, |item| {
             let before = buf.len();
             item.write_after(framing, buf, from);
