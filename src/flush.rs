@@ -84,9 +84,11 @@ pub async fn run() {
             }
         })
         .await;
-        // A timer that is due at once is only seen by the reactor: the task
-        // comes back after the next poll of the ring, with the tasks that
-        // poll woke ahead of the connections it wakes.
+        // A timer due in a microsecond is seen when the reactor next polls
+        // the ring: the task comes back after that poll, with the tasks the
+        // poll woke ahead of the connections it wakes. (Should the thread
+        // be held up for longer between here and the timer's first poll,
+        // the timer is ready at once: a send goes out one poll early.)
         glommio::timer::sleep(Duration::from_micros(1)).await;
         HELD.with(|h| std::mem::swap(&mut *h.borrow_mut(), &mut batch));
         let n = batch.len();
@@ -115,73 +117,64 @@ impl Drop for Running {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
-    use std::future::poll_fn;
-    use std::rc::Rc;
-    use std::task::Poll;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::task::{Wake, Waker};
+    use std::time::Duration;
 
-    /// A task parked on a flag, woken through [`super::wake`] by another
-    /// task: with the flusher running, the wake-up is held and then given;
-    /// without it, given at once. Either way the task finishes.
-    fn woken_through_flush(with_flusher: bool) -> (bool, bool) {
+    /// A waker that records that it was woken.
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, SeqCst);
+        }
+    }
+
+    /// Asks [`super::wake`] for a wake-up from a task, and reports whether
+    /// it was given at once, whether it was held, and whether it was given
+    /// within a few milliseconds of the executor's time.
+    fn wake_through_flush(with_flusher: bool) -> (bool, bool, bool) {
         glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .spawn(move || async move {
                 if with_flusher {
                     glommio::spawn_local(super::run()).detach();
-                    yield_once().await;
+                    // Let the flusher start.
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
                 }
-                let held_seen = Rc::new(Cell::new(false));
-                let flag = Rc::new(Cell::new(false));
-                let waiter = {
-                    let flag = flag.clone();
-                    glommio::spawn_local(poll_fn(move |cx| {
-                        if flag.get() {
-                            Poll::Ready(())
-                        } else {
-                            super::wake(cx.waker());
-                            Poll::Pending
-                        }
-                    }))
-                };
-                // The waiter parks and asks for a wake-up; the flag is set
-                // before any wake-up is given.
-                yield_once().await;
-                held_seen.set(super::HELD.with(|h| !h.borrow().is_empty()));
-                flag.set(true);
-                waiter.await;
-                (super::RUNNING.with(Cell::get), held_seen.get())
+                let flag = Arc::new(Flag(AtomicBool::new(false)));
+                let waker = Waker::from(flag.clone());
+                super::wake(&waker);
+                // Nothing else runs while this task does: what `wake` did is
+                // seen as it left it.
+                let at_once = flag.0.load(SeqCst);
+                let held = super::HELD.with(|h| h.borrow().len()) == 1;
+                for _ in 0..100 {
+                    if flag.0.load(SeqCst) {
+                        break;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                (at_once, held, flag.0.load(SeqCst))
             })
             .expect("executor")
             .join()
             .expect("join")
     }
 
-    /// Goes to the back of the run queue once.
-    async fn yield_once() {
-        let mut yielded = false;
-        poll_fn(|cx| {
-            if yielded {
-                Poll::Ready(())
-            } else {
-                yielded = true;
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-        })
-        .await
-    }
-
     #[test]
     fn a_held_wake_up_is_given_after_the_next_poll() {
-        let (running, held) = woken_through_flush(true);
-        assert!(running, "the flusher runs");
-        assert!(held, "the wake-up waited in the list");
+        let (at_once, held, given) = wake_through_flush(true);
+        assert!(!at_once, "with a flusher the wake-up is not given at once");
+        assert!(held, "the wake-up waits in the list");
+        assert!(given, "the flusher gives it");
     }
 
     #[test]
     fn without_a_flusher_a_wake_up_is_given_at_once() {
-        let (running, held) = woken_through_flush(false);
-        assert!(!running);
+        let (at_once, held, given) = wake_through_flush(false);
+        assert!(at_once, "no flusher: given at once");
         assert!(!held, "nothing is held without a flusher");
+        assert!(given);
     }
 }
