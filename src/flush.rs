@@ -24,7 +24,7 @@
 //! On a thread where no [`run`] task is running (unit tests, benchmarks),
 //! [`wake`] wakes at once.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -32,10 +32,9 @@ use std::time::Duration;
 thread_local! {
     /// Wake-ups held until the next poll of the ring.
     static HELD: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
-    /// The [`run`] task of this thread's shard, while it runs.
+    /// The [`run`] task of this thread's shard, while it runs (set at its
+    /// first poll, cleared when it is dropped).
     static FLUSHER: RefCell<Option<Waker>> = const { RefCell::new(None) };
-    /// Whether a [`run`] task is running on this thread.
-    static RUNNING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The list's capacity kept between turns; a larger one (after a fan-out
@@ -45,28 +44,24 @@ const KEEP: usize = 1024;
 /// Wakes a connection's task after the executor's next poll of its ring
 /// (at once where no [`run`] task is running on this thread).
 pub fn wake(w: &Waker) {
-    if !RUNNING.with(Cell::get) {
-        w.wake_by_ref();
-        return;
-    }
-    let first = HELD.with(|h| {
-        let mut h = h.borrow_mut();
-        h.push(w.clone());
-        h.len() == 1
-    });
-    if first {
-        FLUSHER.with(|f| {
-            if let Some(f) = f.borrow().as_ref() {
-                f.wake_by_ref();
+    FLUSHER.with(|f| match f.borrow().as_ref() {
+        None => w.wake_by_ref(),
+        Some(flusher) => {
+            let first = HELD.with(|h| {
+                let mut h = h.borrow_mut();
+                h.push(w.clone());
+                h.len() == 1
+            });
+            if first {
+                flusher.wake_by_ref();
             }
-        });
-    }
+        }
+    });
 }
 
 /// The shard's flusher: whenever wake-ups are held, waits for the next poll
 /// of the ring, then wakes them all. Runs until the shard's executor ends.
 pub async fn run() {
-    RUNNING.with(|r| r.set(true));
     let _running = Running;
     let mut batch: Vec<Waker> = Vec::new();
     loop {
@@ -109,7 +104,6 @@ struct Running;
 
 impl Drop for Running {
     fn drop(&mut self) {
-        RUNNING.with(|r| r.set(false));
         drop(FLUSHER.with(|f| f.borrow_mut().take()));
         drop(HELD.with(|h| std::mem::take(&mut *h.borrow_mut())));
     }
