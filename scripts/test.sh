@@ -107,7 +107,10 @@ export EG_REQUIRE_NATS=${EG_REQUIRE_NATS:-1}
 export EG_REQUIRE_PROMETHEUS=${EG_REQUIRE_PROMETHEUS:-1}
 failed=()
 # shellcheck disable=SC2086
-.venv/bin/python -m pytest tests/python -q ${EG_PYTEST_ARGS:-} || failed+=("pytest")
+# Each stage has a bound, so that a hang (a gateway that never became ready,
+# a client that never gave up) fails its stage instead of the whole run
+# outliving CI's limit: a stage takes a few minutes; the bounds are far above.
+timeout -k 30 2400 .venv/bin/python -m pytest tests/python -q ${EG_PYTEST_ARGS:-} || failed+=("pytest")
 
 # ---------------------------------------------------------------- 5. client-js
 # (runs even when pytest failed). npm ci installs the committed lockfile's
@@ -115,7 +118,7 @@ failed=()
 if [ "${EG_SKIP_JS:-0}" != "1" ]; then
     step "client-js: npm ci, tsc, size, node --test"
     ( cd client-js && npm ci --no-audit --no-fund --loglevel=error && npm run -s build \
-        && npm run -s size && EG_REQUIRE_BROWSER=1 npm test ) || failed+=("client-js")
+        && npm run -s size && EG_REQUIRE_BROWSER=1 timeout -k 30 1200 npm test ) || failed+=("client-js")
 fi
 
 # ---------------------------------------------------------------- 6. Autobahn
@@ -123,7 +126,7 @@ fi
 # the first time to build its Python 2 virtualenv)
 if [ "${EG_SKIP_AUTOBAHN:-0}" != "1" ]; then
     step "Autobahn|Testsuite (scripts/autobahn.sh)"
-    ./scripts/autobahn.sh || failed+=("autobahn")
+    timeout -k 30 1200 ./scripts/autobahn.sh || failed+=("autobahn")
 fi
 
 if [ ${#failed[@]} -ne 0 ]; then

@@ -2,7 +2,9 @@
 //! behaves as upstream where the patch changed its layout: stream
 //! timeouts (now boxed and registered when first set), `connect` and
 //! `accept` (their socket addresses boxed) and a datagram received through
-//! the ring (`recvmsg`, its header boxed).
+//! the ring (`recvmsg`, its header boxed); and where the patch changed its
+//! behaviour, it does what the patch says (the sleep barrier, a turn that
+//! runs at least one task).
 
 use std::future::Future;
 use std::io::ErrorKind;
@@ -126,4 +128,36 @@ fn wakes_from_another_thread_are_never_lost() {
     done_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("executor finished");
+}
+
+/// A preemption timer that expires before the executor gets to its task
+/// queues (the thread was descheduled for longer than the timer, or the
+/// timer is that short) must not leave a woken task unrun: upstream then
+/// found "nothing ran" and put the executor to sleep with the task still
+/// queued, until some unrelated event woke it. A shard started on a busy
+/// machine hung that way, forever, in the shard mesh's join (no timer and
+/// no I/O was pending to wake it). With a timer of a nanosecond every
+/// turn is preempted at once; each `run` must still finish.
+#[test]
+fn an_expired_preemption_timer_never_parks_runnable_work() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ex = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(256 << 10)
+            .preempt_timer(Duration::from_nanos(1))
+            .make()
+            .expect("executor");
+        for i in 0..1_000u32 {
+            let got = ex.run(async move {
+                // A task of its own, woken from another, as the mesh's join
+                // waits on the tasks that connect its channels.
+                glommio::spawn_local(async move { i + 1 }).await
+            });
+            assert_eq!(got, i + 1);
+        }
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("every run finished: the executor never slept on runnable work");
 }

@@ -94,7 +94,12 @@ export class Gateway {
       } catch {
         /* not listening yet */
       }
-      if (Date.now() > end) throw new Error(`edgegate not ready in 30 s:\n${this.tail()}`);
+      if (Date.now() > end) {
+        // A gateway left running keeps this test process (and the suite) alive.
+        this.proc.kill("SIGKILL");
+        await this.exited;
+        throw new Error(`edgegate not ready in 30 s:\n${this.tail()}`);
+      }
       await sleep(50);
     }
   }

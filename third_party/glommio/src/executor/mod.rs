@@ -1330,7 +1330,13 @@ impl LocalExecutor {
         let mut ran = false;
         loop {
             self.reactor.sys.install_eventfd();
-            if self.need_preempt() {
+            // edgegate patch: a turn runs at least one task before it may
+            // be preempted. The timer may expire before any queue ran (the
+            // thread was descheduled for longer than the timer); upstream
+            // then answered "nothing ran", and the caller parked with woken
+            // tasks still queued, until some unrelated event woke the
+            // executor, or never.
+            if ran && self.need_preempt() {
                 break;
             }
             if !self.run_one_task_queue() {
@@ -1379,7 +1385,8 @@ impl LocalExecutor {
             let mut tasks_executed_this_loop = 0;
             loop {
                 let mut queue_ref = queue.borrow_mut();
-                if self.need_preempt() || queue_ref.yielded() {
+                // edgegate patch: see `run_task_queues`, at least one task.
+                if (tasks_executed_this_loop > 0 && self.need_preempt()) || queue_ref.yielded() {
                     break;
                 }
 
