@@ -66,10 +66,11 @@ def test_fanout_accounts_for_every_delivery(gateway, tmp_path, transport, encodi
     assert gw.metric("edgegate_writes_out_total") <= gw.metric("edgegate_messages_out_total")
     assert r["harness_cpu_us_per_delivery"] > 0
     assert r["gateway_cpu_us_per_delivery"] > 0
-    # The harness's share, user and system apart, adds up to the whole.
-    user, system = r["harness_cpu_user_us_per_delivery"], r["harness_cpu_sys_us_per_delivery"]
-    assert user >= 0 and system >= 0
-    assert user + system == pytest.approx(r["harness_cpu_us_per_delivery"], rel=1e-6)
+    # Each side's share, user and system apart, adds up to its whole.
+    for side in ("harness", "gateway"):
+        user, system = r[f"{side}_cpu_user_us_per_delivery"], r[f"{side}_cpu_sys_us_per_delivery"]
+        assert user >= 0 and system >= 0, (side, user, system)
+        assert user + system == pytest.approx(r[f"{side}_cpu_us_per_delivery"], rel=1e-6), side
 
 
 def test_fanout_over_many_small_rooms(gateway, tmp_path):

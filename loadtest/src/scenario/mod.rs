@@ -99,6 +99,10 @@ pub struct Measured {
     pub after: Option<crate::admin::Snapshot>,
     /// Gateway CPU, % of one core, over the phase.
     pub gw_pct: Option<f64>,
+    /// The same, user and system apart (on loopback, the system part also
+    /// carries the receivers' TCP input of the gateway's sends, work a
+    /// real network puts on the clients' hosts).
+    pub gw_split_pct: Option<(f64, f64)>,
     /// Harness CPU, % of one core, over the phase.
     pub me_pct: Option<f64>,
     /// The same, user and system apart (on loopback, the system part also
@@ -131,11 +135,16 @@ impl Meters {
     /// Reads the meters, then takes the second snapshot.
     pub async fn stop(self, admin: Option<&str>) -> Measured {
         let me_split_pct = self.me.split_percent();
-        let (gw_pct, me_pct) = (self.gw.percent(), me_split_pct.map(|(u, s)| u + s));
+        let gw_split_pct = self.gw.split_percent();
+        let (gw_pct, me_pct) = (
+            gw_split_pct.map(|(u, s)| u + s),
+            me_split_pct.map(|(u, s)| u + s),
+        );
         Measured {
             before: self.before,
             after: snapshot(admin).await,
             gw_pct,
+            gw_split_pct,
             me_pct,
             me_split_pct,
             secs: self.t0.elapsed().as_secs_f64(),
@@ -186,17 +195,23 @@ impl Measured {
                 .map(|p| p / 100.0 * self.secs * 1e6 / deliveries as f64)
         };
         let (gw, me) = (per(self.gw_pct), per(self.me_pct));
+        let gw_user = per(self.gw_split_pct.map(|p| p.0));
+        let gw_sys = per(self.gw_split_pct.map(|p| p.1));
         let me_user = per(self.me_split_pct.map(|p| p.0));
         let me_sys = per(self.me_split_pct.map(|p| p.1));
         r.set("gateway_cpu_us_per_delivery", gw);
+        r.set("gateway_cpu_user_us_per_delivery", gw_user);
+        r.set("gateway_cpu_sys_us_per_delivery", gw_sys);
         r.set("harness_cpu_us_per_delivery", me);
         r.set("harness_cpu_user_us_per_delivery", me_user);
         r.set("harness_cpu_sys_us_per_delivery", me_sys);
         r.row(
             "CPU per delivery",
             format!(
-                "gateway {} / harness {} (user {}, system {})",
+                "gateway {} (user {}, system {}) / harness {} (user {}, system {})",
                 opt(gw, 3, " µs"),
+                opt(gw_user, 3, ""),
+                opt(gw_sys, 3, ""),
                 opt(me, 3, " µs"),
                 opt(me_user, 3, ""),
                 opt(me_sys, 3, "")
