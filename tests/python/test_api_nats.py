@@ -107,6 +107,14 @@ async def test_control_subjects_and_events_on_nats(nats_server, gateway):
                 break
             await asyncio.sleep(0.05)
         assert sorted((a["node"], a["closed"]) for a in answers) == [("a", 0), ("b", 1)], answers
+        # The user is offline on the cluster before connecting to the other
+        # node: its connection there must not race the news of the kick (a
+        # user back before the kick's count reached the keeper was never
+        # offline, rightly, and would have no offline/online pair to check).
+        for _ in range(100):
+            if any(e.get("user") == u and e["event"] == "user.offline" for _, e in events):
+                break
+            await asyncio.sleep(0.05)
         # the plain kick of §4 still closes with 4005
         c = await session(ga, "tcp", u)
         await nc.publish(f"{PREFIX}.ctl.kick.{u}", b"")
