@@ -75,7 +75,7 @@ print(f'{r["params"].get("dialect", "edgegate"):8} {r["params"]["receiver"]:6} K
       f'{r["deliveries_per_sec"]:>10.0f} deliv/s  lost {r["lost"]}  disc {r["disconnects"]}  '
       f'p50 {l["p50_ms"]:.3f} p99 {l["p99_ms"]:.3f} p99.9 {l["p999_ms"]:.3f} ms  '
       f'gw {r["gateway_cpu_pct"]:.1f}% {r["gateway_cpu_us_per_delivery"]:.3f} us/d '
-      f'(user {r.get("gateway_cpu_user_us_per_delivery") or 0:.3f} sys {r.get("gateway_cpu_sys_us_per_delivery") or 0:.3f})  '
+      f'(user {r["gateway_cpu_user_us_per_delivery"]:.3f} sys {r["gateway_cpu_sys_us_per_delivery"]:.3f})  '
       f'harness {r["harness_cpu_pct"]:.1f}% {r["harness_cpu_us_per_delivery"]:.3f} us/d'
       + (f'  env/write {r["gateway_envelopes_per_write"]:.2f}' if r.get("gateway_envelopes_per_write") else '')
       + (f'  steady p50 {r["latency_steady"]["p50_ms"]:.3f} p99 {r["latency_steady"]["p99_ms"]:.3f} ms'

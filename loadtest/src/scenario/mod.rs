@@ -97,17 +97,14 @@ pub struct Measured {
     pub before: Option<crate::admin::Snapshot>,
     /// Admin snapshot after it.
     pub after: Option<crate::admin::Snapshot>,
-    /// Gateway CPU, % of one core, over the phase.
-    pub gw_pct: Option<f64>,
-    /// The same, user and system apart (on loopback, the system part also
-    /// carries the receivers' TCP input of the gateway's sends, work a
-    /// real network puts on the clients' hosts).
+    /// Gateway CPU, % of one core, over the phase, user and system apart
+    /// (on loopback, the system part also carries the receivers' TCP input
+    /// of the gateway's sends, work a real network puts on the clients'
+    /// hosts).
     pub gw_split_pct: Option<(f64, f64)>,
-    /// Harness CPU, % of one core, over the phase.
-    pub me_pct: Option<f64>,
-    /// The same, user and system apart (on loopback, the system part also
-    /// carries the kernel's work for the gateway's sockets: the ACKs this
-    /// side's reads send are processed on this side's CPU).
+    /// Harness CPU, likewise (on loopback, the system part also carries
+    /// the kernel's work for the gateway's sockets: the ACKs this side's
+    /// reads send are processed on this side's CPU).
     pub me_split_pct: Option<(f64, f64)>,
     /// Length of the phase, seconds.
     pub secs: f64,
@@ -134,25 +131,27 @@ impl Meters {
 
     /// Reads the meters, then takes the second snapshot.
     pub async fn stop(self, admin: Option<&str>) -> Measured {
-        let me_split_pct = self.me.split_percent();
-        let gw_split_pct = self.gw.split_percent();
-        let (gw_pct, me_pct) = (
-            gw_split_pct.map(|(u, s)| u + s),
-            me_split_pct.map(|(u, s)| u + s),
-        );
         Measured {
             before: self.before,
+            gw_split_pct: self.gw.split_percent(),
+            me_split_pct: self.me.split_percent(),
             after: snapshot(admin).await,
-            gw_pct,
-            gw_split_pct,
-            me_pct,
-            me_split_pct,
             secs: self.t0.elapsed().as_secs_f64(),
         }
     }
 }
 
 impl Measured {
+    /// Gateway CPU, % of one core, over the phase.
+    pub fn gw_pct(&self) -> Option<f64> {
+        self.gw_split_pct.map(|(u, s)| u + s)
+    }
+
+    /// Harness CPU, % of one core, over the phase.
+    pub fn me_pct(&self) -> Option<f64> {
+        self.me_split_pct.map(|(u, s)| u + s)
+    }
+
     /// Envelopes the gateway sent per batch handed to a transport over the
     /// phase (`edgegate_messages_out_total` over `edgegate_writes_out_total`).
     pub fn envelopes_per_write(&self) -> Option<f64> {
@@ -166,18 +165,18 @@ impl Measured {
     pub fn report(&self, r: &mut crate::report::Report, gw: Option<u32>) {
         use crate::report::opt;
         r.set("gateway_pid", gw);
-        r.set("gateway_cpu_pct", self.gw_pct);
-        r.set("harness_cpu_pct", self.me_pct);
+        r.set("gateway_cpu_pct", self.gw_pct());
+        r.set("harness_cpu_pct", self.me_pct());
         r.set("metrics_before", serde_json::json!(self.before));
         r.set("metrics_after", serde_json::json!(self.after));
         let per_write = self.envelopes_per_write();
         r.set("gateway_envelopes_per_write", per_write);
-        r.row("gateway CPU", opt(self.gw_pct, 1, " % of one core"));
+        r.row("gateway CPU", opt(self.gw_pct(), 1, " % of one core"));
         r.row(
             "envelopes per write",
             opt(per_write, 2, " (gateway, over the phase)"),
         );
-        r.row("harness CPU", opt(self.me_pct, 1, " % of one core"));
+        r.row("harness CPU", opt(self.me_pct(), 1, " % of one core"));
     }
 
     /// CPU per delivery of the gateway and of the harness (µs), and a
@@ -194,7 +193,7 @@ impl Measured {
             pct.filter(|_| deliveries > 0)
                 .map(|p| p / 100.0 * self.secs * 1e6 / deliveries as f64)
         };
-        let (gw, me) = (per(self.gw_pct), per(self.me_pct));
+        let (gw, me) = (per(self.gw_pct()), per(self.me_pct()));
         let gw_user = per(self.gw_split_pct.map(|p| p.0));
         let gw_sys = per(self.gw_split_pct.map(|p| p.1));
         let me_user = per(self.me_split_pct.map(|p| p.0));
@@ -218,12 +217,12 @@ impl Measured {
             ),
         );
         let limit = 90.0 * threads.max(1) as f64;
-        let saturated = self.me_pct.is_some_and(|p| p >= limit);
+        let saturated = self.me_pct().is_some_and(|p| p >= limit);
         r.set("harness_saturated", saturated);
         if saturated {
             let msg = format!(
                 "the harness used {:.0} % of one core with {threads} thread(s): it may be the bottleneck (raise --threads, run it on more cores, or lower the rate)",
-                self.me_pct.unwrap_or(0.0)
+                self.me_pct().unwrap_or(0.0)
             );
             eprintln!("warning: {msg}");
             r.row("WARNING", msg);
